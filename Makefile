@@ -1,0 +1,37 @@
+# Every target sets up .venv on first use (a fast no-op afterwards) and launches one module.
+# RUN=<name> picks the run (runs/<name>/), NPROC=<n> the processes, ACCEL=<file in
+# configs/accelerate> the launcher, ARGS="key=value ..." per-stage overrides, FROM=<stage> restarts.
+PY      := .venv/bin/python
+SETUP   := python3 -m pipeline.bootstrap
+RUN     ?= default
+ARGS    ?=
+FROM    ?=
+
+.PHONY: setup pretrain sft rm ppo pipeline status test test-all bench bench-ppo clean
+
+setup:
+	@$(SETUP)
+
+pretrain sft rm ppo: setup
+	$(PY) -m pipeline.launch $@ run_name=$(RUN) $(ARGS)
+
+pipeline: setup
+	$(PY) -m pipeline run --run $(RUN) $(if $(FROM),--from $(FROM)) $(ARGS)
+
+status: setup
+	$(PY) -m pipeline status $(RUN)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m pipeline.bench
+
+bench-ppo: setup
+	$(PY) -m pipeline.bench ppo
+
+clean:
+	rm -rf runs wandb

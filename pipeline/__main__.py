@@ -1,0 +1,35 @@
+"""`python -m pipeline status [RUN]` and `python -m pipeline run [--from STAGE] [key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("status", help="print a run's stages, status and headline metrics")
+    st.add_argument("run", nargs="?", default="default")
+    st.add_argument("--runs-dir", default="runs")
+    rn = sub.add_parser("run", help="run pretrain -> sft -> rm -> ppo, skipping stages already complete")
+    rn.add_argument("--run", default="default", help="run name (runs/<run>/)")
+    rn.add_argument("--runs-dir", default="runs")
+    rn.add_argument("--from", dest="from_stage", choices=runs.STAGES, default=None,
+                    help="re-run from this stage on, even if complete")
+    rn.add_argument("--stages", default=",".join(runs.STAGES), help="comma-separated stages to run")
+    rn.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
+    args = parser.parse_args(argv)
+    if args.cmd == "status":
+        rows = runs.run_status(args.runs_dir, args.run)
+        print(f"run '{args.run}' ({args.runs_dir}/{args.run})")
+        print(runs.format_table(rows))
+        return 0
+    from pipeline.driver import run_pipeline
+
+    return run_pipeline(args.run, args.runs_dir, args.from_stage, args.stages.split(","), args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Schema-first configuration: dataclasses are the source of truth.
+
+Precedence: schema defaults < `configs/<stage>.yaml` < overlay YAML files < `key=value` overrides
+(values parsed as YAML scalars, dotted keys reach nested sections). Unknown keys fail naming the
+valid ones; every problem is collected and reported at once (`ConfigError`, exit code 2).
+Each field's one-line help lives in `field(metadata={"help": ...})`, see `help_text`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """All problems found in one configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def F(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - `help` reads best at call sites
+    """A dataclass field with a default and its one-line help."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections shared by every stage
+# --------------------------------------------------------------------------------------------
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = F(
+        "auto", "auto = online if a wandb API key is configured, else offline (no network needed)")
+    project: str = F("alignment-pipeline", "wandb project name")
+    entity: str | None = F(None, "wandb entity (team); None = your default")
+
+
+@dataclass
+class WorldConfig:
+    seed: int = F(1234, "seed of the built-in procedural world (facts, prompts, splits)")
+    num_people: int = F(80, "people in the world; each has a home city and a favourite colour")
+    corpus_docs: int = F(12000, "pretraining documents generated from the world")
+    sft_examples: int = F(6000, "SFT demonstrations (train split)")
+    eval_examples: int = F(50, "held-out prompts per skill for evaluation")
+    concise_rate: float = F(0.3, "share of SFT demonstrations written in the concise style the gold labeler prefers")
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has."""
+
+    run_name: str = F("default", "run name: outputs go to <runs_dir>/<run_name>/<stage>/")
+    runs_dir: str = F("runs", "root directory of all runs")
+    parent: str | None = F(None, "explicit parent: a stage directory or its manifest.json (default: previous stage of this run)")
+    seed: int = F(0, "training seed (data order, init, sampling)")
+    threads: int = F(0, "torch threads per process; 0 = all cores for a lone process, 1 when several run")
+    resume: bool = F(True, "resume from the latest checkpoint in <stage>/checkpoints if one exists")
+    save_every: int = F(100, "checkpoint every N optimizer steps (0 = only at the end)")
+    keep_checkpoints: int = F(2, "how many periodic checkpoints to keep")
+    log_every: int = F(10, "log metrics every N optimizer steps")
+    max_steps: int = F(-1, "stop after N optimizer steps (-1 = as configured by epochs/steps)")
+    world: WorldConfig = F(WorldConfig(), "the built-in world (used when data source is 'world')")
+    wandb: WandbConfig = F(WandbConfig(), "Weights & Biases logging")
+
+    stage: typing.ClassVar[str] = ""
+
+    def validate(self) -> list[str]:
+        """Cross-field checks; returns problems (empty = fine). Subclasses extend."""
+        problems = []
+        if self.threads < 0:
+            problems.append("threads: must be >= 0")
+        if not self.run_name or "/" in self.run_name:
+            problems.append("run_name: must be a non-empty name without '/'")
+        return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def help_text(cls: type) -> dict[str, str]:
+    """Flattened `dotted.key -> help` for a config class (used by `--help`)."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(_hints(cls)[f.name])
+        if sub is not None:
+            out.update({f"{f.name}.{k}": v for k, v in help_text(sub).items()})
+        else:
+            out[f.name] = f.metadata.get("help", "")
+    return out
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    for t in _union_args(tp):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _union_args(tp: Any) -> tuple:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check/convert a YAML value against a type annotation; append a problem on mismatch."""
+    args = _union_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        problems.append(f"{where}: null is not allowed (expected {_type_name(tp)})")
+        return None
+    for t in args:
+        if t is type(None):
+            continue
+        origin = typing.get_origin(t)
+        if origin is Literal:
+            if value in typing.get_args(t):
+                return value
+            continue
+        if origin in (list, tuple):
+            if isinstance(value, (list, tuple)):
+                (item_t,) = typing.get_args(t)[:1] or (Any,)
+                return [_coerce(v, item_t, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+            if isinstance(value, str):  # a single item given on the command line
+                return [value]
+            continue
+        if origin is dict:
+            if isinstance(value, dict):
+                return dict(value)
+            continue
+        if t is Any:
+            return value
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            continue
+        if t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            continue
+        if t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML 1.1 reads "1e-3" as a string
+                except ValueError:
+                    pass
+            continue
+        if t is str:
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+            continue
+    problems.append(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    parts = []
+    for t in _union_args(tp):
+        if typing.get_origin(t) is Literal:
+            parts.append(" | ".join(repr(a) for a in typing.get_args(t)))
+        elif t is type(None):
+            parts.append("null")
+        else:
+            parts.append(getattr(t, "__name__", str(t)))
+    return " or ".join(parts)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str], source: dict[str, str]):
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            problems.append(f"{where}: unknown key{_src(source, where)}{hint}; valid keys: {', '.join(names)}")
+            continue
+        sub = _dataclass_type(hints[key])
+        if sub is not None:
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a mapping of {sub.__name__} fields, got {value!r}")
+                continue
+            kwargs[key] = _build(sub, value, f"{where}.", problems, source)
+        else:
+            kwargs[key] = _coerce(value, hints[key], where + _src(source, where), problems)
+    return cls(**kwargs)
+
+
+def _src(source: dict[str, str], where: str) -> str:
+    return f" (from {source[where]})" if where in source else ""
+
+
+def _record_sources(data: dict, origin: str, prefix: str, source: dict[str, str]) -> None:
+    for k, v in data.items():
+        if isinstance(v, dict):
+            _record_sources(v, origin, f"{prefix}{k}.", source)
+        source[f"{prefix}{k}"] = origin
+
+
+def _read_yaml(path: Path, problems: list[str]) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        problems.append(f"{path}: config file not found")
+        return {}
+    except yaml.YAMLError as e:
+        problems.append(f"{path}: not valid YAML: {e}")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: top level must be a mapping of keys to values")
+        return {}
+    return data
+
+
+def parse_override(item: str) -> dict:
+    """`a.b=1` -> {"a": {"b": 1}} with the value parsed as a YAML scalar."""
+    key, _, raw = item.partition("=")
+    value = yaml.safe_load(raw) if raw != "" else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(cls: type, args: list[str] | None = None, base: str | Path | None = None):
+    """Build a validated `cls` from the stage YAML, overlay files and `key=value` overrides.
+
+    `args` items ending in .yaml/.yml are overlays, `key=value` items are overrides. `base`
+    defaults to `configs/<cls.stage>.yaml`; pass `base=False`-y path "" to skip it.
+    """
+    args = list(args or [])
+    problems: list[str] = []
+    source: dict[str, str] = {}
+    merged: dict = {}
+    files = []
+    if base is None and cls.stage:
+        base = CONFIG_DIR / f"{cls.stage}.yaml"
+    if base:
+        files.append(Path(base))
+    overrides = []
+    for a in args:
+        if "=" in a and not a.endswith((".yaml", ".yml")):
+            overrides.append(a)
+        elif a.endswith((".yaml", ".yml")):
+            files.append(Path(a))
+        else:
+            problems.append(f"argument {a!r}: expected key=value or a .yaml overlay file")
+    for path in files:
+        data = _read_yaml(path, problems)
+        _record_sources(data, str(path), "", source)
+        merged = _merge(merged, data)
+    for item in overrides:
+        if not item.partition("=")[0].strip():
+            problems.append(f"argument {item!r}: missing key before '='")
+            continue
+        try:
+            data = parse_override(item)
+        except yaml.YAMLError as e:
+            problems.append(f"argument {item!r}: value is not a YAML scalar: {e}")
+            continue
+        _record_sources(data, "command line", "", source)
+        merged = _merge(merged, data)
+    cfg = _build(cls, merged, "", problems, source)
+    if not problems:
+        problems.extend(cfg.validate())
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(cls: type, data: dict):
+    """Rebuild a config from a saved dict (e.g. a manifest); raises ConfigError on mismatch."""
+    problems: list[str] = []
+    cfg = _build(cls, data, "", problems, {})
+    if problems:
+        raise ConfigError(problems)
+    return cfg

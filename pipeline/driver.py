@@ -1,0 +1,51 @@
+"""The end-to-end driver: pretrain -> sft -> rm -> ppo in one run, with automatic handoff.
+
+Each stage runs in its own `accelerate launch` process (so a stage's memory is freed before the
+next starts, and NPROC/ACCEL apply to all). A stage whose manifest is complete is skipped; a
+failed stage stops the chain and leaves earlier stages untouched.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+from pipeline import runs
+from pipeline.launch import launch_command
+
+
+def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: list[str], overrides: list[str]) -> int:
+    bad = [s for s in stages if s not in runs.STAGES]
+    if bad:
+        print(f"error: unknown stage(s) {', '.join(bad)}; stages are {', '.join(runs.STAGES)}", file=sys.stderr)
+        return 2
+    forced = set(runs.STAGES[runs.STAGES.index(from_stage):]) if from_stage else set()
+    t0 = time.time()
+    for stage in [s for s in runs.STAGES if s in stages]:
+        if importlib.util.find_spec(f"stages.{stage}") is None:
+            print(f"[pipeline] stage '{stage}' is not available in this version; stopping here", flush=True)
+            break
+        manifest = runs.stage_dir(runs_dir, run_name, stage) / "manifest.json"
+        if stage not in forced and manifest.exists() and runs.Manifest.load(manifest).complete:
+            print(f"[pipeline] {stage}: complete, skipping (FROM={stage} re-runs it)", flush=True)
+            continue
+        args = [f"run_name={run_name}", f"runs_dir={runs_dir}", *overrides]
+        if stage in forced:
+            args.append("resume=false")
+        print(f"[pipeline] {stage}: starting", flush=True)
+        rc = subprocess.call(launch_command(stage, args), env=dict(os.environ))
+        if rc != 0:
+            print(f"[pipeline] {stage} failed (exit {rc}); earlier stages are kept. Fix the error and re-run: "
+                  f"completed stages are skipped.", file=sys.stderr, flush=True)
+            _summary(runs_dir, run_name)
+            return rc
+    _summary(runs_dir, run_name)
+    print(f"[pipeline] total time {time.time() - t0:.0f}s", flush=True)
+    return 0
+
+
+def _summary(runs_dir: str, run_name: str) -> None:
+    print(f"\nrun '{run_name}'")
+    print(runs.format_table(runs.run_status(runs_dir, run_name)), flush=True)

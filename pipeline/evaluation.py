@@ -1,0 +1,83 @@
+"""Generation and evaluation helpers shared by the stages (greedy evals, sampling)."""
+from __future__ import annotations
+
+import torch
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `[B, P]` ids and a boolean attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             batch_size: int = 64, stop_token_id: int | None = None) -> list[tuple[list[int], bool]]:
+    """Complete tokenized prompts; returns (response ids without the stop token, finished) each.
+
+    temperature 0 = greedy; otherwise pure temperature sampling (top_k=0, top_p=1), overriding
+    whatever the checkpoint's generation_config says. Uses the KV cache.
+    """
+    stop = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[i: i + batch_size], tokenizer.pad_token_id)
+        kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                      pad_token_id=tokenizer.pad_token_id, use_cache=True, top_k=0, top_p=1.0)
+        if temperature > 0:
+            kwargs["temperature"] = temperature
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **_fresh_config(model, kwargs))
+        for row in gen[:, ids.shape[1]:].tolist():
+            if stop in row:
+                out.append((row[: row.index(stop)], True))
+            else:
+                out.append((row, False))
+    model.train(was_training)
+    return out
+
+
+def _fresh_config(model, kwargs: dict) -> dict:
+    """Pass a clean GenerationConfig so the checkpoint's own sampling settings cannot leak in."""
+    from transformers import GenerationConfig
+
+    return {"generation_config": GenerationConfig(**kwargs)}
+
+
+def shard(items: list, accelerator) -> list:
+    return items[accelerator.process_index:: accelerator.num_processes] if accelerator else items
+
+
+def gather(items: list, accelerator) -> list:
+    """Inverse of `shard`: all ranks get the full list back in the original order."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    parts = gather_object([items])
+    n = sum(len(p) for p in parts)
+    out = [None] * n
+    for r, p in enumerate(parts):
+        out[r:: accelerator.num_processes] = p
+    return out
+
+
+def fact_cloze_accuracy(model, tokenizer, cloze: list[tuple[str, str]], accelerator=None):
+    """Greedy accuracy on `prefix -> answer` prompts; returns (accuracy, sample rows)."""
+    mine = shard(cloze, accelerator)
+    prompts = [tokenizer(p)["input_ids"] for p, _ in mine]
+    results = generate(model, tokenizer, prompts, max_new_tokens=8) if prompts else []
+    rows = []
+    for (prefix, answer), (ids, _) in zip(mine, results):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ok = text.strip().startswith(answer) and not text.strip()[len(answer):][:1].isalnum()
+        rows.append([prefix, answer, text, ok])
+    rows = gather(rows, accelerator)
+    return sum(r[3] for r in rows) / max(1, len(rows)), rows

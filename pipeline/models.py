@@ -1,0 +1,66 @@
+"""Model construction and loading: size presets for from-scratch Llama models, and helpers
+that every stage uses to load a parent's model directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Llama-architecture presets. `tiny` trains on 2 CPU cores in minutes; the rest are for GPUs.
+PRESETS = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=512),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                  intermediate_size=1536),
+    "base": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+                 intermediate_size=2816),
+    "large": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+                  intermediate_size=5632),
+}
+
+
+def llama_from_preset(preset: str, tokenizer, max_position_embeddings: int, dropout: float = 0.0):
+    """A randomly initialised `LlamaForCausalLM` sized by `preset`, matching `tokenizer`'s ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset={preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         attention_dropout=dropout, **PRESETS[preset])
+    return LlamaForCausalLM(config)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: with it, PPO ratios are not 1 at step 0 and KL estimates are noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    from pipeline.tokenizer import ensure_chat_ready
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ensure_chat_ready(tok)
+    return tok
+
+
+def load_causal_lm(path: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32):
+    """Load a causal LM; grow its embeddings if the tokenizer gained tokens (e.g. a pad token)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

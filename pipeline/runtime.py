@@ -1,0 +1,50 @@
+"""Process setup shared by all stages: threads, seeds, the accelerator."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Set torch's thread count. 0 = all cores for a lone process, 1 when several processes run.
+
+    With two OpenMP threads per process, any other busy process makes each step 10-30x slower
+    (threads spin-wait for a descheduled sibling), so multi-process runs use one thread each.
+    """
+    if threads <= 0:
+        threads = 1 if world_size_from_env() > 1 else max(1, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None):
+    """An `Accelerator` that works the same on CPU (gloo) and GPU (nccl) launches."""
+    from accelerate import Accelerator
+
+    cpu = not torch.cuda.is_available()
+    kwargs = {"cpu": cpu, "gradient_accumulation_steps": gradient_accumulation_steps}
+    if mixed_precision:
+        kwargs["mixed_precision"] = mixed_precision
+    return Accelerator(**kwargs)
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 on a GPU that supports it, else fp32 ('no'); bf16 is slower on CPU."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"

@@ -1,0 +1,133 @@
+"""The skeleton every stage shares: command line, stage directory, manifest life cycle,
+checkpoints. A stage's `run(cfg)` does its own work between `StageRun.begin` and `.finish`."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from pipeline import runs
+from pipeline.config import ConfigError, help_text, load_config, to_dict, to_yaml
+
+
+class DataError(ValueError):
+    """A bad input record or file: the message names the file, line/row and field."""
+
+
+def stage_main(cfg_cls: type, run: Callable, argv: list[str] | None = None) -> int:
+    """`python -m stages.<name> [overlay.yaml ...] [key=value ...]`. Exit 2 on a bad config,
+    1 on a failed stage; the message says what was wrong and where."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python -m stages.{cfg_cls.stage} [overlay.yaml ...] [key=value ...]\n")
+        for k, v in help_text(cfg_cls).items():
+            print(f"  {k:<28} {v}")
+        return 0
+    try:
+        cfg = load_config(cfg_cls, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg)
+    except (runs.HandoffError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"error in stage '{cfg_cls.stage}': {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class StageRun:
+    """Owns `runs/<run>/<stage>/`: config.yaml, the manifest (running -> complete | failed)."""
+
+    def __init__(self, cfg, is_main: bool = True):
+        self.cfg = cfg
+        self.is_main = is_main
+        self.dir = runs.stage_dir(cfg.runs_dir, cfg.run_name, cfg.stage)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.manifest = runs.Manifest(stage=cfg.stage, run_name=cfg.run_name, config=to_dict(cfg))
+        self.t0 = time.time()
+
+    def begin(self, parent: runs.Parent | None = None, data_fingerprint: str | None = None,
+              resuming: bool = False) -> None:
+        m = self.manifest
+        if parent is not None:
+            m.parent, m.parent_hash = str(parent.manifest_path), parent.hash
+        m.data_fingerprint = data_fingerprint
+        m.versions, m.git_commit = runs.package_versions(), runs.git_commit()
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            old = self.dir / "manifest.json"
+            if resuming and old.exists():  # keep the original start time across restarts
+                try:
+                    m.started = runs.Manifest.load(old).started
+                except runs.HandoffError:
+                    pass
+            runs.atomic_write_text(self.dir / "config.yaml", to_yaml(self.cfg))
+            m.save(self.dir)
+
+    def finish(self, model_dir: Path, metrics: dict, headline: dict, tokenizer_dir: Path | None = None,
+               extra: dict | None = None) -> runs.Manifest:
+        m = self.manifest
+        m.model_dir = str(Path(model_dir).relative_to(self.dir))
+        m.tokenizer_fingerprint = runs.tokenizer_fingerprint(tokenizer_dir or model_dir)
+        m.metrics = metrics
+        m.extra = {"headline": headline, **(extra or {})}
+        m.ended = time.time()
+        m.wall_time_s = round(m.ended - m.started, 2)
+        m.status = "complete"
+        if self.is_main:
+            m.save(self.dir)
+        return m
+
+    def fail(self, exc: BaseException) -> None:
+        m = self.manifest
+        m.status, m.error = "failed", "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        m.ended = time.time()
+        if self.is_main and self.dir.exists():
+            m.save(self.dir)
+
+    # ------------------------------------------------------------------ checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (directories are renamed into place only when whole)."""
+        if not self.cfg.resume or not self.ckpt_dir.exists():
+            return None
+        done = self.dir / "manifest.json"
+        if done.exists():
+            try:
+                if runs.Manifest.load(done).complete:
+                    return None  # a finished stage run again starts afresh
+            except runs.HandoffError:
+                pass
+        found = sorted((p for p in self.ckpt_dir.glob("step-*") if (p / "trainer_state.json").exists()),
+                       key=lambda p: int(re.sub(r"\D", "", p.name)))
+        return found[-1] if found else None
+
+    def save_checkpoint(self, accelerator, step: int, state: dict) -> Path:
+        """`accelerator.save_state` into a temporary sibling, then rename: never half-written."""
+        final = self.ckpt_dir / f"step-{step:07d}"
+        tmp = self.ckpt_dir / f".tmp-step-{step:07d}"
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            runs.atomic_write_json(tmp / "trainer_state.json", state)
+            runs.replace_dir(tmp, final)
+            kept = sorted(self.ckpt_dir.glob("step-*"), key=lambda p: p.name)
+            for old in kept[: max(0, len(kept) - self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def load_checkpoint(accelerator, path: Path) -> dict:
+        accelerator.load_state(str(path))
+        return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,246 @@
+"""The built-in world: a seeded, procedural universe that makes every stage measurable on a CPU.
+
+- **Knowledge only pretraining sees.** People with a home city and a favourite colour are
+  described in the pretraining corpus. SFT demonstrations ask about half of them ("SFT people");
+  the other half ("held-out people") are asked about only in held-out prompts, so SFT accuracy on
+  them measures knowledge carried over from pretraining.
+- **Skills and a format only SFT teaches.** reverse / first word / capitals / addition / facts,
+  answered as `Answer: <x>.` and ended with the end-of-sequence token. The corpus never shows
+  these tasks or the format.
+- **A preference only rankings express.** Most demonstrations are chatty (`Sure! Answer: x.
+  Hope this helps!`); the gold labeler prefers concise answers. SFT imitates the mix; only the
+  reward model and PPO can move the policy towards the preferred style.
+- **Correctness dominates style.** The gold score gives 3 for a correct answer and at most 2 for
+  everything else (stopping cleanly, format, concision), so a correct chatty answer beats a
+  wrong concise one.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+WORDS = ("red fox sun cat dog tree moon star fish bird rock rain snow wind leaf milk bread salt gold "
+         "iron ship road lamp door book cup hat key ring bell box pen map egg owl bee ant fig oak sky").split()
+COLOURS = ("blue", "green", "amber", "violet", "teal", "crimson", "silver", "ochre")
+SKILLS = ("reverse", "first", "upper", "add", "fact")
+STRING_SKILLS = ("reverse", "first", "upper")
+PREAMBLES = ("Sure!", "Of course!", "Happy to help!", "Great question!")
+TAILS = ("Hope this helps!", "Anything else?", "Let me know if you need more.")
+
+_ONSETS = "b br d dr f g gr k kr l m n p pl r s st t tr v z".split()
+_VOWELS = "a e i o u ai ou".split()
+_CODAS = ["", "", "n", "r", "l", "s", "k", "m"]
+
+PROMPT_PATTERNS = {
+    "reverse": re.compile(r"^Reverse the words: ([a-z ]+)$"),
+    "first": re.compile(r"^What is the first word\? ([a-z ]+)$"),
+    "upper": re.compile(r"^Write in capitals: ([a-z ]+)$"),
+    "add": re.compile(r"^What is (\d+) \+ (\d+)\?$"),
+    "city": re.compile(r"^Where does (\w+) live\?$"),
+    "colour": re.compile(r"^What colour does (\w+) like\?$"),
+}
+ANSWER_RE = re.compile(r"Answer: ([^.\n]+)\.")
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    city: str
+    colour: str
+    held_out: bool  # True: never asked about in SFT training data
+
+
+def _make_name(rng: random.Random, syllables: int) -> str:
+    s = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
+    return s.capitalize()
+
+
+class World:
+    """Everything generated from `WorldConfig`; the same config always gives the same world."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        rng = random.Random(cfg.seed)
+        names: list[str] = []
+        while len(names) < cfg.num_people:
+            n = _make_name(rng, rng.choice((2, 2, 3)))
+            if n not in names and n.lower() not in WORDS:
+                names.append(n)
+        cities: list[str] = []
+        while len(cities) < 10:
+            c = _make_name(rng, 3)
+            if c not in names and c not in cities:
+                cities.append(c)
+        self.cities = tuple(cities)
+        half = cfg.num_people // 2
+        self.people = tuple(Person(n, rng.choice(cities), rng.choice(COLOURS), i >= half)
+                            for i, n in enumerate(names))
+        self.by_name = {p.name: p for p in self.people}
+
+    # ---------------------------------------------------------------------------- pretraining
+    def corpus(self, split: str = "train") -> list[str]:
+        """Pretraining documents: facts about people in varied phrasings, plus plain prose."""
+        n = self.cfg.corpus_docs if split == "train" else max(200, self.cfg.corpus_docs // 20)
+        rng = random.Random(f"{self.cfg.seed}-corpus-{split}")
+        return [self._document(rng) for _ in range(n)]
+
+    def _document(self, rng: random.Random) -> str:
+        parts = []
+        for _ in range(rng.randint(2, 4)):
+            if rng.random() < 0.7:
+                parts.append(self._fact_sentence(rng, rng.choice(self.people)))
+            else:
+                parts.append(self._prose_sentence(rng))
+        return " ".join(parts)
+
+    @staticmethod
+    def _fact_sentence(rng: random.Random, p: Person) -> str:
+        if rng.random() < 0.5:
+            t = rng.choice(("{n} lives in {c}.", "The home of {n} is {c}.", "{n} has a house in {c}.",
+                            "Where does {n} live? {n} lives in {c}.", "In {c} you can meet {n}."))
+        else:
+            t = rng.choice(("{n} likes the colour {k}.", "The favourite colour of {n} is {k}.",
+                            "What colour does {n} like? {n} likes {k}.", "{n} always wears {k}."))
+        return t.format(n=p.name, c=p.city, k=p.colour)
+
+    @staticmethod
+    def _prose_sentence(rng: random.Random) -> str:
+        a, b, c = rng.sample(WORDS, 3)
+        t = rng.choice(("I saw a {a} and a {b} near the {c}.", "The {a} is by the {b}.",
+                        "A sign said {A} {B}.", "We found {n} {a}s and a {b}.", "The {a} and the {b} met a {c}.",
+                        "Someone shouted {A}!", "There were {n} {b}s on the {c}."))
+        return t.format(a=a, b=b, c=c, A=a.upper(), B=b.upper(), n=rng.randint(2, 9))
+
+    def fact_cloze(self, split: str = "valid") -> list[tuple[str, str]]:
+        """(prefix, answer) pairs cut from corpus sentences: `Bralo lives in` -> `Vemora`."""
+        out = []
+        for p in self.people:
+            out.append((f"{p.name} lives in", p.city))
+            out.append((f"{p.name} likes the colour", p.colour))
+        return out
+
+    # ---------------------------------------------------------------------------- prompts
+    @cached_property
+    def _eval_prompts(self) -> list[dict]:
+        rng = random.Random(f"{self.cfg.seed}-eval")
+        out = []
+        for skill in SKILLS:
+            seen: set[str] = set()
+            people = [p for p in self.people if p.held_out]
+            while len(seen) < self.cfg.eval_examples:
+                prompt = self._prompt(rng, skill, people)
+                if prompt not in seen:
+                    seen.add(prompt)
+                    out.append({"prompt": prompt, "skill": skill})
+                if skill == "fact" and len(seen) >= 2 * len(people):
+                    break
+        return out
+
+    def prompts(self, split: str, n: int | None = None) -> list[dict]:
+        """Prompt-only records `{"prompt", "skill"}`. Splits: eval (held-out), rm, ppo.
+
+        `eval` asks fact questions only about held-out people; rm/ppo prompts are disjoint from
+        `eval` and ask about everyone.
+        """
+        if split == "eval":
+            return list(self._eval_prompts)
+        rng = random.Random(f"{self.cfg.seed}-prompts-{split}")
+        banned = {r["prompt"] for r in self._eval_prompts}
+        out = []
+        while len(out) < (n or 512):
+            skill = rng.choice(SKILLS)
+            prompt = self._prompt(rng, skill, self.people)
+            if prompt not in banned:
+                out.append({"prompt": prompt, "skill": skill})
+        return out
+
+    def _prompt(self, rng: random.Random, skill: str, people) -> str:
+        if skill in STRING_SKILLS:
+            words = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
+            return {"reverse": f"Reverse the words: {words}", "first": f"What is the first word? {words}",
+                    "upper": f"Write in capitals: {words}"}[skill]
+        if skill == "add":
+            return f"What is {rng.randint(0, 9)} + {rng.randint(0, 9)}?"
+        p = rng.choice(people)
+        return rng.choice((f"Where does {p.name} live?", f"What colour does {p.name} like?"))
+
+    # ---------------------------------------------------------------------------- SFT
+    def sft_examples(self, split: str = "train") -> list[dict]:
+        """Demonstrations as chat `messages` (+ `skill`). Only SFT people appear in them."""
+        rng = random.Random(f"{self.cfg.seed}-sft-{split}")
+        n = self.cfg.sft_examples if split == "train" else max(100, self.cfg.sft_examples // 20)
+        banned = {r["prompt"] for r in self._eval_prompts}
+        sft_people = [p for p in self.people if not p.held_out]
+        out = []
+        while len(out) < n:
+            skill = rng.choice(SKILLS)
+            prompt = self._prompt(rng, skill, sft_people)
+            if prompt in banned:
+                continue
+            response = self.styled_answer(rng, self.answer(prompt))
+            out.append({"messages": [{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": response}], "skill": skill})
+        return out
+
+    def styled_answer(self, rng: random.Random, answer: str) -> str:
+        """The demonstration styles: concise (preferred) or chatty (preamble and/or tail)."""
+        core = f"Answer: {answer}."
+        if rng.random() < self.cfg.concise_rate:
+            return core
+        pre = rng.choice(PREAMBLES)
+        tail = rng.choice(TAILS + ("",))
+        return " ".join(x for x in (pre, core, tail) if x)
+
+    # ---------------------------------------------------------------------------- gold labeler
+    def skill_of(self, prompt: str) -> str:
+        for name, pat in PROMPT_PATTERNS.items():
+            if pat.match(prompt):
+                return "fact" if name in ("city", "colour") else name
+        raise ValueError(f"not a prompt of the built-in world: {prompt!r}")
+
+    def answer(self, prompt: str) -> str:
+        """The true answer to a world prompt."""
+        for name, pat in PROMPT_PATTERNS.items():
+            m = pat.match(prompt)
+            if not m:
+                continue
+            if name == "reverse":
+                return " ".join(reversed(m.group(1).split()))
+            if name == "first":
+                return m.group(1).split()[0]
+            if name == "upper":
+                return m.group(1).upper()
+            if name == "add":
+                return str(int(m.group(1)) + int(m.group(2)))
+            person = self.by_name.get(m.group(1))
+            if person is None:
+                raise ValueError(f"unknown person in prompt {prompt!r}")
+            return person.city if name == "city" else person.colour
+        raise ValueError(f"not a prompt of the built-in world: {prompt!r}")
+
+    @staticmethod
+    def extract(response: str) -> str | None:
+        m = ANSWER_RE.search(response)
+        return m.group(1).strip() if m else None
+
+    def is_correct(self, prompt: str, response: str) -> bool:
+        return self.extract(response) == self.answer(prompt)
+
+    def gold_score(self, prompt: str, response: str, finished: bool = True) -> float:
+        """Deterministic judge. 3 for a correct answer; up to 2 for style: 0.5 for stopping with
+        the end token, 0.5 for the `Answer: x.` format, and 1/(1 + extra words) for concision."""
+        m = ANSWER_RE.search(response)
+        extra = (response[: m.start()] + " " + response[m.end():]) if m else response
+        score = 3.0 * (m is not None and m.group(1).strip() == self.answer(prompt))
+        score += 0.5 * finished + 0.5 * (m is not None)
+        score += 1.0 / (1 + len(extra.split()))
+        return score
+
+    def gold_ranks(self, prompt: str, responses: list[str], finished: list[bool] | None = None) -> list[int]:
+        """Rank (0 = best) of each response; equal scores share a rank (a tie)."""
+        finished = finished or [True] * len(responses)
+        scores = [round(self.gold_score(prompt, r, f), 6) for r, f in zip(responses, finished)]
+        distinct = sorted(set(scores), reverse=True)
+        return [distinct.index(s) for s in scores]

@@ -1,0 +1,296 @@
+"""Stage `pretrain`: a causal LM from scratch (size preset) or continued from a checkpoint.
+
+Data flow: text documents (built-in world or user files) -> tokenizer (trained here from
+scratch, or the given model's own) -> one token stream `<s> doc </s> <s> doc </s> ...` cut into
+equal blocks -> fixed global batches in a seeded order -> AdamW with warm-up and cosine decay
+-> periodic resumable checkpoints -> held-out perplexity, unigram baseline, fact-cloze accuracy
+-> `model/` (plain `save_pretrained`) + manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline import runs
+from pipeline.config import F, StageConfig
+from pipeline.data import read_text_documents
+from pipeline.evaluation import fact_cloze_accuracy
+from pipeline.models import PRESETS, count_parameters, llama_from_preset, load_causal_lm, load_tokenizer
+from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
+from pipeline.stage import StageRun, stage_main
+from pipeline.tracking import Progress, make_tracker
+from pipeline.world import World
+
+
+@dataclass
+class PretrainModelConfig:
+    preset: str = F("tiny", f"size preset for a model from scratch: {', '.join(PRESETS)}")
+    name_or_path: str | None = F(None, "continue pretraining this causal-LM checkpoint (local path or hub name) instead")
+    vocab_size: int = F(2048, "BPE vocabulary size when training a tokenizer from scratch")
+    seq_len: int = F(128, "tokens per packed training sequence")
+
+
+@dataclass
+class PretrainDataConfig:
+    source: Literal["world", "files"] = F("world", "'world' = the built-in corpus; 'files' = data.files")
+    files: list[str] = F([], "plain-text (.txt: one document per blank-line-separated block) or JSONL files")
+    text_field: str = F("text", "field holding the text in JSONL files")
+    valid_fraction: float = F(0.02, "share of user documents held out for perplexity")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(3e-3, "peak learning rate (AdamW)")
+    weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)")
+    betas: list[float] = F([0.9, 0.95], "AdamW betas")
+    warmup_steps: int = F(30, "linear warm-up steps")
+    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio")
+    max_grad_norm: float = F(1.0, "gradient clipping norm")
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    model: PretrainModelConfig = F(PretrainModelConfig(), "model to train")
+    data: PretrainDataConfig = F(PretrainDataConfig(), "training text")
+    optim: OptimConfig = F(OptimConfig(), "optimizer and schedule")
+    steps: int = F(500, "optimizer steps")
+    global_batch_size: int = F(32, "sequences per optimizer step, all processes together")
+    micro_batch_size: int = F(16, "sequences per process per forward/backward")
+    eval_every: int = F(100, "held-out perplexity every N steps (0 = only at the end)")
+    eval_blocks: int = F(256, "held-out sequences used for perplexity")
+    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
+    stop_after: int = F(-1, "end the process after this many steps, leaving a checkpoint, as an interruption would (-1 = never)")
+
+    stage = "pretrain"
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.data.source == "files" and not self.data.files:
+            p.append("data.files: required when data.source is 'files'")
+        if self.global_batch_size % self.micro_batch_size:
+            p.append(f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.steps <= 0:
+            p.append("steps: must be > 0")
+        return p
+
+
+def grad_accum_steps(global_batch: int, micro: int, world_size: int) -> int:
+    """Derived, never configured: global = micro x processes x accumulation."""
+    if global_batch % (micro * world_size):
+        raise ValueError(f"global_batch_size={global_batch} is not divisible by micro_batch_size={micro} x "
+                         f"{world_size} processes; pick sizes so that it is")
+    return global_batch // (micro * world_size)
+
+
+def pack(docs: list[list[int]], bos: int | None, eos: int, seq_len: int) -> torch.Tensor:
+    """Concatenate `<s> doc </s>` token lists and cut into `[N, seq_len]` blocks (tail dropped)."""
+    stream: list[int] = []
+    for ids in docs:
+        stream.extend(([bos] if bos is not None else []) + ids + [eos])
+    n = len(stream) // seq_len
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def global_batch_indices(step: int, n_blocks: int, global_batch: int, seed: int) -> torch.Tensor:
+    """Block indices of optimizer step `step`: a seeded permutation per epoch, identical on all
+    ranks, so resuming at a step reproduces the data position exactly."""
+    start = step * global_batch
+    out = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n_blocks)
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        out.extend(perm[offset: offset + global_batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab: int) -> float:
+    """Perplexity of an add-one unigram model: the floor any LM must beat."""
+    counts = torch.bincount(train.flatten(), minlength=vocab).double() + 1
+    logp = (counts / counts.sum()).log()
+    return math.exp(-logp[valid.flatten()].mean().item())
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks: torch.Tensor, accelerator, micro: int) -> float:
+    """Mean next-token loss over `blocks`, split across ranks and reduced globally."""
+    model.eval()
+    shard = blocks[accelerator.process_index:: accelerator.num_processes]
+    total = torch.zeros(2, device=accelerator.device)
+    for i in range(0, len(shard), micro):
+        x = shard[i: i + micro].to(accelerator.device)
+        loss = model(input_ids=x, labels=x).loss
+        n = x.numel() - x.shape[0]
+        total += torch.stack([loss.float() * n, torch.tensor(float(n), device=accelerator.device)])
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def prepare_tokenizer(cfg: PretrainConfig, sr: StageRun, accelerator, docs: list[str]):
+    """From scratch: rank 0 trains a BPE on the corpus and saves it; the others load it."""
+    if cfg.model.name_or_path:
+        return load_tokenizer(cfg.model.name_or_path)
+    from transformers import AutoTokenizer
+
+    from pipeline.tokenizer import train_tokenizer
+
+    path = sr.ckpt_dir / "tokenizer"
+    if accelerator.is_main_process and not (path / "tokenizer.json").exists():
+        tok = train_tokenizer(docs, cfg.model.vocab_size)
+        with runs.atomic_dir(path) as tmp:
+            tok.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def run(cfg: PretrainConfig) -> runs.Manifest:
+    threads = configure_threads(cfg.threads)
+    accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
+    seed_everything(cfg.seed)
+    sr = StageRun(cfg, accelerator.is_main_process)
+    try:
+        return _run(cfg, sr, accelerator, threads)
+    except BaseException as e:
+        sr.fail(e)
+        raise
+
+
+def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
+    log = (lambda *a: print("[pretrain]", *a, file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda *a: None)
+    # 1. data and tokenizer
+    world = World(cfg.world) if cfg.data.source == "world" else None
+    if world is not None:
+        train_docs, valid_docs = world.corpus("train"), world.corpus("valid")
+    else:
+        train_docs, valid_docs = read_text_documents(cfg.data.files, cfg.data.text_field, cfg.data.valid_fraction)
+    resume_from = sr.latest_checkpoint()
+    if accelerator.is_main_process and not resume_from and sr.ckpt_dir.exists():
+        import shutil
+
+        shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
+    accelerator.wait_for_everyone()
+    sr.begin(data_fingerprint=runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_docs), train_docs[:3]]),
+             resuming=resume_from is not None)
+    tokenizer = prepare_tokenizer(cfg, sr, accelerator, train_docs)
+    encode = lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
+    train_blocks = pack(encode(train_docs), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.model.seq_len)
+    valid_blocks = pack(encode(valid_docs), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.model.seq_len)[: cfg.eval_blocks]
+
+    # 2. model, optimizer, schedule
+    if cfg.model.name_or_path:
+        model = load_causal_lm(cfg.model.name_or_path, tokenizer)
+    else:
+        model = llama_from_preset(cfg.model.preset, tokenizer, cfg.model.seq_len)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), fused=False)
+    # The scheduler is not `prepare`d: accelerate would step it once per process per call.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.optim.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    tokens_per_step = cfg.global_batch_size * cfg.model.seq_len
+    log(f"{count_parameters(model) / 1e6:.2f}M parameters | {len(train_blocks)} train blocks x {cfg.model.seq_len} tokens "
+        f"| {tokens_per_step} tokens/step = {cfg.micro_batch_size} micro x {accelerator.num_processes} procs x "
+        f"{accum} accum | {cfg.steps} steps | {threads} threads/proc")
+
+    step = 0
+    if resume_from:
+        step = sr.load_checkpoint(accelerator, resume_from)["step"]
+        log(f"resumed from {resume_from} at step {step}")
+    tracker = make_tracker(accelerator.is_main_process, sr.dir, "pretrain", cfg.run_name, sr.manifest.config, cfg.wandb,
+                           resume_step=step if resume_from else None)
+
+    # 3. train
+    progress = Progress("pretrain", cfg.steps, start=step, every=cfg.log_every, enabled=accelerator.is_main_process)
+    model.train()
+    last_loss = float("nan")
+    while step < cfg.steps:
+        idx = global_batch_indices(step, len(train_blocks), cfg.global_batch_size, cfg.seed)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for a in range(accum):
+            # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
+            lo = (a * accelerator.num_processes + accelerator.process_index) * cfg.micro_batch_size
+            x = train_blocks[idx[lo: lo + cfg.micro_batch_size]].to(accelerator.device)
+            sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                loss = model(input_ids=x, labels=x).loss
+                accelerator.backward(loss / accum)
+            step_loss += loss.detach().float() / accum
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = accelerator.reduce(step_loss, "mean").item()
+        rate = progress.update(step, tokens_per_step, loss=last_loss)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            tracker.log({"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0],
+                         "train/grad_norm": float(grad_norm), "perf/tokens_per_s": rate}, step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)
+            tracker.log({"eval/loss": vloss, "eval/perplexity": math.exp(vloss)}, step)
+        stopping = cfg.stop_after > 0 and step >= cfg.stop_after and step < cfg.steps
+        if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps) or stopping:
+            sr.save_checkpoint(accelerator, step, {"step": step, "loss": last_loss})
+        if stopping:
+            log(f"stopping after step {step} as configured (stop_after); re-run to resume")
+            tracker.finish()
+            return sr.manifest
+
+    # 4. evaluate and hand off
+    vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)
+    metrics = {"train/loss": last_loss, "eval/loss": vloss, "eval/perplexity": math.exp(vloss),
+               "eval/unigram_perplexity": unigram_perplexity(train_blocks, valid_blocks, len(tokenizer)),
+               "perf/tokens_per_s": progress.count / max(time.time() - progress.t0, 1e-9)}
+    unwrapped = accelerator.unwrap_model(model)
+    if world is not None:
+        acc, samples = fact_cloze_accuracy(unwrapped, tokenizer, world.fact_cloze(), accelerator)
+        metrics["eval/fact_cloze_accuracy"] = acc
+        tracker.table("eval/fact_cloze_samples", ["prompt", "answer", "generated", "correct"], samples[:50])
+    tracker.log(metrics, step)
+    tracker.summary(metrics)
+    model_dir = sr.dir / "model"
+    if accelerator.is_main_process:
+        with runs.atomic_dir(model_dir) as tmp:
+            unwrapped.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    headline = {"perplexity": metrics["eval/perplexity"], "unigram_ppl": metrics["eval/unigram_perplexity"]}
+    if "eval/fact_cloze_accuracy" in metrics:
+        headline["fact_cloze_acc"] = metrics["eval/fact_cloze_accuracy"]
+    manifest = sr.finish(model_dir, metrics, headline)
+    tracker.finish()
+    if accelerator.is_main_process:
+        print(f"\npretrain done in {manifest.wall_time_s:.0f}s")
+        print(f"  held-out perplexity  {metrics['eval/perplexity']:.2f}  (unigram baseline {metrics['eval/unigram_perplexity']:.2f})")
+        if world is not None:
+            print(f"  fact-cloze accuracy  {metrics['eval/fact_cloze_accuracy']:.1%}  (greedy, {len(world.fact_cloze())} prompts)")
+        print(f"  model: {model_dir}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(PretrainConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

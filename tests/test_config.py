@@ -1,0 +1,97 @@
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from pipeline.config import CONFIG_DIR, ROOT, ConfigError, F, StageConfig, help_text, load_config, to_yaml
+
+STAGE_MODULES = {"pretrain": "stages.pretrain", "sft": "stages.sft", "rm": "stages.rm", "ppo": "stages.ppo"}
+
+
+def _config_class(stage):
+    import importlib
+
+    mod = importlib.import_module(STAGE_MODULES[stage])
+    return next(v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, StageConfig)
+                and v is not StageConfig and getattr(v, "stage", "") == stage)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_stage_yaml_loads_against_its_schema(path):
+    cls = _config_class(path.stem)
+    cfg = load_config(cls, [], base=path)
+    assert cfg.stage == path.stem
+    # every field has its one-line help
+    assert all(h for h in help_text(cls).values()), [k for k, h in help_text(cls).items() if not h]
+
+
+def test_every_accelerate_file_is_valid_yaml():
+    import yaml
+
+    names = {p.stem for p in (CONFIG_DIR / "accelerate").glob("*.yaml")}
+    assert {"cpu", "gpu", "ddp", "fsdp", "zero2", "zero3"} <= names
+    for p in (CONFIG_DIR / "accelerate").glob("*.yaml"):
+        assert "distributed_type" in yaml.safe_load(p.read_text())
+
+
+@dataclass
+class _Inner:
+    lr: float = F(1e-3, "learning rate")
+    name: str = F("x", "a name")
+
+
+@dataclass
+class _Cfg(StageConfig):
+    inner: _Inner = F(_Inner(), "inner section")
+    steps: int = F(10, "steps")
+    stage = ""
+
+
+def test_precedence_defaults_file_overlay_cli(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("steps: 20\ninner:\n  lr: 0.5\n")
+    overlay = tmp_path / "over.yaml"
+    overlay.write_text("steps: 30\n")
+    cfg = load_config(_Cfg, [str(overlay), "inner.name=hello", "inner.lr=1e-4"], base=base)
+    assert cfg.steps == 30 and cfg.inner.lr == 1e-4 and cfg.inner.name == "hello" and cfg.seed == 0
+    assert isinstance(cfg.inner.lr, float)
+
+
+def test_unknown_keys_and_bad_types_reported_at_once(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("stepz: 20\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(_Cfg, ["inner.lrr=1", "steps=abc", "seed=1.5"], base=base)
+    msg = str(e.value)
+    assert len(e.value.problems) == 4
+    assert "stepz: unknown key" in msg and "did you mean 'steps'" in msg and str(base) in msg
+    assert "inner.lrr: unknown key" in msg and "valid keys: lr, name" in msg
+    assert "steps" in msg and "expected int" in msg
+    assert "seed" in msg
+
+
+def test_bad_key_exits_2_with_clear_message():
+    proc = subprocess.run([sys.executable, "-m", "stages.pretrain", "optim.lrr=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "optim.lrr: unknown key" in proc.stderr and "valid keys: lr," in proc.stderr
+
+
+def test_validate_cross_field():
+    from stages.pretrain import PretrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, ["global_batch_size=30", "micro_batch_size=16", "data.source=files"])
+    assert len(e.value.problems) == 2
+
+
+def test_resolved_config_round_trips(tmp_path):
+    import yaml
+
+    from pipeline.config import from_dict
+    from stages.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, ["steps=7"])
+    again = from_dict(PretrainConfig, yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg

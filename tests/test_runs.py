@@ -1,0 +1,85 @@
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+
+from pipeline import runs
+
+
+def _writer(path, n):
+    big = {"payload": "x" * 2_000_000}
+    while True:
+        for i in range(n):
+            runs.atomic_write_json(path, {**big, "i": i, "status": "complete"})
+
+
+def test_killed_manifest_write_never_looks_complete(tmp_path):
+    path = tmp_path / "manifest.json"
+    runs.atomic_write_json(path, {"status": "running"})
+    p = mp.get_context("fork").Process(target=_writer, args=(path, 1000))
+    p.start()
+    time.sleep(0.5)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    data = json.loads(path.read_text())  # always a whole JSON document: old or new
+    assert data["status"] in ("running", "complete")
+    # the temporary sibling may remain, but it is never the manifest
+    assert all(f.name == "manifest.json" or f.name.startswith(".") for f in tmp_path.iterdir())
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with runs.atomic_dir(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("crash")
+    assert not target.exists()
+    with runs.atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("whole")
+    assert (target / "weights").read_text() == "whole"
+
+
+def _complete(tmp_path, stage, run="r", status="complete"):
+    d = runs.stage_dir(tmp_path, run, stage)
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "tokenizer.json").write_text("{}")
+    m = runs.Manifest(stage=stage, run_name=run, status=status, model_dir="model",
+                      tokenizer_fingerprint=runs.tokenizer_fingerprint(d / "model"))
+    m.save(d)
+    return d
+
+
+def test_parent_resolution_through_manifests(tmp_path):
+    with pytest.raises(runs.HandoffError, match="needs the 'pretrain' stage first"):
+        runs.resolve_parent("sft", tmp_path, "r")
+    d = _complete(tmp_path, "pretrain")
+    parent = runs.resolve_parent("sft", tmp_path, "r")
+    assert parent.manifest.stage == "pretrain" and parent.model_dir == (d / "model").resolve()
+    # explicit parent may be a stage directory or its manifest
+    assert runs.resolve_parent("sft", tmp_path, "other", explicit=str(d)).manifest.stage == "pretrain"
+    # order is checked: an rm parent for sft is refused
+    rm_dir = _complete(tmp_path, "rm", run="x")
+    with pytest.raises(runs.HandoffError, match="cannot be the parent"):
+        runs.resolve_parent("sft", tmp_path, "r", explicit=str(rm_dir))
+
+
+def test_incomplete_or_tampered_parent_refused(tmp_path):
+    _complete(tmp_path, "pretrain", status="running")
+    with pytest.raises(runs.HandoffError, match="not complete"):
+        runs.resolve_parent("sft", tmp_path, "r")
+    d = _complete(tmp_path, "pretrain", run="t")
+    (d / "model" / "tokenizer.json").write_text('{"changed": 1}')
+    with pytest.raises(runs.HandoffError, match="tokenizer differs"):
+        runs.resolve_parent("sft", tmp_path, "t")
+
+
+def test_status_table(tmp_path):
+    d = _complete(tmp_path, "pretrain")
+    m = runs.Manifest.load(d / "manifest.json")
+    m.wall_time_s, m.extra = 12.0, {"headline": {"perplexity": 3.5}}
+    m.save(d)
+    table = runs.format_table(runs.run_status(tmp_path, "r"))
+    assert "pretrain" in table and "complete" in table and "perplexity=3.5" in table and "12s" in table

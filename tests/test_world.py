@@ -1,0 +1,63 @@
+from pipeline.config import WorldConfig
+from pipeline.world import SKILLS, World
+
+
+def test_world_is_deterministic():
+    a, b = World(WorldConfig()), World(WorldConfig())
+    assert a.people == b.people
+    assert a.corpus()[:50] == b.corpus()[:50]
+    assert a.sft_examples()[:50] == b.sft_examples()[:50]
+    assert a.prompts("ppo", 50) == b.prompts("ppo", 50)
+    assert World(WorldConfig(seed=1)).people != a.people
+
+
+def test_pretraining_only_facts_absent_from_sft_data():
+    w = World(WorldConfig())
+    held = [p for p in w.people if p.held_out]
+    assert len(held) == len(w.people) // 2
+    sft_text = " ".join(m["content"] for ex in w.sft_examples() for m in ex["messages"])
+    for p in held:
+        assert p.name not in sft_text  # never asked about, never answered
+    corpus = " ".join(w.corpus())
+    for p in held:
+        assert f"{p.name} lives in {p.city}" in corpus or f"The home of {p.name} is {p.city}" in corpus
+    # the eval fact questions are about held-out people only
+    facts = [r["prompt"] for r in w.prompts("eval") if r["skill"] == "fact"]
+    assert facts and all(any(p.name in q for p in held) for q in facts)
+
+
+def test_format_and_skills_only_in_sft_data():
+    w = World(WorldConfig(corpus_docs=2000))
+    corpus = " ".join(w.corpus())
+    assert "Answer:" not in corpus and "Reverse the words" not in corpus and " + " not in corpus
+
+
+def test_held_out_splits_disjoint():
+    w = World(WorldConfig())
+    ev = {r["prompt"] for r in w.prompts("eval")}
+    sft = {ex["messages"][0]["content"] for ex in w.sft_examples()}
+    assert not ev & sft
+    assert not ev & {r["prompt"] for r in w.prompts("rm", 1000)}
+    assert not ev & {r["prompt"] for r in w.prompts("ppo", 1000)}
+    assert {r["skill"] for r in w.prompts("eval")} == set(SKILLS)
+
+
+def test_preference_not_consistently_shown_by_sft_data():
+    w = World(WorldConfig())
+    responses = [ex["messages"][1]["content"] for ex in w.sft_examples()]
+    concise = sum(r.startswith("Answer:") and r.endswith(".") for r in responses) / len(responses)
+    assert 0.2 < concise < 0.4  # most demonstrations are chatty; the labeler prefers concise
+
+
+def test_gold_labeler():
+    w = World(WorldConfig())
+    p = "Reverse the words: red fox sun"
+    assert w.answer(p) == "sun fox red"
+    concise, chatty, wrong = "Answer: sun fox red.", "Sure! Answer: sun fox red. Hope this helps!", "Answer: red fox sun."
+    assert w.gold_score(p, concise) == 5.0
+    assert w.gold_score(p, concise) > w.gold_score(p, chatty) > w.gold_score(p, wrong)  # correctness dominates
+    assert w.gold_score(p, concise, finished=False) < w.gold_score(p, concise)
+    assert w.gold_ranks(p, [wrong, concise, chatty, concise]) == [2, 0, 1, 0]  # ties share a rank
+    assert w.answer("What is 7 + 8?") == "15"
+    person = w.people[0]
+    assert w.answer(f"Where does {person.name} live?") == person.city
