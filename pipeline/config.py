@@ -58,6 +58,7 @@ class WorldConfig:
     seed: int = F(1234, "seed of the built-in procedural world (facts, prompts, splits)")
     num_people: int = F(80, "people in the world; each has a home city and a favourite colour")
     corpus_docs: int = F(12000, "pretraining documents generated from the world")
+    fact_density: float = F(0.7, "share of corpus sentences that state a fact (the rest is prose)")
     sft_examples: int = F(6000, "SFT demonstrations (train split)")
     eval_examples: int = F(50, "held-out prompts per skill for evaluation")
     concise_rate: float = F(0.3, "share of SFT demonstrations written in the concise style the gold labeler prefers")
@@ -147,7 +148,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             if isinstance(value, str):  # a single item given on the command line
                 return [value]
             continue
-        if origin is dict:
+        if origin is dict or t is dict:
             if isinstance(value, dict):
                 return dict(value)
             continue

@@ -31,9 +31,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[i: i + batch_size], tokenizer.pad_token_id)
         kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                      pad_token_id=tokenizer.pad_token_id, use_cache=True, top_k=0, top_p=1.0)
-        if temperature > 0:
-            kwargs["temperature"] = temperature
+                      pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        if temperature > 0:  # pure temperature sampling: no top-k / top-p truncation
+            kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **_fresh_config(model, kwargs))
         for row in gen[:, ids.shape[1]:].tolist():
             if stop in row:

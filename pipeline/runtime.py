@@ -12,6 +12,20 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def quiet_libraries() -> None:
+    """Progress bars of dataset maps and shard writes drown the stage's own progress lines."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def configure_threads(threads: int = 0) -> int:
     """Set torch's thread count. 0 = all cores for a lone process, 1 when several processes run.
 
@@ -21,6 +35,7 @@ def configure_threads(threads: int = 0) -> int:
     if threads <= 0:
         threads = 1 if world_size_from_env() > 1 else max(1, os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    quiet_libraries()
     return threads
 
 

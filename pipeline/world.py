@@ -87,9 +87,10 @@ class World:
         return [self._document(rng) for _ in range(n)]
 
     def _document(self, rng: random.Random) -> str:
+        # Mostly facts, so each fact recurs often enough for a tiny model to memorise it in minutes.
         parts = []
         for _ in range(rng.randint(2, 4)):
-            if rng.random() < 0.7:
+            if rng.random() < self.cfg.fact_density:
                 parts.append(self._fact_sentence(rng, rng.choice(self.people)))
             else:
                 parts.append(self._prose_sentence(rng))

@@ -1,0 +1,293 @@
+"""Stage `sft`: supervised fine-tuning on prompt -> response pairs with TRL's SFTTrainer.
+
+Data flow: parent manifest (pretrain) -> model + tokenizer -> records (built-in world or user
+files: prompt/completion or messages, validated, columns mapped) -> SFTTrainer (loss on the
+response only: completion-only or assistant-only via the chat template's generation markers;
+optional packing and LoRA) -> held-out evaluation (greedy generation: accuracy per skill, format
+rate, pretraining-only facts; held-out loss for user data) -> `model/` (plain, LoRA merged) +
+`adapter/` (LoRA only) + manifest.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeline import runs
+from pipeline.config import F, StageConfig
+from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
+from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
+from pipeline.sft_data import load_sft_records
+from pipeline.sft_eval import evaluate_world
+from pipeline.stage import StageRun, stage_main
+from pipeline.tracking import Progress, make_tracker
+from pipeline.world import World
+
+
+@dataclass
+class SFTModelConfig:
+    name_or_path: str | None = F(None, "start from this causal-LM checkpoint instead of the parent stage's model")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = F(False, "train LoRA adapters instead of all weights (the handoff model is merged)")
+    r: int = F(16, "LoRA rank")
+    alpha: int = F(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = F(0.0, "LoRA dropout")
+    target_modules: list[str] = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  "module names that get adapters")
+
+
+@dataclass
+class SFTDataConfig:
+    source: Literal["world", "files"] = F("world", "'world' = built-in demonstrations; 'files' = data.files")
+    files: list[str] = F([], "JSONL/JSON/Parquet/CSV files, save_to_disk directories or hub dataset names")
+    columns: dict = F({}, "column mapping, e.g. {prompt: [instruction, input], completion: output}")
+    valid_fraction: float = F(0.05, "share of user records held out for loss evaluation")
+    max_length: int = F(128, "longest tokenized example; longer ones are truncated")
+    packing: bool = F(False, "pack several examples into each sequence (faster on long data)")
+
+
+@dataclass
+class SFTTrainConfig:
+    epochs: float = F(3.0, "passes over the training data (ignored when steps > 0)")
+    steps: int = F(-1, "optimizer steps (-1 = from epochs)")
+    lr: float = F(1e-3, "peak learning rate (tiny full fine-tune; use ~2e-5 for real models, ~2e-4 for LoRA)")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    warmup_ratio: float = F(0.05, "share of steps for linear warm-up")
+    scheduler: str = F("cosine", "learning-rate schedule (transformers name: cosine, linear, constant, ...)")
+    global_batch_size: int = F(64, "examples per optimizer step, all processes together")
+    micro_batch_size: int = F(32, "examples per process per forward/backward")
+    max_grad_norm: float = F(1.0, "gradient clipping norm")
+
+
+@dataclass
+class SFTEvalConfig:
+    max_new_tokens: int = F(32, "tokens generated per held-out prompt")
+    batch_size: int = F(64, "prompts per generation batch")
+    samples: int = F(40, "sample generations logged to the wandb table")
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    model: SFTModelConfig = F(SFTModelConfig(), "starting model")
+    lora: LoraConfig = F(LoraConfig(), "LoRA (peft) fine-tuning")
+    data: SFTDataConfig = F(SFTDataConfig(), "demonstrations")
+    train: SFTTrainConfig = F(SFTTrainConfig(), "optimization")
+    eval: SFTEvalConfig = F(SFTEvalConfig(), "held-out evaluation")
+    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
+    stop_after: int = F(-1, "end the process after this many steps, leaving a checkpoint, as an interruption would (-1 = never)")
+
+    stage = "sft"
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.data.source == "files" and not self.data.files:
+            p.append("data.files: required when data.source is 'files'")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            p.append(f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                     f"train.micro_batch_size ({self.train.micro_batch_size})")
+        return p
+
+
+def _tracker_callback(tracker, is_main: bool):
+    from transformers import TrainerCallback
+
+    class ToTracker(TrainerCallback):
+        """Forward the trainer's logs to our rank-0 tracker under namespaced names, with progress."""
+
+        progress = None
+        last_loss = float("nan")  # loss of the final logging window: comparable across restarts
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.progress = Progress("sft", state.max_steps, start=state.global_step, every=args.logging_steps,
+                                     unit="examples", enabled=is_main)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
+                     "eval_loss": "eval/loss", "mean_token_accuracy": "train/token_accuracy"}
+            row = {names[k]: float(v) for k, v in (logs or {}).items() if k in names}
+            if "train/loss" in row:
+                self.last_loss = row["train/loss"]
+                row["perf/examples_per_s"] = self.progress.update(
+                    state.global_step, args.logging_steps * args.train_batch_size * args.gradient_accumulation_steps
+                    * args.world_size, loss=row["train/loss"])
+            if row:
+                tracker.log(row, state.global_step)
+
+    return ToTracker()
+
+
+def _stop_after_callback(n: int):
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if 0 < n <= state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return StopAfter()
+
+
+def latest_trainer_checkpoint(sr: StageRun) -> str | None:
+    """Newest HF checkpoint whose trainer_state.json exists: that file is written last, so a
+    checkpoint without it was interrupted mid-write and is ignored."""
+    if not sr.cfg.resume or not sr.ckpt_dir.exists():
+        return None
+    done = sr.dir / "manifest.json"
+    if done.exists() and runs.Manifest.load(done).complete:
+        return None
+    found = [p for p in sr.ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(found, key=lambda p: int(p.name.split("-")[1]))) if found else None
+
+
+def run(cfg: SFTConfig) -> runs.Manifest:
+    threads = configure_threads(cfg.threads)
+    accelerator = make_accelerator()
+    seed_everything(cfg.seed)
+    sr = StageRun(cfg, accelerator.is_main_process)
+    try:
+        return _run(cfg, sr, accelerator, threads)
+    except BaseException as e:
+        sr.fail(e)
+        raise
+
+
+def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    log = (lambda *a: print("[sft]", *a, file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda *a: None)
+    # 1. parent and data (validated before anything is written)
+    parent = None
+    if cfg.model.name_or_path:
+        model_path = cfg.model.name_or_path
+    else:
+        parent = runs.resolve_parent("sft", cfg.runs_dir, cfg.run_name, cfg.parent)
+        model_path = str(parent.model_dir)
+        _check_world(cfg, parent)
+    world = World(cfg.world) if cfg.data.source == "world" else None
+    train_records, valid_records, kind = load_sft_records(cfg.data, world)
+    resume = latest_trainer_checkpoint(sr)
+    sr.begin(parent, runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_records), train_records[:3]]),
+             resuming=resume is not None)
+
+    # 2. model, tokenizer, trainer
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, tokenizer)
+    disable_dropout(model)
+    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * accelerator.num_processes)
+    if accum < 1 or cfg.train.global_batch_size % (cfg.train.micro_batch_size * accelerator.num_processes):
+        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by micro_batch_size="
+                         f"{cfg.train.micro_batch_size} x {accelerator.num_processes} processes")
+    precision = resolve_precision(cfg.precision)
+    args = TRLSFTConfig(
+        output_dir=str(sr.ckpt_dir), per_device_train_batch_size=cfg.train.micro_batch_size,
+        per_device_eval_batch_size=cfg.train.micro_batch_size, gradient_accumulation_steps=accum,
+        learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
+        lr_scheduler_type=cfg.train.scheduler, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.steps,
+        max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.log_every, save_strategy="steps",
+        save_steps=cfg.save_every if cfg.save_every > 0 else 10**9, save_total_limit=cfg.keep_checkpoints,
+        seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True,
+        use_cpu=not accelerator.device.type == "cuda", bf16=precision == "bf16", fp16=precision == "fp16",
+        activation_checkpointing=False, dataloader_num_workers=0, max_length=cfg.data.max_length,
+        packing=cfg.data.packing, completion_only_loss=True if kind == "prompt_completion" else None,
+        assistant_only_loss=kind == "messages", eos_token=tokenizer.eos_token,
+        eval_strategy="no", dataset_num_proc=None,
+    )
+    peft_config = None
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+
+        peft_config = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    from datasets import Dataset
+
+    tracker = make_tracker(accelerator.is_main_process, sr.dir, "sft", cfg.run_name, sr.manifest.config, cfg.wandb,
+                           resume_step=_step_of(resume))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_records),
+                         eval_dataset=Dataset.from_list(valid_records) if valid_records else None,
+                         processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[to_tracker := _tracker_callback(tracker, accelerator.is_main_process),
+                                    _stop_after_callback(cfg.stop_after)])
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
+    log(f"{len(train_records)} train / {len(valid_records)} held-out records ({kind}) | global batch "
+        f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} micro x {accelerator.num_processes} procs x {accum} accum"
+        f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
+        + (f" | resuming from {resume}" if resume else ""))
+
+    # 3. train
+    result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.state.global_step < trainer.state.max_steps:
+        log(f"stopping after step {trainer.state.global_step} as configured (stop_after); re-run to resume")
+        tracker.finish()
+        return sr.manifest
+
+    # 4. evaluate and hand off
+    metrics = {"train/loss": to_tracker.last_loss, "train/mean_loss": result.training_loss,
+               "perf/train_runtime_s": result.metrics.get("train_runtime", 0.0)}
+    if valid_records:
+        metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
+    final = trainer.model
+    if cfg.lora.enabled:
+        adapter_dir = sr.dir / "adapter"
+        if accelerator.is_main_process:
+            with runs.atomic_dir(adapter_dir) as tmp:
+                accelerator.unwrap_model(final).save_pretrained(tmp)
+        final = accelerator.unwrap_model(final).merge_and_unload()
+    final = accelerator.unwrap_model(final)
+    if world is not None:
+        world_metrics, samples = evaluate_world(final, tokenizer, world, cfg.eval, accelerator)
+        metrics.update(world_metrics)
+        tracker.table("eval/samples", ["skill", "prompt", "response", "correct"], samples[: cfg.eval.samples])
+    tracker.log(metrics, trainer.state.global_step)
+    tracker.summary(metrics)
+    model_dir = sr.dir / "model"
+    if accelerator.is_main_process:
+        with runs.atomic_dir(model_dir) as tmp:
+            final.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    headline = {k.split("/")[-1]: v for k, v in metrics.items()
+                if k in ("eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/loss")}
+    manifest = sr.finish(model_dir, metrics, headline, extra={"lora": cfg.lora.enabled})
+    tracker.finish()
+    if accelerator.is_main_process:
+        _print_report(manifest, metrics)
+    return manifest
+
+
+def _step_of(ckpt: str | None) -> int | None:
+    return int(Path(ckpt).name.split("-")[1]) if ckpt else None
+
+
+def _check_world(cfg: SFTConfig, parent: runs.Parent) -> None:
+    """The world's facts live in the parent's weights: both stages must use the same world."""
+    pw = parent.manifest.config.get("world")
+    pdata = parent.manifest.config.get("data", {}).get("source")
+    if cfg.data.source == "world" and pdata == "world" and pw and pw.get("seed") != cfg.world.seed:
+        raise ValueError(f"world.seed={cfg.world.seed} but the parent {parent.manifest_path} was trained on "
+                         f"world.seed={pw.get('seed')}; use the same world in every stage")
+    if cfg.data.source == "world" and pw and pw.get("num_people") != cfg.world.num_people:
+        raise ValueError(f"world.num_people={cfg.world.num_people} differs from the parent's ({pw.get('num_people')})")
+
+
+def _print_report(manifest: runs.Manifest, metrics: dict) -> None:
+    print(f"\nsft done in {manifest.wall_time_s:.0f}s")
+    for k, v in metrics.items():
+        if k.startswith("eval/"):
+            print(f"  {k:<28} {v:.1%}" if "acc" in k or "rate" in k else f"  {k:<28} {v:.4g}")
+    print(f"  model: {Path(manifest.config['runs_dir']) / manifest.run_name / 'sft' / manifest.model_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(SFTConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""SFT stage: data formats, response-only loss, LoRA merge, bad records, resume, 2 processes."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import map_columns, read_records
+from pipeline.launch import launch_command
+from pipeline.runs import Manifest, file_hash
+from pipeline.sft_data import load_sft_records, validate_sft_record
+from pipeline.stage import DataError
+from stages import pretrain, sft
+
+ROOT = pretrain.Path(__file__).resolve().parent.parent
+WORLD = ["world.num_people=20", "world.corpus_docs=600", "world.sft_examples=128", "world.eval_examples=4"]
+SFT_TINY = [*WORLD, "train.steps=4", "train.global_batch_size=16", "train.micro_batch_size=8", "log_every=1",
+            "save_every=0", "wandb.mode=disabled", "threads=1", "data.max_length=64", "eval.max_new_tokens=8"]
+
+
+@pytest.fixture(scope="module")
+def parent_run(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("runs")
+    cfg = load_config(pretrain.PretrainConfig, [f"runs_dir={runs_dir}", "run_name=base", *WORLD, "model.seq_len=64",
+                                                "micro_batch_size=8", "global_batch_size=8", "steps=3", "eval_every=0",
+                                                "save_every=0", "wandb.mode=disabled", "threads=1"])
+    pretrain.run(cfg)
+    return runs_dir
+
+
+def _sft(runs_dir, *extra):
+    return sft.run(load_config(sft.SFTConfig, [f"runs_dir={runs_dir}", *SFT_TINY, *extra]))
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+PC = [{"prompt": f"Reverse the words: a{i} b", "completion": f"Answer: b a{i}."} for i in range(24)]
+PC_MSGS = [{"prompt": [{"role": "user", "content": f"q{i}"}], "completion": [{"role": "assistant", "content": f"a{i}"}]}
+           for i in range(24)]
+MSGS = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"hi {i}"},
+                      {"role": "assistant", "content": "Answer: hello."}, {"role": "user", "content": "again"},
+                      {"role": "assistant", "content": "Answer: hello again."}]} for i in range(24)]
+ALPACA = [{"instruction": "Reverse the words:", "input": f"x{i} y", "output": f"Answer: y x{i}."} for i in range(24)]
+
+
+@pytest.mark.parametrize("records,kind", [(PC, "prompt_completion"), (PC_MSGS, "prompt_completion"), (MSGS, "messages")],
+                         ids=["prompt-completion", "prompt-completion-messages", "messages"])
+def test_formats_load_and_validate(tmp_path, records, kind):
+    f = _write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = load_config(sft.SFTConfig, ["data.source=files", f"data.files=[{f}]"])
+    train, valid, got = load_sft_records(cfg.data, None)
+    assert got == kind and len(train) + len(valid) == 24
+
+
+def test_column_mapping_and_other_file_types(tmp_path):
+    f = _write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
+    rec = map_columns(read_records(f), {"prompt": ["instruction", "input"], "completion": "output"})[0][1]
+    assert rec["prompt"] == "Reverse the words:\n\nx0 y" and rec["completion"] == "Answer: y x0."
+    from datasets import Dataset
+
+    Dataset.from_list(PC).to_parquet(str(tmp_path / "d.parquet"))
+    Dataset.from_list(PC).to_csv(str(tmp_path / "d.csv"))
+    Dataset.from_list(PC).save_to_disk(str(tmp_path / "disk"))
+    (tmp_path / "d.json").write_text(json.dumps(PC))
+    for name in ("d.parquet", "d.csv", "disk", "d.json"):
+        recs = read_records(tmp_path / name)
+        assert len(recs) == 24 and validate_sft_record(*recs[0])[0] == "prompt_completion"
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', r"d.jsonl:line 2: malformed JSON"),
+    ('{"prompt": "a"}\n', r"d.jsonl:line 1: field 'completion' is missing"),
+    ('{"prompt": "a", "completion": 3}\n', r"d.jsonl:line 1: field 'completion' must be a string"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}\n', r"line 1: field 'messages\[0\].role' is 'robot'; valid roles"),
+    ("", r"d.jsonl: no records \(the file is empty\)"),
+], ids=["malformed-json", "missing-field", "wrong-type", "unknown-role", "empty-file"])
+def test_bad_records_give_clear_errors(tmp_path, content, match):
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    cfg = load_config(sft.SFTConfig, ["data.source=files", f"data.files=[{f}]"])
+    with pytest.raises(DataError, match=match):
+        load_sft_records(cfg.data, None)
+
+
+def test_bad_file_fails_stage_and_leaves_parent_intact(parent_run, tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "a", "completion": 3}\n')
+    parent_manifest = parent_run / "base" / "pretrain" / "manifest.json"
+    before = file_hash(parent_manifest), file_hash(parent_run / "base" / "pretrain" / "model" / "model.safetensors")
+    rc = sft.main([f"runs_dir={parent_run}", "run_name=base", *SFT_TINY, "data.source=files", f"data.files=[{f}]"])
+    assert rc == 1
+    after = file_hash(parent_manifest), file_hash(parent_run / "base" / "pretrain" / "model" / "model.safetensors")
+    assert before == after and Manifest.load(parent_manifest).complete
+
+
+def _collated_batch(tmp_path, records, parent_dir):
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(parent_dir)
+    model = load_causal_lm(parent_dir, tok)
+    kind = validate_sft_record("x", records[0])[0]
+    args = TRLSFTConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, bf16=False,
+                        per_device_train_batch_size=4, completion_only_loss=True if kind == "prompt_completion" else None,
+                        assistant_only_loss=kind == "messages", max_length=64)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records[:4]), processing_class=tok)
+    return tok, next(iter(trainer.get_train_dataloader()))
+
+
+def test_prompt_tokens_carry_no_loss(parent_run, tmp_path):
+    parent_dir = parent_run / "base" / "pretrain" / "model"
+    tok, batch = _collated_batch(tmp_path, PC, parent_dir)
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        learned = tok.decode(ids[labels != -100])
+        assert learned == "Answer: b a0.</s>" or learned.startswith("Answer: b a")
+        assert "Reverse" not in learned
+    tok, batch = _collated_batch(tmp_path, MSGS, parent_dir)
+    learned = tok.decode(batch["input_ids"][0][batch["labels"][0] != -100])
+    assert learned == "Answer: hello.</s>Answer: hello again.</s>"  # both assistant turns, nothing else
+
+
+def test_lora_merge_gives_same_logits(parent_run):
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    parent_dir = parent_run / "base" / "pretrain" / "model"
+    tok = load_tokenizer(parent_dir)
+    model = get_peft_model(load_causal_lm(parent_dir, tok), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # non-zero adapters so the merge has something to merge
+    x = tok(["Reverse the words: red fox"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        adapted = model(input_ids=x).logits
+        merged = model.merge_and_unload()(input_ids=x).logits
+    assert not torch.allclose(adapted, load_causal_lm(parent_dir, tok)(input_ids=x).logits, atol=1e-3)
+    torch.testing.assert_close(adapted, merged, atol=1e-4, rtol=1e-4)
+
+
+def test_sft_stage_world_lora_and_handoff(parent_run):
+    m = _sft(parent_run, "run_name=base", "lora.enabled=true", "lora.r=4", "train.lr=1e-3")
+    d = parent_run / "base" / "sft"
+    assert m.complete and (d / "adapter" / "adapter_config.json").exists()
+    assert (d / "model" / "model.safetensors").exists() and not (d / "model" / "adapter_config.json").exists()
+    assert {"eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/acc_reverse"} <= set(m.metrics)
+    assert Manifest.load(d / "manifest.json").parent.endswith("pretrain/manifest.json")
+
+
+def test_resume_matches_unbroken_run(parent_run):
+    extra = [f"parent={parent_run / 'base' / 'pretrain'}", "train.steps=6", "save_every=3"]
+    full = _sft(parent_run, "run_name=full", *extra)
+    cut = _sft(parent_run, "run_name=cut", *extra, "stop_after=3")
+    assert not cut.complete
+    resumed = _sft(parent_run, "run_name=cut", *extra)
+    assert resumed.complete
+    assert resumed.metrics["train/loss"] == pytest.approx(full.metrics["train/loss"], rel=1e-4)
+    from safetensors.torch import load_file
+
+    a = load_file(parent_run / "full" / "sft" / "model" / "model.safetensors")
+    b = load_file(parent_run / "cut" / "sft" / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_two_processes_match_one(parent_run):
+    extra = [f"parent={parent_run / 'base' / 'pretrain'}", "train.steps=4"]
+    one = _sft(parent_run, "run_name=one", *extra)
+    cmd = launch_command("sft", [f"runs_dir={parent_run}", "run_name=two", *SFT_TINY, *extra], nproc=2, accel="cpu")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 procs" in proc.stderr
+    two = Manifest.load(parent_run / "two" / "sft" / "manifest.json")
+    # the same global batches in a different split across ranks: equal up to float noise
+    assert two.metrics["train/loss"] == pytest.approx(one.metrics["train/loss"], rel=2e-2)
