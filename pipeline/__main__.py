@@ -1,4 +1,5 @@
-"""`python -m pipeline status [RUN]` and `python -m pipeline run [--from STAGE] [key=value ...]`."""
+"""`python -m pipeline status [RUN]`, `python -m pipeline report [RUN]` and
+`python -m pipeline run [--run RUN] [--from STAGE] [key=value ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="print a run's stages, status and headline metrics")
     st.add_argument("run", nargs="?", default="default")
     st.add_argument("--runs-dir", default="runs")
+    rp = sub.add_parser("report", help="(re)build runs/<run>/report/report.md from the run's files")
+    rp.add_argument("run", nargs="?", default="default")
+    rp.add_argument("--runs-dir", default="runs")
     rn = sub.add_parser("run", help="run pretrain -> sft -> rm -> ppo, skipping stages already complete")
     rn.add_argument("--run", default="default", help="run name (runs/<run>/)")
     rn.add_argument("--runs-dir", default="runs")
@@ -25,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = runs.run_status(args.runs_dir, args.run)
         print(f"run '{args.run}' ({args.runs_dir}/{args.run})")
         print(runs.format_table(rows))
+        return 0
+    if args.cmd == "report":
+        from pipeline.report import write_report
+
+        print(write_report(args.runs_dir, args.run))
         return 0
     from pipeline.driver import run_pipeline
 

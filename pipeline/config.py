@@ -56,9 +56,9 @@ class WandbConfig:
 @dataclass
 class WorldConfig:
     seed: int = F(1234, "seed of the built-in procedural world (facts, prompts, splits)")
-    num_people: int = F(80, "people in the world; each has a home city and a favourite colour")
+    num_people: int = F(48, "people in the world; each has a home city and a favourite colour")
     corpus_docs: int = F(12000, "pretraining documents generated from the world")
-    fact_density: float = F(0.7, "share of corpus sentences that state a fact (the rest is prose)")
+    fact_density: float = F(0.9, "share of corpus sentences that state a fact (the rest is prose)")
     sft_examples: int = F(6000, "SFT demonstrations (train split)")
     eval_examples: int = F(50, "held-out prompts per skill for evaluation")
     concise_rate: float = F(0.3, "share of SFT demonstrations written in the concise style the gold labeler prefers")

@@ -47,5 +47,8 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
 
 
 def _summary(runs_dir: str, run_name: str) -> None:
+    from pipeline.report import write_report
+
     print(f"\nrun '{run_name}'")
     print(runs.format_table(runs.run_status(runs_dir, run_name)), flush=True)
+    print(f"report: {write_report(runs_dir, run_name)}", flush=True)

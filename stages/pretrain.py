@@ -48,7 +48,7 @@ class PretrainDataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = F(3e-3, "peak learning rate (AdamW)")
+    lr: float = F(6e-3, "peak learning rate (AdamW)")
     weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)")
     betas: list[float] = F([0.9, 0.95], "AdamW betas")
     warmup_steps: int = F(30, "linear warm-up steps")
@@ -63,7 +63,7 @@ class PretrainConfig(StageConfig):
     optim: OptimConfig = F(OptimConfig(), "optimizer and schedule")
     steps: int = F(500, "optimizer steps")
     global_batch_size: int = F(32, "sequences per optimizer step, all processes together")
-    micro_batch_size: int = F(16, "sequences per process per forward/backward")
+    micro_batch_size: int = F(32, "sequences per process per forward/backward")
     eval_every: int = F(100, "held-out perplexity every N steps (0 = only at the end)")
     eval_blocks: int = F(256, "held-out sequences used for perplexity")
     precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
