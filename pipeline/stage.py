@@ -116,7 +116,8 @@ class StageRun:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        # pickle format: safetensors refuses tied embeddings and prints a warning for each checkpoint
+        accelerator.save_state(str(tmp), safe_serialization=False)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             runs.atomic_write_json(tmp / "trainer_state.json", state)

@@ -28,6 +28,7 @@ from pipeline.world import World
 @dataclass
 class SFTModelConfig:
     name_or_path: str | None = F(None, "start from this causal-LM checkpoint instead of the parent stage's model")
+    random_init: bool = F(False, "control experiment: same architecture and tokenizer, freshly initialised weights")
 
 
 @dataclass
@@ -100,6 +101,7 @@ def _tracker_callback(tracker, is_main: bool):
 
         progress = None
         last_loss = float("nan")  # loss of the final logging window: comparable across restarts
+        num_tokens = 0.0
 
         def on_train_begin(self, args, state, control, **kw):
             self.progress = Progress("sft", state.max_steps, start=state.global_step, every=args.logging_steps,
@@ -109,6 +111,8 @@ def _tracker_callback(tracker, is_main: bool):
             names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
                      "eval_loss": "eval/loss", "mean_token_accuracy": "train/token_accuracy"}
             row = {names[k]: float(v) for k, v in (logs or {}).items() if k in names}
+            if "num_tokens" in (logs or {}):
+                self.num_tokens = float(logs["num_tokens"])
             if "train/loss" in row:
                 self.last_loss = row["train/loss"]
                 row["perf/examples_per_s"] = self.progress.update(
@@ -178,6 +182,10 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     # 2. model, tokenizer, trainer
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, tokenizer)
+    if cfg.model.random_init:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(model.config)
     disable_dropout(model)
     accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * accelerator.num_processes)
     if accum < 1 or cfg.train.global_batch_size % (cfg.train.micro_batch_size * accelerator.num_processes):
@@ -231,6 +239,8 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     # 4. evaluate and hand off
     metrics = {"train/loss": to_tracker.last_loss, "train/mean_loss": result.training_loss,
                "perf/train_runtime_s": result.metrics.get("train_runtime", 0.0)}
+    if to_tracker.num_tokens and metrics["perf/train_runtime_s"]:
+        metrics["perf/tokens_per_s"] = to_tracker.num_tokens / metrics["perf/train_runtime_s"]
     if valid_records:
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
     final = trainer.model

@@ -58,7 +58,7 @@ def test_resume_from_mid_run_checkpoint_matches_unbroken_run(tmp_path):
     assert resumed.status == "complete"
     assert resumed.metrics["train/loss"] == pytest.approx(full.metrics["train/loss"], rel=1e-5)
     assert resumed.metrics["eval/loss"] == pytest.approx(full.metrics["eval/loss"], rel=1e-5)
-    steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "pretrain" / "metrics.jsonl") if "train/loss" in r]
+    steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "pretrain" / "metrics.jsonl") if "train/lr" in r]
     assert steps == sorted(set(steps))  # no step logged twice across the restart
 
 
