@@ -32,11 +32,18 @@ def llama_from_preset(preset: str, tokenizer, max_position_embeddings: int, drop
     return LlamaForCausalLM(config)
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off: with it, PPO ratios are not 1 at step 0 and KL estimates are noise."""
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off: with it, PPO ratios are not 1 at step 0 and KL estimates are noise. Llama-style
+    attention keeps its dropout as a float attribute, not an nn.Dropout module: zero that too."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    if config is not None and isinstance(getattr(config, "attention_dropout", None), float):
+        config.attention_dropout = 0.0
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

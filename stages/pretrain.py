@@ -248,7 +248,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)
             tracker.log({"eval/loss": vloss, "eval/perplexity": math.exp(vloss)}, step)
-        stopping = cfg.stop_after > 0 and step >= cfg.stop_after and step < cfg.steps
+        stopping = cfg.stop_after > 0 and step == cfg.stop_after and step < cfg.steps
         if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps) or stopping:
             sr.save_checkpoint(accelerator, step, {"step": step, "loss": last_loss})
         if stopping:

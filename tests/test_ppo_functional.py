@@ -297,6 +297,19 @@ def test_value_loss_hand():
     close(st["tokens"], 4.0)
 
 
+def test_value_clipfrac_ignores_rounding_inside_the_band():
+    # old + (v - old) != v in float32 for these values (no Sterbenz: v/old is not within 2x), so a
+    # value clip written as old + clamp(v - old) counted unclipped tokens as clipped at random.
+    # (about 2% of random tokens: 1 ulp made the clipped loss the larger one.)
+    old = torch.tensor([[0.0750189498, 0.0314720981, 0.0131478058, -0.119594947]])
+    v = torch.tensor([[-0.112315193, -0.0031824396, -0.0173475351, 0.0772530064]])  # all within ε = 0.2 of old
+    ret = torch.tensor([[-0.0261140987, 0.88362211, 0.192220926, 0.150456473]])
+    m = torch.ones(1, 4, dtype=torch.bool)
+    loss, st = value_loss(v, old, ret, m, clip_eps=0.2, num_tokens=4)
+    close(st["vf_clipfrac_sum"], 0.0)
+    close(loss, 0.5 * ((v - ret) ** 2).sum() / 4)              # = the unclipped loss
+
+
 # ----------------------------------------------------------------------------- padding / accumulation
 def _random_batch(seed, B=4, T=5):
     g = torch.Generator().manual_seed(seed)

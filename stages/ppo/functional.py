@@ -223,7 +223,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, response_mas
     v = values.float()
     old = old_values.float()
     ret = returns.float()
-    v_clip = old + (v - old).clamp(-clip_eps, clip_eps)
+    # clamp(v, old-ε, old+ε), not old + clamp(v-old, ±ε): inside the band it returns v exactly, so
+    # the two losses tie exactly and vf_clipfrac does not count float rounding as clipping.
+    v_clip = torch.clamp(v, old - clip_eps, old + clip_eps)
     loss_unclipped = (v - ret) ** 2
     loss_clipped = (v_clip - ret) ** 2
     loss = 0.5 * masked_sum(torch.maximum(loss_unclipped, loss_clipped), response_mask) / num_tokens

@@ -1,0 +1,5 @@
+import sys
+
+from stages.ppo import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""Configuration of stage `ppo`: the schema (source of truth) with one line of help per field.
+
+Batch words: `rollout_batch_size` prompts per PPO iteration (all processes), `minibatch_size`
+samples per optimizer step (all processes), `micro_batch_size` samples per process per
+forward/backward. Gradient accumulation is derived: minibatch / (micro x processes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.config import F, StageConfig
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = F(False, "train a LoRA adapter on top of the SFT weights; the reference is the same model with the adapter disabled")
+    r: int = F(16, "LoRA rank")
+    alpha: int = F(32, "LoRA alpha (scale = alpha / r)")
+    target_modules: list[str] = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  "module names that get adapters ('all-linear' alone = every linear layer but the head)")
+    critic: bool = F(False, "also give the critic a LoRA adapter (its score head stays fully trainable)")
+
+
+@dataclass
+class PolicySection:
+    name_or_path: str | None = F(None, "start from this causal LM instead of the run's SFT model (skips the manifests; for development)")
+    lora: LoraSection = F(LoraSection(), "parameter-efficient training of the policy")
+
+
+@dataclass
+class RewardSection:
+    name_or_path: str | None = F(None, "use this sequence-classification reward model instead of the run's rm stage (skips the manifests)")
+
+
+@dataclass
+class PromptDataConfig:
+    source: Literal["world", "files"] = F("world", "'world' = prompts of the built-in world; 'files' = data.files")
+    files: list[str] = F([], "prompt-only records: JSONL/JSON/Parquet/CSV with a prompt field or chat `messages`")
+    prompt_field: str = F("prompt", "field holding the prompt text (or a list of chat messages)")
+    num_prompts: int = F(4096, "prompts drawn from the built-in world's ppo split")
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = F(0.7, "sampling temperature τ; also divides the logits of the old, new and reference log-probs")
+    max_new_tokens: int = F(24, "response length limit; responses without the stop token get the missing-stop penalty")
+    forward_batch_size: int = F(64, "sequences per no-grad generation / scoring forward (memory knob only)")
+
+
+@dataclass
+class ObjectiveConfig:
+    kl_coef: float = F(0.05, "β: weight of the per-token KL penalty in the reward (initial value when adaptive)")
+    kl_estimator: Literal["k1", "k2", "k3"] = F("k1", "per-token KL estimate in the reward: k1 (unbiased, standard), k2, k3")
+    adaptive_kl: bool = F(False, "adapt β towards kl_target (Ziegler et al. 2019) instead of keeping it fixed")
+    kl_target: float = F(6.0, "target sequence KL in nats for the adaptive controller")
+    kl_horizon: float = F(10000.0, "adaptive controller horizon in episodes (larger = slower β changes)")
+    gamma: float = F(1.0, "discount γ")
+    lam: float = F(0.95, "GAE λ")
+    clip_eps: float = F(0.2, "policy ratio clip ε")
+    value_clip_eps: float = F(0.2, "value clip ε_v, in reward units")
+    vf_coef: float = F(1.0, "weight of the value loss (the critic has its own optimizer, so this only scales its gradients)")
+    entropy_coef: float = F(0.0, "entropy bonus weight c_H (0 = off, the usual choice)")
+    missing_stop_penalty: float = F(1.0, "subtracted from the score of a response that never emitted the stop token")
+    reward_clip: float = F(10.0, "scores are clipped to ±this after the penalty")
+    whiten_rewards: bool = F(False, "rescale the shaped rewards by their global std (no mean shift) before GAE")
+
+
+@dataclass
+class PtxConfig:
+    coef: float = F(0.0, "γ_ptx: weight of the pretraining/SFT log-likelihood term (InstructGPT PPO-ptx); 0 = off")
+    source: Literal["sft", "pretrain"] = F("sft", "sft = demonstrations (loss on the response), pretrain = corpus documents")
+    files: list[str] = F([], "user data instead of the built-in world: chat `messages` / prompt+completion (sft) or text (pretrain)")
+    batch_size: int = F(32, "ptx sequences per optimizer step, all processes together")
+    max_length: int = F(128, "ptx sequences are cut to this many tokens")
+
+
+@dataclass
+class PPOOptimConfig:
+    policy_lr: float = F(3e-5, "policy learning rate (AdamW)")
+    critic_lr: float = F(1e-4, "critic learning rate (AdamW); usually 2-5x the policy's")
+    schedule: Literal["constant", "linear"] = F("constant", "learning-rate schedule over iterations: constant or linear decay to 0")
+    betas: list[float] = F([0.9, 0.95], "AdamW betas")
+    eps: float = F(1e-5, "AdamW epsilon (1e-5 as in the N+ implementation)")
+    weight_decay: float = F(0.0, "AdamW weight decay")
+    max_grad_norm: float = F(1.0, "gradient clipping norm, applied to policy and critic separately")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = F(False, "keep an exponential moving average of the policy weights for evaluation and export")
+    decay: float = F(0.992, "EMA decay per optimizer step")
+
+
+@dataclass
+class PPOEvalConfig:
+    every: int = F(10, "gold evaluation every N iterations (0 = only at start and end)")
+    num_prompts: int = F(0, "held-out prompts used (0 = all of world.prompts('eval')); taken evenly across skills")
+    temperature: float = F(0.7, "eval sampling temperature (the SFT baseline is sampled the same way, once)")
+    max_new_tokens: int = F(24, "response length limit at evaluation")
+    seed: int = F(4321, "eval sampling seed (eval never disturbs the training random state)")
+    samples: int = F(16, "rows in the wandb sample tables")
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    policy: PolicySection = F(PolicySection(), "the policy (from the SFT model) and LoRA")
+    reward: RewardSection = F(RewardSection(), "the reward model (from the rm stage); the critic starts from it")
+    data: PromptDataConfig = F(PromptDataConfig(), "prompts for rollouts")
+    rollout: RolloutConfig = F(RolloutConfig(), "sampling")
+    objective: ObjectiveConfig = F(ObjectiveConfig(), "rewards, KL control, advantages, losses")
+    ptx: PtxConfig = F(PtxConfig(), "PPO-ptx: keep the pretraining/SFT likelihood up")
+    optim: PPOOptimConfig = F(PPOOptimConfig(), "optimizers and schedules")
+    ema: EMAConfig = F(EMAConfig(), "EMA of the policy")
+    eval: PPOEvalConfig = F(PPOEvalConfig(), "gold evaluation against the SFT policy")
+    iterations: int = F(60, "PPO iterations (rollout batches)")
+    rollout_batch_size: int = F(64, "prompts (episodes) per iteration, all processes together")
+    epochs: int = F(2, "passes over each rollout batch")
+    minibatch_size: int = F(32, "episodes per optimizer step, all processes together")
+    micro_batch_size: int = F(32, "episodes per process per forward/backward")
+    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
+    stop_after: int = F(-1, "end the process right after iteration N with a checkpoint, as an interruption would "
+                            "(a re-run resumes; -1 = never)")
+
+    stage = "ppo"
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.iterations <= 0:
+            p.append("iterations: must be > 0")
+        for name in ("rollout_batch_size", "minibatch_size", "micro_batch_size", "epochs"):
+            if getattr(self, name) <= 0:
+                p.append(f"{name}: must be > 0")
+        if self.minibatch_size > 0 and self.rollout_batch_size % self.minibatch_size:
+            p.append(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})")
+        if self.minibatch_size > 0 and self.micro_batch_size > 0 and self.minibatch_size % self.micro_batch_size:
+            p.append(f"minibatch_size ({self.minibatch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.rollout.temperature <= 0:
+            p.append("rollout.temperature: must be > 0 (pure temperature sampling; the ratio needs softmax(z/τ))")
+        if self.rollout.max_new_tokens <= 0:
+            p.append("rollout.max_new_tokens: must be > 0")
+        if self.eval.temperature < 0:
+            p.append("eval.temperature: must be >= 0 (0 = greedy)")
+        o = self.objective
+        if o.adaptive_kl and o.kl_target <= 0:
+            p.append("objective.kl_target: must be > 0 with adaptive_kl")
+        if not 0 <= o.gamma <= 1 or not 0 <= o.lam <= 1:
+            p.append("objective.gamma and objective.lam: must be in [0, 1]")
+        if o.clip_eps <= 0 or o.value_clip_eps <= 0:
+            p.append("objective.clip_eps and objective.value_clip_eps: must be > 0")
+        if self.ptx.coef < 0:
+            p.append("ptx.coef: must be >= 0")
+        if self.ptx.coef > 0 and self.data.source == "files" and not self.ptx.files:
+            p.append("ptx.files: required when ptx.coef > 0 and the prompts come from files (the built-in world has no data for you)")
+        if self.data.source == "files" and not self.data.files:
+            p.append("data.files: required when data.source is 'files'")
+        if not 0 < self.ema.decay < 1:
+            p.append("ema.decay: must be in (0, 1)")
+        return p

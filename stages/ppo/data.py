@@ -1,0 +1,116 @@
+"""PPO data: the prompt stream (a seeded order, identical on every process, addressed by
+iteration so a resumed run continues at the same prompt) and PPO-ptx batches."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.data import read_records, read_text_documents
+from pipeline.stage import DataError
+
+
+def load_prompts(cfg, world) -> list[str]:
+    """Prompt texts for rollouts: the built-in world's ppo split, or user records."""
+    if cfg.data.source == "world":
+        return [r["prompt"] for r in world.prompts("ppo", cfg.data.num_prompts)]
+    out = []
+    field = cfg.data.prompt_field
+    for path in cfg.data.files:
+        for loc, rec in read_records(path):
+            value = rec.get(field, rec.get("messages"))
+            if isinstance(value, list):  # conversational: the last user turn is the prompt
+                users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+                value = users[-1] if users else None
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{loc}: field '{field}' is missing or not a non-empty string "
+                                f"(set data.prompt_field, or give chat `messages` with a user turn)")
+            out.append(value)
+    if not out:
+        raise DataError(f"data.files {cfg.data.files}: no prompts found")
+    return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
+    """Global indices of batch `step`: consecutive slices of a seeded permutation per epoch, the
+    same on every process, so a resumed run reproduces the data position exactly."""
+    start, out = step * size, []
+    while len(out) < size:
+        epoch, offset = divmod(start + len(out), n)
+        out.extend(epoch_order(n, seed, epoch)[offset: offset + size - len(out)])
+    return out
+
+
+# ----------------------------------------------------------------------------- PPO-ptx
+class PtxData:
+    """Token sequences with labels (-100 = no loss) for the γ_ptx likelihood term.
+
+    `sft`: demonstrations in the chat template, loss on the response (the SFT objective);
+    `pretrain`: `<s> document </s>`, loss on every token."""
+
+    def __init__(self, seqs: list[tuple[list[int], list[int]]], pad_id: int, seed: int):
+        if not seqs:
+            raise DataError("ptx: no training sequences")
+        self.seqs, self.pad_id, self.seed = seqs, pad_id, seed
+
+    def batch(self, step: int, size: int, rank: int, world: int, micro: int) -> list[tuple[torch.Tensor, ...]]:
+        """This process's micro-batches of ptx batch `step`: (input_ids [b, L] long, right-padded;
+        attention_mask [b, L] bool; labels [b, L] long, -100 where no loss)."""
+        mine = batch_indices(step, len(self.seqs), size, self.seed + 7)[rank::world]
+        out = []
+        for i in range(0, len(mine), micro):
+            rows = [self.seqs[j] for j in mine[i: i + micro]]
+            width = max(len(ids) for ids, _ in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.bool)
+            labels = torch.full((len(rows), width), -100, dtype=torch.long)
+            for r, (x, y) in enumerate(rows):
+                ids[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = True
+                labels[r, : len(y)] = torch.tensor(y)
+            out.append((ids, mask, labels))
+        return out
+
+
+def _sft_pairs(cfg, world) -> list[tuple[str, str]]:
+    if not cfg.ptx.files:
+        return [(ex["messages"][0]["content"], ex["messages"][1]["content"]) for ex in world.sft_examples("train")]
+    pairs = []
+    for path in cfg.ptx.files:
+        for loc, rec in read_records(path):
+            if isinstance(rec.get("messages"), list) and len(rec["messages"]) >= 2:
+                msgs = rec["messages"]
+                if msgs[-1].get("role") != "assistant":
+                    raise DataError(f"{loc}: field 'messages' must end with an assistant turn")
+                users = [m["content"] for m in msgs[:-1] if m.get("role") == "user"]
+                pairs.append((users[-1] if users else "", msgs[-1]["content"]))
+            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+                pairs.append((rec["prompt"], rec["completion"]))
+            else:
+                raise DataError(f"{loc}: expected chat 'messages' or string 'prompt' and 'completion' fields")
+    return pairs
+
+
+def load_ptx(cfg, world, tokenizer) -> PtxData:
+    """Build the ptx sequences from the built-in world or `ptx.files`."""
+    L = cfg.ptx.max_length
+    seqs = []
+    if cfg.ptx.source == "sft":
+        for prompt, response in _sft_pairs(cfg, world):
+            head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": response}], tokenize=False)
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"][:L]
+            n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+            labels = [-100] * min(n_head, len(ids)) + ids[n_head:]
+            seqs.append((ids, labels))
+    else:
+        docs = world.corpus("train") if not cfg.ptx.files else read_text_documents(cfg.ptx.files)[0]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            ids = (bos + ids + [tokenizer.eos_token_id])[:L]
+            seqs.append((ids, list(ids)))
+    return PtxData(seqs, tokenizer.pad_token_id, cfg.seed)

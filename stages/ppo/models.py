@@ -1,0 +1,189 @@
+"""The four PPO models and where they come from.
+
+- policy: the SFT model, trainable (optionally a fresh LoRA adapter on top of the SFT weights);
+- reference: the frozen SFT policy; with LoRA the same module with its adapter disabled, which
+  is exactly the SFT model because the SFT weights are the adapter's base (nothing is merged);
+- reward model: frozen sequence classifier (already normalized by the rm stage);
+- critic: a separate sequence classifier initialised from the RM, read at every position.
+Dropout is off in all four: with it, ratios are not 1 at step 0 and KL estimates are noise.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import runs
+from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
+from stages.ppo.functional import ema_update
+
+
+@dataclass
+class Sources:
+    """Model directories, and the rm stage this run hands off from (None with explicit paths)."""
+
+    policy_dir: str
+    reward_dir: str
+    parent: runs.Parent | None = None
+    sft_manifest: Path | None = None
+
+
+def resolve_sources(cfg) -> Sources:
+    """The rm manifest (previous stage or `parent=`) gives the reward model; the policy is the rm
+    stage's own parent, the sft manifest. `policy.name_or_path` / `reward.name_or_path` skip them."""
+    policy_dir, reward_dir = cfg.policy.name_or_path, cfg.reward.name_or_path
+    if policy_dir and reward_dir:
+        return Sources(str(policy_dir), str(reward_dir))
+    parent = runs.resolve_parent("ppo", cfg.runs_dir, cfg.run_name, cfg.parent, allowed=("rm",))
+    sft_manifest = None
+    if not policy_dir:
+        sft_manifest, sft_dir = sft_of(parent)
+        policy_dir = str(sft_dir)
+    return Sources(str(policy_dir), str(reward_dir or parent.model_dir), parent, sft_manifest)
+
+
+def sft_of(rm: runs.Parent) -> tuple[Path, Path]:
+    """(sft manifest path, sft model dir) recorded as the rm stage's parent, checked."""
+    where = rm.manifest_path
+    if not rm.manifest.parent:
+        raise runs.HandoffError(f"{where}: the rm manifest records no parent, so the SFT policy is unknown; "
+                                f"pass policy.name_or_path=<SFT model dir>")
+    path = runs.manifest_path(rm.manifest.parent)
+    m = runs.Manifest.load(path)
+    if m.stage != "sft":
+        raise runs.HandoffError(f"{path}: the reward model's parent is a '{m.stage}' stage; PPO starts from an 'sft' policy")
+    if not m.complete:
+        raise runs.HandoffError(f"{path}: the sft stage is {m.status}, not complete; re-run it, then rm, then ppo")
+    if rm.manifest.parent_hash and runs.file_hash(path) != rm.manifest.parent_hash:
+        raise runs.HandoffError(f"{path}: the sft stage changed after the reward model was trained on it "
+                                f"(manifest hash differs from the one in {where}); re-run rm before ppo")
+    if not m.model_dir:
+        raise runs.HandoffError(f"{path}: manifest records no model directory")
+    model_dir = Path(m.model_dir) if Path(m.model_dir).is_absolute() else path.parent / m.model_dir
+    if not model_dir.exists():
+        raise runs.HandoffError(f"{path}: model directory {model_dir} is missing")
+    if m.tokenizer_fingerprint and runs.tokenizer_fingerprint(model_dir) != m.tokenizer_fingerprint:
+        raise runs.HandoffError(f"{model_dir}: tokenizer differs from the one recorded in {path}")
+    return path.resolve(), model_dir.resolve()
+
+
+class ValueModel(torch.nn.Module):
+    """Per-token values V [B, L] from a sequence-classification model: the backbone's hidden
+    states at every position through its `score` head (the classifier itself reads one position).
+
+    Wrapped as a module so DDP sees a real forward (calling a submodule directly would bypass the
+    gradient-synchronisation bookkeeping)."""
+
+    def __init__(self, critic: torch.nn.Module):
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        base = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        return base.score(hidden).squeeze(-1).float()
+
+
+@dataclass
+class PPOModels:
+    """The models of one PPO run. `policy` and `value_model` are replaced by their prepared
+    (possibly DDP-wrapped) versions after `accelerator.prepare`."""
+
+    policy: torch.nn.Module
+    value_model: torch.nn.Module
+    ref: torch.nn.Module | None     # None with LoRA: use the policy with its adapter disabled
+    reward: torch.nn.Module
+    tokenizer: object
+    reward_tokenizer: object
+    lora: bool = False
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _lora(model: torch.nn.Module, section, task_type: str):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if list(section.target_modules) == ["all-linear"] else list(section.target_modules)
+    # lora_dropout is 0 on purpose: dropout would make the step-0 ratio differ from 1.
+    config = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=0.0, target_modules=targets,
+                        task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def load_sequence_classifier(path: str, tokenizer) -> torch.nn.Module:
+    """A one-label sequence classifier whose pooling reads the last non-pad token."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
+        # pad == eos would make the classifier read the score one token before eos (checklist 1).
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def load_models(cfg, sources: Sources, device) -> PPOModels:
+    """Load policy, reference, reward model and critic; dropout off everywhere."""
+    tokenizer = load_tokenizer(sources.policy_dir)
+    reward_tokenizer = load_tokenizer(sources.reward_dir)
+    policy = disable_dropout(load_causal_lm(sources.policy_dir, tokenizer))
+    lora = cfg.policy.lora.enabled
+    ref = None
+    if lora:
+        policy = _lora(policy, cfg.policy.lora, "CAUSAL_LM")
+    else:
+        ref = _frozen(disable_dropout(load_causal_lm(sources.policy_dir, tokenizer))).to(device)
+    reward = _frozen(load_sequence_classifier(sources.reward_dir, reward_tokenizer)).to(device)
+    critic = load_sequence_classifier(sources.reward_dir, reward_tokenizer)
+    if lora and cfg.policy.lora.critic:
+        critic = _lora(critic, cfg.policy.lora, "SEQ_CLS")
+    for m in (policy, reward, critic):
+        disable_dropout(m)
+    return PPOModels(policy=policy, value_model=ValueModel(critic), ref=ref, reward=reward, tokenizer=tokenizer,
+                     reward_tokenizer=reward_tokenizer, lora=lora)
+
+
+class PolicyEMA:
+    """Exponential moving average of the policy's trainable weights, updated after every
+    optimizer step; used for evaluation and export only, never for rollouts (checklist 27).
+    Has state_dict / load_state_dict so `accelerator.register_for_checkpointing` saves it."""
+
+    def __init__(self, policy: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in policy.named_parameters() if p.requires_grad]
+        self.model = _frozen(copy.deepcopy(policy))
+
+    def update(self, policy: torch.nn.Module) -> None:
+        live = dict(policy.named_parameters())
+        mine = dict(self.model.named_parameters())
+        ema_update([mine[n] for n in self.names], [live[n] for n in self.names], self.decay)
+
+    def state_dict(self) -> dict:
+        mine = dict(self.model.named_parameters())
+        return {"decay": self.decay, "params": {n: mine[n].detach().cpu().clone() for n in self.names}}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["params"].items():
+                mine[n].copy_(t)
+        self.decay = state["decay"]
+
+
+def export_policy(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
+    """A plain `save_pretrained` directory loadable with no project code. A LoRA adapter is
+    merged into its base in place, so call this last."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with runs.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

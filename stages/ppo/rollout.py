@@ -1,0 +1,205 @@
+"""Rollouts: sample responses, then teacher-force them through policy, reference, critic and
+reward model. Every forward gets explicit position ids (cumsum of the attention mask) and the
+attention mask we track ourselves, never one rebuilt from `!= pad` (design checklist 1, 2, 5).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+
+import torch
+
+from pipeline.evaluation import left_pad
+from stages.ppo.functional import entropy_from_logits, selective_log_softmax, truncate_at_stop
+
+
+@dataclass
+class Rollout:
+    """One rollout batch on this process. B episodes, P prompt slots, T response slots.
+
+    prompts        list[str] (B)  prompt texts
+    texts          list[str] (B)  decoded responses (stop token and pads removed)
+    query_ids      [B, P] long    chat-template prompt tokens, LEFT-padded with pad
+    query_mask     [B, P] bool    True on real prompt tokens
+    response_ids   [B, T] long    sampled tokens, pad after the first stop token
+    response_mask  [B, T] bool    True up to and including the stop token (all T if none)
+    last_index     [B]    long    e_b: index of the last valid response token
+    has_stop       [B]    bool    the response ends with the stop token
+    logprobs       [B, T] f32     log π_old(token | prefix) of softmax(logits / τ), teacher-forced
+    ref_logprobs   [B, T] f32     the same under the frozen reference (also / τ)
+    values         [B, T] f32     critic V of the state before token t (hidden at position P-1+t)
+    scores         [B]    f32     raw reward-model score of (prompt, response + eos)
+    rewards, advantages, returns  [B, T] f32, set by `loop.compute_advantages` (advantages whitened)
+    """
+
+    prompts: list
+    texts: list
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    last_index: torch.Tensor
+    has_stop: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """The episodes `idx` (a 1-D long tensor) as a new Rollout."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v[idx.to(v.device)]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx.tolist()]
+            else:
+                out[f.name] = v
+        return Rollout(**out)
+
+
+def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
+    """(input_ids, attention_mask, position_ids), each [B, P+T]: prompt then response."""
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Chat-template token ids ending with the assistant marker: `<s><|user|>PROMPT<|assistant|>`."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def queries(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids [B, P] and their bool mask, on `device`."""
+    ids, mask = left_pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
+    return ids.to(device), mask.to(device)
+
+
+def sampling_config(tokenizer, temperature: float, max_new_tokens: int):
+    """A fresh GenerationConfig: pure temperature sampling (top_k=0, top_p=1, no penalties), so the
+    behaviour policy is exactly softmax(z/τ) whatever the checkpoint's own settings say (item 3)."""
+    from transformers import GenerationConfig
+
+    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+              use_cache=True, top_k=0, top_p=1.0, do_sample=temperature > 0)
+    if temperature > 0:
+        kw["temperature"] = temperature
+    return GenerationConfig(**kw)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, query_ids, query_mask, temperature: float, max_new_tokens: int,
+           batch_size: int) -> torch.Tensor:
+    """Sampled continuations [B, max_new_tokens] (pad after a sequence finished), with the KV cache."""
+    was_training = model.training
+    model.eval()
+    config = sampling_config(tokenizer, temperature, max_new_tokens)
+    P = query_ids.shape[1]
+    out = torch.full((len(query_ids), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=query_ids.device)
+    for i in range(0, len(query_ids), batch_size):
+        gen = model.generate(input_ids=query_ids[i: i + batch_size], attention_mask=query_mask[i: i + batch_size].long(),
+                             generation_config=config)
+        new = gen[:, P:]
+        out[i: i + len(new), : new.shape[1]] = new
+    model.train(was_training)
+    return out
+
+
+def token_logprobs(model, input_ids, attention_mask, position_ids, response_ids, temperature: float,
+                   entropy: str | None = None):
+    """Log-probs [B, T] of `response_ids` under softmax(logits / τ); with `entropy` also the
+    entropy [B, T] of that distribution: "detached" (a diagnostic) or "grad" (an entropy bonus).
+
+    The one forward used for old, new and reference log-probs, so they match (checklist 4, 5)."""
+    P = input_ids.shape[1] - response_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    # Slice to the response window before any fp32 work (checklist 21).
+    logits = logits[:, P - 1: -1] / temperature
+    logprobs = selective_log_softmax(logits, response_ids)
+    if entropy is None:
+        return logprobs
+    return logprobs, entropy_from_logits(logits if entropy == "grad" else logits.detach())
+
+
+def token_values(value_model, input_ids, attention_mask, position_ids, T: int) -> torch.Tensor:
+    """Critic values [B, T]: V at position P-1+t is the value of the state before token t."""
+    P = input_ids.shape[1] - T
+    return value_model(input_ids, attention_mask, position_ids)[:, P - 1: -1]
+
+
+def reference_context(models):
+    """Context in which `reference_model(models)` computes the reference: with LoRA the policy
+    with its adapter disabled (= the SFT weights), else nothing special."""
+    if models.ref is not None:
+        return contextlib.nullcontext()
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(models.policy).disable_adapter()
+
+
+def reference_model(models):
+    """The reference module (unwrapped: it takes no gradients, so no DDP bookkeeping)."""
+    if models.ref is not None:
+        return models.ref
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(models.policy)
+
+
+@torch.no_grad()
+def score_responses(rm, rm_tokenizer, prompts: list[str], responses: list[str],
+                    finished: list[bool] | None = None) -> torch.Tensor:
+    """Reward-model scores [B] (fp32) of decoded responses, through `reward_model.scoring`: the
+    text is re-rendered in the RM's own tokenizer and chat template (it may differ from the
+    policy's), right-padded, and read at the last real token (the eos of a finished response)."""
+    from reward_model.scoring import score
+
+    return score(rm, rm_tokenizer, prompts, responses, finished=finished, batch_size=max(1, len(prompts)))
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Response texts without the stop token and pads (special tokens are not shown to scorers)."""
+    return tokenizer.batch_decode([ids[m].tolist() for ids, m in zip(response_ids.cpu(), response_mask.cpu())],
+                                  skip_special_tokens=True)
+
+
+@torch.no_grad()
+def build_rollout(models, accelerator, prompts: list[str], query_ids, query_mask, sampled: torch.Tensor,
+                  temperature: float, batch_size: int) -> Rollout:
+    """Truncate sampled tokens at the stop token, then teacher-force (policy, reference, critic)
+    and score them. All tensors on `accelerator.device`."""
+    tok = models.tokenizer
+    response_ids, response_mask, last_index, has_stop = truncate_at_stop(sampled, tok.eos_token_id, tok.pad_token_id)
+    # Drop columns that are padding in every row: less compute, same numbers.
+    T = int(last_index.max()) + 1
+    response_ids, response_mask = response_ids[:, :T], response_mask[:, :T]
+    logprobs, ref_logprobs, values = [], [], []
+    for i in range(0, len(query_ids), batch_size):
+        sl = slice(i, i + batch_size)
+        inputs = sequence_inputs(query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
+        with accelerator.autocast():
+            logprobs.append(token_logprobs(models.policy, *inputs, response_ids[sl], temperature))
+            with reference_context(models):
+                ref_logprobs.append(token_logprobs(reference_model(models), *inputs, response_ids[sl], temperature))
+            values.append(token_values(models.value_model, *inputs, T))
+    texts = decode_responses(tok, response_ids, response_mask)
+    finished = has_stop.tolist()
+    scores = torch.cat([score_responses(models.reward, models.reward_tokenizer, prompts[i: i + batch_size],
+                                        texts[i: i + batch_size], finished[i: i + batch_size])
+                        for i in range(0, len(prompts), batch_size)])
+    return Rollout(prompts=list(prompts), texts=texts, query_ids=query_ids, query_mask=query_mask,
+                   response_ids=response_ids, response_mask=response_mask, last_index=last_index, has_stop=has_stop,
+                   logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
+                   scores=scores.to(query_ids.device))

@@ -1,0 +1,189 @@
+"""Stage `ppo`: KL-regularized PPO of the SFT policy against the frozen reward model.
+
+Data flow: rm manifest -> reward model + critic; its parent sft manifest -> policy + reference
+-> prompts (built-in world or files) in a seeded order addressed by iteration -> per iteration:
+generate, score, advantages, optimise (`loop.py`) -> gold evaluation vs the SFT policy every
+`eval.every` iterations (`evaluate.py`) -> resumable checkpoints (models, optimizers, schedules,
+KL controller, EMA, random state; the prompt position is the iteration) -> `model/` (+
+`model_ema/`) as plain `save_pretrained` directories + manifest (headline: gold win rate vs SFT).
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+
+from pipeline import runs
+from pipeline.evaluation import shard
+from pipeline.models import count_parameters
+from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
+from pipeline.stage import StageRun
+from pipeline.tracking import Progress, make_tracker
+from pipeline.world import World
+from stages.ppo.config import PPOConfig
+from stages.ppo.data import batch_indices, load_prompts, load_ptx
+from stages.ppo.evaluate import TABLE_COLUMNS, eval_prompts, evaluate, make_eval_set
+from stages.ppo.loop import Trainer, iteration_step, make_trainer
+from stages.ppo.models import export_policy, load_models, resolve_sources
+
+
+def run(cfg: PPOConfig) -> runs.Manifest:
+    threads = configure_threads(cfg.threads)
+    accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
+    seed_everything(cfg.seed)
+    sr = StageRun(cfg, accelerator.is_main_process)
+    try:
+        return _run(cfg, sr, accelerator, threads)
+    except BaseException as e:
+        sr.fail(e)
+        raise
+
+
+def check_sizes(cfg: PPOConfig, world: int) -> int:
+    """Derived sizes must divide evenly over processes; returns micro-batches per minibatch."""
+    problems = []
+    if cfg.rollout_batch_size % world:
+        problems.append(f"rollout_batch_size={cfg.rollout_batch_size} is not divisible by {world} processes")
+    if cfg.minibatch_size % world:
+        problems.append(f"minibatch_size={cfg.minibatch_size} is not divisible by {world} processes")
+    if cfg.ptx.coef > 0 and cfg.ptx.batch_size % world:
+        problems.append(f"ptx.batch_size={cfg.ptx.batch_size} is not divisible by {world} processes")
+    if problems:
+        raise ValueError("; ".join(problems) + "; pick sizes so that they are")
+    return -(-(cfg.minibatch_size // world) // cfg.micro_batch_size)
+
+
+def check_world(cfg: PPOConfig, parent: runs.Parent | None) -> None:
+    """Prompts and the gold evaluation must come from the world the reward model was trained in."""
+    theirs = parent.manifest.config.get("world") if parent is not None else None
+    if cfg.data.source != "world" or not theirs:
+        return
+    for key in ("seed", "num_people"):
+        if key in theirs and theirs[key] != getattr(cfg.world, key):
+            raise ValueError(f"world.{key}={getattr(cfg.world, key)} but the reward model {parent.manifest_path} was "
+                             f"trained in a world with {key}={theirs[key]}; pass world.{key}={theirs[key]}")
+
+
+def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
+    main = accelerator.is_main_process
+    log = (lambda *a: print("[ppo]", *a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
+    accum = check_sizes(cfg, accelerator.num_processes)
+    # 1. parents, data, models
+    sources = resolve_sources(cfg)
+    check_world(cfg, sources.parent)
+    world = World(cfg.world)
+    prompts = load_prompts(cfg, world)
+    resume_from = sr.latest_checkpoint()
+    if main and not resume_from and sr.ckpt_dir.exists():
+        shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
+    accelerator.wait_for_everyone()
+    sr.begin(parent=sources.parent, resuming=resume_from is not None,
+             data_fingerprint=runs.data_fingerprint([cfg.data.source, cfg.data.files, len(prompts), prompts[:3]]))
+    sr.manifest.extra = {"policy_source": sources.policy_dir, "reward_source": sources.reward_dir,
+                         "sft_manifest": str(sources.sft_manifest) if sources.sft_manifest else None}
+    models = load_models(cfg, sources, accelerator.device)
+    ptx = load_ptx(cfg, world, models.tokenizer) if cfg.ptx.coef > 0 else None
+    trainer = make_trainer(cfg, models, accelerator, ptx)
+    # Same prompt order on every process (explicit generators); different samples per process.
+    seed_everything(cfg.seed + 100003 * accelerator.process_index)
+    n_policy = count_parameters(trainer.policy)
+    n_train = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
+    n_minibatches = cfg.rollout_batch_size // cfg.minibatch_size
+    log(f"policy {sources.policy_dir} ({n_policy / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable"
+        f"{', LoRA' if models.lora else ''}) | reward/critic {sources.reward_dir}")
+    log(f"{cfg.iterations} iterations x {cfg.rollout_batch_size} episodes = {cfg.iterations * cfg.rollout_batch_size} "
+        f"| {cfg.epochs} epochs x {n_minibatches} minibatches = {cfg.epochs * n_minibatches} optimizer steps/iteration "
+        f"| minibatch {cfg.minibatch_size} = {min(cfg.micro_batch_size, cfg.minibatch_size // accelerator.num_processes)} micro "
+        f"x {accelerator.num_processes} procs x {accum} accum "
+        f"| {len(prompts)} prompts | {threads} threads/proc")
+
+    # 2. the SFT baseline on held-out prompts (gold labeler available only in the built-in world)
+    gold = cfg.data.source == "world"
+    eval_set = make_eval_set(models, world, cfg, accelerator) if gold else None
+
+    iteration = 0
+    if resume_from:
+        iteration = sr.load_checkpoint(accelerator, resume_from)["iteration"]
+        log(f"resumed from {resume_from} at iteration {iteration}")
+    tracker = make_tracker(main, sr.dir, "ppo", cfg.run_name, sr.manifest.config, cfg.wandb,
+                           resume_step=iteration if resume_from else None)
+
+    def run_eval(step: int) -> dict:
+        if eval_set is None:
+            return {}
+        t0 = time.perf_counter()
+        with accelerator.autocast():
+            metrics, rows = evaluate(trainer.policy, models, eval_set, world, cfg, accelerator)
+            if trainer.ema is not None:
+                ema_metrics, _ = evaluate(trainer.ema.model, models, eval_set, world, cfg, accelerator, prefix="eval_ema")
+                metrics.update(ema_metrics)
+        metrics["perf/time_eval"] = time.perf_counter() - t0
+        tracker.log(metrics, step)
+        tracker.table("eval/samples", TABLE_COLUMNS, rows[: cfg.eval.samples])
+        log(f"eval @ {step}: gold {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}) "
+            f"| win rate {metrics['eval/win_rate']:.3f} | rm {metrics['eval/rm_score']:.3f} | kl {metrics['eval/kl']:.3f}")
+        return metrics
+
+    if not resume_from:
+        run_eval(0)
+
+    # 3. train
+    progress = Progress("ppo", cfg.iterations, start=iteration, every=cfg.log_every, unit="episodes", enabled=main)
+    metrics: dict = {}
+    while iteration < cfg.iterations:
+        mine = shard([prompts[i] for i in batch_indices(iteration, len(prompts), cfg.rollout_batch_size, cfg.seed)],
+                     accelerator)
+        metrics, rollout = iteration_step(trainer, iteration, mine)
+        iteration += 1
+        metrics["perf/generated_tokens_per_s"] = metrics["rollout/generated_tokens"] / max(
+            metrics["perf/time_generate"], 1e-9)
+        tracker.log(metrics, iteration)
+        progress.update(iteration, cfg.rollout_batch_size, score=metrics["rollout/score"], kl=metrics["ppo/kl"],
+                        eos=metrics["rollout/eos_rate"], clipfrac=metrics["ppo/clipfrac"])
+        if cfg.eval.every and iteration % cfg.eval.every == 0 and iteration < cfg.iterations:
+            run_eval(iteration)
+            tracker.table("rollout/samples", ["prompt", "response", "score", "finished"],
+                          [[p, t, s, bool(f)] for p, t, s, f in zip(rollout.prompts, rollout.texts,
+                                                                    rollout.scores.tolist(), rollout.has_stop.tolist())
+                           ][: cfg.eval.samples])
+        # Exactly at iteration stop_after, so re-running the same command resumes and finishes.
+        stopping = iteration == cfg.stop_after < cfg.iterations
+        if (cfg.save_every and iteration % cfg.save_every == 0 and iteration < cfg.iterations) or stopping:
+            sr.save_checkpoint(accelerator, iteration, {"iteration": iteration, "metrics": metrics})
+        if stopping:
+            log(f"stopping after iteration {iteration} as configured (stop_after); re-run to resume")
+            tracker.finish()
+            return sr.manifest
+
+    # 4. evaluate and hand off
+    final = run_eval(cfg.iterations)
+    summary = {**metrics, **final}
+    tracker.summary(summary)
+    model_dir = sr.dir / "model"
+    _export(trainer, models, sr, accelerator)
+    headline = {"gold_win_rate": final.get("eval/win_rate"), "gold_score": final.get("eval/gold_score"),
+                "sft_gold_score": final.get("eval/sft_gold_score"), "kl": final.get("eval/kl", metrics.get("ppo/kl")),
+                "rm_score": final.get("eval/rm_score", metrics.get("rollout/score"))}
+    if trainer.ema is not None:
+        headline["ema_gold_win_rate"] = final.get("eval_ema/win_rate")
+    manifest = sr.finish(model_dir, summary, {k: v for k, v in headline.items() if v is not None},
+                         extra=sr.manifest.extra | ({"ema_model_dir": "model_ema"} if trainer.ema is not None else {}))
+    tracker.finish()
+    if main:
+        print(f"\nppo done in {manifest.wall_time_s:.0f}s")
+        if final:
+            n_eval = len(eval_prompts(world, cfg.eval.num_prompts))
+            print(f"  gold win rate vs SFT  {final['eval/win_rate']:.1%}  (ties half, {n_eval} held-out prompts)")
+            print(f"  gold score            {final['eval/gold_score']:.3f}  (SFT {final['eval/sft_gold_score']:.3f})")
+            print(f"  RM score {final['eval/rm_score']:.3f} | KL to SFT {final['eval/kl']:.3f} nats")
+        print(f"  model: {model_dir}")
+    return manifest
+
+
+def _export(trainer: Trainer, models, sr: StageRun, accelerator) -> None:
+    """Rank 0 writes `model/` (and `model_ema/`); LoRA adapters are merged into plain weights."""
+    if accelerator.is_main_process:
+        export_policy(trainer.policy, models.tokenizer, sr.dir / "model")
+        if trainer.ema is not None:
+            export_policy(trainer.ema.model, models.tokenizer, sr.dir / "model_ema")
+    accelerator.wait_for_everyone()

@@ -1,0 +1,378 @@
+"""Stage `ppo` on tiny random Llama models: invariances (ratio 1 at step 0, right padding,
+1 vs 2 processes), resume, LoRA reference, PPO-ptx, EMA, parent hand-off."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = ["world.num_people=20", "world.corpus_docs=600", "world.sft_examples=300", "world.eval_examples=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tokenizer trained on a small world, a 2-layer random Llama policy and a random-head RM."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline import models as pm
+    from pipeline.config import WorldConfig
+    from pipeline.tokenizer import train_tokenizer
+    from pipeline.world import World
+
+    root = tmp_path_factory.mktemp("tiny")
+    world = World(WorldConfig(num_people=20, corpus_docs=600, sft_examples=300, eval_examples=8))
+    texts = world.corpus() + [" ".join(m["content"] for m in ex["messages"]) for ex in world.sft_examples()]
+    tok = train_tokenizer(texts, vocab_size=400)
+    pm.PRESETS["test-micro"] = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, intermediate_size=64)
+    try:
+        torch.manual_seed(0)
+        model = pm.llama_from_preset("test-micro", tok, max_position_embeddings=256)
+    finally:
+        del pm.PRESETS["test-micro"]
+    policy_dir, reward_dir = root / "policy", root / "reward"
+    model.save_pretrained(policy_dir)
+    tok.save_pretrained(policy_dir)
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(policy_dir), num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(reward_dir)
+    tok.save_pretrained(reward_dir)
+    return SimpleNamespace(policy=str(policy_dir), reward=str(reward_dir), root=root)
+
+
+def ppo_cfg(tiny, runs_dir, *overrides):
+    from stages.ppo.config import PPOConfig
+
+    return load_config(PPOConfig, [f"policy.name_or_path={tiny.policy}", f"reward.name_or_path={tiny.reward}",
+                                   f"runs_dir={runs_dir}", "threads=1", "wandb.mode=disabled", *WORLD,
+                                   "data.num_prompts=64", "rollout_batch_size=8", "minibatch_size=4",
+                                   "micro_batch_size=2", "epochs=2", "iterations=2", "rollout.max_new_tokens=8",
+                                   "eval.max_new_tokens=8", "eval.num_prompts=8", "eval.every=0",
+                                   "optim.policy_lr=1e-3", "optim.critic_lr=1e-3", "log_every=100", *overrides])
+
+
+def trainer_for(cfg, ptx=False):
+    from pipeline.runtime import make_accelerator
+    from pipeline.world import World
+    from stages.ppo.data import load_ptx
+    from stages.ppo.loop import make_trainer
+    from stages.ppo.models import load_models, resolve_sources
+
+    acc = make_accelerator()
+    torch.manual_seed(cfg.seed)
+    models = load_models(cfg, resolve_sources(cfg), acc.device)
+    data = load_ptx(cfg, World(cfg.world), models.tokenizer) if ptx else None
+    return make_trainer(cfg, models, acc, data)
+
+
+PROMPTS = ["Reverse the words: red fox", "What is 3 + 4?", "Write in capitals: sun cat", "What is the first word? dog tree",
+           "Reverse the words: moon star bird", "What is 2 + 2?", "Write in capitals: rock", "What is the first word? fish"]
+
+
+def fixed_rollout(trainer, sampled=None):
+    """A rollout of PROMPTS with hand-made responses: stop tokens at varied places, one never stops."""
+    from stages.ppo.rollout import build_rollout, queries
+
+    tok = trainer.models.tokenizer
+    if sampled is None:
+        g = torch.Generator().manual_seed(5)
+        sampled = torch.randint(10, len(tok), (len(PROMPTS), 7), generator=g)
+        for row, stop_at in enumerate([2, 6, None, 0, 4, 1, 3, 5]):
+            if stop_at is not None:
+                sampled[row, stop_at] = tok.eos_token_id
+    q, qm = queries(tok, PROMPTS, trainer.accelerator.device)
+    return build_rollout(trainer.models, trainer.accelerator, PROMPTS, q, qm, sampled, trainer.cfg.rollout.temperature, 64)
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- invariances
+def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
+    from stages.ppo.loop import iteration_step
+
+    t = trainer_for(ppo_cfg(tiny, tmp_path))
+    metrics, rollout = iteration_step(t, 0, PROMPTS)
+    # old log-probs (rollout forward, chunked, no grad) vs the training forward (micro-batches, grad)
+    assert metrics["ppo/ratio_first"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["ppo/approxkl_first"] < 1e-10
+    # ... and the updates did move the policy, so the check can fail
+    assert metrics["ppo/approxkl"] > 1e-6 and metrics["ppo/ratio_var"] > 0
+    assert rollout.response_mask.dtype == torch.bool and rollout.logprobs.dtype == torch.float32
+    for key in ("rollout/score", "ppo/kl", "ppo/beta", "ppo/entropy", "ppo/clipfrac", "ppo/approxkl", "ppo/ratio",
+                "ppo/value_loss", "ppo/explained_variance", "rollout/eos_rate", "rollout/length",
+                "perf/episodes_per_s", "perf/time_generate", "perf/time_score", "perf/time_update"):
+        assert math.isfinite(metrics[key]), key
+
+
+def test_sampling_distribution_is_the_teacher_forced_policy(tiny, tmp_path):
+    """Left-padded generation with the KV cache samples from exactly the softmax(z/τ) that the
+    teacher-forced forward (explicit position ids) scores: no position or padding mismatch."""
+    from stages.ppo.rollout import build_rollout, queries, sampling_config
+
+    t = trainer_for(ppo_cfg(tiny, tmp_path))
+    tok = t.models.tokenizer
+    q, qm = queries(tok, PROMPTS, t.accelerator.device)
+    assert (~qm[:, 0]).any() and qm[:, -1].all()                      # prompts of several lengths, left-padded
+    config = sampling_config(tok, 0.7, 8)
+    assert config.top_k == 0 and config.top_p == 1.0 and config.do_sample
+    config.output_logits, config.return_dict_in_generate = True, True  # raw logits, before any processor
+    torch.manual_seed(0)
+    gen = t.policy.generate(input_ids=q, attention_mask=qm.long(), generation_config=config)
+    sampled = gen.sequences[:, q.shape[1]:]
+    behaviour = torch.log_softmax(torch.stack(gen.logits, 1).float() / 0.7, -1).gather(-1, sampled[..., None])[..., 0]
+    r = build_rollout(t.models, t.accelerator, PROMPTS, q, qm, sampled, 0.7, 64)
+    m = r.response_mask
+    torch.testing.assert_close(r.logprobs[m], behaviour[:, : m.shape[1]][m], atol=1e-5, rtol=1e-5)
+
+
+def _pad_right(r, n: int):
+    """Append n response slots: pad tokens, mask False, garbage in every float tensor."""
+    B = len(r)
+    g = torch.Generator().manual_seed(9)
+    junk = lambda: torch.randn(B, n, generator=g) * 100  # noqa: E731
+    return replace(r, response_ids=torch.cat([r.response_ids, torch.full((B, n), 0, dtype=torch.long)], 1),
+                   response_mask=torch.cat([r.response_mask, torch.zeros(B, n, dtype=torch.bool)], 1),
+                   logprobs=torch.cat([r.logprobs, junk()], 1), ref_logprobs=torch.cat([r.ref_logprobs, junk()], 1),
+                   values=torch.cat([r.values, junk()], 1))
+
+
+def test_metrics_and_losses_unchanged_by_right_padding(tiny, tmp_path):
+    from stages.ppo.loop import compute_advantages, optimise
+
+    out = []
+    for extra in (0, 5):
+        t = trainer_for(ppo_cfg(tiny, tmp_path))
+        r = fixed_rollout(t)
+        assert r.response_mask.sum(1).tolist() == [3, 7, 7, 1, 5, 2, 4, 6]
+        r.response_ids[~r.response_mask] = t.models.tokenizer.pad_token_id
+        if extra:
+            r = _pad_right(r, extra)
+        r, stats = compute_advantages(r, t.kl_ctl.value, t.cfg.objective, t.all_reduce)
+        minibatches = optimise(t, r, 0)
+        out.append((stats, minibatches, params(t.policy), r))
+    (s0, m0, p0, r0), (s1, m1, p1, r1) = out
+    assert r1.response_ids.shape[1] == r0.response_ids.shape[1] + 5
+    for k in s0:
+        assert s1[k] == pytest.approx(s0[k], rel=1e-4, abs=1e-6), k
+    for a, b in zip(m0, m1):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    torch.testing.assert_close(r1.advantages[:, :-5], r0.advantages, atol=1e-5, rtol=1e-4)
+    for n in p0:
+        torch.testing.assert_close(p1[n], p0[n], atol=1e-6, rtol=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny, tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ppo_ddp_check import compute
+
+    from pipeline.runtime import make_accelerator
+
+    one = json.loads(json.dumps(compute(tiny.policy, tiny.reward, make_accelerator())))
+    out = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(ROOT / "tests" / "ppo_ddp_check.py"),
+           tiny.policy, tiny.reward, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert one["world"] == 1 and two["world"] == 2
+    for k in ("ppo/advantage_mean", "ppo/advantage_std", "ppo/kl", "rollout/score", "ppo/explained_variance",
+              "rollout/length", "rollout/eos_rate"):
+        assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-4, abs=1e-6), k
+    for a, b in zip(one["minibatches"], two["minibatches"]):
+        # gradient norms before clipping catch a wrong DDP scale (Adam alone would hide it)
+        for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/clipfrac", "ppo/approxkl", "ppo/ratio",
+                  "ppo/grad_norm_policy", "ppo/grad_norm_critic"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    assert two["fingerprint"] == pytest.approx(one["fingerprint"], rel=1e-4, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the stage
+def _rows(runs_dir, run="default"):
+    from pipeline.runs import read_metrics
+
+    return read_metrics(Path(runs_dir) / run / "ppo" / "metrics.jsonl")
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("perf/") and k != "time"}
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def test_resume_after_interruption_matches_unbroken_run(tiny, tmp_path):
+    from stages.ppo import run
+
+    extra = ["iterations=4", "ema.enabled=true", "objective.adaptive_kl=true", "optim.schedule=linear", "save_every=0"]
+    full = run(ppo_cfg(tiny, tmp_path / "a", *extra))
+    stopped = run(ppo_cfg(tiny, tmp_path / "b", *extra, "stop_after=2"))
+    assert stopped.status == "running" and (tmp_path / "b/default/ppo/checkpoints/step-0000002").exists()
+    resumed = run(ppo_cfg(tiny, tmp_path / "b", *extra, "stop_after=2"))
+    assert full.status == resumed.status == "complete"
+    a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 4]
+    for ra, rb in zip(a, b):
+        ca, cb = _comparable(ra), _comparable(rb)
+        assert ca.keys() == cb.keys()
+        for k in ca:
+            assert cb[k] == pytest.approx(ca[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    for sub in ("model", "model_ema"):
+        wa, wb = _weights(tmp_path / "a/default/ppo" / sub), _weights(tmp_path / "b/default/ppo" / sub)
+        for n in wa:
+            torch.testing.assert_close(wa[n], wb[n], atol=1e-6, rtol=1e-5)
+    assert set(full.extra["headline"]) >= {"gold_win_rate", "gold_score", "kl"}
+    assert 0.0 <= full.extra["headline"]["gold_win_rate"] <= 1.0
+
+
+def test_lora_reference_is_adapter_disabled_base(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from stages.ppo import run
+    from stages.ppo.loop import iteration_step
+    from stages.ppo.rollout import reference_context, reference_model, sequence_inputs, token_logprobs
+
+    cfg = ppo_cfg(tiny, tmp_path, "policy.lora.enabled=true", "policy.lora.r=4", "optim.policy_lr=1e-2",
+                  "policy.lora.critic=true")
+    t = trainer_for(cfg)
+    assert t.models.ref is None and hasattr(t.policy, "disable_adapter")
+    critic_trainable = [n for n, p in t.models.value_model.named_parameters() if p.requires_grad]
+    assert any("lora" in n for n in critic_trainable) and any("score" in n for n in critic_trainable)
+    assert 0 < sum(p.numel() for p in t.policy.parameters() if p.requires_grad) < 0.5 * sum(
+        p.numel() for p in t.policy.parameters())
+    sft = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()
+    iteration_step(t, 0, PROMPTS)
+    r = fixed_rollout(t)
+    inputs = sequence_inputs(r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+    with torch.no_grad():
+        with reference_context(t.models):
+            ref = token_logprobs(reference_model(t.models), *inputs, r.response_ids, cfg.rollout.temperature)
+        expected = token_logprobs(sft, *inputs, r.response_ids, cfg.rollout.temperature)
+        live = token_logprobs(t.policy, *inputs, r.response_ids, cfg.rollout.temperature)
+    m = r.response_mask
+    torch.testing.assert_close(ref[m], expected[m], atol=1e-5, rtol=1e-5)  # adapter off = the SFT weights
+    torch.testing.assert_close(r.ref_logprobs[m], expected[m], atol=1e-5, rtol=1e-5)
+    assert (live[m] - expected[m]).abs().max() > 1e-4                     # the adapter has learned something
+    # the whole stage with LoRA exports plain (merged) weights
+    manifest = run(replace(cfg, iterations=1))
+    assert manifest.status == "complete"
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "default/ppo/model"))
+    assert not any("lora" in n for n, _ in exported.named_parameters())
+
+
+def test_ptx_term_is_in_the_loss_and_changes_the_update(tiny, tmp_path):
+    from stages.ppo.loop import iteration_step
+
+    results = {}
+    for coef in (0.0, 0.5):
+        cfg = ppo_cfg(tiny, tmp_path, f"ptx.coef={coef}", "ptx.batch_size=4")
+        t = trainer_for(cfg, ptx=coef > 0)
+        torch.manual_seed(11)
+        metrics, _ = iteration_step(t, 0, PROMPTS)
+        results[coef] = (metrics, params(t.policy))
+    (m0, p0), (m1, p1) = results[0.0], results[0.5]
+    assert m0["ppo/ptx_loss"] == 0.0 and m1["ppo/ptx_loss"] > 1.0   # NLL of a random model on demonstrations
+    assert m1["ppo/loss"] == pytest.approx(m1["ppo/policy_loss"] + 0.5 * m1["ppo/ptx_loss"], rel=1e-6)
+    assert m1["rollout/score"] == m0["rollout/score"]                 # same rollout ...
+    assert max((p1[n] - p0[n]).abs().max().item() for n in p0) > 1e-5  # ... different update
+
+
+def test_entropy_bonus_is_in_the_loss_and_changes_the_update(tiny, tmp_path):
+    from stages.ppo.loop import iteration_step
+
+    results = {}
+    for coef in (0.0, 0.1):
+        t = trainer_for(ppo_cfg(tiny, tmp_path, f"objective.entropy_coef={coef}"))
+        torch.manual_seed(11)
+        results[coef] = (iteration_step(t, 0, PROMPTS)[0], params(t.policy))
+    (m0, p0), (m1, p1) = results[0.0], results[0.1]
+    assert m1["ppo/loss"] == pytest.approx(m1["ppo/policy_loss"] - 0.1 * m1["ppo/entropy"], rel=1e-6)
+    assert m1["rollout/score"] == m0["rollout/score"]
+    assert max((p1[n] - p0[n]).abs().max().item() for n in p0) > 1e-5
+
+
+def test_ema_follows_the_recurrence_and_is_exported(tiny, tmp_path):
+    from stages.ppo.loop import iteration_step
+    from stages.ppo.models import export_policy
+
+    decay = 0.5
+    # one optimizer step per iteration: epochs=1, minibatch = rollout batch
+    cfg = ppo_cfg(tiny, tmp_path, "ema.enabled=true", f"ema.decay={decay}", "epochs=1", "minibatch_size=8")
+    t = trainer_for(cfg)
+    snaps = [params(t.policy)]
+    for it in range(2):
+        iteration_step(t, it, PROMPTS)
+        snaps.append(params(t.policy))
+    ema = params(t.ema.model)
+    for n in snaps[0]:
+        expected = decay * (decay * snaps[0][n] + (1 - decay) * snaps[1][n]) + (1 - decay) * snaps[2][n]
+        torch.testing.assert_close(ema[n], expected, atol=1e-6, rtol=1e-5)
+    export_policy(t.ema.model, t.models.tokenizer, tmp_path / "model_ema")
+    saved = _weights(tmp_path / "model_ema")
+    for n, w in saved.items():
+        torch.testing.assert_close(w, ema[n], atol=0, rtol=0)
+    assert max((ema[n] - snaps[2][n]).abs().max().item() for n in ema) > 1e-5  # differs from the policy
+
+
+# ----------------------------------------------------------------------------- hand-off
+def test_policy_is_the_rm_stages_parent(tiny, tmp_path):
+    from pipeline import runs
+    from stages.ppo.config import PPOConfig
+    from stages.ppo.models import resolve_sources
+
+    def stage(name, model_dir, parent=None):
+        d = tmp_path / "r" / name
+        d.mkdir(parents=True)
+        m = runs.Manifest(stage=name, run_name="r", status="complete", model_dir=str(model_dir),
+                          tokenizer_fingerprint=runs.tokenizer_fingerprint(model_dir))
+        if parent is not None:
+            m.parent, m.parent_hash = str(parent), runs.file_hash(parent)
+        return m.save(d)
+
+    sft = stage("sft", tiny.policy)
+    stage("rm", tiny.reward, parent=sft)
+    cfg = load_config(PPOConfig, [f"runs_dir={tmp_path}", "run_name=r"])
+    src = resolve_sources(cfg)
+    assert src.policy_dir == str(Path(tiny.policy).resolve()) and src.reward_dir == str(Path(tiny.reward).resolve())
+    assert src.parent.manifest.stage == "rm" and src.sft_manifest == sft.resolve()
+    # a world other than the reward model's is refused
+    from stages.ppo.runner import check_world
+
+    rm_manifest = runs.Manifest.load(tmp_path / "r/rm/manifest.json")
+    rm_manifest.config = {"world": {"seed": 1234, "num_people": 7}}
+    rm_manifest.save(tmp_path / "r/rm")
+    with pytest.raises(ValueError, match="world.num_people=7"):
+        check_world(cfg, resolve_sources(cfg).parent)
+    # an sft stage changed after the RM was trained on it is refused
+    m = runs.Manifest.load(sft)
+    m.metrics = {"changed": 1}
+    m.save(sft.parent)
+    with pytest.raises(runs.HandoffError, match="re-run rm"):
+        resolve_sources(cfg)
