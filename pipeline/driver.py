@@ -31,7 +31,7 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
         if stage not in forced and manifest.exists() and runs.Manifest.load(manifest).complete:
             print(f"[pipeline] {stage}: complete, skipping (FROM={stage} re-runs it)", flush=True)
             continue
-        args = [f"run_name={run_name}", f"runs_dir={runs_dir}", *overrides]
+        args = [f"run_name={run_name}", f"runs_dir={runs_dir}", *stage_overrides(overrides, stage)]
         if stage in forced:
             args.append("resume=false")
         print(f"[pipeline] {stage}: starting", flush=True)
@@ -44,6 +44,19 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
     _summary(runs_dir, run_name)
     print(f"[pipeline] total time {time.time() - t0:.0f}s", flush=True)
     return 0
+
+
+def stage_overrides(overrides: list[str], stage: str) -> list[str]:
+    """`key=v` goes to every stage; `<stage>.key=v` (e.g. `ppo.iterations=20`) only to that one."""
+    out = []
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        if head in runs.STAGES and "=" in rest:
+            if head == stage:
+                out.append(rest)
+        else:
+            out.append(item)
+    return out
 
 
 def _summary(runs_dir: str, run_name: str) -> None:

@@ -9,6 +9,7 @@ KL controller, EMA, random state; the prompt position is the iteration) -> `mode
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -108,6 +109,8 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     tracker = make_tracker(main, sr.dir, "ppo", cfg.run_name, sr.manifest.config, cfg.wandb,
                            resume_step=iteration if resume_from else None)
 
+    last_rows: list = []
+
     def run_eval(step: int) -> dict:
         if eval_set is None:
             return {}
@@ -120,6 +123,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         metrics["perf/time_eval"] = time.perf_counter() - t0
         tracker.log(metrics, step)
         tracker.table("eval/samples", TABLE_COLUMNS, rows[: cfg.eval.samples])
+        last_rows[:] = rows
         log(f"eval @ {step}: gold {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}) "
             f"| win rate {metrics['eval/win_rate']:.3f} | rm {metrics['eval/rm_score']:.3f} | kl {metrics['eval/kl']:.3f}")
         return metrics
@@ -157,6 +161,10 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     # 4. evaluate and hand off
     final = run_eval(cfg.iterations)
+    if main and last_rows:  # SFT vs PPO on the same held-out prompts, for the report
+        runs.atomic_write_text(sr.dir / "samples.jsonl", "".join(
+            json.dumps({"prompt": r[0], "sft": r[1], "ppo": r[2], "sft_gold": r[3], "gold": r[4]}) + "\n"
+            for r in last_rows[: cfg.eval.samples]))
     summary = {**metrics, **final}
     tracker.summary(summary)
     model_dir = sr.dir / "model"
