@@ -1,0 +1,106 @@
+"""Evaluation of a reward model on ranked comparisons: pure functions, lists/tensors in,
+plain numbers out (for the manifest, wandb and later plots)."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from reward_model.scoring import score_ids
+
+
+def pairwise_accuracy(rankings: list[list[int]], rewards: list[list[float]], groups: list[str | None] | None = None) -> dict:
+    """Fraction of ranked pairs (ties excluded) whose better response gets the higher reward,
+    overall and per group (e.g. skill). -> {"accuracy", "pairs", "by_group": {g: {accuracy, pairs}}}."""
+    groups = groups or [None] * len(rankings)
+    hits: dict = defaultdict(lambda: [0, 0])
+    for ranks, r, g in zip(rankings, rewards, groups):
+        for i in range(len(ranks)):
+            for j in range(len(ranks)):
+                if ranks[i] < ranks[j]:
+                    for key in ("__all__", g):
+                        hits[key][0] += r[i] > r[j]
+                        hits[key][1] += 1
+    correct, total = hits.get("__all__", [0, 0])
+    by_group = {g: {"accuracy": c / n, "pairs": n} for g, (c, n) in hits.items() if g not in ("__all__", None)}
+    return {"accuracy": correct / total if total else float("nan"), "pairs": total, "by_group": dict(sorted(by_group.items()))}
+
+
+def chosen_rejected(rankings: list[list[int]], rewards: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Rewards of the preferred and the dispreferred response of every ranked pair."""
+    chosen, rejected = [], []
+    for ranks, r in zip(rankings, rewards):
+        for i in range(len(ranks)):
+            for j in range(len(ranks)):
+                if ranks[i] < ranks[j]:
+                    chosen.append(r[i])
+                    rejected.append(r[j])
+    return chosen, rejected
+
+
+def histogram(chosen: list[float], rejected: list[float], bins: int = 30, max_values: int = 5000) -> dict:
+    """Plot data for the two reward distributions: the values themselves (rounded; a seeded
+    subset beyond `max_values`) under `chosen` / `rejected`, and counts over shared bin edges."""
+    values = torch.tensor(chosen + rejected, dtype=torch.float64)
+    if values.numel() == 0:
+        return {"chosen": [], "rejected": [], "edges": [], "chosen_counts": [], "rejected_counts": []}
+    lo, hi = values.min().item(), values.max().item()
+    edges = torch.linspace(lo, max(hi, lo + 1e-6), bins + 1, dtype=torch.float64)
+
+    def counts(x: list[float]) -> list[int]:
+        return torch.histogram(torch.tensor(x, dtype=torch.float64), bins=edges)[0].long().tolist() if x else [0] * bins
+
+    def subset(x: list[float]) -> list[float]:
+        if len(x) > max_values:
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_values].sort().values
+            x = [x[i] for i in keep.tolist()]
+        return [round(v, 4) for v in x]
+
+    return {"chosen": subset(chosen), "rejected": subset(rejected), "edges": [round(e, 5) for e in edges.tolist()],
+            "chosen_counts": counts(chosen), "rejected_counts": counts(rejected)}
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson correlation; nan when either side is constant or there are < 2 points."""
+    if len(x) < 2:
+        return float("nan")
+    a = torch.tensor(x, dtype=torch.float64)
+    b = torch.tensor(y, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt((a * a).sum().item() * (b * b).sum().item())
+    return (a * b).sum().item() / denom if denom > 0 else float("nan")
+
+
+def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]], batch_size: int = 64,
+                         accelerator=None) -> tuple[dict, dict, list[list]]:
+    """Score every response of the held-out comparisons (`seqs` = their rendered ids, in order)
+    -> (metrics, manifest extra, sample-table rows). Metrics: pairwise accuracy overall and per
+    skill (ties excluded), mean reward of chosen / rejected responses, reward-length correlation
+    (and the labeler's own, when gold scores are known). Extra: accuracy by skill, histograms."""
+    scores = score_ids(model, seqs, tokenizer.pad_token_id, batch_size, accelerator)[0].tolist()
+    per_comp, i = [], 0
+    for c in held_out:
+        per_comp.append(scores[i: i + len(c.responses)])
+        i += len(c.responses)
+    rankings = [c.ranking for c in held_out]
+    acc = pairwise_accuracy(rankings, per_comp, [c.skill for c in held_out])
+    chosen, rejected = chosen_rejected(rankings, per_comp)
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for c in held_out for r in c.responses]
+    metrics = {"eval/pairwise_accuracy": acc["accuracy"], "eval/pairs": acc["pairs"],
+               "eval/reward_chosen_mean": sum(chosen) / max(1, len(chosen)),
+               "eval/reward_rejected_mean": sum(rejected) / max(1, len(rejected)),
+               "eval/reward_mean": sum(scores) / max(1, len(scores)),
+               "eval/length_corr": pearson(lengths, scores)}
+    for skill, v in acc["by_group"].items():
+        metrics[f"eval/pairwise_accuracy/{skill}"] = v["accuracy"]
+    gold = [s for c in held_out for s in (c.gold_scores or [])]
+    if len(gold) == len(scores):
+        metrics["eval/gold_length_corr"] = pearson(lengths, gold)
+    extra = {"eval_accuracy_by_skill": acc["by_group"], "reward_histogram": histogram(chosen, rejected)}
+    rows = []
+    for c, r in zip(held_out, per_comp):
+        for j, resp in enumerate(c.responses):
+            gold_score = c.gold_scores[j] if c.gold_scores else None
+            rows.append([str(c.prompt), c.skill or "", resp, c.finished[j], c.ranking[j], gold_score, round(r[j], 4)])
+    return metrics, extra, rows

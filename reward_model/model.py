@@ -1,0 +1,131 @@
+"""The reward model: a sequence-classification backbone with one scalar head, and the
+normalization that is folded into its weights after training.
+
+The model is a plain `AutoModelForSequenceClassification` (num_labels=1): transformers reads the
+score at the rightmost token that is not `config.pad_token_id`, so sequences are right-padded and
+end with eos, and pad must differ from eos (else the score is read one token early, PPO.md item 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pipeline.models import disable_dropout
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading a causal LM as a classifier reports a missing `score` and an unused `lm_head`:
+    both are expected here, and the warning would only alarm users."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    py_logger = logging.getLogger("transformers")
+    old_py = py_logger.level
+    py_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+        py_logger.setLevel(old_py)
+
+
+def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.float32):
+    """Load `path` (an SFT causal LM or a saved reward model) as a scalar reward model.
+
+    Sets `config.pad_token_id` from `tokenizer` (refusing pad == eos), turns dropout off, grows
+    the embeddings if the tokenizer gained tokens, and gives a new head (absent from an SFT
+    checkpoint) the N(0, 1/sqrt(d+1)) init of Stiennon et al. 2020, so initial scores are ~N(0, 1).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("the reward model needs a pad token distinct from eos (pipeline.tokenizer.ensure_chat_ready adds one)")
+    with _quiet_transformers():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=dtype, output_loading_info=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    if any(k.startswith("score.") for k in info.get("missing_keys", [])):
+        d = model.score.in_features
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Normalization folded into the head
+# ------------------------------------------------------------------------------------------
+def normalized_head(weight: Tensor, mean_hidden: Tensor, mean: float, std: float = 1.0) -> Tensor:
+    """The head `w'` whose scores are `(score - mean) / std` on average over a reference set.
+
+    weight [1, d] (score = w·h, no bias), mean_hidden h̄ [d] = mean final hidden state of the
+    reference set, mean μ = w·h̄ -> [1, d]:  w' = (w − μ·h̄/|h̄|²) / σ.
+    Llama's head has no bias and the final RMSNorm makes scores scale-invariant in the residual
+    stream, so a pure shift cannot be stored; shifting along h̄ makes the reference mean exactly
+    0 (w'·h̄ = (μ − μ)/σ) and changes a score x by μ(1 − h̄·h_x/|h̄|²)/σ, small when h_x ≈ h̄.
+    """
+    w = weight.double()
+    h = mean_hidden.double()
+    shifted = w - mean * h / h.dot(h)
+    return (shifted / std).to(weight.dtype)
+
+
+@torch.no_grad()
+def fold_normalization(model, hidden: Tensor, scores: Tensor, use_std: bool = True) -> dict:
+    """Normalize `model`'s scores in place from a reference set: hidden [N, d] final hidden
+    states at the scored token and scores [N] (= w·hidden). Afterwards the reference scores
+    have mean exactly 0 and (with `use_std`) std exactly 1: σ is measured on the shift-folded
+    scores. Returns the statistics applied; they are also written to
+    `config.reward_normalization` so the model directory describes itself."""
+    h = hidden.double()
+    mean = scores.double().mean().item()
+    mean_hidden = h.mean(0)
+    w = model.score.weight
+    std = 1.0
+    if use_std:
+        shifted = h @ normalized_head(w.detach(), mean_hidden, mean, 1.0).double()[0]
+        std = shifted.std(unbiased=False).item()
+        std = std if std > 1e-6 else 1.0
+    w.copy_(normalized_head(w.detach(), mean_hidden, mean, std))
+    stats = {"mean": mean, "std": std, "reference_size": int(scores.numel())}
+    model.config.reward_normalization = stats
+    return stats
+
+
+def shift_deviation(weight_before: Tensor, weight_after: Tensor, hidden: Tensor, mean: float, std: float) -> dict:
+    """How far the folded head is from the exact affine map on other samples:
+    |score'(x) − (score(x) − μ)/σ| over hidden [N, d] -> {max, mean} (in normalized units)."""
+    h = hidden.double()
+    exact = (h @ weight_before.double()[0] - mean) / std
+    folded = h @ weight_after.double()[0]
+    dev = (folded - exact).abs()
+    return {"max_abs_dev": dev.max().item() if dev.numel() else 0.0,
+            "mean_abs_dev": dev.mean().item() if dev.numel() else 0.0}
+
+
+def normalize_on_reference(model, ref_seqs: list[list[int]], heldout_seqs: list[list[int]], pad_id: int,
+                           use_std: bool = True, batch_size: int = 64, accelerator=None) -> dict:
+    """Fold the normalization measured on `ref_seqs` (rendered SFT samples) into `model`, and
+    measure on `heldout_seqs` how far the folded head is from the exact map (s − μ)/σ.
+    -> {raw_mean, raw_std, ref_mean, ref_std, heldout_max_abs_dev, heldout_mean_abs_dev, reference_size}."""
+    from reward_model.scoring import score_ids
+
+    ref_scores, ref_hidden = score_ids(model, ref_seqs, pad_id, batch_size, accelerator, with_hidden=True)
+    _, heldout_hidden = score_ids(model, heldout_seqs, pad_id, batch_size, accelerator, with_hidden=True)
+    w_before = model.score.weight.detach().clone()
+    stats = fold_normalization(model, ref_hidden, ref_scores, use_std)
+    w_after = model.score.weight.detach()
+    after = ref_hidden.double() @ w_after.double()[0]
+    dev = shift_deviation(w_before, w_after, heldout_hidden, stats["mean"], stats["std"])
+    return {"raw_mean": stats["mean"], "raw_std": stats["std"], "ref_mean": after.mean().item(),
+            "ref_std": after.std(unbiased=False).item(), "heldout_max_abs_dev": dev["max_abs_dev"],
+            "heldout_mean_abs_dev": dev["mean_abs_dev"], "reference_size": stats["reference_size"]}

@@ -1,0 +1,132 @@
+"""Scoring text with a reward model, always through the RM's own tokenizer and chat template.
+
+PPO decodes its samples and calls `score` here, which re-encodes them exactly as the RM saw its
+training data, so a policy whose tokenizer differs from the RM's still gets correct rewards (the
+peers force one shared tokenizer, TRL #1674/#3595). Training renders text the same way, so the
+token boundaries at training and at PPO time agree (TRL #1702).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline.evaluation import gather, shard
+
+
+def as_messages(prompt: str | list[dict]) -> list[dict]:
+    """A prompt string is one user turn; a messages list is used as is."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Chat-template ids of a prompt ending with the assistant header, ready for generation."""
+    return list(tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
+
+
+def render(tokenizer, prompt: str | list[dict], response: str, finished: bool = True) -> list[int]:
+    """Token ids of `prompt` + assistant `response` in the chat template, ending with eos.
+
+    An unfinished response (cut off at the length limit) keeps no eos, so the RM sees the same
+    evidence the labeler saw: the score is then read at its last real token.
+    """
+    messages = as_messages(prompt) + [{"role": "assistant", "content": response}]
+    ids = list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+    if not finished and ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token lists into `[B, L]` ids and a boolean attention mask (True = real)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = True
+    return ids, mask
+
+
+def forward_rewards(model, seqs: list[list[int]], pad_id: int) -> Tensor:
+    """One forward of a right-padded batch -> rewards [B] (with grad if enabled)."""
+    ids, mask = right_pad(seqs, pad_id)
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, 0].float()
+
+
+def group_rewards(model, groups: list[list[list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Rewards of N prompts' responses in ONE forward, each response exactly once.
+
+    groups: N lists of rendered responses (K_n >= 1 each) -> (rewards [N, K_max] with 0 in
+    padding slots, valid_mask [N, K_max] bool). Grouping by prompt is what lets the K-wise loss
+    use all C(K,2) pairs for the cost of K forwards (InstructGPT §3.5).
+    """
+    k_max = max(len(g) for g in groups)
+    flat = [s for g in groups for s in g]
+    rewards = forward_rewards(model, flat, pad_id)
+    valid_mask = torch.zeros(len(groups), k_max, dtype=torch.bool)
+    for n, g in enumerate(groups):
+        valid_mask[n, : len(g)] = True
+    valid_mask = valid_mask.to(rewards.device)
+    out = torch.zeros(len(groups), k_max, dtype=rewards.dtype, device=rewards.device)
+    out = out.masked_scatter(valid_mask, rewards)
+    return out, valid_mask
+
+
+@torch.no_grad()
+def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, accelerator=None,
+              with_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Rewards [N] of rendered sequences (and the final hidden state at the scored token,
+    [N, d], when `with_hidden`). Batches are length-sorted to cut padding; with an accelerator
+    the batches are split over ranks and every rank gets all results, in input order."""
+    if model.config.pad_token_id != pad_id:
+        raise ValueError(f"model.config.pad_token_id={model.config.pad_token_id} but the tokenizer pads with {pad_id}; "
+                         "the score would be read at the wrong token")
+    if not seqs:
+        return torch.zeros(0), (torch.zeros(0, model.score.in_features) if with_hidden else None)
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    captured: list[Tensor] = []
+    hook = model.score.register_forward_hook(lambda m, inp, out: captured.append(inp[0])) if with_hidden else None
+    results = []
+    try:
+        for idx in shard(batches, accelerator):
+            batch = [seqs[i] for i in idx]
+            rewards = forward_rewards(model, batch, pad_id).cpu()
+            hidden = None
+            if with_hidden:
+                # the same token transformers pools: the last one that is not pad
+                h = captured.pop()
+                last = torch.tensor([len(s) - 1 for s in batch], device=h.device)
+                hidden = h[torch.arange(len(batch), device=h.device), last].float().cpu()
+            results.append((rewards, hidden))
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    results = gather(results, accelerator)
+    scores = torch.empty(len(seqs))
+    hidden_all = torch.empty(len(seqs), model.score.in_features) if with_hidden else None
+    for idx, (rewards, hidden) in zip(batches, results):
+        scores[idx] = rewards
+        if with_hidden:
+            hidden_all[idx] = hidden
+    return scores, hidden_all
+
+
+def score(model, tokenizer, prompts: list, responses: list[str], finished: list[bool] | None = None,
+          batch_size: int = 64, accelerator=None) -> Tensor:
+    """Rewards [N] (float32, on the CPU) for `(prompt, response)` pairs, rendered with the RM's
+    own `tokenizer`; `model` is a plain (unwrapped) reward model.
+
+    prompts: strings (one user turn) or messages lists; responses: plain text (decoded, without
+    special tokens); finished: False for responses cut off before their stop token.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+    finished = finished if finished is not None else [True] * len(responses)
+    seqs = [render(tokenizer, p, r, f) for p, r, f in zip(prompts, responses, finished)]
+    return score_ids(model, seqs, tokenizer.pad_token_id, batch_size, accelerator)[0]

@@ -1,0 +1,108 @@
+"""Pairwise reward-model training through TRL's `RewardTrainer`, for data that is pure pairs.
+
+The pairs are pre-rendered with `reward_model.scoring.render` (the same chat-template text that
+the K-wise loop trains on and that PPO scores), so TRL does no formatting of its own. The trainer
+checkpoints into `<stage>/checkpoints/checkpoint-N` and resumes from the newest one; its logs go
+to the stage's tracker (metrics.jsonl + wandb), not to TRL's own reporters.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from pipeline.runtime import resolve_precision
+from pipeline.tracking import Progress, make_tracker
+
+
+def last_hf_checkpoint(sr) -> str | None:
+    """The newest `checkpoint-N` of an unfinished run; None after a complete one, which a new
+    run replaces (as `StageRun.latest_checkpoint` does for the K-wise loop)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from pipeline.runs import Manifest
+
+    if not sr.cfg.resume or not sr.ckpt_dir.exists():
+        return None
+    done = sr.dir / "manifest.json"
+    if done.exists() and Manifest.load(done).complete:
+        return None
+    return get_last_checkpoint(str(sr.ckpt_dir))
+
+
+def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, train: list, log):
+    """Train `model` on every ranked pair of `train` with `trl.RewardTrainer`.
+
+    Returns (model, step, finished?, last train metrics, tracker) like the K-wise loop;
+    finished is False when `stop_after` ended the run early (a checkpoint is left behind).
+    """
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    rows = [{"chosen_ids": g[i], "rejected_ids": g[j]} for g, c in zip(train_seqs, train) for i, j in c.pairs()]
+    per_step = cfg.micro_batch_size * accelerator.num_processes
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size} "
+                         f"x {accelerator.num_processes} processes; pick sizes so that it is")
+    accum = cfg.global_batch_size // per_step  # derived, never configured
+    total = math.ceil(cfg.epochs * len(rows) / cfg.global_batch_size)
+    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    precision = resolve_precision(cfg.precision)
+    # TRL 1.16 defaults are for GPUs and LoRA: bf16 and activation checkpointing on, reporting off.
+    # use_configured_state: share the stage's accelerator state (else TrainingArguments resets it).
+    args = RewardConfig(
+        accelerator_config={"use_configured_state": True},
+        output_dir=str(sr.ckpt_dir), per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accum, max_steps=total, learning_rate=cfg.optim.lr,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
+        warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1], max_grad_norm=cfg.optim.max_grad_norm,
+        logging_steps=cfg.log_every, save_strategy="steps" if cfg.save_every else "no", save_steps=max(1, cfg.save_every),
+        save_total_limit=cfg.keep_checkpoints, seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(), bf16=precision == "bf16", fp16=precision == "fp16",
+        activation_checkpointing=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        center_rewards_coefficient=cfg.center_coef or None, max_length=None, disable_dropout=True)
+    resume_from = last_hf_checkpoint(sr)
+    step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] if resume_from else 0
+    tracker = make_tracker(accelerator.is_main_process, sr.dir, "rm", cfg.run_name, sr.manifest.config, cfg.wandb,
+                           resume_step=step if resume_from else None)
+    progress = Progress("rm", total, start=step, every=cfg.log_every, unit="seq", enabled=accelerator.is_main_process)
+    names = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "learning_rate": "lr",
+             "grad_norm": "grad_norm", "mean_reward": "reward_mean"}
+
+    class Bridge(TrainerCallback):
+        stopped, seen = False, step
+
+        def __init__(self):
+            self.last = {}
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            row = {f"train/{names[k]}": float(v) for k, v in (logs or {}).items() if k in names}
+            if row:
+                self.last.update({k.removeprefix("train/"): v for k, v in row.items()})
+                tracker.log(row, state.global_step)
+                done, self.seen = state.global_step - self.seen, state.global_step
+                progress.update(state.global_step, 2 * cfg.global_batch_size * done,
+                                **{k: self.last[k] for k in ("loss", "accuracy") if k in self.last})
+
+        def on_step_end(self, args, state, control, **kw):
+            if 0 < cfg.stop_after <= state.global_step < total:
+                control.should_save = control.should_training_stop = True
+                self.stopped = True
+
+    bridge = Bridge()
+    log(f"TRL RewardTrainer: {len(rows)} pairs | {total} steps x {cfg.global_batch_size} pairs = {cfg.micro_batch_size} "
+        f"micro x {accelerator.num_processes} procs x {accum} accum | lr {cfg.optim.lr:g}")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                            callbacks=[bridge])
+    trainer.remove_callback(PrinterCallback)
+    if resume_from:
+        log(f"resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=resume_from)
+    step = trainer.state.global_step
+    if bridge.stopped:
+        log(f"stopping after step {step} as configured (stop_after); re-run to resume")
+    return trainer.model, step, not bridge.stopped, bridge.last, tracker

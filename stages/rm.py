@@ -1,0 +1,403 @@
+"""Stage `rm`: a reward model from ranked comparisons, normalized and ready for PPO.
+
+Data flow: parent SFT policy -> K responses per world prompt (temperature 1) -> gold labeler
+ranks them (optional simulated label noise) -> `comparisons.jsonl` (or: imported K-wise /
+preference files, validated up front) -> SFT weights + fresh scalar head -> K-wise loss, all
+C(K,2) pairs of a prompt in one batch element (own accelerate loop; pure pairwise data may go
+through TRL's RewardTrainer) -> scores of SFT samples normalized to mean 0 / std 1 inside the
+weights -> held-out pairwise accuracy, reward distributions, length bias -> `model/` + manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from pipeline import runs
+from pipeline.config import F, StageConfig
+from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
+from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
+from pipeline.stage import DataError, StageRun, stage_main
+from pipeline.tracking import Progress, make_tracker
+from pipeline.world import World
+from reward_model import comparisons as cmp
+from reward_model.losses import kwise_loss
+from reward_model.metrics import evaluate_comparisons
+from reward_model.model import load_reward_model, normalize_on_reference
+from reward_model.scoring import group_rewards, render
+from reward_model.trl_pairwise import last_hf_checkpoint, train_pairwise
+from stages.pretrain import global_batch_indices, grad_accum_steps
+
+
+@dataclass
+class RMDataConfig:
+    source: Literal["world", "files"] = F(
+        "world", "'world' = sample K responses per world prompt from the parent, gold labeler ranks them; 'files' = import labeled files")
+    files: list[str] = F([], "labeled files: K-wise rankings or prompt/chosen/rejected pairs (formats: reward_model/comparisons.py)")
+    eval_files: list[str] = F([], "held-out labeled files for evaluation (default: data.valid_fraction of data.files)")
+    columns: dict[str, Any] = F({}, "rename fields before parsing, e.g. {prompt: question, chosen: good}")
+    prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
+    num_prompts: int = F(1000, "world prompts to sample comparisons for")
+    k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)")
+    max_new_tokens: int = F(24, "response length limit when sampling")
+    temperature: float = F(1.0, "sampling temperature (1.0 = the policy's own distribution, as InstructGPT)")
+    label_noise: float = F(0.0, "simulated labeler noise: probability of swapping two adjacent ranks of a sampled comparison")
+    valid_fraction: float = F(0.1, "share of imported comparisons held out for evaluation when no eval_files are given")
+    max_length: int = F(512, "drop comparisons with a rendered prompt+response longer than this many tokens")
+
+
+@dataclass
+class RMOptimConfig:
+    lr: float = F(1e-3, "peak learning rate (AdamW; tuned for full fine-tuning of the tiny model, use ~1e-5 at billion scale)")
+    weight_decay: float = F(0.0, "AdamW weight decay (not applied to norms)")
+    betas: list[float] = F([0.9, 0.95], "AdamW betas")
+    warmup_steps: int = F(5, "linear warm-up steps")
+    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio")
+    max_grad_norm: float = F(1.0, "gradient clipping norm")
+
+
+@dataclass
+class NormalizeConfig:
+    enabled: bool = F(True, "fold score normalization on SFT samples into the head after training")
+    std: bool = F(True, "also scale scores to std 1 (else mean 0 only)")
+    reference_size: int = F(2048, "SFT samples in the reference set (world: training responses; files: fresh samples)")
+
+
+@dataclass
+class RMConfig(StageConfig):
+    data: RMDataConfig = F(RMDataConfig(), "comparisons: sampled from the world or imported")
+    optim: RMOptimConfig = F(RMOptimConfig(), "optimizer and schedule")
+    normalize: NormalizeConfig = F(NormalizeConfig(), "reward normalization after training")
+    trainer: Literal["auto", "kwise", "trl"] = F(
+        "auto", "auto = TRL RewardTrainer when every comparison is one pair, else the K-wise loop")
+    epochs: float = F(3.0, "passes over the training comparisons")
+    global_batch_size: int = F(32, "prompts (K-wise) or pairs (trl) per optimizer step, all processes together")
+    micro_batch_size: int = F(8, "prompts or pairs per process per forward/backward")
+    center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)")
+    eval_batch_size: int = F(64, "sequences per scoring forward")
+    sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons")
+    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
+    export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
+    stop_after: int = F(-1, "end the process after this many steps, leaving a checkpoint, as an interruption would (-1 = never)")
+
+    stage = "rm"
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        d = self.data
+        if d.source == "files" and not d.files and not self.export_only:
+            p.append("data.files: required when data.source is 'files'")
+        if d.prompt_files and not self.export_only:
+            p.append("data.prompt_files: only used with export_only=true (no labeler knows your prompts: export, label, "
+                     "then import with data.source=files)")
+        if d.k < 2:
+            p.append("data.k: must be >= 2 to compare responses")
+        if not 0.0 <= d.label_noise <= 1.0:
+            p.append("data.label_noise: must be a probability in [0, 1]")
+        if not 0.0 <= d.valid_fraction < 1.0:
+            p.append("data.valid_fraction: must be in [0, 1)")
+        if self.global_batch_size % self.micro_batch_size:
+            p.append(f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.epochs <= 0:
+            p.append("epochs: must be > 0")
+        return p
+
+
+def lr_factor(step: int, total: int, o: RMOptimConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` (as pretrain)."""
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Prepared:
+    """Everything checked before the stage writes a byte: parent, tokenizer, data."""
+
+    parent: runs.Parent
+    tokenizer: Any
+    comparisons: list      # all sampled/imported training comparisons (saved for world runs)
+    train: list            # those with >= 1 ranked pair and within max_length
+    train_seqs: list       # per comparison, the rendered token ids of each response
+    held_out: list         # Comparison for evaluation
+    reference: list        # (prompt, response, finished) SFT samples for normalization
+    fingerprint: str
+    resuming: bool
+
+
+def run(cfg: RMConfig) -> runs.Manifest:
+    threads = configure_threads(cfg.threads)
+    accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
+    seed_everything(cfg.seed)
+    sr = StageRun(cfg, accelerator.is_main_process)
+    # Outside the try: a bad parent or a bad record must leave every earlier output as it was,
+    # including the manifest of a previous rm run (sr.fail would overwrite it).
+    prep = prepare(cfg, sr, accelerator)
+    if prep is None:
+        return sr.manifest  # export_only
+    try:
+        return _run(cfg, sr, accelerator, threads, prep)
+    except BaseException as e:
+        sr.fail(e)
+        raise
+
+
+def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
+    """Resolve the parent and build (sample or import and validate) the comparisons."""
+    log = _logger(accelerator)
+    parent = runs.resolve_parent("rm", cfg.runs_dir, cfg.run_name, cfg.parent)
+    tokenizer = load_tokenizer(parent.model_dir)
+    if cfg.export_only:
+        _export(cfg, sr, accelerator, parent, tokenizer)
+        return None
+    # 1. comparisons: sampled and ranked (or reused after an interruption), or imported and validated
+    resuming = sr.latest_checkpoint() is not None or last_hf_checkpoint(sr) is not None
+    comparisons, held_out, reference = _comparisons(cfg, sr, accelerator, parent, tokenizer, resuming, log)
+    train = [c for c in comparisons if c.pairs()]  # all-tie comparisons carry no signal
+    train_seqs = [[render(tokenizer, c.prompt, r, f) for r, f in zip(c.responses, c.finished)] for c in train]
+    keep = [i for i, g in enumerate(train_seqs) if max(map(len, g)) <= cfg.data.max_length]
+    if len(keep) < len(train):
+        log(f"dropped {len(train) - len(keep)} comparisons longer than data.max_length={cfg.data.max_length} tokens")
+    train, train_seqs = [train[i] for i in keep], [train_seqs[i] for i in keep]
+    if not train:
+        raise DataError("no training comparison has a ranked pair (all ties, or longer than data.max_length)")
+    fingerprint = runs.data_fingerprint([c.record() for c in train])
+    return Prepared(parent, tokenizer, comparisons, train, train_seqs, held_out, reference, fingerprint, resuming)
+
+
+def _logger(accelerator):
+    if accelerator.is_main_process:
+        return lambda *a: print("[rm]", *a, file=sys.stderr, flush=True)
+    return lambda *a: None
+
+
+def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared) -> runs.Manifest:
+    is_main, log = accelerator.is_main_process, _logger(accelerator)
+    tokenizer, train, train_seqs, held_out = prep.tokenizer, prep.train, prep.train_seqs, prep.held_out
+    use_trl = cfg.trainer == "trl" or (cfg.trainer == "auto" and all(len(c.responses) == 2 for c in train))
+    if is_main and not prep.resuming and sr.ckpt_dir.exists():
+        shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
+    accelerator.wait_for_everyone()
+    sr.begin(parent=prep.parent, data_fingerprint=prep.fingerprint, resuming=prep.resuming)
+    if is_main and cfg.data.source == "world":
+        cmp.write_jsonl(sr.dir / "comparisons.jsonl", prep.comparisons)
+        cmp.write_jsonl(sr.dir / "eval_comparisons.jsonl", held_out)
+
+    # 2. model and training
+    model = load_reward_model(prep.parent.model_dir, tokenizer)
+    n_pairs = sum(len(c.pairs()) for c in train)
+    log(f"{count_parameters(model) / 1e6:.2f}M parameters | {len(train)} comparisons, {n_pairs} ranked pairs, "
+        f"{len(held_out)} held out | trainer {'trl RewardTrainer' if use_trl else 'K-wise'} | {threads} threads/proc")
+    if use_trl:
+        model, step, done, last, tracker = train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train, log)
+    else:
+        model, step, done, last, tracker = _train_kwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train,
+                                                        prep.fingerprint, log)
+    if not done:
+        tracker.finish()
+        return sr.manifest
+
+    # 3. normalize: SFT samples score mean 0 (std 1), stored in the weights
+    eval_seqs = [render(tokenizer, c.prompt, r, f) for c in held_out for r, f in zip(c.responses, c.finished)]
+    finished = [f for c in prep.comparisons for f in c.finished]
+    metrics = {**{f"train/{k}": v for k, v in last.items()}, "data/comparisons": len(prep.comparisons),
+               "data/ranked_pairs": n_pairs,
+               "data/all_tie_fraction": sum(not c.pairs() for c in prep.comparisons) / len(prep.comparisons),
+               "data/finished_rate": sum(finished) / max(1, len(finished))}
+    extra: dict = {}
+    if cfg.normalize.enabled:
+        ref_seqs = [render(tokenizer, p, r, f) for p, r, f in prep.reference]
+        stats = normalize_on_reference(model, ref_seqs, eval_seqs, tokenizer.pad_token_id, cfg.normalize.std,
+                                       cfg.eval_batch_size, accelerator)
+        metrics.update({f"norm/{k}": v for k, v in stats.items()})
+        extra["normalization"] = stats
+
+    # 4. evaluate on held-out comparisons
+    eval_metrics, eval_extra, rows = evaluate_comparisons(model, tokenizer, held_out, eval_seqs, cfg.eval_batch_size,
+                                                          accelerator)
+    metrics.update(eval_metrics)
+    extra.update(eval_extra)
+    tracker.log(metrics, step)
+    tracker.table("eval/samples", ["prompt", "skill", "response", "finished", "rank", "gold_score", "reward"], rows[:200])
+    tracker.summary(metrics)
+
+    # 5. hand off: a plain save_pretrained directory with normalized scores
+    model_dir = sr.dir / "model"
+    if is_main:
+        with runs.atomic_dir(model_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    headline = {"pairwise_acc": metrics["eval/pairwise_accuracy"],
+                "chosen_minus_rejected": metrics["eval/reward_chosen_mean"] - metrics["eval/reward_rejected_mean"]}
+    if "norm/heldout_max_abs_dev" in metrics:
+        headline["norm_max_dev"] = metrics["norm/heldout_max_abs_dev"]
+    manifest = sr.finish(model_dir, metrics, headline, extra=extra)
+    tracker.finish()
+    if is_main:
+        _report(manifest, metrics, extra, model_dir)
+    return manifest
+
+
+def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, resuming: bool, log):
+    """(train, held_out, reference): comparisons, and (prompt, response, finished) SFT samples
+    to normalize on. World comparisons saved by an interrupted run are reused."""
+    d, rng = cfg.data, random.Random(cfg.seed)
+    policy = None
+
+    def sample(prompts: list[dict], k: int, seed: int) -> list:
+        nonlocal policy
+        policy = policy or load_causal_lm(parent.model_dir, tokenizer)
+        return cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], k, d.max_new_tokens, d.temperature,
+                                    seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
+
+    if d.source == "files":
+        train = cmp.load_comparisons(d.files, d.columns)
+        held_out = cmp.load_comparisons(d.eval_files, d.columns) if d.eval_files else []
+        if not d.eval_files and len(train) > 1 and d.valid_fraction > 0:
+            order = list(range(len(train)))
+            rng.shuffle(order)
+            n_eval = max(1, int(len(train) * d.valid_fraction))
+            held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
+        reference = []
+        if cfg.normalize.enabled:  # fresh SFT samples: PPO's rewards are normalized on what the policy writes
+            prompts = list({str(c.prompt): {"prompt": c.prompt} for c in train}.values())[: cfg.normalize.reference_size]
+            reference = [(c.prompt, c.responses[0], c.finished[0]) for c in sample(prompts, 1, cfg.seed + 2)]
+        return train, held_out, reference
+    saved, saved_eval = sr.dir / "comparisons.jsonl", sr.dir / "eval_comparisons.jsonl"
+    if resuming and saved.exists() and saved_eval.exists():
+        log(f"reusing the comparisons of the interrupted run: {saved}")
+        train, held_out = cmp.load_comparisons([str(saved)]), cmp.load_comparisons([str(saved_eval)])
+    else:
+        world, t0 = World(cfg.world), time.time()
+        train = sample(world.prompts("rm", d.num_prompts), d.k, cfg.seed)
+        held_out = sample(world.prompts("eval"), d.k, cfg.seed + 1)
+        cmp.rank_with_labeler(world, train + held_out)
+        for c in train:
+            c.ranking = cmp.add_label_noise(c.ranking, d.label_noise, rng)
+        log(f"sampled {d.k} responses for {len(train)} + {len(held_out)} held-out prompts in {time.time() - t0:.0f}s")
+    flat = [(c.prompt, r, f) for c in train for r, f in zip(c.responses, c.finished)]
+    if len(flat) > cfg.normalize.reference_size:
+        flat = random.Random(cfg.seed + 3).sample(flat, cfg.normalize.reference_size)
+    return train, held_out, flat
+
+
+def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None:
+    """Sample K responses per prompt and write them unlabeled; the manifest is left alone, so an
+    export never replaces a finished reward model."""
+    d = cfg.data
+    prompts = cmp.load_prompts(d.prompt_files, d.columns) if d.prompt_files else World(cfg.world).prompts("rm", d.num_prompts)
+    policy = load_causal_lm(parent.model_dir, tokenizer)
+    comps = cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], d.k, d.max_new_tokens, d.temperature,
+                                 cfg.seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
+    path = sr.dir / "comparisons_unlabeled.jsonl"
+    if accelerator.is_main_process:
+        cmp.write_jsonl(path, comps)
+        print(f"wrote {len(comps)} prompts x {d.k} responses to {path}\n"
+              f"fill in each 'ranking' (one rank per response, 0 = best, equal = tie), then run\n"
+              f"  python -m stages.rm data.source=files data.files=[{path}]")
+    sr.manifest.status = "exported"
+    sr.manifest.extra = {"export": str(path)}
+
+
+def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, train_seqs, train, fingerprint, log):
+    """The K-wise loop: each step takes `global_batch_size` prompts; every response is forwarded
+    once and all ranked pairs of a prompt enter one loss term. Returns (unwrapped model, step,
+    finished?, last metrics, tracker)."""
+    ranks = [torch.tensor(c.ranking) for c in train]
+    total = math.ceil(cfg.epochs * len(train) / cfg.global_batch_size)
+    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), fused=False)
+    # The scheduler is not `prepare`d: accelerate would step it once per process per call.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    log(f"{total} steps x {cfg.global_batch_size} prompts = {cfg.micro_batch_size} micro x {accelerator.num_processes} "
+        f"procs x {accum} accum | lr {cfg.optim.lr:g}")
+    step, resume_from = 0, sr.latest_checkpoint()
+    if resume_from:
+        state = sr.load_checkpoint(accelerator, resume_from)
+        if state.get("data_fingerprint") != fingerprint:
+            raise ValueError(f"{resume_from} was trained on other comparisons; re-run with resume=false to start afresh")
+        step = state["step"]
+        log(f"resumed from {resume_from} at step {step}")
+    tracker = make_tracker(accelerator.is_main_process, sr.dir, "rm", cfg.run_name, sr.manifest.config, cfg.wandb,
+                           resume_step=step if resume_from else None)
+    progress = Progress("rm", total, start=step, every=cfg.log_every, unit="seq", enabled=accelerator.is_main_process)
+    pad, last = tokenizer.pad_token_id, {}
+    model.train()
+    while step < total:
+        idx = global_batch_indices(step, len(train), cfg.global_batch_size, cfg.seed)
+        sums = torch.zeros(4, device=accelerator.device)  # loss, correct pairs, pairs, sequences
+        for a in range(accum):
+            # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
+            lo = (a * accelerator.num_processes + accelerator.process_index) * cfg.micro_batch_size
+            items = idx[lo: lo + cfg.micro_batch_size].tolist()
+            sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                rewards, valid_mask = group_rewards(model, [train_seqs[i] for i in items], pad)
+                k_max = rewards.shape[1]
+                batch_ranks = torch.stack([torch.nn.functional.pad(ranks[i], (0, k_max - len(ranks[i])), value=k_max)
+                                           for i in items]).to(rewards.device)
+                loss, stats = kwise_loss(rewards, batch_ranks, valid_mask, cfg.center_coef)
+                accelerator.backward(loss / accum)
+            sums += torch.stack([loss.detach() / accum, stats["accuracy"] * stats["pairs"], stats["pairs"],
+                                 valid_mask.sum().float()]).to(sums.device)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        g = accelerator.reduce(sums, "sum")
+        last = {"loss": g[0].item() / accelerator.num_processes, "accuracy": (g[1] / g[2].clamp(min=1)).item()}
+        rate = progress.update(step, g[3].item(), **last)
+        if step % cfg.log_every == 0 or step == total:
+            tracker.log({"train/loss": last["loss"], "train/accuracy": last["accuracy"], "train/lr": scheduler.get_last_lr()[0],
+                         "train/grad_norm": float(grad_norm), "perf/sequences_per_s": rate}, step)
+        stopping = 0 < cfg.stop_after <= step < total
+        if (cfg.save_every and step % cfg.save_every == 0 and step < total) or stopping:
+            sr.save_checkpoint(accelerator, step, {"step": step, "loss": last["loss"], "data_fingerprint": fingerprint})
+        if stopping:
+            log(f"stopping after step {step} as configured (stop_after); re-run to resume")
+            return accelerator.unwrap_model(model), step, False, last, tracker
+    return accelerator.unwrap_model(model), step, True, last, tracker
+
+
+def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
+    print(f"\nrm done in {manifest.wall_time_s:.0f}s")
+    print(f"  held-out pairwise accuracy  {metrics['eval/pairwise_accuracy']:.1%}  ({metrics['eval/pairs']} ranked pairs, ties excluded)")
+    for skill, v in extra["eval_accuracy_by_skill"].items():
+        print(f"    {skill:<8} {v['accuracy']:.1%}  ({v['pairs']} pairs)")
+    print(f"  reward chosen {metrics['eval/reward_chosen_mean']:+.3f} | rejected {metrics['eval/reward_rejected_mean']:+.3f}")
+    if "norm/ref_mean" in metrics:
+        print(f"  normalized on {extra['normalization']['reference_size']} SFT samples: mean {metrics['norm/ref_mean']:+.2e} "
+              f"std {metrics['norm/ref_std']:.3f} (raw mean {metrics['norm/raw_mean']:+.3f}, std {metrics['norm/raw_std']:.3f})")
+        print(f"  folded head vs exact shift on held-out samples: max |dev| {metrics['norm/heldout_max_abs_dev']:.3g}, "
+              f"mean {metrics['norm/heldout_mean_abs_dev']:.3g}")
+    r, gold_r = metrics["eval/length_corr"], metrics.get("eval/gold_length_corr")
+    print(f"  reward-length correlation r = {r:+.2f}" + (f" (gold labeler: {gold_r:+.2f})" if gold_r is not None else ""))
+    if abs(r) > 0.5:
+        print(f"  WARNING: length bias: |r| = {abs(r):.2f} > 0.5; PPO may exploit response length. Compare with the "
+              "labeler's own correlation before trusting it.")
+    print(f"  model: {model_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(RMConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
