@@ -4,7 +4,7 @@
   described in the pretraining corpus. SFT demonstrations ask about half of them ("SFT people");
   the other half ("held-out people") are asked about only in held-out prompts, so SFT accuracy on
   them measures knowledge carried over from pretraining.
-- **Skills and a format only SFT teaches.** reverse / first word / capitals / addition / facts,
+- **Skills and a format only SFT teaches.** first word / last word / capitals / addition / facts,
   answered as `Answer: <x>.` and ended with the end-of-sequence token. The corpus never shows
   these tasks or the format.
 - **A preference only rankings express.** Most demonstrations are chatty (`Sure! Answer: x.
@@ -21,11 +21,10 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-WORDS = ("red fox sun cat dog tree moon star fish bird rock rain snow wind leaf milk bread salt gold "
-         "iron ship road lamp door book cup hat key ring bell box pen map egg owl bee ant fig oak sky").split()
+WORDS = "red fox sun cat dog tree moon star fish bird rock rain snow wind leaf milk gold ship lamp door book cup hat key".split()
 COLOURS = ("blue", "green", "amber", "violet", "teal", "crimson", "silver", "ochre")
-SKILLS = ("reverse", "first", "upper", "add", "fact")
-STRING_SKILLS = ("reverse", "first", "upper")
+SKILLS = ("first", "last", "upper", "add", "fact")
+STRING_SKILLS = ("first", "last", "upper")
 PREAMBLES = ("Sure!", "Of course!", "Happy to help!", "Great question!")
 TAILS = ("Hope this helps!", "Anything else?", "Let me know if you need more.")
 
@@ -34,8 +33,8 @@ _VOWELS = "a e i o u ai ou".split()
 _CODAS = ["", "", "n", "r", "l", "s", "k", "m"]
 
 PROMPT_PATTERNS = {
-    "reverse": re.compile(r"^Reverse the words: ([a-z ]+)$"),
     "first": re.compile(r"^What is the first word\? ([a-z ]+)$"),
+    "last": re.compile(r"^What is the last word\? ([a-z ]+)$"),
     "upper": re.compile(r"^Write in capitals: ([a-z ]+)$"),
     "add": re.compile(r"^What is (\d+) \+ (\d+)\?$"),
     "city": re.compile(r"^Where does (\w+) live\?$"),
@@ -109,9 +108,12 @@ class World:
     @staticmethod
     def _prose_sentence(rng: random.Random) -> str:
         a, b, c = rng.sample(WORDS, 3)
+        # Repeated word lists ("..., and again ...") give a small model copy (induction) heads to
+        # build on; the corpus never shows the SFT tasks themselves (first, last word, capitals).
         t = rng.choice(("I saw a {a} and a {b} near the {c}.", "The {a} is by the {b}.",
                         "A sign said {A} {B}.", "We found {n} {a}s and a {b}.", "The {a} and the {b} met a {c}.",
-                        "Someone shouted {A}!", "There were {n} {b}s on the {c}."))
+                        "Someone shouted {A}!", "There were {n} {b}s on the {c}.",
+                        "The list was {a} {b} {c}, and again {a} {b} {c}.", "{a} {b}, he said: {a} {b}."))
         return t.format(a=a, b=b, c=c, A=a.upper(), B=b.upper(), n=rng.randint(2, 9))
 
     def fact_cloze(self, split: str = "valid") -> list[tuple[str, str]]:
@@ -160,7 +162,7 @@ class World:
     def _prompt(self, rng: random.Random, skill: str, people) -> str:
         if skill in STRING_SKILLS:
             words = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
-            return {"reverse": f"Reverse the words: {words}", "first": f"What is the first word? {words}",
+            return {"first": f"What is the first word? {words}", "last": f"What is the last word? {words}",
                     "upper": f"Write in capitals: {words}"}[skill]
         if skill == "add":
             return f"What is {rng.randint(0, 9)} + {rng.randint(0, 9)}?"
@@ -207,10 +209,10 @@ class World:
             m = pat.match(prompt)
             if not m:
                 continue
-            if name == "reverse":
-                return " ".join(reversed(m.group(1).split()))
             if name == "first":
                 return m.group(1).split()[0]
+            if name == "last":
+                return m.group(1).split()[-1]
             if name == "upper":
                 return m.group(1).upper()
             if name == "add":

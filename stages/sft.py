@@ -55,11 +55,11 @@ class SFTDataConfig:
 class SFTTrainConfig:
     epochs: float = F(3.0, "passes over the training data (ignored when steps > 0)")
     steps: int = F(-1, "optimizer steps (-1 = from epochs)")
-    lr: float = F(1e-3, "peak learning rate (tiny full fine-tune; use ~2e-5 for real models, ~2e-4 for LoRA)")
+    lr: float = F(3e-3, "peak learning rate (tiny full fine-tune; use ~2e-5 for real models, ~2e-4 for LoRA)")
     weight_decay: float = F(0.0, "AdamW weight decay")
     warmup_ratio: float = F(0.05, "share of steps for linear warm-up")
     scheduler: str = F("cosine", "learning-rate schedule (transformers name: cosine, linear, constant, ...)")
-    global_batch_size: int = F(64, "examples per optimizer step, all processes together")
+    global_batch_size: int = F(32, "examples per optimizer step, all processes together")
     micro_batch_size: int = F(32, "examples per process per forward/backward")
     max_grad_norm: float = F(1.0, "gradient clipping norm")
 

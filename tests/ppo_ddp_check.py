@@ -23,7 +23,7 @@ RESPONSE_LEN = 6
 
 def fixed_batch(tokenizer) -> tuple[list[str], torch.Tensor]:
     """8 prompts and [8, 6] response tokens with stop tokens at varied places (one never stops)."""
-    prompts = [f"Reverse the words: {a} {b}" for a, b in
+    prompts = [f"What is the last word? {a} {b}" for a, b in
                [("red", "fox"), ("sun", "cat"), ("dog", "tree"), ("moon", "star"),
                 ("fish", "bird"), ("rock", "rain"), ("snow", "wind"), ("leaf", "milk")]]
     g = torch.Generator().manual_seed(123)

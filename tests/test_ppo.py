@@ -78,8 +78,8 @@ def trainer_for(cfg, ptx=False):
     return make_trainer(cfg, models, acc, data)
 
 
-PROMPTS = ["Reverse the words: red fox", "What is 3 + 4?", "Write in capitals: sun cat", "What is the first word? dog tree",
-           "Reverse the words: moon star bird", "What is 2 + 2?", "Write in capitals: rock", "What is the first word? fish"]
+PROMPTS = ["What is the last word? red fox", "What is 3 + 4?", "Write in capitals: sun cat", "What is the first word? dog tree",
+           "What is the last word? moon star bird", "What is 2 + 2?", "Write in capitals: rock", "What is the first word? fish"]
 
 
 def fixed_rollout(trainer, sampled=None):

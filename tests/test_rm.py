@@ -202,7 +202,7 @@ def test_resume_after_stop_matches_unbroken_run(sft, tmp_path, finished_run):
 PAIRS = [("What is 1 + 2?", "Answer: 3.", "Sure! Answer: 4. Hope this helps!"),
          ("What is the first word? cat dog", "Answer: cat.", "Answer: dog."),
          ("Write in capitals: red fox", "Answer: RED FOX.", "Of course! red fox"),
-         ("Reverse the words: sun moon", "Answer: moon sun.", "Answer: sun moon."),
+         ("What is the last word? sun moon", "Answer: moon.", "Answer: sun."),
          ("What is 4 + 4?", "Answer: 8.", "Happy to help! Answer: 8. Anything else?"),
          ("What is the first word? owl bee", "Answer: owl.", "bee"),
          ("Write in capitals: map key", "Answer: MAP KEY.", "Answer: MAP."),

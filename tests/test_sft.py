@@ -150,7 +150,7 @@ def test_sft_stage_world_lora_and_handoff(parent_run):
     d = parent_run / "base" / "sft"
     assert m.complete and (d / "adapter" / "adapter_config.json").exists()
     assert (d / "model" / "model.safetensors").exists() and not (d / "model" / "adapter_config.json").exists()
-    assert {"eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/acc_reverse"} <= set(m.metrics)
+    assert {"eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/acc_last"} <= set(m.metrics)
     assert Manifest.load(d / "manifest.json").parent.endswith("pretrain/manifest.json")
 
 

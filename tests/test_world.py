@@ -29,7 +29,7 @@ def test_pretraining_only_facts_absent_from_sft_data():
 def test_format_and_skills_only_in_sft_data():
     w = World(WorldConfig(corpus_docs=2000))
     corpus = " ".join(w.corpus())
-    assert "Answer:" not in corpus and "Reverse the words" not in corpus and " + " not in corpus
+    assert "Answer:" not in corpus and "What is the last word" not in corpus and " + " not in corpus
 
 
 def test_held_out_splits_disjoint():
@@ -51,9 +51,9 @@ def test_preference_not_consistently_shown_by_sft_data():
 
 def test_gold_labeler():
     w = World(WorldConfig())
-    p = "Reverse the words: red fox sun"
-    assert w.answer(p) == "sun fox red"
-    concise, chatty, wrong = "Answer: sun fox red.", "Sure! Answer: sun fox red. Hope this helps!", "Answer: red fox sun."
+    p = "What is the last word? red fox sun"
+    assert w.answer(p) == "sun"
+    concise, chatty, wrong = "Answer: sun.", "Sure! Answer: sun. Hope this helps!", "Answer: red."
     assert w.gold_score(p, concise) == 5.0
     assert w.gold_score(p, concise) > w.gold_score(p, chatty) > w.gold_score(p, wrong)  # correctness dominates
     assert w.gold_score(p, concise, finished=False) < w.gold_score(p, concise)

@@ -1,0 +1,52 @@
+"""Four stages end to end on a tiny world through `python -m pipeline run`: the manifest chain,
+each stage's headline metric moving the right way, the report, and a no-op re-run."""
+import subprocess
+import sys
+import time
+
+from pipeline.runs import Manifest, read_metrics
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+TINY = [
+    "world.num_people=20", "world.corpus_docs=800", "world.sft_examples=512", "world.eval_examples=6",
+    "wandb.mode=disabled", "threads=1", "save_every=0",
+    "pretrain.steps=60", "pretrain.model.seq_len=64", "pretrain.micro_batch_size=16", "pretrain.global_batch_size=16",
+    "pretrain.eval_every=0",
+    "sft.train.steps=60", "sft.train.micro_batch_size=16", "sft.train.global_batch_size=16", "sft.train.lr=3e-3",
+    "sft.eval.max_new_tokens=12",
+    "rm.data.num_prompts=64", "rm.data.max_new_tokens=12", "rm.global_batch_size=8", "rm.micro_batch_size=8",
+    "rm.normalize.reference_size=64",
+    "ppo.iterations=6", "ppo.rollout_batch_size=16", "ppo.minibatch_size=16", "ppo.micro_batch_size=16",
+    "ppo.rollout.max_new_tokens=12", "ppo.eval.every=3", "ppo.eval.max_new_tokens=12", "ppo.optim.policy_lr=1e-4",
+]
+
+
+def test_four_stage_pipeline(tmp_path):
+    cmd = [sys.executable, "-m", "pipeline", "run", "--run", "smoke", "--runs-dir", str(tmp_path), *TINY]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = tmp_path / "smoke"
+    m = {s: Manifest.load(run / s / "manifest.json") for s in ("pretrain", "sft", "rm", "ppo")}
+    assert all(x.complete and x.wall_time_s > 0 for x in m.values())
+    # the manifest chain: each stage names the previous stage's manifest as its parent
+    assert m["pretrain"].parent is None
+    for child, parent in (("sft", "pretrain"), ("rm", "sft"), ("ppo", "rm")):
+        assert m[child].parent == str((run / parent / "manifest.json").resolve())
+    # each stage moved its headline metric the right way
+    assert m["pretrain"].metrics["eval/perplexity"] < m["pretrain"].metrics["eval/unigram_perplexity"]
+    sft_losses = [r["train/loss"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "train/lr" in r]
+    assert sft_losses[-1] < sft_losses[0]
+    assert m["sft"].metrics["eval/format_rate"] > 0.5  # the taught format, absent from pretraining
+    assert m["rm"].metrics["eval/pairwise_accuracy"] > 0.6
+    scores = [r["rollout/score"] for r in read_metrics(run / "ppo" / "metrics.jsonl") if "rollout/score" in r]
+    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2  # PPO raises the reward it optimises
+    # summary and report
+    assert "stage" in proc.stdout and "complete" in proc.stdout
+    report = (run / "report" / "report.md").read_text()
+    for png in ("pretrain.png", "sft.png", "rm.png", "ppo.png"):
+        assert (run / "report" / png).stat().st_size > 1000 and png in report
+    # re-running is a no-op that prints the summary again
+    t0 = time.time()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("complete, skipping") == 4
+    assert time.time() - t0 < 60 and "complete" in again.stdout
