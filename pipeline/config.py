@@ -60,6 +60,7 @@ class WorldConfig:
     corpus_docs: int = F(12000, "pretraining documents generated from the world")
     fact_density: float = F(0.9, "share of corpus sentences that state a fact (the rest is prose)")
     sft_examples: int = F(6000, "SFT demonstrations (train split)")
+    sft_turns: int = F(1, "question/answer exchanges per SFT conversation")
     eval_examples: int = F(50, "held-out prompts per skill for evaluation")
     concise_rate: float = F(0.3, "share of SFT demonstrations written in the concise style the gold labeler prefers")
 

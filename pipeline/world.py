@@ -171,20 +171,26 @@ class World:
 
     # ---------------------------------------------------------------------------- SFT
     def sft_examples(self, split: str = "train") -> list[dict]:
-        """Demonstrations as chat `messages` (+ `skill`). Only SFT people appear in them."""
+        """Demonstrations as chat `messages` (+ `skill` of the first turn). Only SFT people appear.
+
+        Each conversation holds `sft_turns` question/answer exchanges: several supervised answers
+        per sequence give a small model more signal per optimizer step than one short answer."""
         rng = random.Random(f"{self.cfg.seed}-sft-{split}")
         n = self.cfg.sft_examples if split == "train" else max(100, self.cfg.sft_examples // 20)
         banned = {r["prompt"] for r in self._eval_prompts}
         sft_people = [p for p in self.people if not p.held_out]
         out = []
         while len(out) < n:
-            skill = rng.choice(SKILLS)
-            prompt = self._prompt(rng, skill, sft_people)
-            if prompt in banned:
-                continue
-            response = self.styled_answer(rng, self.answer(prompt))
-            out.append({"messages": [{"role": "user", "content": prompt},
-                                     {"role": "assistant", "content": response}], "skill": skill})
+            messages, skills = [], []
+            while len(skills) < self.cfg.sft_turns:
+                skill = rng.choice(SKILLS)
+                prompt = self._prompt(rng, skill, sft_people)
+                if prompt in banned:
+                    continue
+                messages += [{"role": "user", "content": prompt},
+                             {"role": "assistant", "content": self.styled_answer(rng, self.answer(prompt))}]
+                skills.append(skill)
+            out.append({"messages": messages, "skill": skills[0]})
         return out
 
     def styled_answer(self, rng: random.Random, answer: str) -> str:
