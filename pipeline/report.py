@@ -25,8 +25,12 @@ def _plot_lines(path: Path, title: str, rows: list[dict], keys: list[str], xlabe
     present = [k for k in keys if _series(rows, k)[0]]
     if not present:
         return False
-    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], present):
+    cols = min(3, len(present))
+    rows_n = -(-len(present) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.0 * rows_n + 0.4), squeeze=False)
+    for ax in axes.flat[len(present):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, present):
         x, y = _series(rows, key)
         ax.plot(x, y, marker="." if len(x) < 40 else None)
         ax.set_title(key, fontsize=9)

@@ -41,6 +41,23 @@ def stage_main(cfg_cls: type, run: Callable, argv: list[str] | None = None) -> i
     return 0
 
 
+def run_stage(cfg, body: Callable, precision: str | None = "auto") -> runs.Manifest:
+    """The common start of every stage: threads, accelerator, seeds, the stage directory; then
+    `body(cfg, sr, accelerator, threads)`. An exception after `sr.begin` marks the manifest failed.
+    `precision=None` leaves mixed precision to a Trainer."""
+    from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
+
+    threads = configure_threads(cfg.threads)
+    accelerator = make_accelerator(mixed_precision=resolve_precision(precision) if precision else None)
+    seed_everything(cfg.seed)
+    sr = StageRun(cfg, accelerator.is_main_process)
+    try:
+        return body(cfg, sr, accelerator, threads)
+    except BaseException as e:
+        sr.fail(e)
+        raise
+
+
 class StageRun:
     """Owns `runs/<run>/<stage>/`: config.yaml, the manifest (running -> complete | failed)."""
 
@@ -51,10 +68,17 @@ class StageRun:
         self.ckpt_dir = self.dir / "checkpoints"
         self.manifest = runs.Manifest(stage=cfg.stage, run_name=cfg.run_name, config=to_dict(cfg))
         self.t0 = time.time()
+        self.begun = False  # nothing is written before begin(): bad input fails without a trace
+
+    def log(self, *parts) -> None:
+        """A `[stage] ...` line on stderr, from rank 0 only."""
+        if self.is_main:
+            print(f"[{self.cfg.stage}]", *parts, file=sys.stderr, flush=True)
 
     def begin(self, parent: runs.Parent | None = None, data_fingerprint: str | None = None,
               resuming: bool = False) -> None:
         m = self.manifest
+        self.begun = True
         if parent is not None:
             m.parent, m.parent_hash = str(parent.manifest_path), parent.hash
         m.data_fingerprint = data_fingerprint
@@ -88,7 +112,7 @@ class StageRun:
         m = self.manifest
         m.status, m.error = "failed", "".join(traceback.format_exception_only(type(exc), exc)).strip()
         m.ended = time.time()
-        if self.is_main and self.dir.exists():
+        if self.is_main and self.begun:
             m.save(self.dir)
 
     # ------------------------------------------------------------------ checkpoints

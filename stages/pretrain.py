@@ -9,12 +9,10 @@ equal blocks -> fixed global batches in a seeded order -> AdamW with warm-up and
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,8 +22,7 @@ from pipeline.config import F, StageConfig
 from pipeline.data import read_text_documents
 from pipeline.evaluation import fact_cloze_accuracy
 from pipeline.models import PRESETS, count_parameters, llama_from_preset, load_causal_lm, load_tokenizer
-from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
-from pipeline.stage import StageRun, stage_main
+from pipeline.stage import StageRun, run_stage, stage_main
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
 
@@ -160,19 +157,11 @@ def prepare_tokenizer(cfg: PretrainConfig, sr: StageRun, accelerator, docs: list
 
 
 def run(cfg: PretrainConfig) -> runs.Manifest:
-    threads = configure_threads(cfg.threads)
-    accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
-    seed_everything(cfg.seed)
-    sr = StageRun(cfg, accelerator.is_main_process)
-    try:
-        return _run(cfg, sr, accelerator, threads)
-    except BaseException as e:
-        sr.fail(e)
-        raise
+    return run_stage(cfg, _run, cfg.precision)
 
 
 def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
-    log = (lambda *a: print("[pretrain]", *a, file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda *a: None)
+    log = sr.log
     # 1. data and tokenizer
     world = World(cfg.world) if cfg.data.source == "world" else None
     if world is not None:

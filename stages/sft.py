@@ -17,10 +17,10 @@ from typing import Literal
 from pipeline import runs
 from pipeline.config import F, StageConfig
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
-from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
+from pipeline.runtime import resolve_precision
 from pipeline.sft_data import load_sft_records
 from pipeline.sft_eval import evaluate_world
-from pipeline.stage import StageRun, stage_main
+from pipeline.stage import StageRun, run_stage, stage_main
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
 
@@ -149,22 +149,14 @@ def latest_trainer_checkpoint(sr: StageRun) -> str | None:
 
 
 def run(cfg: SFTConfig) -> runs.Manifest:
-    threads = configure_threads(cfg.threads)
-    accelerator = make_accelerator()
-    seed_everything(cfg.seed)
-    sr = StageRun(cfg, accelerator.is_main_process)
-    try:
-        return _run(cfg, sr, accelerator, threads)
-    except BaseException as e:
-        sr.fail(e)
-        raise
+    return run_stage(cfg, _run, precision=None)
 
 
 def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    log = (lambda *a: print("[sft]", *a, file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda *a: None)
+    log = sr.log
     # 1. parent and data (validated before anything is written)
     parent = None
     if cfg.model.name_or_path:

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ from pipeline.launch import launch_command
 from pipeline.runs import Manifest, read_metrics
 from stages import pretrain
 
-ROOT = pretrain.Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ["world.num_people=20", "world.corpus_docs=600", "model.seq_len=64", "micro_batch_size=8",
         "global_batch_size=16", "eval_every=0", "log_every=1", "save_every=0", "wandb.mode=disabled",
         "threads=1", "optim.warmup_steps=3"]

@@ -1,6 +1,7 @@
 """SFT stage: data formats, response-only loss, LoRA merge, bad records, resume, 2 processes."""
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from pipeline.sft_data import load_sft_records, validate_sft_record
 from pipeline.stage import DataError
 from stages import pretrain, sft
 
-ROOT = pretrain.Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 WORLD = ["world.num_people=20", "world.corpus_docs=600", "world.sft_examples=128", "world.eval_examples=4"]
 SFT_TINY = [*WORLD, "train.steps=4", "train.global_batch_size=16", "train.micro_batch_size=8", "log_every=1",
             "save_every=0", "wandb.mode=disabled", "threads=1", "data.max_length=64", "eval.max_new_tokens=8"]

@@ -3,10 +3,11 @@ each stage's headline metric moving the right way, the report, and a no-op re-ru
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pipeline.runs import Manifest, read_metrics
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "world.num_people=20", "world.corpus_docs=800", "world.sft_examples=512", "world.eval_examples=6",
     "wandb.mode=disabled", "threads=1", "save_every=0",

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 
 from pipeline import runs
 from pipeline.evaluation import shard
 from pipeline.models import count_parameters
-from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
-from pipeline.stage import StageRun
+from pipeline.runtime import seed_everything
+from pipeline.stage import StageRun, run_stage
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
@@ -29,15 +28,7 @@ from stages.ppo.models import export_policy, load_models, resolve_sources
 
 
 def run(cfg: PPOConfig) -> runs.Manifest:
-    threads = configure_threads(cfg.threads)
-    accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
-    seed_everything(cfg.seed)
-    sr = StageRun(cfg, accelerator.is_main_process)
-    try:
-        return _run(cfg, sr, accelerator, threads)
-    except BaseException as e:
-        sr.fail(e)
-        raise
+    return run_stage(cfg, _run, cfg.precision)
 
 
 def check_sizes(cfg: PPOConfig, world: int) -> int:
@@ -67,7 +58,7 @@ def check_world(cfg: PPOConfig, parent: runs.Parent | None) -> None:
 
 def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
     main = accelerator.is_main_process
-    log = (lambda *a: print("[ppo]", *a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
+    log = sr.log
     accum = check_sizes(cfg, accelerator.num_processes)
     # 1. parents, data, models
     sources = resolve_sources(cfg)
