@@ -113,7 +113,7 @@ class PPOConfig(StageConfig):
     optim: PPOOptimConfig = F(PPOOptimConfig(), "optimizers and schedules")
     ema: EMAConfig = F(EMAConfig(), "EMA of the policy")
     eval: PPOEvalConfig = F(PPOEvalConfig(), "gold evaluation against the SFT policy")
-    iterations: int = F(60, "PPO iterations (rollout batches)")
+    iterations: int = F(100, "PPO iterations (rollout batches)")
     rollout_batch_size: int = F(64, "prompts (episodes) per iteration, all processes together")
     epochs: int = F(2, "passes over each rollout batch")
     minibatch_size: int = F(32, "episodes per optimizer step, all processes together")
