@@ -239,12 +239,16 @@ class World:
 
     def gold_score(self, prompt: str, response: str, finished: bool = True) -> float:
         """Deterministic judge. 3 for a correct answer; up to 2 for style: 0.5 for stopping with
-        the end token, 0.5 for the `Answer: x.` format, and 1/(1 + extra words) for concision."""
+        the end token, 0.5 for the `Answer: x.` format, and 1 for concision (no words besides the
+        answer). Formatted chatty variants tie with each other: the preference is concise vs
+        chatty, not a word count. Text without the format gets less the longer it is (< 0.5)."""
         m = ANSWER_RE.search(response)
-        extra = (response[: m.start()] + " " + response[m.end():]) if m else response
         score = 3.0 * (m is not None and m.group(1).strip() == self.answer(prompt))
-        score += 0.5 * finished + 0.5 * (m is not None)
-        score += 1.0 / (1 + len(extra.split()))
+        score += 0.5 * finished
+        if m is not None:
+            score += 0.5 + 1.0 * (not (response[: m.start()] + " " + response[m.end():]).split())
+        else:
+            score += 0.5 / (1 + len(response.split()))
         return score
 
     def gold_ranks(self, prompt: str, responses: list[str], finished: list[bool] | None = None) -> list[int]:

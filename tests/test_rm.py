@@ -137,7 +137,8 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     stage, manifest = finished_run
-    assert manifest.status == "complete" and manifest.extra["headline"]["pairwise_acc"] >= 0
+    acc = manifest.extra["headline"]["pairwise_acc"]
+    assert manifest.status == "complete" and (acc != acc or 0 <= acc <= 1)  # nan: every held-out pair tied
     recs = [json.loads(line) for line in (stage / "comparisons.jsonl").read_text().splitlines()]
     assert len(recs) == 12 and all(len(r["responses"]) == 3 and r["ranking"] is not None for r in recs)
     tok = AutoTokenizer.from_pretrained(stage / "model")
