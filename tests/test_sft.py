@@ -108,7 +108,7 @@ def _collated_batch(tmp_path, records, parent_dir):
     tok = load_tokenizer(parent_dir)
     model = load_causal_lm(parent_dir, tok)
     kind = validate_sft_record("x", records[0])[0]
-    args = TRLSFTConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, bf16=False,
+    args = TRLSFTConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
                         per_device_train_batch_size=4, completion_only_loss=True if kind == "prompt_completion" else None,
                         assistant_only_loss=kind == "messages", max_length=64)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records[:4]), processing_class=tok)
