@@ -11,17 +11,23 @@ from pathlib import Path
 from pipeline import runs
 
 
+def _pyplot():
+    """matplotlib without a display (the report is written headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
     pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def _plot_lines(path: Path, title: str, rows: list[dict], keys: list[str], xlabel: str = "step") -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     present = [k for k in keys if _series(rows, k)[0]]
     if not present:
         return False
@@ -44,11 +50,7 @@ def _plot_lines(path: Path, title: str, rows: list[dict], keys: list[str], xlabe
 
 
 def _plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]]) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if not groups:
         return False
     labels = sorted({k for g in groups.values() for k in g})
@@ -68,11 +70,7 @@ def _plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]]) -> b
 
 
 def _plot_hist(path: Path, title: str, chosen: list[float], rejected: list[float]) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     if not chosen or not rejected:
         return False
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -89,11 +87,7 @@ def _plot_hist(path: Path, title: str, chosen: list[float], rejected: list[float
 
 def _plot_overoptimization(path: Path, rows: list[dict]) -> bool:
     """RM score and gold score against KL to the SFT policy along the PPO run (Gao et al. 2022)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     pts = [(r["eval/kl"], r.get("eval/rm_score"), r.get("eval/gold_score")) for r in rows
            if "eval/kl" in r and ("eval/gold_score" in r or "eval/rm_score" in r)]
     if not pts:
