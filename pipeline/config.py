@@ -59,10 +59,10 @@ class WorldConfig:
     num_people: int = F(48, "people in the world; each has a home city and a favourite colour")
     corpus_docs: int = F(12000, "pretraining documents generated from the world")
     fact_density: float = F(0.9, "share of corpus sentences that state a fact (the rest is prose)")
-    sft_examples: int = F(6000, "SFT demonstrations (train split)")
+    sft_examples: int = F(5500, "SFT demonstrations (train split)")
     sft_turns: int = F(1, "question/answer exchanges per SFT conversation")
     eval_examples: int = F(50, "held-out prompts per skill for evaluation")
-    concise_rate: float = F(0.3, "share of SFT demonstrations written in the concise style the gold labeler prefers")
+    concise_rate: float = F(0.2, "share of SFT demonstrations written in the concise style the gold labeler prefers")
 
 
 @dataclass

@@ -46,7 +46,7 @@ def test_preference_not_consistently_shown_by_sft_data():
     w = World(WorldConfig())
     responses = [ex["messages"][1]["content"] for ex in w.sft_examples()]
     concise = sum(r.startswith("Answer:") and r.endswith(".") for r in responses) / len(responses)
-    assert 0.2 < concise < 0.4  # most demonstrations are chatty; the labeler prefers concise
+    assert 0.1 < concise < 0.3  # most demonstrations are chatty; the labeler prefers concise
 
 
 def test_gold_labeler():
