@@ -66,7 +66,7 @@ class SFTTrainConfig:
 
 @dataclass
 class SFTEvalConfig:
-    max_new_tokens: int = F(32, "tokens generated per held-out prompt")
+    max_new_tokens: int = F(64, "tokens generated per held-out prompt (chatty answers need ~50)")
     batch_size: int = F(64, "prompts per generation batch")
     samples: int = F(40, "sample generations logged to the wandb table")
 

@@ -14,7 +14,7 @@ TINY = [
     "pretrain.steps=60", "pretrain.model.seq_len=64", "pretrain.micro_batch_size=16", "pretrain.global_batch_size=16",
     "pretrain.eval_every=0",
     "sft.train.steps=120", "sft.train.micro_batch_size=16", "sft.train.global_batch_size=16",
-    "sft.eval.max_new_tokens=12",
+    "sft.eval.max_new_tokens=32",
     "rm.data.num_prompts=64", "rm.data.max_new_tokens=12", "rm.global_batch_size=8", "rm.micro_batch_size=8",
     "rm.normalize.reference_size=64",
     "ppo.iterations=6", "ppo.rollout_batch_size=16", "ppo.minibatch_size=16", "ppo.micro_batch_size=16",
