@@ -50,7 +50,7 @@ class RolloutConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kl_coef: float = F(0.05, "β: weight of the per-token KL penalty in the reward (initial value when adaptive)")
+    kl_coef: float = F(0.1, "β: weight of the per-token KL penalty in the reward (initial value when adaptive)")
     kl_estimator: Literal["k1", "k2", "k3"] = F("k1", "per-token KL estimate in the reward: k1 (unbiased, standard), k2, k3")
     adaptive_kl: bool = F(False, "adapt β towards kl_target (Ziegler et al. 2019) instead of keeping it fixed")
     kl_target: float = F(6.0, "target sequence KL in nats for the adaptive controller")
