@@ -116,18 +116,20 @@ class StageRun:
             m.save(self.dir)
 
     # ------------------------------------------------------------------ checkpoints
-    def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint (directories are renamed into place only when whole)."""
+    def latest_checkpoint(self, pattern: str = "step-*") -> Path | None:
+        """The newest complete checkpoint matching `pattern`: ours (`step-N`) are renamed into
+        place only when whole; HF Trainer's (`checkpoint-N`) count once `trainer_state.json`,
+        written last, exists. None after a complete stage: a finished stage run again starts afresh."""
         if not self.cfg.resume or not self.ckpt_dir.exists():
             return None
         done = self.dir / "manifest.json"
         if done.exists():
             try:
                 if runs.Manifest.load(done).complete:
-                    return None  # a finished stage run again starts afresh
+                    return None
             except runs.HandoffError:
                 pass
-        found = sorted((p for p in self.ckpt_dir.glob("step-*") if (p / "trainer_state.json").exists()),
+        found = sorted((p for p in self.ckpt_dir.glob(pattern) if (p / "trainer_state.json").exists()),
                        key=lambda p: int(re.sub(r"\D", "", p.name)))
         return found[-1] if found else None
 

@@ -18,18 +18,9 @@ from pipeline.tracking import Progress, make_tracker
 
 
 def last_hf_checkpoint(sr) -> str | None:
-    """The newest `checkpoint-N` of an unfinished run; None after a complete one, which a new
-    run replaces (as `StageRun.latest_checkpoint` does for the K-wise loop)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from pipeline.runs import Manifest
-
-    if not sr.cfg.resume or not sr.ckpt_dir.exists():
-        return None
-    done = sr.dir / "manifest.json"
-    if done.exists() and Manifest.load(done).complete:
-        return None
-    return get_last_checkpoint(str(sr.ckpt_dir))
+    """The newest complete `checkpoint-N` of an unfinished run (see `StageRun.latest_checkpoint`)."""
+    found = sr.latest_checkpoint("checkpoint-*")
+    return str(found) if found else None
 
 
 def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, train: list, log):

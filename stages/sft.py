@@ -136,18 +136,6 @@ def _stop_after_callback(n: int):
     return StopAfter()
 
 
-def latest_trainer_checkpoint(sr: StageRun) -> str | None:
-    """Newest HF checkpoint whose trainer_state.json exists: that file is written last, so a
-    checkpoint without it was interrupted mid-write and is ignored."""
-    if not sr.cfg.resume or not sr.ckpt_dir.exists():
-        return None
-    done = sr.dir / "manifest.json"
-    if done.exists() and runs.Manifest.load(done).complete:
-        return None
-    found = [p for p in sr.ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return str(max(found, key=lambda p: int(p.name.split("-")[1]))) if found else None
-
-
 def run(cfg: SFTConfig) -> runs.Manifest:
     return run_stage(cfg, _run, precision=None)
 
@@ -167,7 +155,8 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         _check_world(cfg, parent)
     world = World(cfg.world) if cfg.data.source == "world" else None
     train_records, valid_records, kind = load_sft_records(cfg.data, world)
-    resume = latest_trainer_checkpoint(sr)
+    resume = sr.latest_checkpoint("checkpoint-*")
+    resume = str(resume) if resume else None
     sr.begin(parent, runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_records), train_records[:3]]),
              resuming=resume is not None)
 
