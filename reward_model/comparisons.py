@@ -6,7 +6,9 @@ File formats (JSONL, JSON, Parquet, CSV or a `save_to_disk` directory; one recor
 - K-wise ranking (our native format, also what the stage exports for labeling):
   `{"prompt": P, "responses": [r_1, ..., r_K], "ranking": [k_1, ..., k_K]}` where `k_i` is the
   rank of response i, 0 = best, equal ranks = a tie (no preference between those two).
-  Optional: `"finished": [bool, ...]` (False = cut off before its stop token), `"skill"`.
+  Optional: `"finished": [bool, ...]` (False = cut off before its stop token), `"skill"`, and
+  `"correct": [bool, ...]` (is each response's answer right? evaluation then reports accuracy on
+  pairs that differ in correctness apart from pairs that differ only in style).
   An exported, not yet labeled file has `"ranking": null`.
 - Preference, explicit prompt: `{"prompt": P, "chosen": C, "rejected": R}`.
 - Preference, implicit prompt: `{"chosen": C, "rejected": R}`; the prompt is their shared prefix
@@ -43,6 +45,7 @@ class Comparison:
     finished: list[bool] = field(default_factory=list)
     skill: str | None = None
     gold_scores: list[float] | None = None
+    correct: list[bool] | None = None  # per response, when the labeler knows (the built-in world)
     loc: str = ""
 
     def pairs(self) -> list[tuple[int, int]]:
@@ -57,6 +60,8 @@ class Comparison:
             rec["skill"] = self.skill
         if self.gold_scores is not None:
             rec["gold_scores"] = self.gold_scores
+        if self.correct is not None:
+            rec["correct"] = self.correct
         return rec
 
 
@@ -97,6 +102,7 @@ def rank_with_labeler(world, comparisons: list[Comparison]) -> None:
     for c in comparisons:
         c.gold_scores = [round(world.gold_score(c.prompt, r, f), 6) for r, f in zip(c.responses, c.finished)]
         c.ranking = world.gold_ranks(c.prompt, c.responses, c.finished)
+        c.correct = [world.is_correct(c.prompt, r) for r in c.responses]
 
 
 def add_label_noise(ranking: list[int], p: float, rng: random.Random) -> list[int]:
@@ -171,10 +177,12 @@ def _kwise(loc: str, rec: dict) -> Comparison:
         finished = [True] * len(responses)
     elif not isinstance(finished, list) or len(finished) != len(responses) or not all(isinstance(x, bool) for x in finished):
         raise DataError(f"{loc}: field 'finished' must be a list of {len(responses)} booleans, got {finished!r}")
-    skill, gold = rec.get("skill"), rec.get("gold_scores")
+    skill, gold, correct = rec.get("skill"), rec.get("gold_scores"), rec.get("correct")
     gold_ok = isinstance(gold, list) and len(gold) == len(responses) and all(isinstance(x, (int, float)) for x in gold)
+    correct_ok = isinstance(correct, list) and len(correct) == len(responses) and all(isinstance(x, bool) for x in correct)
     return Comparison(prompt=prompt, responses=list(responses), ranking=list(ranking), finished=list(finished),
-                      skill=skill if isinstance(skill, str) else None, gold_scores=gold if gold_ok else None, loc=loc)
+                      skill=skill if isinstance(skill, str) else None, gold_scores=gold if gold_ok else None,
+                      correct=list(correct) if correct_ok else None, loc=loc)
 
 
 def _explicit(loc: str, rec: dict) -> Comparison:

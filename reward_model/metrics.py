@@ -27,6 +27,25 @@ def pairwise_accuracy(rankings: list[list[int]], rewards: list[list[float]], gro
     return {"accuracy": correct / total if total else float("nan"), "pairs": total, "by_group": dict(sorted(by_group.items()))}
 
 
+def accuracy_by_correctness(rankings: list[list[int]], rewards: list[list[float]],
+                            correct: list[list[bool] | None]) -> dict:
+    """Pairwise accuracy split by what separates the two responses, where correctness is known:
+    `correctness` pairs (one answer right, the other wrong) and `style` pairs (both right or both
+    wrong, so only form differs). An RM can score high overall by ranking style alone; the
+    `correctness` figure shows whether it judges the answers. -> {kind: {accuracy, pairs}}."""
+    hits: dict = defaultdict(lambda: [0, 0])
+    for ranks, r, ok in zip(rankings, rewards, correct):
+        if ok is None:
+            continue
+        for i in range(len(ranks)):
+            for j in range(len(ranks)):
+                if ranks[i] < ranks[j]:
+                    kind = "correctness" if ok[i] != ok[j] else "style"
+                    hits[kind][0] += r[i] > r[j]
+                    hits[kind][1] += 1
+    return {k: {"accuracy": c / n, "pairs": n} for k, (c, n) in sorted(hits.items())}
+
+
 def chosen_rejected(rankings: list[list[int]], rewards: list[list[float]]) -> tuple[list[float], list[float]]:
     """Rewards of the preferred and the dispreferred response of every ranked pair."""
     chosen, rejected = [], []
@@ -94,10 +113,14 @@ def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]]
                "eval/length_corr": pearson(lengths, scores)}
     for skill, v in acc["by_group"].items():
         metrics[f"eval/pairwise_accuracy/{skill}"] = v["accuracy"]
+    by_kind = accuracy_by_correctness(rankings, per_comp, [c.correct for c in held_out])
+    for kind, v in by_kind.items():
+        metrics[f"eval/pairwise_accuracy/{kind}_pairs"] = v["accuracy"]
     gold = [s for c in held_out for s in (c.gold_scores or [])]
     if len(gold) == len(scores):
         metrics["eval/gold_length_corr"] = pearson(lengths, gold)
-    extra = {"eval_accuracy_by_skill": acc["by_group"], "reward_histogram": histogram(chosen, rejected)}
+    extra = {"eval_accuracy_by_skill": acc["by_group"], "eval_accuracy_by_pair_kind": by_kind,
+             "reward_histogram": histogram(chosen, rejected)}
     rows = []
     for c, r in zip(held_out, per_comp):
         for j, resp in enumerate(c.responses):

@@ -141,6 +141,7 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
     assert manifest.status == "complete" and (acc != acc or 0 <= acc <= 1)  # nan: every held-out pair tied
     recs = [json.loads(line) for line in (stage / "comparisons.jsonl").read_text().splitlines()]
     assert len(recs) == 12 and all(len(r["responses"]) == 3 and r["ranking"] is not None for r in recs)
+    assert all(len(r["correct"]) == 3 for r in recs)  # the world labeler marks each answer right or wrong
     tok = AutoTokenizer.from_pretrained(stage / "model")
     model = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
     plain = []
@@ -159,6 +160,8 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
     m = manifest.metrics
     assert abs(m["norm/ref_mean"]) < 1e-6 and m["norm/heldout_max_abs_dev"] >= m["norm/heldout_mean_abs_dev"] >= 0
     assert {"edges", "chosen", "rejected"} <= set(manifest.extra["reward_histogram"])
+    kinds = manifest.extra["eval_accuracy_by_pair_kind"]
+    assert set(kinds) <= {"correctness", "style"} and sum(v["pairs"] for v in kinds.values()) == m["eval/pairs"]
     assert "eval/length_corr" in m and any(k.startswith("eval/pairwise_accuracy/") for k in m)
 
 
@@ -274,6 +277,19 @@ def test_kwise_validation_messages():
                                       "chosen": [{"role": "bot", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]})
     with pytest.raises(DataError, match="share no prefix"):
         cmp.parse_record("f:line 1", {"chosen": "abc", "rejected": "xyz"})
+
+
+def test_accuracy_by_correctness_hand_computed():
+    from reward_model.metrics import accuracy_by_correctness
+
+    rankings = [[0, 1, 2], [1, 0], [0, 1], [0, 0, 1]]
+    rewards = [[3.0, 1.0, 2.0], [0.5, 0.2], [1.0, 0.0], [1.0, 2.0, 0.0]]
+    correct = [[True, True, False], [False, False], None, [True, False, False]]
+    # comparison 1: 0>1 style hit, 0>2 correctness hit, 1>2 correctness miss; 2: 1>0 style miss;
+    # 3: correctness unknown, skipped; 4: 0~1 tie skipped, 0>2 correctness hit, 1>2 style hit
+    out = accuracy_by_correctness(rankings, rewards, correct)
+    assert out == {"correctness": {"accuracy": 2 / 3, "pairs": 3}, "style": {"accuracy": 2 / 3, "pairs": 3}}
+    assert accuracy_by_correctness(rankings, rewards, [None] * 4) == {}
 
 
 def test_label_noise_swaps_adjacent_ranks():
