@@ -1,6 +1,6 @@
 """Stage `rm`: a reward model from ranked comparisons, normalized and ready for PPO.
 
-Data flow: parent SFT policy -> K responses per world prompt (temperature 1) -> gold labeler
+Data flow: parent SFT policy -> K responses per world prompt (temperature 0.7, as PPO samples) -> gold labeler
 ranks them (optional simulated label noise) -> `comparisons.jsonl` (or: imported K-wise /
 preference files, validated up front) -> SFT weights + fresh scalar head -> K-wise loss, all
 C(K,2) pairs of a prompt in one batch element (own accelerate loop; pure pairwise data may go
@@ -46,8 +46,10 @@ class RMDataConfig:
     prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
     num_prompts: int = F(1000, "world prompts to sample comparisons for")
     k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)")
+    eval_k: int = F(8, "responses sampled per held-out world prompt: more pairs from the same prompts, a tighter "
+                       "accuracy estimate (the expected share of correctness vs style pairs does not depend on K); 0 = k")
     max_new_tokens: int = F(24, "response length limit when sampling")
-    temperature: float = F(1.0, "sampling temperature (1.0 = the policy's own distribution, as InstructGPT)")
+    temperature: float = F(0.7, "sampling temperature; default = PPO's rollout temperature, so the RM learns the distribution it will score (1.0 = the raw policy, as InstructGPT)")
     label_noise: float = F(0.0, "simulated labeler noise: probability of swapping two adjacent ranks of a sampled comparison")
     valid_fraction: float = F(0.1, "share of imported comparisons held out for evaluation when no eval_files are given")
     max_length: int = F(512, "drop comparisons with a rendered prompt+response longer than this many tokens")
@@ -99,6 +101,8 @@ class RMConfig(StageConfig):
                      "then import with data.source=files)")
         if d.k < 2:
             p.append("data.k: must be >= 2 to compare responses")
+        if d.eval_k == 1 or d.eval_k < 0:
+            p.append("data.eval_k: must be >= 2 (or 0 = data.k)")
         if not 0.0 <= d.label_noise <= 1.0:
             p.append("data.label_noise: must be a probability in [0, 1]")
         if not 0.0 <= d.valid_fraction < 1.0:
@@ -279,7 +283,7 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
     else:
         world, t0 = World(cfg.world), time.time()
         train = sample(world.prompts("rm", d.num_prompts), d.k, cfg.seed)
-        held_out = sample(world.prompts("eval"), d.k, cfg.seed + 1)
+        held_out = sample(world.prompts("eval"), d.eval_k or d.k, cfg.seed + 1)
         cmp.rank_with_labeler(world, train + held_out)
         for c in train:
             c.ranking = cmp.add_label_noise(c.ranking, d.label_noise, rng)
@@ -381,6 +385,14 @@ def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
     print(f"  held-out pairwise accuracy  {metrics['eval/pairwise_accuracy']:.1%}  ({metrics['eval/pairs']} ranked pairs, ties excluded)")
     for skill, v in extra["eval_accuracy_by_skill"].items():
         print(f"    {skill:<8} {v['accuracy']:.1%}  ({v['pairs']} pairs)")
+    by_kind = extra.get("eval_accuracy_by_pair_kind", {})
+    for kind, what in (("correctness", "one answer right, one wrong"), ("style", "same correctness, form differs")):
+        if kind in by_kind:
+            print(f"    {kind + ' pairs':<20} {by_kind[kind]['accuracy']:.1%}  ({by_kind[kind]['pairs']} pairs: {what})")
+    if by_kind.get("correctness", {}).get("accuracy", 1.0) < 0.6 <= by_kind.get("style", {}).get("accuracy", 0.0):
+        print("  WARNING: the reward model ranks form, not correctness: pairs that differ in the answer's correctness are "
+              "near chance. PPO will optimize style; a larger or stronger SFT backbone, or more comparisons, is needed "
+              "to judge answers.")
     print(f"  reward chosen {metrics['eval/reward_chosen_mean']:+.3f} | rejected {metrics['eval/reward_rejected_mean']:+.3f}")
     if "norm/ref_mean" in metrics:
         print(f"  normalized on {extra['normalization']['reference_size']} SFT samples: mean {metrics['norm/ref_mean']:+.2e} "

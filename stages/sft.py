@@ -53,7 +53,7 @@ class SFTDataConfig:
 
 @dataclass
 class SFTTrainConfig:
-    epochs: float = F(4.0, "passes over the training data (ignored when steps > 0)")
+    epochs: float = F(8.0, "passes over the training data (ignored when steps > 0)")
     steps: int = F(-1, "optimizer steps (-1 = from epochs)")
     lr: float = F(3e-3, "peak learning rate (tiny full fine-tune; use ~2e-5 for real models, ~2e-4 for LoRA)")
     weight_decay: float = F(0.0, "AdamW weight decay")

@@ -279,6 +279,17 @@ def test_kwise_validation_messages():
         cmp.parse_record("f:line 1", {"chosen": "abc", "rejected": "xyz"})
 
 
+def test_rm_config_problems_are_reported_together():
+    from pipeline.config import ConfigError
+    from stages.rm import RMConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(RMConfig, ["data.k=1", "data.eval_k=1", "data.label_noise=2"])
+    text = str(e.value)
+    assert "data.k: must be >= 2" in text and "data.eval_k: must be >= 2" in text and "data.label_noise" in text
+    assert load_config(RMConfig, ["data.eval_k=0"]).data.eval_k == 0  # 0 = the training K
+
+
 def test_accuracy_by_correctness_hand_computed():
     from reward_model.metrics import accuracy_by_correctness
 
