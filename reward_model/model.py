@@ -64,18 +64,35 @@ def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.fl
 # ------------------------------------------------------------------------------------------
 # Normalization folded into the head
 # ------------------------------------------------------------------------------------------
-def normalized_head(weight: Tensor, mean_hidden: Tensor, mean: float, std: float = 1.0) -> Tensor:
-    """The head `w'` whose scores are `(score - mean) / std` on average over a reference set.
+def shift_direction(hidden: Tensor, ridge: float = 1e-3) -> Tensor:
+    """The direction v along which a score shift is stored: v·h ≈ 1 for every reference final
+    hidden state h [N, d] (ridge-regularised least squares), rescaled so that the reference mean
+    of v·h is exactly 1 -> v [d] (float64).
 
-    weight [1, d] (score = w·h, no bias), mean_hidden h̄ [d] = mean final hidden state of the
-    reference set, mean μ = w·h̄ -> [1, d]:  w' = (w − μ·h̄/|h̄|²) / σ.
-    Llama's head has no bias and the final RMSNorm makes scores scale-invariant in the residual
-    stream, so a pure shift cannot be stored; shifting along h̄ makes the reference mean exactly
-    0 (w'·h̄ = (μ − μ)/σ) and changes a score x by μ(1 − h̄·h_x/|h̄|²)/σ, small when h_x ≈ h̄.
+    The final RMSNorm output has a large component shared by all sequences, so such a v exists
+    nearly exactly, and `w − μ·v` shifts every score by almost exactly μ (Llama's head has no bias).
+    Falls back to h̄/|h̄|² (exact only at the mean hidden state) if the fit degenerates.
     """
-    w = weight.double()
-    h = mean_hidden.double()
-    shifted = w - mean * h / h.dot(h)
+    h = hidden.double()
+    gram = h.T @ h
+    gram = gram + ridge * gram.diagonal().mean().clamp(min=1e-12) * torch.eye(h.shape[1], dtype=h.dtype)
+    v = torch.linalg.solve(gram, h.T @ torch.ones(h.shape[0], dtype=h.dtype))
+    scale = (h @ v).mean()
+    if not torch.isfinite(v).all() or scale.abs() < 1e-6:
+        mean_hidden = h.mean(0)
+        return mean_hidden / mean_hidden.dot(mean_hidden)
+    return v / scale
+
+
+def normalized_head(weight: Tensor, direction: Tensor, mean: float, std: float = 1.0) -> Tensor:
+    """The head `w'` whose scores are `(score - mean) / std` over a reference set.
+
+    weight [1, d] (score = w·h, no bias), direction v [d] from `shift_direction` (mean of v·h over
+    the reference = 1), mean μ = mean of w·h -> [1, d]:  w' = (w − μ·v) / σ.
+    The reference mean of w'·h is exactly 0; any score x moves by μ(1 − v·h_x)/σ more than an
+    exact shift would, small because v·h ≈ 1 for hidden states like the reference's.
+    """
+    shifted = weight.double() - mean * direction.double()
     return (shifted / std).to(weight.dtype)
 
 
@@ -88,14 +105,14 @@ def fold_normalization(model, hidden: Tensor, scores: Tensor, use_std: bool = Tr
     `config.reward_normalization` so the model directory describes itself."""
     h = hidden.double()
     mean = scores.double().mean().item()
-    mean_hidden = h.mean(0)
+    direction = shift_direction(h)
     w = model.score.weight
     std = 1.0
     if use_std:
-        shifted = h @ normalized_head(w.detach(), mean_hidden, mean, 1.0).double()[0]
+        shifted = h @ normalized_head(w.detach(), direction, mean, 1.0).double()[0]
         std = shifted.std(unbiased=False).item()
         std = std if std > 1e-6 else 1.0
-    w.copy_(normalized_head(w.detach(), mean_hidden, mean, std))
+    w.copy_(normalized_head(w.detach(), direction, mean, std))
     stats = {"mean": mean, "std": std, "reference_size": int(scores.numel())}
     model.config.reward_normalization = stats
     return stats

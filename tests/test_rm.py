@@ -15,7 +15,7 @@ from pipeline import runs
 from pipeline.config import load_config
 from pipeline.stage import DataError
 from reward_model import comparisons as cmp
-from reward_model.model import fold_normalization, normalized_head, shift_deviation
+from reward_model.model import fold_normalization, normalized_head, shift_deviation, shift_direction
 from reward_model.scoring import group_rewards, render, score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,12 +123,34 @@ def test_normalized_head_math():
     after = hidden.double() @ model.score.weight.double()[0]
     assert abs(after.mean().item()) < 1e-6 and abs(after.std(unbiased=False).item() - 1) < 1e-5
     assert model.config.reward_normalization == stats
-    # the deviation from the exact affine map is μ(1 − h̄·h/|h̄|²)/σ, zero at h = h̄
-    mu, sd, hbar = stats["mean"], stats["std"], hidden.double().mean(0)
-    expected = (mu * (1 - held.double() @ hbar / hbar.dot(hbar)) / sd).abs()
+    # the deviation from the exact affine map is μ(1 − v·h)/σ with v the fitted shift direction
+    mu, sd = stats["mean"], stats["std"]
+    v = shift_direction(hidden)
+    assert abs((hidden.double() @ v).mean().item() - 1) < 1e-9
+    expected = (mu * (1 - held.double() @ v) / sd).abs()
     dev = shift_deviation(w, model.score.weight.detach(), held, mu, sd)
     assert abs(dev["max_abs_dev"] - expected.max().item()) < 1e-4
-    torch.testing.assert_close(normalized_head(w, hbar.float(), mu, sd) @ hbar.float(), torch.zeros(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalized_head(w, v.float(), mu, sd) @ hidden.mean(0), torch.zeros(1), atol=1e-5, rtol=0)
+
+
+def test_shift_is_exact_when_hidden_states_share_a_constant_component():
+    """RMSNorm outputs share a large component; when one coordinate is the same for every
+    sequence, v·h = 1 can hold exactly and the folded head equals the exact map (s − μ)/σ
+    on unseen hidden states too, where shifting along the mean hidden state would not be."""
+    g = torch.Generator().manual_seed(1)
+    ref, held = torch.randn(64, 6, generator=g), torch.randn(16, 6, generator=g)
+    ref[:, 0], held[:, 0] = 3.0, 3.0
+    w = torch.randn(1, 6, generator=g)
+    model = torch.nn.Module()
+    model.score = torch.nn.Linear(6, 1, bias=False)
+    model.config = type("C", (), {})()
+    model.score.weight.data.copy_(w)
+    stats = fold_normalization(model, ref, ref @ w[0], use_std=True)
+    dev = shift_deviation(w, model.score.weight.detach(), held, stats["mean"], stats["std"])
+    assert dev["max_abs_dev"] < 1e-2
+    hbar = ref.double().mean(0)
+    along_mean = (stats["mean"] * (1 - held.double() @ hbar / hbar.dot(hbar)) / stats["std"]).abs().max().item()
+    assert along_mean > 10 * dev["max_abs_dev"]
 
 
 def test_plain_transformers_model_gives_normalized_scores(finished_run):
