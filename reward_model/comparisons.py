@@ -30,6 +30,7 @@ from pipeline.data import map_columns, read_records
 from pipeline.evaluation import gather, generate, shard
 from pipeline.runs import atomic_write_text
 from pipeline.stage import DataError
+from reward_model.metrics import ranked_pairs
 from reward_model.scoring import as_messages, prompt_ids
 
 ROLES = ("system", "user", "assistant")
@@ -50,8 +51,7 @@ class Comparison:
 
     def pairs(self) -> list[tuple[int, int]]:
         """(winner, loser) index pairs; ties are not pairs."""
-        r = self.ranking or []
-        return [(i, j) for i in range(len(r)) for j in range(len(r)) if r[i] < r[j]]
+        return list(ranked_pairs(self.ranking or []))
 
     def record(self) -> dict:
         """The JSONL record of this comparison (the documented K-wise format)."""

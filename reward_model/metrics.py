@@ -10,18 +10,21 @@ import torch
 from reward_model.scoring import score_ids
 
 
+def ranked_pairs(ranks: list[int]):
+    """(better, worse) index pairs of one ranking (0 = best); ties are not pairs."""
+    return ((i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j])
+
+
 def pairwise_accuracy(rankings: list[list[int]], rewards: list[list[float]], groups: list[str | None] | None = None) -> dict:
     """Fraction of ranked pairs (ties excluded) whose better response gets the higher reward,
     overall and per group (e.g. skill). -> {"accuracy", "pairs", "by_group": {g: {accuracy, pairs}}}."""
     groups = groups or [None] * len(rankings)
     hits: dict = defaultdict(lambda: [0, 0])
     for ranks, r, g in zip(rankings, rewards, groups):
-        for i in range(len(ranks)):
-            for j in range(len(ranks)):
-                if ranks[i] < ranks[j]:
-                    for key in ("__all__", g):
-                        hits[key][0] += r[i] > r[j]
-                        hits[key][1] += 1
+        for i, j in ranked_pairs(ranks):
+            for key in ("__all__", g):
+                hits[key][0] += r[i] > r[j]
+                hits[key][1] += 1
     correct, total = hits.get("__all__", [0, 0])
     by_group = {g: {"accuracy": c / n, "pairs": n} for g, (c, n) in hits.items() if g not in ("__all__", None)}
     return {"accuracy": correct / total if total else float("nan"), "pairs": total, "by_group": dict(sorted(by_group.items()))}
@@ -37,12 +40,10 @@ def accuracy_by_correctness(rankings: list[list[int]], rewards: list[list[float]
     for ranks, r, ok in zip(rankings, rewards, correct):
         if ok is None:
             continue
-        for i in range(len(ranks)):
-            for j in range(len(ranks)):
-                if ranks[i] < ranks[j]:
-                    kind = "correctness" if ok[i] != ok[j] else "style"
-                    hits[kind][0] += r[i] > r[j]
-                    hits[kind][1] += 1
+        for i, j in ranked_pairs(ranks):
+            kind = "correctness" if ok[i] != ok[j] else "style"
+            hits[kind][0] += r[i] > r[j]
+            hits[kind][1] += 1
     return {k: {"accuracy": c / n, "pairs": n} for k, (c, n) in sorted(hits.items())}
 
 
@@ -50,11 +51,9 @@ def chosen_rejected(rankings: list[list[int]], rewards: list[list[float]]) -> tu
     """Rewards of the preferred and the dispreferred response of every ranked pair."""
     chosen, rejected = [], []
     for ranks, r in zip(rankings, rewards):
-        for i in range(len(ranks)):
-            for j in range(len(ranks)):
-                if ranks[i] < ranks[j]:
-                    chosen.append(r[i])
-                    rejected.append(r[j])
+        for i, j in ranked_pairs(ranks):
+            chosen.append(r[i])
+            rejected.append(r[j])
     return chosen, rejected
 
 

@@ -109,16 +109,22 @@ def test_group_rewards_forwards_each_response_once(sft):
     torch.testing.assert_close(rewards[0].detach(), alone, atol=1e-5, rtol=1e-5)
 
 
+def _head_only(w):
+    """A stand-in with just the score head and a config: what the normalization touches."""
+    model = torch.nn.Module()
+    model.score = torch.nn.Linear(w.shape[1], 1, bias=False)
+    model.config = type("C", (), {})()
+    model.score.weight.data.copy_(w)
+    return model
+
+
 def test_normalized_head_math():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 8, generator=g) + 2.0
     held = torch.randn(20, 8, generator=g) + 2.0
     w = torch.randn(1, 8, generator=g)
     scores = hidden @ w[0]
-    model = torch.nn.Module()
-    model.score = torch.nn.Linear(8, 1, bias=False)
-    model.config = type("C", (), {})()
-    model.score.weight.data.copy_(w)
+    model = _head_only(w)
     stats = fold_normalization(model, hidden, scores, use_std=True)
     after = hidden.double() @ model.score.weight.double()[0]
     assert abs(after.mean().item()) < 1e-6 and abs(after.std(unbiased=False).item() - 1) < 1e-5
@@ -141,10 +147,7 @@ def test_shift_is_exact_when_hidden_states_share_a_constant_component():
     ref, held = torch.randn(64, 6, generator=g), torch.randn(16, 6, generator=g)
     ref[:, 0], held[:, 0] = 3.0, 3.0
     w = torch.randn(1, 6, generator=g)
-    model = torch.nn.Module()
-    model.score = torch.nn.Linear(6, 1, bias=False)
-    model.config = type("C", (), {})()
-    model.score.weight.data.copy_(w)
+    model = _head_only(w)
     stats = fold_normalization(model, ref, ref @ w[0], use_std=True)
     dev = shift_deviation(w, model.score.weight.detach(), held, stats["mean"], stats["std"])
     assert dev["max_abs_dev"] < 1e-2
