@@ -79,10 +79,16 @@ class StageConfig:
     keep_checkpoints: int = F(2, "how many periodic checkpoints to keep")
     log_every: int = F(10, "log metrics every N optimizer steps")
     max_steps: int = F(-1, "stop after N optimizer steps (-1 = as configured by epochs/steps)")
+    stop_after: int = F(-1, "end the process right after step N (PPO: iteration N), leaving a checkpoint, as an interruption "
+                            "would; re-running the same command resumes and finishes (-1 = never)")
     world: WorldConfig = F(WorldConfig(), "the built-in world (used when data source is 'world')")
     wandb: WandbConfig = F(WandbConfig(), "Weights & Biases logging")
 
     stage: typing.ClassVar[str] = ""
+
+    def stops_at(self, step: int, total: int) -> bool:
+        """True exactly at step `stop_after` of a run of `total` steps (never at its last)."""
+        return step == self.stop_after < total
 
     def validate(self) -> list[str]:
         """Cross-field checks; returns problems (empty = fine). Subclasses extend."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import random
 
+import math
+
 import numpy as np
 import torch
 
@@ -63,3 +65,12 @@ def resolve_precision(precision: str) -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def warmup_cosine(step: int, total: int, warmup_steps: int, min_ratio: float) -> float:
+    """Learning-rate factor of optimizer step `step` (0-based): linear warm-up over `warmup_steps`,
+    then cosine decay to `min_ratio` at step `total`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -133,6 +133,15 @@ class StageRun:
                        key=lambda p: int(re.sub(r"\D", "", p.name)))
         return found[-1] if found else None
 
+    def checkpoint(self, accelerator, step: int, total: int, state: dict) -> bool:
+        """End of optimizer step `step` of `total`: save a resumable checkpoint every `save_every`
+        steps (the final one is the stage's output, not a checkpoint) and at `stop_after`.
+        Returns True when the process should end now (stop_after)."""
+        stopping = self.cfg.stops_at(step, total)
+        if (self.cfg.save_every and step % self.cfg.save_every == 0 and step < total) or stopping:
+            self.save_checkpoint(accelerator, step, state)
+        return stopping
+
     def save_checkpoint(self, accelerator, step: int, state: dict) -> Path:
         """`accelerator.save_state` into a temporary sibling, then rename: never half-written."""
         final = self.ckpt_dir / f"step-{step:07d}"

@@ -80,7 +80,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
                                 **{k: self.last[k] for k in ("loss", "accuracy") if k in self.last})
 
         def on_step_end(self, args, state, control, **kw):
-            if 0 < cfg.stop_after <= state.global_step < total:
+            if cfg.stops_at(state.global_step, total):
                 control.should_save = control.should_training_stop = True
                 self.stopped = True
 

@@ -22,6 +22,7 @@ from pipeline.config import F, StageConfig
 from pipeline.data import read_text_documents
 from pipeline.evaluation import fact_cloze_accuracy
 from pipeline.models import PRESETS, count_parameters, llama_from_preset, load_causal_lm, load_tokenizer
+from pipeline.runtime import warmup_cosine
 from pipeline.stage import StageRun, run_stage, stage_main
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
@@ -64,7 +65,6 @@ class PretrainConfig(StageConfig):
     eval_every: int = F(100, "held-out perplexity every N steps (0 = only at the end)")
     eval_blocks: int = F(256, "held-out sequences used for perplexity")
     precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
-    stop_after: int = F(-1, "end the process after this many steps, leaving a checkpoint, as an interruption would (-1 = never)")
 
     stage = "pretrain"
 
@@ -106,14 +106,6 @@ def global_batch_indices(step: int, n_blocks: int, global_batch: int, seed: int)
         perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         out.extend(perm[offset: offset + global_batch - len(out)].tolist())
     return torch.tensor(out)
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab: int) -> float:
@@ -192,7 +184,8 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), fused=False)
     # The scheduler is not `prepare`d: accelerate would step it once per process per call.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
@@ -237,10 +230,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)
             tracker.log({"eval/loss": vloss, "eval/perplexity": math.exp(vloss)}, step)
-        stopping = cfg.stop_after > 0 and step == cfg.stop_after and step < cfg.steps
-        if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps) or stopping:
-            sr.save_checkpoint(accelerator, step, {"step": step, "loss": last_loss})
-        if stopping:
+        if sr.checkpoint(accelerator, step, cfg.steps, {"step": step, "loss": last_loss}):
             log(f"stopping after step {step} as configured (stop_after); re-run to resume")
             tracker.finish()
             return sr.manifest

@@ -23,7 +23,7 @@ import torch
 from pipeline import runs
 from pipeline.config import F, StageConfig
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
-from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
+from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything, warmup_cosine
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
@@ -87,7 +87,6 @@ class RMConfig(StageConfig):
     sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons")
     precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
-    stop_after: int = F(-1, "end the process after this many steps, leaving a checkpoint, as an interruption would (-1 = never)")
 
     stage = "rm"
 
@@ -112,14 +111,6 @@ class RMConfig(StageConfig):
         if self.epochs <= 0:
             p.append("epochs: must be > 0")
         return p
-
-
-def lr_factor(step: int, total: int, o: RMOptimConfig) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` (as pretrain)."""
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -325,7 +316,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), fused=False)
     # The scheduler is not `prepare`d: accelerate would step it once per process per call.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.optim))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
@@ -371,10 +362,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
         if step % cfg.log_every == 0 or step == total:
             tracker.log({"train/loss": last["loss"], "train/accuracy": last["accuracy"], "train/lr": scheduler.get_last_lr()[0],
                          "train/grad_norm": float(grad_norm), "perf/sequences_per_s": rate}, step)
-        stopping = 0 < cfg.stop_after <= step < total
-        if (cfg.save_every and step % cfg.save_every == 0 and step < total) or stopping:
-            sr.save_checkpoint(accelerator, step, {"step": step, "loss": last["loss"], "data_fingerprint": fingerprint})
-        if stopping:
+        if sr.checkpoint(accelerator, step, total, {"step": step, "loss": last["loss"], "data_fingerprint": fingerprint}):
             log(f"stopping after step {step} as configured (stop_after); re-run to resume")
             return accelerator.unwrap_model(model), step, False, last, tracker
     return accelerator.unwrap_model(model), step, True, last, tracker

@@ -79,7 +79,6 @@ class SFTConfig(StageConfig):
     train: SFTTrainConfig = F(SFTTrainConfig(), "optimization")
     eval: SFTEvalConfig = F(SFTEvalConfig(), "held-out evaluation")
     precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
-    stop_after: int = F(-1, "end the process after this many steps, leaving a checkpoint, as an interruption would (-1 = never)")
 
     stage = "sft"
 
@@ -124,12 +123,12 @@ def _tracker_callback(tracker, is_main: bool):
     return ToTracker()
 
 
-def _stop_after_callback(n: int):
+def _stop_after_callback(cfg):
     from transformers import TrainerCallback
 
     class StopAfter(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if 0 < n <= state.global_step < state.max_steps:
+            if cfg.stops_at(state.global_step, state.max_steps):
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -201,7 +200,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                          eval_dataset=Dataset.from_list(valid_records) if valid_records else None,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[to_tracker := _tracker_callback(tracker, accelerator.is_main_process),
-                                    _stop_after_callback(cfg.stop_after)])
+                                    _stop_after_callback(cfg)])
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format

@@ -119,8 +119,6 @@ class PPOConfig(StageConfig):
     minibatch_size: int = F(32, "episodes per optimizer step, all processes together")
     micro_batch_size: int = F(32, "episodes per process per forward/backward")
     precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
-    stop_after: int = F(-1, "end the process right after iteration N with a checkpoint, as an interruption would "
-                            "(a re-run resumes; -1 = never)")
 
     stage = "ppo"
 

@@ -141,11 +141,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                           [[p, t, s, bool(f)] for p, t, s, f in zip(rollout.prompts, rollout.texts,
                                                                     rollout.scores.tolist(), rollout.has_stop.tolist())
                            ][: cfg.eval.samples])
-        # Exactly at iteration stop_after, so re-running the same command resumes and finishes.
-        stopping = iteration == cfg.stop_after < cfg.iterations
-        if (cfg.save_every and iteration % cfg.save_every == 0 and iteration < cfg.iterations) or stopping:
-            sr.save_checkpoint(accelerator, iteration, {"iteration": iteration, "metrics": metrics})
-        if stopping:
+        if sr.checkpoint(accelerator, iteration, cfg.iterations, {"iteration": iteration, "metrics": metrics}):
             log(f"stopping after iteration {iteration} as configured (stop_after); re-run to resume")
             tracker.finish()
             return sr.manifest
