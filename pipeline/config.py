@@ -58,7 +58,7 @@ class WorldConfig:
     seed: int = F(1234, "seed of the built-in procedural world (facts, prompts, splits)")
     num_people: int = F(48, "people in the world; each has a home city and a favourite colour")
     corpus_docs: int = F(12000, "pretraining documents generated from the world")
-    fact_density: float = F(0.9, "share of corpus sentences that state a fact (the rest is prose)")
+    fact_density: float = F(0.8, "share of corpus sentences that state a fact about a person (the rest: sums, capitalised words, prose)")
     sft_examples: int = F(5500, "SFT demonstrations (train split)")
     sft_turns: int = F(1, "question/answer exchanges per SFT conversation")
     eval_examples: int = F(50, "held-out prompts per skill for evaluation")

@@ -3,7 +3,9 @@
 - **Knowledge only pretraining sees.** People with a home city and a favourite colour are
   described in the pretraining corpus. SFT demonstrations ask about half of them ("SFT people");
   the other half ("held-out people") are asked about only in held-out prompts, so SFT accuracy on
-  them measures knowledge carried over from pretraining.
+  them measures knowledge carried over from pretraining. The corpus also states small sums
+  ("3 plus 5 is 8") and shows each word beside its capitalised form: general knowledge the
+  addition and capitals skills draw on (held-out sums are never SFT prompts either).
 - **Skills and a format only SFT teaches.** first word / last word / capitals / addition / facts,
   answered as `Answer: <x>.` and ended with the end-of-sequence token. The corpus never shows
   these tasks or the format.
@@ -91,9 +93,27 @@ class World:
         for _ in range(rng.randint(2, 4)):
             if rng.random() < self.cfg.fact_density:
                 parts.append(self._fact_sentence(rng, rng.choice(self.people)))
+            elif (r := rng.random()) < 0.35:
+                parts.append(self._sum_sentence(rng))
+            elif r < 0.6:
+                parts.append(self._case_sentence(rng))
             else:
                 parts.append(self._prose_sentence(rng))
         return " ".join(parts)
+
+    @staticmethod
+    def _sum_sentence(rng: random.Random) -> str:
+        # Arithmetic as general knowledge: SFT's held-out sums then test transfer, like held-out facts.
+        x, y = rng.randint(0, 9), rng.randint(0, 9)
+        t = rng.choice(("{x} plus {y} is {z}.", "{x} and {y} make {z}.", "Adding {x} and {y} gives {z}."))
+        return t.format(x=x, y=y, z=x + y)
+
+    @staticmethod
+    def _case_sentence(rng: random.Random) -> str:
+        # Each word beside its capitalised form, as real text shows both: knowledge SFT's capitals skill draws on.
+        a = rng.choice(WORDS)
+        t = rng.choice(("On the sign, {a} was written {A}.", "{A} is how the poster spells {a}."))
+        return t.format(a=a, A=a.upper())
 
     @staticmethod
     def _fact_sentence(rng: random.Random, p: Person) -> str:

@@ -53,14 +53,14 @@ class SFTDataConfig:
 
 @dataclass
 class SFTTrainConfig:
-    epochs: float = F(8.0, "passes over the training data (ignored when steps > 0)")
+    epochs: float = F(4.0, "passes over the training data (ignored when steps > 0)")
     steps: int = F(-1, "optimizer steps (-1 = from epochs)")
     lr: float = F(3e-3, "peak learning rate (tiny full fine-tune; use ~2e-5 for real models, ~2e-4 for LoRA)")
     weight_decay: float = F(0.0, "AdamW weight decay")
     warmup_ratio: float = F(0.05, "share of steps for linear warm-up")
     scheduler: str = F("cosine", "learning-rate schedule (transformers name: cosine, linear, constant, ...)")
-    global_batch_size: int = F(32, "examples per optimizer step, all processes together")
-    micro_batch_size: int = F(32, "examples per process per forward/backward")
+    global_batch_size: int = F(16, "examples per optimizer step, all processes together")
+    micro_batch_size: int = F(16, "examples per process per forward/backward")
     max_grad_norm: float = F(1.0, "gradient clipping norm")
 
 

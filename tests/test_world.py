@@ -32,6 +32,19 @@ def test_format_and_skills_only_in_sft_data():
     assert "Answer:" not in corpus and "What is the last word" not in corpus and " + " not in corpus
 
 
+def test_corpus_carries_the_knowledge_skills_draw_on():
+    w = World(WorldConfig())
+    corpus = " ".join(w.corpus())
+    from pipeline.world import WORDS
+
+    for word in WORDS:  # each word beside its capitalised form
+        assert f"{word} was written {word.upper()}" in corpus or f"{word.upper()} is how the poster spells {word}" in corpus
+    sums = {(x, y) for x in range(10) for y in range(10)
+            if any(f"{x} {op} {y} {v} {x + y}." in corpus for op, v in (("plus", "is"), ("and", "make")))
+            or f"Adding {x} and {y} gives {x + y}." in corpus}
+    assert len(sums) == 100  # held-out sums included: SFT accuracy on them measures transfer
+
+
 def test_held_out_splits_disjoint():
     w = World(WorldConfig())
     ev = {r["prompt"] for r in w.prompts("eval")}
