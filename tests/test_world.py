@@ -1,5 +1,5 @@
 from pipeline.config import WorldConfig
-from pipeline.world import SKILLS, World
+from pipeline.world import SKILLS, WORDS, World
 
 
 def test_world_is_deterministic():
@@ -35,8 +35,6 @@ def test_format_and_skills_only_in_sft_data():
 def test_corpus_carries_the_knowledge_skills_draw_on():
     w = World(WorldConfig())
     corpus = " ".join(w.corpus())
-    from pipeline.world import WORDS
-
     for word in WORDS:  # each word beside its capitalised form
         assert f"{word} was written {word.upper()}" in corpus or f"{word.upper()} is how the poster spells {word}" in corpus
     sums = {(x, y) for x in range(10) for y in range(10)
