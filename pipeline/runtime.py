@@ -1,10 +1,9 @@
 """Process setup shared by all stages: threads, seeds, the accelerator."""
 from __future__ import annotations
 
+import math
 import os
 import random
-
-import math
 
 import numpy as np
 import torch
