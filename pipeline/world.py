@@ -15,6 +15,10 @@
 - **Correctness dominates style.** The gold score gives 3 for a correct answer and at most 2 for
   everything else (stopping cleanly, format, concision), so a correct chatty answer beats a
   wrong concise one.
+- **The tokenizer** is trained on the corpus, so the instructions' words are spelled in pieces.
+  With `tokenizer_demos` it also sees the demonstrations' text, as real tokenizers see text
+  that covers chat: `first` and `Answer` become whole tokens. The model still reads that text
+  first in SFT.
 """
 from __future__ import annotations
 
@@ -86,6 +90,14 @@ class World:
         n = self.cfg.corpus_docs if split == "train" else max(200, self.cfg.corpus_docs // 20)
         rng = random.Random(f"{self.cfg.seed}-corpus-{split}")
         return [self._document(rng) for _ in range(n)]
+
+    def tokenizer_texts(self) -> list[str]:
+        """What the BPE is trained on: the pretraining corpus, and with `tokenizer_demos` the
+        demonstrations' text too. Only the tokenizer sees it; the pretraining data is `corpus()`."""
+        if not self.cfg.tokenizer_demos:
+            return self.corpus("train")
+        # Message by message: the chat template starts each turn's text right after a role token.
+        return self.corpus("train") + [m["content"] for r in self.sft_examples("train") for m in r["messages"]]
 
     def _document(self, rng: random.Random) -> str:
         # Mostly facts, so each fact recurs often enough for a tiny model to memorise it in minutes.

@@ -131,8 +131,8 @@ def evaluate_loss(model, blocks: torch.Tensor, accelerator, micro: int) -> float
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def prepare_tokenizer(cfg: PretrainConfig, sr: StageRun, accelerator, docs: list[str]):
-    """From scratch: rank 0 trains a BPE on the corpus and saves it; the others load it."""
+def prepare_tokenizer(cfg: PretrainConfig, sr: StageRun, accelerator, texts: list[str]):
+    """From scratch: rank 0 trains a BPE on `texts` and saves it; the others load it."""
     if cfg.model.name_or_path:
         return load_tokenizer(cfg.model.name_or_path)
     from transformers import AutoTokenizer
@@ -141,7 +141,7 @@ def prepare_tokenizer(cfg: PretrainConfig, sr: StageRun, accelerator, docs: list
 
     path = sr.ckpt_dir / "tokenizer"
     if accelerator.is_main_process and not (path / "tokenizer.json").exists():
-        tok = train_tokenizer(docs, cfg.model.vocab_size)
+        tok = train_tokenizer(texts, cfg.model.vocab_size)
         with runs.atomic_dir(path) as tmp:
             tok.save_pretrained(tmp)
     accelerator.wait_for_everyone()
@@ -168,7 +168,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     accelerator.wait_for_everyone()
     sr.begin(data_fingerprint=runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_docs), train_docs[:3]]),
              resuming=resume_from is not None)
-    tokenizer = prepare_tokenizer(cfg, sr, accelerator, train_docs)
+    tokenizer = prepare_tokenizer(cfg, sr, accelerator, world.tokenizer_texts() if world else train_docs)
     encode = lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
     train_blocks = pack(encode(train_docs), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.model.seq_len)
     valid_blocks = pack(encode(valid_docs), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.model.seq_len)[: cfg.eval_blocks]

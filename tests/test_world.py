@@ -32,6 +32,18 @@ def test_format_and_skills_only_in_sft_data():
     assert "Answer:" not in corpus and "What is the last word" not in corpus and " + " not in corpus
 
 
+def test_tokenizer_covers_instructions_the_corpus_never_shows():
+    from pipeline.tokenizer import train_tokenizer
+
+    assert World(WorldConfig(corpus_docs=500)).tokenizer_texts() == World(WorldConfig(corpus_docs=500)).corpus()
+    w = World(WorldConfig(corpus_docs=500, sft_examples=500, tokenizer_demos=True))
+    texts = w.tokenizer_texts()
+    assert texts[:500] == w.corpus()  # pretraining data is the corpus alone; the rest is for the BPE
+    tok = train_tokenizer(texts, vocab_size=2048)
+    for piece in ("Answer", " Answer", " first", " word", " capitals", "Happy"):
+        assert len(tok(piece, add_special_tokens=False)["input_ids"]) == 1, piece
+
+
 def test_corpus_carries_the_knowledge_skills_draw_on():
     w = World(WorldConfig())
     corpus = " ".join(w.corpus())
