@@ -91,13 +91,13 @@ class World:
         rng = random.Random(f"{self.cfg.seed}-corpus-{split}")
         return [self._document(rng) for _ in range(n)]
 
-    def tokenizer_texts(self) -> list[str]:
-        """What the BPE is trained on: the pretraining corpus, and with `tokenizer_demos` the
-        demonstrations' text too. Only the tokenizer sees it; the pretraining data is `corpus()`."""
+    def tokenizer_extra_texts(self) -> list[str]:
+        """Text the BPE is trained on besides the corpus: with `tokenizer_demos` the demonstrations'
+        messages, else none. Only the tokenizer sees it; the pretraining data is `corpus()`."""
         if not self.cfg.tokenizer_demos:
-            return self.corpus("train")
+            return []
         # Message by message: the chat template starts each turn's text right after a role token.
-        return self.corpus("train") + [m["content"] for r in self.sft_examples("train") for m in r["messages"]]
+        return [m["content"] for r in self.sft_examples("train") for m in r["messages"]]
 
     def _document(self, rng: random.Random) -> str:
         # Mostly facts, so each fact recurs often enough for a tiny model to memorise it in minutes.

@@ -168,7 +168,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     accelerator.wait_for_everyone()
     sr.begin(data_fingerprint=runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_docs), train_docs[:3]]),
              resuming=resume_from is not None)
-    tokenizer = prepare_tokenizer(cfg, sr, accelerator, world.tokenizer_texts() if world else train_docs)
+    tokenizer = prepare_tokenizer(cfg, sr, accelerator, train_docs + (world.tokenizer_extra_texts() if world else []))
     encode = lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
     train_blocks = pack(encode(train_docs), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.model.seq_len)
     valid_blocks = pack(encode(valid_docs), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.model.seq_len)[: cfg.eval_blocks]

@@ -35,11 +35,9 @@ def test_format_and_skills_only_in_sft_data():
 def test_tokenizer_covers_instructions_the_corpus_never_shows():
     from pipeline.tokenizer import train_tokenizer
 
-    assert World(WorldConfig(corpus_docs=500)).tokenizer_texts() == World(WorldConfig(corpus_docs=500)).corpus()
+    assert World(WorldConfig()).tokenizer_extra_texts() == []  # default: the BPE sees the corpus only
     w = World(WorldConfig(corpus_docs=500, sft_examples=500, tokenizer_demos=True))
-    texts = w.tokenizer_texts()
-    assert texts[:500] == w.corpus()  # pretraining data is the corpus alone; the rest is for the BPE
-    tok = train_tokenizer(texts, vocab_size=2048)
+    tok = train_tokenizer(w.corpus() + w.tokenizer_extra_texts(), vocab_size=2048)
     for piece in ("Answer", " Answer", " first", " word", " capitals", "Happy"):
         assert len(tok(piece, add_special_tokens=False)["input_ids"]) == 1, piece
 
