@@ -185,6 +185,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tiny, tmp_path):
+    """2 epochs x 2 minibatches x 2 micro-batches with PPO-ptx: the minibatches are drawn from one
+    global permutation and split over processes, so 2 processes make the same run as 1 even though
+    each holds only its own shard of episodes (different prompt and response widths)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from ppo_ddp_check import compute
 
@@ -200,14 +203,28 @@ def test_two_processes_match_one(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(out.read_text())
     assert one["world"] == 1 and two["world"] == 2
+    (p0, t0), (p1, t1) = two["shapes"]
+    assert p0 != p1 and t0 != t1                      # the shards need left- and right-padding to be joined
+    assert one["shapes"] == [[max(p0, p1), max(t0, t1)]]
+    assert one["in_order"] and two["in_order"]       # the joined rollout is in one process's episode order
+    assert len(one["minibatches"]) == len(two["minibatches"]) == 4   # 2 epochs x 2 minibatches
+    diff = {"stats": max(abs(two["stats"][k] - one["stats"][k]) for k in one["stats"]),
+            "minibatches": max(abs(b[k] - a[k]) for a, b in zip(one["minibatches"], two["minibatches"]) for k in a),
+            "fingerprint": max(abs(b - a) for a, b in zip(one["fingerprint"], two["fingerprint"]))}
+    print(f"max abs diff 1 vs 2 processes: {diff}")
     for k in ("ppo/advantage_mean", "ppo/advantage_std", "ppo/kl", "rollout/score", "ppo/explained_variance",
               "rollout/length", "rollout/eos_rate"):
         assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-4, abs=1e-6), k
-    for a, b in zip(one["minibatches"], two["minibatches"]):
+    for i, (a, b) in enumerate(zip(one["minibatches"], two["minibatches"])):
         # gradient norms before clipping catch a wrong DDP scale (Adam alone would hide it)
         for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/clipfrac", "ppo/approxkl", "ppo/ratio",
-                  "ppo/grad_norm_policy", "ppo/grad_norm_critic"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+                  "ppo/ptx_loss", "ppo/loss", "ppo/grad_norm_policy", "ppo/grad_norm_critic"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (i, k)
+    assert one["minibatches"][0]["ppo/ptx_loss"] > 1.0                      # ptx is on
+    # Before any update the ratio is 1 although the old log-probs came from each shard's own widths
+    # and the new ones from the joined, re-padded batch: padding changes no log-prob.
+    assert two["minibatches"][0]["ppo/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert two["minibatches"][0]["ppo/approxkl"] < 1e-10
     assert two["fingerprint"] == pytest.approx(one["fingerprint"], rel=1e-4, abs=1e-5)
 
 

@@ -154,9 +154,15 @@ def _ptx_backward(t: Trainer, step: int) -> torch.Tensor:
 def optimise(t: Trainer, r: Rollout, iteration: int) -> list[dict]:
     """PPO epochs over the rollout: one optimizer step per minibatch, gradients accumulated over
     micro-batches; losses are token sums over the minibatch's GLOBAL valid-token count, so the
-    accumulated gradient equals that of one big batch (checklist 16, 17). Returns per-minibatch stats."""
-    cfg = t.cfg
-    local_mb = cfg.minibatch_size // t.accelerator.num_processes
+    accumulated gradient equals that of one big batch (checklist 16, 17). Returns per-minibatch stats.
+
+    Any number of processes makes the same run: the processes first exchange their episodes
+    (`Rollout.gather`, global order = one process's order), each epoch draws ONE permutation of
+    all episodes (the same on every process), and each global minibatch is split over the
+    processes by `_process_share`."""
+    cfg, acc = t.cfg, t.accelerator
+    r = r.gather(acc, t.models.tokenizer.pad_token_id)
+    local_mb = cfg.minibatch_size // acc.num_processes
     n_minibatches = cfg.rollout_batch_size // cfg.minibatch_size
     t.models.policy.train()
     t.models.value_model.train()
@@ -167,9 +173,10 @@ def optimise(t: Trainer, r: Rollout, iteration: int) -> list[dict]:
         perm = torch.randperm(len(r), generator=g)
         for k in range(n_minibatches):
             step = (iteration * cfg.epochs + epoch) * n_minibatches + k
-            mb = r.select(perm[k * local_mb: (k + 1) * local_mb])
+            minibatch = perm[k * cfg.minibatch_size: (k + 1) * cfg.minibatch_size]
+            mb = r.select(_process_share(minibatch, acc.process_index, acc.num_processes, cfg.micro_batch_size))
             n_tokens = t.all_reduce(mb.response_mask.sum().float()).clamp(min=1)
-            sums = torch.zeros(len(STAT_KEYS), device=t.accelerator.device)
+            sums = torch.zeros(len(STAT_KEYS), device=acc.device)
             if t.ptx is not None and cfg.ptx.coef > 0:
                 sums[STAT_KEYS.index("ptx_loss")] = _ptx_backward(t, step)
             starts = range(0, local_mb, cfg.micro_batch_size)
@@ -180,6 +187,17 @@ def optimise(t: Trainer, r: Rollout, iteration: int) -> list[dict]:
             tot = dict(zip(STAT_KEYS, t.all_reduce(sums).tolist()))
             out.append(_minibatch_metrics(tot, grad_policy, grad_critic, cfg))
     return out
+
+
+def _process_share(minibatch: torch.Tensor, rank: int, world: int, micro: int) -> torch.Tensor:
+    """This process's episodes of a global minibatch, in micro-batch order. As pretrain interleaves
+    its micro-batches, micro-batch a of process r is the (a * world + r)-th run of `micro`
+    consecutive episodes, so each micro-batch holds the same episodes as with one process; if the
+    share is not a multiple of `micro`, a contiguous block."""
+    local = len(minibatch) // world
+    if local % micro:
+        return minibatch[rank * local: (rank + 1) * local]
+    return minibatch.view(-1, world, micro)[:, rank].reshape(-1)
 
 
 def _micro_batch(t: Trainer, mu: Rollout, n_tokens: torch.Tensor, sync: bool) -> torch.Tensor:

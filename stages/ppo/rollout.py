@@ -64,6 +64,44 @@ class Rollout:
                 out[f.name] = v
         return Rollout(**out)
 
+    def gather(self, accelerator, pad_id: int) -> "Rollout":
+        """Every process's episodes, on every process, in the order one process would hold them:
+        `pipeline.evaluation.shard` deals episode i to process i % world, so episode j of process r
+        is global episode j * world + r. Widths differ per process: responses are right-padded to
+        the longest T (pad_id / False / 0.0), queries left-padded to the longest P (pad_id /
+        False); both are masked slots. One process: `self`, nothing exchanged."""
+        world = accelerator.num_processes
+        if world == 1:
+            return self
+        from accelerate.utils import gather_object
+
+        B, device = len(self), accelerator.device
+        sizes = accelerator.gather(torch.tensor([[B, self.query_ids.shape[1], self.response_ids.shape[1]]],
+                                                device=device)).tolist()
+        if any(s[0] != B for s in sizes):
+            raise ValueError(f"processes hold different numbers of episodes {[s[0] for s in sizes]}")
+        P, T = max(s[1] for s in sizes), max(s[2] for s in sizes)
+        # gathered row r * B + j  ->  global row j * world + r
+        order = torch.arange(B * world, device=device).view(world, B).t().reshape(-1)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                if v.dim() == 2:
+                    left = f.name.startswith("query")
+                    fill = pad_id if v.dtype == torch.long else 0  # ids: pad; bool: False; float: 0.0
+                    pad = v.new_full((B, (P if left else T) - v.shape[1]), fill)
+                    v = torch.cat([pad, v] if left else [v, pad], dim=1)
+                is_bool = v.dtype == torch.bool  # sent as uint8: not every backend gathers bool
+                g = accelerator.gather((v.to(torch.uint8) if is_bool else v).to(device).contiguous())
+                out[f.name] = (g.bool() if is_bool else g)[order]
+            elif isinstance(v, list):
+                parts = gather_object([v])  # one list per process
+                out[f.name] = [parts[i % world][i // world] for i in range(B * world)]
+            else:
+                out[f.name] = v
+        return Rollout(**out)
+
 
 def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
     """(input_ids, attention_mask, position_ids), each [B, P+T]: prompt then response."""
