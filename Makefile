@@ -7,7 +7,7 @@ RUN     ?= default
 ARGS    ?=
 FROM    ?=
 
-.PHONY: setup pretrain sft rm ppo pipeline status test test-all bench bench-ppo clean
+.PHONY: setup pretrain sft rm ppo pipeline status test test-all bench bench-ppo gpu-smoke clean
 
 setup:
 	@$(SETUP)
@@ -32,6 +32,9 @@ bench: setup
 
 bench-ppo: setup
 	$(PY) -m pipeline.bench ppo
+
+gpu-smoke: setup
+	$(PY) -m pipeline.gpu_smoke
 
 clean:
 	rm -rf runs wandb

@@ -1,13 +1,21 @@
-"""Launch one stage through `accelerate launch`, choosing the launcher file and process count.
+"""Launch one stage, choosing the launcher file and process count.
 
 `python -m pipeline.launch STAGE [key=value ...]`, with environment variables
 `NPROC` (processes, default 1) and `ACCEL` (a file in configs/accelerate/: cpu, gpu, ddp, fsdp,
 zero2, zero3; default cpu without a GPU, gpu or ddp with one).
+
+One process on the plain `cpu`/`gpu` launchers runs the stage module directly
+(`python -m stages.<stage> ...`): nothing stands between the stage's own error line and the user.
+Every other launch goes through `accelerate launch`, run inside this module
+(`python -m pipeline.launch --accelerate <accelerate launch arguments>`) so that a failing stage
+ends with the stage's own error, not the launcher's traceback; the exit code is the stage's.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,35 +23,108 @@ from pathlib import Path
 from pipeline.runs import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
+ACCEL_DIR = ROOT / "configs" / "accelerate"
+ACCELERATE_FLAG = "--accelerate"  # internal: `python -m pipeline.launch --accelerate <accelerate launch args>`
+DIRECT = ("cpu", "gpu")           # launchers whose single process needs no launcher at all
 
 
 def launch_command(stage: str, args: list[str], nproc: int | None = None, accel: str | None = None) -> list[str]:
+    """The command that runs `stage` with `args`: the stage module itself for one process on the
+    plain cpu/gpu launchers, else an `accelerate launch` with the chosen launcher file."""
     if stage not in STAGES:
         raise SystemExit(f"error: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    nproc = int(nproc if nproc is not None else os.environ.get("NPROC", "1") or 1)
+    raw = nproc if nproc is not None else (os.environ.get("NPROC") or "1")
+    try:
+        nproc = int(raw)
+    except ValueError:
+        nproc = 0
+    if nproc < 1:
+        raise SystemExit(f"error: NPROC={raw}: expected a number of processes >= 1")
     has_gpu = shutil.which("nvidia-smi") is not None
     accel = accel or os.environ.get("ACCEL") or ("cpu" if not has_gpu else ("gpu" if nproc == 1 else "ddp"))
-    cfg = ROOT / "configs" / "accelerate" / f"{accel}.yaml"
-    if not cfg.exists():
-        names = sorted(p.stem for p in cfg.parent.glob("*.yaml"))
-        raise SystemExit(f"error: ACCEL={accel}: no {cfg}; choose one of {', '.join(names)}")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes", str(nproc)]
+    cfg = ACCEL_DIR / f"{accel}.yaml"
+    if not cfg.is_file():
+        names = sorted(p.stem for p in ACCEL_DIR.glob("*.yaml"))
+        raise SystemExit(f"error: ACCEL={accel}: no launcher file {cfg}; choose one of {', '.join(names)}")
+    if accel == "gpu" and nproc > 1:  # accelerate would silently run one process
+        raise SystemExit(f"error: ACCEL=gpu runs one process; for NPROC={nproc} choose ddp, fsdp, zero2 or zero3")
+    module = ["-m", f"stages.{stage}", *args]
+    if nproc == 1 and accel in DIRECT:
+        return [sys.executable, *module]
+    cmd = [sys.executable, "-m", "pipeline.launch", ACCELERATE_FLAG,
+           "--config_file", str(cfg), "--num_processes", str(nproc)]
     if accel == "cpu" and nproc > 1:
         # `--cpu` with several processes silently runs one; the multi-GPU launcher with
         # Accelerator(cpu=True) in the stage gives real gloo processes.
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
-    return cmd + ["-m", f"stages.{stage}", *args]
+    return cmd + module
+
+
+def exit_code(returncode: int) -> int:
+    """A process's return code as an exit status: -N (killed by signal N) -> 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run `cmd` and return its exit status. Ctrl-C reaches the child too (same process group):
+    wait for it to stop instead of abandoning it mid-checkpoint."""
+    proc = subprocess.Popen(cmd, env=env)
+    while True:
+        try:
+            return exit_code(proc.wait())
+        except KeyboardInterrupt:
+            continue
+
+
+class _DropFailureLogs(logging.Filter):
+    """torchelastic logs 'failed (exitcode: ...)' and 'Sending process ... closing signal' after
+    a child fails, burying the child's error; a signal death is reported by `accelerate_launch`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("failed (exitcode") or msg.startswith("Sending process"))
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """`accelerate launch <argv>` in this process, ending quietly with the child's exit status
+    when a child fails (accelerate re-raises the failure with a launcher traceback)."""
+    from accelerate.commands.launch import launch_command as accelerate_launch_command
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropFailureLogs())
+    args = launch_command_parser().parse_args(argv)
+    try:
+        accelerate_launch_command(args)
+    except subprocess.CalledProcessError as e:  # the single-process launcher
+        return exit_code(e.returncode) or 1
+    except ChildFailedError as e:  # torchrun: the first failure is the root cause
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:
+            print(f"error: {e.name} (rank {rank}) was killed by {failure.signal_name()}", file=sys.stderr)
+        return exit_code(failure.exitcode) or 1
+    except SignalException as e:  # the launcher itself got SIGINT/SIGTERM; children are stopped
+        return 128 + int(e.sigval)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except ImportError as e:  # e.g. ACCEL=zero2 without deepspeed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    if argv[:1] == [ACCELERATE_FLAG]:
+        return accelerate_launch(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 2
+        return 0 if argv else 2
     cmd = launch_command(argv[0], argv[1:])
     env = dict(os.environ)
     env.setdefault("WANDB_SILENT", "true")
-    return subprocess.call(cmd, env=env)
+    return run(cmd, env)
 
 
 if __name__ == "__main__":
