@@ -83,6 +83,10 @@ class StageConfig:
     max_steps: int = F(-1, "stop after N optimizer steps (-1 = as configured by epochs/steps)")
     stop_after: int = F(-1, "end the process right after step N (PPO: iteration N), leaving a checkpoint, as an interruption "
                             "would; re-running the same command resumes and finishes (-1 = never)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = F(
+        "auto", "attention kernel of every model the stage loads: auto = flash_attention_2 on a GPU with the flash-attn "
+                "package installed, else sdpa")
+    gradient_checkpointing: bool = F(False, "recompute activations in the backward pass of trained models (less memory, ~30% slower)")
     world: WorldConfig = F(WorldConfig(), "the built-in world (used when data source is 'world')")
     wandb: WandbConfig = F(WandbConfig(), "Weights & Biases logging")
 

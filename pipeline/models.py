@@ -19,7 +19,37 @@ PRESETS = {
 }
 
 
-def llama_from_preset(preset: str, tokenizer, max_position_embeddings: int, dropout: float = 0.0):
+def attn_implementation(name: str = "auto") -> str:
+    """The attention kernel to load models with: `auto` = flash_attention_2 where it can run (a
+    CUDA GPU and the flash-attn package), else PyTorch's sdpa."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Activation recomputation in the backward pass; non-reentrant, so it composes with DDP,
+    FSDP2 and frozen inputs (LoRA)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False  # the cache is useless while recomputing; generation passes use_cache itself
+    return model
+
+
+def frozen_dtype(device: torch.device) -> torch.dtype:
+    """Inference-only models (PPO's reference and reward model, the policy that samples RM data):
+    bf16 on GPUs that support it, where it halves memory and time; fp32 on CPUs, where bf16 is slower."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def llama_from_preset(preset: str, tokenizer, max_position_embeddings: int, dropout: float = 0.0,
+                      attn: str = "auto"):
     """A randomly initialised `LlamaForCausalLM` sized by `preset`, matching `tokenizer`'s ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,6 +59,7 @@ def llama_from_preset(preset: str, tokenizer, max_position_embeddings: int, drop
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
                          attention_dropout=dropout, **PRESETS[preset])
+    config._attn_implementation = attn_implementation(attn)
     return LlamaForCausalLM(config)
 
 
@@ -60,11 +91,11 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_causal_lm(path: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32):
+def load_causal_lm(path: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32, attn: str = "auto"):
     """Load a causal LM; grow its embeddings if the tokenizer gained tokens (e.g. a pad token)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation(attn))
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))

@@ -47,14 +47,44 @@ def seed_everything(seed: int) -> None:
 
 
 def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None):
-    """An `Accelerator` that works the same on CPU (gloo) and GPU (nccl) launches."""
+    """An `Accelerator` that works the same on CPU (gloo) and GPU (nccl) launches, FSDP2 included."""
     from accelerate import Accelerator
 
-    cpu = not torch.cuda.is_available()
+    # accelerate drops DeepSpeed when told cpu=True; without a GPU DeepSpeed picks its own CPU backend.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    cpu = not torch.cuda.is_available() and not deepspeed
     kwargs = {"cpu": cpu, "gradient_accumulation_steps": gradient_accumulation_steps}
     if mixed_precision:
         kwargs["mixed_precision"] = mixed_precision
-    return Accelerator(**kwargs)
+    if deepspeed and not torch.cuda.is_available():
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # gloo named explicitly: with no backend accelerate would count a single process
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    fsdp_on_cpu = cpu and world_size_from_env() > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp_on_cpu:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* variables
+    accelerator = Accelerator(**kwargs)
+    if fsdp_on_cpu:
+        _promote_to_fsdp(accelerator, kwargs["fsdp_plugin"])
+    return accelerator
+
+
+def _promote_to_fsdp(accelerator, plugin) -> None:
+    """accelerate enables FSDP only on accelerator devices, but torch's `fully_shard` runs on gloo
+    CPU processes too: switch the (shared) state to FSDP so that every stage runs its FSDP code
+    path on CPU exactly as on GPUs. Both shared states must agree: a later `AcceleratorState()`
+    (e.g. the Trainer's own Accelerator) copies the process state over its own."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP on CPU processes needs fsdp_version: 2 in the launcher file (configs/accelerate/fsdp.yaml)")
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def resolve_precision(precision: str) -> str:
@@ -64,6 +94,18 @@ def resolve_precision(precision: str) -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def batch_split(global_batch: int, micro_max: int, world_size: int, what: str = "global_batch_size") -> tuple[int, int]:
+    """(micro, accumulation) with global = micro x processes x accumulation. `micro` is the largest
+    size <= micro_max that divides the per-process batch, so the default configs run unchanged on
+    any process count that divides the global batch. Derived here only, never configured."""
+    if global_batch % world_size:
+        raise ValueError(f"{what}={global_batch} is not divisible by {world_size} processes; "
+                         f"use a multiple of {world_size}")
+    per_process = global_batch // world_size
+    micro = max(m for m in range(1, min(micro_max, per_process) + 1) if per_process % m == 0)
+    return micro, per_process // micro
 
 
 def warmup_cosine(step: int, total: int, warmup_steps: int, min_ratio: float) -> float:

@@ -20,9 +20,11 @@ import torch
 from pipeline import runs
 from pipeline.config import F, StageConfig
 from pipeline.data import read_text_documents
+from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, save_model
 from pipeline.evaluation import fact_cloze_accuracy
-from pipeline.models import PRESETS, count_parameters, llama_from_preset, load_causal_lm, load_tokenizer
-from pipeline.runtime import warmup_cosine
+from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,
+                             load_tokenizer)
+from pipeline.runtime import batch_split, warmup_cosine
 from pipeline.stage import StageRun, run_stage, stage_main
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
@@ -61,7 +63,8 @@ class PretrainConfig(StageConfig):
     optim: OptimConfig = F(OptimConfig(), "optimizer and schedule")
     steps: int = F(500, "optimizer steps")
     global_batch_size: int = F(32, "sequences per optimizer step, all processes together")
-    micro_batch_size: int = F(32, "sequences per process per forward/backward")
+    micro_batch_size: int = F(32, "at most this many sequences per process per forward/backward (lowered to divide "
+                                  "the per-process batch)")
     eval_every: int = F(100, "held-out perplexity every N steps (0 = only at the end)")
     eval_blocks: int = F(256, "held-out sequences used for perplexity")
     precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
@@ -72,19 +75,11 @@ class PretrainConfig(StageConfig):
         p = super().validate()
         if self.data.source == "files" and not self.data.files:
             p.append("data.files: required when data.source is 'files'")
-        if self.global_batch_size % self.micro_batch_size:
-            p.append(f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
+            p.append("global_batch_size and micro_batch_size: must be > 0")
         if self.steps <= 0:
             p.append("steps: must be > 0")
         return p
-
-
-def grad_accum_steps(global_batch: int, micro: int, world_size: int) -> int:
-    """Derived, never configured: global = micro x processes x accumulation."""
-    if global_batch % (micro * world_size):
-        raise ValueError(f"global_batch_size={global_batch} is not divisible by micro_batch_size={micro} x "
-                         f"{world_size} processes; pick sizes so that it is")
-    return global_batch // (micro * world_size)
 
 
 def pack(docs: list[list[int]], bos: int | None, eos: int, seq_len: int) -> torch.Tensor:
@@ -121,11 +116,12 @@ def evaluate_loss(model, blocks: torch.Tensor, accelerator, micro: int) -> float
     model.eval()
     shard = blocks[accelerator.process_index:: accelerator.num_processes]
     total = torch.zeros(2, device=accelerator.device)
-    for i in range(0, len(shard), micro):
-        x = shard[i: i + micro].to(accelerator.device)
-        loss = model(input_ids=x, labels=x).loss
-        n = x.numel() - x.shape[0]
-        total += torch.stack([loss.float() * n, torch.tensor(float(n), device=accelerator.device)])
+    with full_parameters(accelerator, model) as full:  # ranks may hold different numbers of blocks
+        for i in range(0, len(shard), micro):
+            x = shard[i: i + micro].to(accelerator.device)
+            loss = full(input_ids=x, labels=x).loss
+            n = x.numel() - x.shape[0]
+            total += torch.stack([loss.float() * n, torch.tensor(float(n), device=accelerator.device)])
     total = accelerator.reduce(total, "sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -175,9 +171,11 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
 
     # 2. model, optimizer, schedule
     if cfg.model.name_or_path:
-        model = load_causal_lm(cfg.model.name_or_path, tokenizer)
+        model = load_causal_lm(cfg.model.name_or_path, tokenizer, attn=cfg.attn_implementation)
     else:
-        model = llama_from_preset(cfg.model.preset, tokenizer, cfg.model.seq_len)
+        model = llama_from_preset(cfg.model.preset, tokenizer, cfg.model.seq_len, attn=cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
@@ -186,12 +184,14 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     # The scheduler is not `prepare`d: accelerate would step it once per process per call.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    n_params = count_parameters(model)  # before prepare: ZeRO-3 leaves empty placeholders behind
+    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    configure_deepspeed(accelerator, micro, accum, cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
     tokens_per_step = cfg.global_batch_size * cfg.model.seq_len
-    log(f"{count_parameters(model) / 1e6:.2f}M parameters | {len(train_blocks)} train blocks x {cfg.model.seq_len} tokens "
-        f"| {tokens_per_step} tokens/step = {cfg.micro_batch_size} micro x {accelerator.num_processes} procs x "
+    log(f"{n_params / 1e6:.2f}M parameters | {len(train_blocks)} train blocks x {cfg.model.seq_len} tokens "
+        f"| {tokens_per_step} tokens/step = {micro} micro x {accelerator.num_processes} procs x "
         f"{accum} accum | {cfg.steps} steps | {threads} threads/proc")
 
     step = 0
@@ -210,14 +210,14 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         step_loss = torch.zeros((), device=accelerator.device)
         for a in range(accum):
             # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
-            lo = (a * accelerator.num_processes + accelerator.process_index) * cfg.micro_batch_size
-            x = train_blocks[idx[lo: lo + cfg.micro_batch_size]].to(accelerator.device)
+            lo = (a * accelerator.num_processes + accelerator.process_index) * micro
+            x = train_blocks[idx[lo: lo + micro]].to(accelerator.device)
             sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(model)
             with sync:
                 loss = model(input_ids=x, labels=x).loss
-                accelerator.backward(loss / accum)
+                backward(accelerator, model, loss / accum, boundary=a == accum - 1)
             step_loss += loss.detach().float() / accum
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        grad_norm = clip_grad_norm(accelerator, model, cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -240,19 +240,15 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     metrics = {"train/loss": last_loss, "eval/loss": vloss, "eval/perplexity": math.exp(vloss),
                "eval/unigram_perplexity": unigram_perplexity(train_blocks, valid_blocks, len(tokenizer)),
                "perf/tokens_per_s": progress.count / max(time.time() - progress.t0, 1e-9)}
-    unwrapped = accelerator.unwrap_model(model)
     if world is not None:
-        acc, samples = fact_cloze_accuracy(unwrapped, tokenizer, world.fact_cloze(), accelerator)
+        with full_parameters(accelerator, model) as full:
+            acc, samples = fact_cloze_accuracy(full, tokenizer, world.fact_cloze(), accelerator)
         metrics["eval/fact_cloze_accuracy"] = acc
         tracker.table("eval/fact_cloze_samples", ["prompt", "answer", "generated", "correct"], samples[:50])
     tracker.log(metrics, step)
     tracker.summary(metrics)
     model_dir = sr.dir / "model"
-    if accelerator.is_main_process:
-        with runs.atomic_dir(model_dir) as tmp:
-            unwrapped.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
+    save_model(accelerator, model, tokenizer, model_dir)
     headline = {"perplexity": metrics["eval/perplexity"], "unigram_ppl": metrics["eval/unigram_perplexity"]}
     if "eval/fact_cloze_accuracy" in metrics:
         headline["fact_cloze_acc"] = metrics["eval/fact_cloze_accuracy"]

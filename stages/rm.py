@@ -22,8 +22,10 @@ import torch
 
 from pipeline import runs
 from pipeline.config import F, StageConfig
-from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
-from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything, warmup_cosine
+from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model
+from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_dtype, load_causal_lm, load_tokenizer
+from pipeline.runtime import (batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
+                              warmup_cosine)
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
@@ -33,7 +35,7 @@ from reward_model.metrics import evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.scoring import group_rewards, render
 from reward_model.trl_pairwise import last_hf_checkpoint, train_pairwise
-from stages.pretrain import global_batch_indices, grad_accum_steps
+from stages.pretrain import global_batch_indices
 
 
 @dataclass
@@ -81,7 +83,8 @@ class RMConfig(StageConfig):
         "auto", "auto = TRL RewardTrainer when every comparison is one pair, else the K-wise loop")
     epochs: float = F(3.0, "passes over the training comparisons")
     global_batch_size: int = F(32, "prompts (K-wise) or pairs (trl) per optimizer step, all processes together")
-    micro_batch_size: int = F(8, "prompts or pairs per process per forward/backward")
+    micro_batch_size: int = F(8, "at most this many prompts or pairs per process per forward/backward (lowered to "
+                                 "divide the per-process batch)")
     center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)")
     eval_batch_size: int = F(64, "sequences per scoring forward")
     sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons")
@@ -106,8 +109,8 @@ class RMConfig(StageConfig):
             p.append("data.label_noise: must be a probability in [0, 1]")
         if not 0.0 <= d.valid_fraction < 1.0:
             p.append("data.valid_fraction: must be in [0, 1)")
-        if self.global_batch_size % self.micro_batch_size:
-            p.append(f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
+            p.append("global_batch_size and micro_batch_size: must be > 0")
         if self.epochs <= 0:
             p.append("epochs: must be > 0")
         return p
@@ -226,11 +229,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
 
     # 5. hand off: a plain save_pretrained directory with normalized scores
     model_dir = sr.dir / "model"
-    if is_main:
-        with runs.atomic_dir(model_dir) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
+    save_model(accelerator, model, tokenizer, model_dir)
     headline = {"pairwise_acc": metrics["eval/pairwise_accuracy"],
                 "chosen_minus_rejected": metrics["eval/reward_chosen_mean"] - metrics["eval/reward_rejected_mean"]}
     if "norm/heldout_max_abs_dev" in metrics:
@@ -250,7 +249,8 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
 
     def sample(prompts: list[dict], k: int, seed: int) -> list:
         nonlocal policy
-        policy = policy or load_causal_lm(parent.model_dir, tokenizer)
+        policy = policy or load_causal_lm(parent.model_dir, tokenizer, frozen_dtype(accelerator.device),
+                                          cfg.attn_implementation).to(accelerator.device)
         return cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], k, d.max_new_tokens, d.temperature,
                                     seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
 
@@ -317,10 +317,13 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
                                   betas=tuple(cfg.optim.betas), fused=False)
     # The scheduler is not `prepare`d: accelerate would step it once per process per call.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    configure_deepspeed(accelerator, micro, accum, cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
-    log(f"{total} steps x {cfg.global_batch_size} prompts = {cfg.micro_batch_size} micro x {accelerator.num_processes} "
+    log(f"{total} steps x {cfg.global_batch_size} prompts = {micro} micro x {accelerator.num_processes} "
         f"procs x {accum} accum | lr {cfg.optim.lr:g}")
     step, resume_from = 0, sr.latest_checkpoint()
     if resume_from:
@@ -339,8 +342,8 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
         sums = torch.zeros(4, device=accelerator.device)  # loss, correct pairs, pairs, sequences
         for a in range(accum):
             # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
-            lo = (a * accelerator.num_processes + accelerator.process_index) * cfg.micro_batch_size
-            items = idx[lo: lo + cfg.micro_batch_size].tolist()
+            lo = (a * accelerator.num_processes + accelerator.process_index) * micro
+            items = idx[lo: lo + micro].tolist()
             sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(model)
             with sync:
                 rewards, valid_mask = group_rewards(model, [train_seqs[i] for i in items], pad)
@@ -348,10 +351,10 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
                 batch_ranks = torch.stack([torch.nn.functional.pad(ranks[i], (0, k_max - len(ranks[i])), value=k_max)
                                            for i in items]).to(rewards.device)
                 loss, stats = kwise_loss(rewards, batch_ranks, valid_mask, cfg.center_coef)
-                accelerator.backward(loss / accum)
+                backward(accelerator, model, loss / accum, boundary=a == accum - 1)
             sums += torch.stack([loss.detach() / accum, stats["accuracy"] * stats["pairs"], stats["pairs"],
                                  valid_mask.sum().float()]).to(sums.device)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        grad_norm = clip_grad_norm(accelerator, model, cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -365,7 +368,8 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
         if sr.checkpoint(accelerator, step, total, {"step": step, "loss": last["loss"], "data_fingerprint": fingerprint}):
             log(f"stopping after step {step} as configured (stop_after); re-run to resume")
             return accelerator.unwrap_model(model), step, False, last, tracker
-    return accelerator.unwrap_model(model), step, True, last, tracker
+    # Normalization writes the head and evaluation runs rank-local forwards: an unsharded copy.
+    return plain_copy(accelerator, model), step, True, last, tracker
 
 
 def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:

@@ -16,8 +16,9 @@ from typing import Literal
 
 from pipeline import runs
 from pipeline.config import F, StageConfig
+from pipeline.distributed import full_parameters, launcher_kind, save_model
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
-from pipeline.runtime import resolve_precision
+from pipeline.runtime import batch_split, resolve_precision
 from pipeline.sft_data import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stage import StageRun, run_stage, stage_main
@@ -60,7 +61,8 @@ class SFTTrainConfig:
     warmup_ratio: float = F(0.05, "share of steps for linear warm-up")
     scheduler: str = F("cosine", "learning-rate schedule (transformers name: cosine, linear, constant, ...)")
     global_batch_size: int = F(16, "examples per optimizer step, all processes together")
-    micro_batch_size: int = F(16, "examples per process per forward/backward")
+    micro_batch_size: int = F(16, "at most this many examples per process per forward/backward (lowered to divide "
+                                  "the per-process batch)")
     max_grad_norm: float = F(1.0, "gradient clipping norm")
 
 
@@ -86,9 +88,8 @@ class SFTConfig(StageConfig):
         p = super().validate()
         if self.data.source == "files" and not self.data.files:
             p.append("data.files: required when data.source is 'files'")
-        if self.train.global_batch_size % self.train.micro_batch_size:
-            p.append(f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
-                     f"train.micro_batch_size ({self.train.micro_batch_size})")
+        if self.train.global_batch_size <= 0 or self.train.micro_batch_size <= 0:
+            p.append("train.global_batch_size and train.micro_batch_size: must be > 0")
         return p
 
 
@@ -161,27 +162,32 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     # 2. model, tokenizer, trainer
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, tokenizer)
+    model = load_causal_lm(model_path, tokenizer, attn=cfg.attn_implementation)
     if cfg.model.random_init:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(model.config)
     disable_dropout(model)
-    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * accelerator.num_processes)
-    if accum < 1 or cfg.train.global_batch_size % (cfg.train.micro_batch_size * accelerator.num_processes):
-        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by micro_batch_size="
-                         f"{cfg.train.micro_batch_size} x {accelerator.num_processes} processes")
+    micro, accum = batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, accelerator.num_processes,
+                               "train.global_batch_size")
+    if cfg.lora.enabled and launcher_kind(accelerator) in ("fsdp2", "zero3"):
+        raise ValueError("lora.enabled with a sharded launcher (fsdp, zero3) is not supported: the adapter is merged "
+                         "into full weights at the end; use ACCEL=ddp or zero2 for LoRA")
     precision = resolve_precision(cfg.precision)
+    # use_configured_state: the trainer shares the stage's accelerator state (launcher, FSDP on CPU
+    # processes) instead of rebuilding its own from the arguments.
     args = TRLSFTConfig(
-        output_dir=str(sr.ckpt_dir), per_device_train_batch_size=cfg.train.micro_batch_size,
-        per_device_eval_batch_size=cfg.train.micro_batch_size, gradient_accumulation_steps=accum,
+        accelerator_config={"use_configured_state": True}, output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro, gradient_accumulation_steps=accum,
         learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
         lr_scheduler_type=cfg.train.scheduler, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.steps,
         max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.log_every, save_strategy="steps",
         save_steps=cfg.save_every if cfg.save_every > 0 else 10**9, save_total_limit=cfg.keep_checkpoints,
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True,
         use_cpu=not accelerator.device.type == "cuda", bf16=precision == "bf16", fp16=precision == "fp16",
-        activation_checkpointing=False, dataloader_num_workers=0, max_length=cfg.data.max_length,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        dataloader_num_workers=0, max_length=cfg.data.max_length,
         packing=cfg.data.packing, completion_only_loss=True if kind == "prompt_completion" else None,
         assistant_only_loss=kind == "messages", eos_token=tokenizer.eos_token,
         eval_strategy="no", dataset_num_proc=None,
@@ -205,7 +211,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
     log(f"{len(train_records)} train / {len(valid_records)} held-out records ({kind}) | global batch "
-        f"{cfg.train.global_batch_size} = {cfg.train.micro_batch_size} micro x {accelerator.num_processes} procs x {accum} accum"
+        f"{cfg.train.global_batch_size} = {micro} micro x {accelerator.num_processes} procs x {accum} accum"
         f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
         + (f" | resuming from {resume}" if resume else ""))
 
@@ -223,26 +229,24 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         metrics["perf/tokens_per_s"] = to_tracker.num_tokens / metrics["perf/train_runtime_s"]
     if valid_records:
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
-    final = trainer.model
+    # The trainer's own accelerator knows the launcher (FSDP2 / DeepSpeed); `model_wrapped` is the
+    # DeepSpeed engine under ZeRO and the model itself otherwise.
+    final, trained = trainer.model_wrapped, trainer.accelerator
     if cfg.lora.enabled:
         adapter_dir = sr.dir / "adapter"
         if accelerator.is_main_process:
             with runs.atomic_dir(adapter_dir) as tmp:
-                accelerator.unwrap_model(final).save_pretrained(tmp)
-        final = accelerator.unwrap_model(final).merge_and_unload()
-    final = accelerator.unwrap_model(final)
+                trained.unwrap_model(final).save_pretrained(tmp)
+        final = trained.unwrap_model(final).merge_and_unload()
     if world is not None:
-        world_metrics, samples = evaluate_world(final, tokenizer, world, cfg.eval, accelerator)
+        with full_parameters(trained, final) as full:
+            world_metrics, samples = evaluate_world(full, tokenizer, world, cfg.eval, accelerator)
         metrics.update(world_metrics)
         tracker.table("eval/samples", ["skill", "prompt", "response", "correct"], samples[: cfg.eval.samples])
     tracker.log(metrics, trainer.state.global_step)
     tracker.summary(metrics)
     model_dir = sr.dir / "model"
-    if accelerator.is_main_process:
-        with runs.atomic_dir(model_dir) as tmp:
-            final.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
+    save_model(trained, final, tokenizer, model_dir)
     headline = {k.split("/")[-1]: v for k, v in metrics.items()
                 if k in ("eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/loss")}
     manifest = sr.finish(model_dir, metrics, headline, extra={"lora": cfg.lora.enabled})

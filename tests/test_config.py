@@ -82,7 +82,7 @@ def test_validate_cross_field():
     from stages.pretrain import PretrainConfig
 
     with pytest.raises(ConfigError) as e:
-        load_config(PretrainConfig, ["global_batch_size=30", "micro_batch_size=16", "data.source=files"])
+        load_config(PretrainConfig, ["global_batch_size=0", "micro_batch_size=16", "data.source=files"])
     assert len(e.value.problems) == 2
 
 

@@ -25,9 +25,18 @@ def test_global_batch_indices_are_an_exact_epoch_walk():
     seen = [pretrain.global_batch_indices(s, 10, 4, seed=0).tolist() for s in range(5)]
     flat = sum(seen, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert pretrain.grad_accum_steps(32, 8, 2) == 2
-    with pytest.raises(ValueError, match="not divisible"):
-        pretrain.grad_accum_steps(30, 8, 2)
+
+
+def test_batch_split_takes_the_largest_micro_batch_that_fits_any_process_count():
+    from pipeline.runtime import batch_split
+
+    assert batch_split(32, 8, 2) == (8, 2)
+    assert batch_split(32, 32, 2) == (16, 1)     # the default config on 2 processes
+    assert batch_split(32, 32, 8) == (4, 1)
+    assert batch_split(30, 8, 2) == (5, 3)       # 15 per process: 5 divides it, 8..6 do not
+    assert batch_split(16, 16, 3 * 1 + 1) == (4, 1)
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        batch_split(32, 8, 3)
 
 
 def test_tiny_pretrain_loss_falls_and_output_loads_with_plain_transformers(tmp_path):

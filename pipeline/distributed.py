@@ -1,0 +1,180 @@
+"""What a sharded launcher (FSDP2, DeepSpeed ZeRO) changes for a stage, in one place:
+
+- `full_state_dict`: the whole model's weights gathered for export (a collective: every rank calls it);
+- `save_model`: a plain `save_pretrained` directory written by rank 0 from those weights;
+- `full_parameters`: full parameters held for a generation loop or an evaluation, so ranks that
+  stop sampling at different steps, or hold different numbers of examples, never wait on each
+  other's all-gathers;
+- `plain_copy`: an unsharded copy of a trained model on every rank, for the work after training
+  (normalization, evaluation) that writes weights or runs rank-local forwards.
+
+With DDP or one process each is the plain operation on the unwrapped model.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from pipeline import runs
+
+
+def launcher_kind(accelerator) -> str:
+    """'fsdp2', 'zero3', 'zero2' (any other ZeRO stage too), or 'plain' (one process or DDP)."""
+    from accelerate.utils import DistributedType
+
+    if getattr(accelerator, "is_fsdp2", False):
+        return "fsdp2"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+        return "zero3" if stage == 3 else "zero2"
+    return "plain"
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def model_kind(accelerator, model: torch.nn.Module) -> str:
+    """`launcher_kind`, or 'plain' for a model that was not prepared (frozen models, copies)."""
+    kind = launcher_kind(accelerator)
+    if kind == "fsdp2" and not _fsdp_modules(model):
+        return "plain"
+    if kind.startswith("zero") and not hasattr(model, "zero_optimization_stage"):
+        return "plain"
+    return kind
+
+
+def full_state_dict(accelerator, model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of a prepared model, complete on rank 0 (on the CPU; other ranks
+    may get an empty dict), or on every rank's device with `everywhere`. Call it on every rank:
+    under FSDP2 and ZeRO-3 it all-gathers."""
+    kind = model_kind(accelerator, model)
+    if kind == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    if kind == "zero3" and everywhere:
+        import deepspeed
+
+        unwrapped = accelerator.unwrap_model(model)
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            return {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+    if kind.startswith("zero"):
+        return accelerator.get_state_dict(model)
+    return {k: v.detach() if everywhere else v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+
+
+def plain_copy(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The trained model as a plain module on every rank (the unwrapped model itself under DDP,
+    ZeRO-2 or one process; a fresh unsharded copy under FSDP2 and ZeRO-3)."""
+    kind = model_kind(accelerator, model)
+    unwrapped = accelerator.unwrap_model(model)
+    if kind in ("plain", "zero2"):
+        return unwrapped
+    from torch.distributed.fsdp import FSDPModule
+
+    state = full_state_dict(accelerator, model, everywhere=True)
+    cls = type(unwrapped).__mro__[FSDPModule._orig_cls_mro_index] if isinstance(unwrapped, FSDPModule) else type(unwrapped)
+    copy = cls(unwrapped.config)
+    copy.load_state_dict(state)
+    copy.tie_weights()
+    return copy.to(accelerator.device).train(unwrapped.training)
+
+
+def save_model(accelerator, model: torch.nn.Module, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Write `out_dir` as a plain `save_pretrained` directory (safetensors + tokenizer), atomically,
+    from rank 0, whatever the launcher. The saved config keeps `use_cache: true` so that a user's
+    `generate` uses the KV cache. Every rank must call this (the gather is a collective)."""
+    state_dict = full_state_dict(accelerator, model) if state_dict is None else state_dict
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        config = getattr(unwrapped, "config", None)
+        if config is not None:
+            config.use_cache = True
+        with runs.atomic_dir(out_dir) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def full_parameters(accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Yield the unwrapped model with its full parameters present for a whole generation loop or
+    evaluation (no backward inside).
+
+    FSDP2: every FSDP unit is all-gathered once and kept (no reshard after each forward), so a
+    rank whose samples all stopped early does not leave the others waiting in an all-gather.
+    ZeRO-3: the parameters are gathered the way TRL's `unwrap_model_for_generation` does.
+    Otherwise nothing is gathered."""
+    kind = model_kind(accelerator, model)
+    unwrapped = accelerator.unwrap_model(model)
+    if kind == "fsdp2":
+        units = _fsdp_modules(unwrapped)
+        # set_reshard_after_forward has no getter: keep each unit's own setting to put it back
+        # (the root unit does not reshard after forward, the others do).
+        saved = [(s, s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups])
+                 for s in (m._get_fsdp_state() for m in units)]
+        for m in units:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield unwrapped
+        finally:
+            for state, auto, infos in saved:
+                state._auto_reshard_after_forward = auto
+                for group, info in zip(state._fsdp_param_groups, infos):
+                    group.post_forward_mesh_info = info
+            for m in units:
+                m.reshard()
+    elif kind == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield unwrapped
+    else:
+        yield unwrapped
+
+
+# ------------------------------------------------------------------------------------------
+# Our own training loops (pretrain, rm, ppo) under DeepSpeed: each trained model is its own
+# engine; the loops keep their own accumulation and loss scaling.
+# ------------------------------------------------------------------------------------------
+def configure_deepspeed(accelerator, micro: int, accum: int, max_grad_norm: float) -> None:
+    """Batch sizes and clipping that ZeRO engines are built with (before `prepare`): the engine
+    steps once per `accum` backward calls and clips at `max_grad_norm`. No-op elsewhere."""
+    if not launcher_kind(accelerator).startswith("zero"):
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = micro * accum * accelerator.num_processes
+    ds["gradient_clipping"] = max_grad_norm
+    accelerator.gradient_accumulation_steps = accum  # what accelerate compares the engine's value with
+
+
+def backward(accelerator, model: torch.nn.Module, loss: torch.Tensor, boundary: bool = True) -> None:
+    """Backpropagate `loss` into `model` (a prepared model). Our losses are already scaled for
+    accumulation, so a ZeRO engine must not divide by its accumulation steps again; it steps (clip,
+    update, zero) itself at the last micro-batch (`boundary`). Elsewhere: `accelerator.backward`."""
+    if model_kind(accelerator, model).startswith("zero"):
+        model.set_gradient_accumulation_boundary(boundary)
+        model.backward(loss, scale_wrt_gas=False)
+        if boundary:
+            model.step()
+    else:
+        accelerator.backward(loss)
+
+
+def clip_grad_norm(accelerator, model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the trainable parameters' gradients of `model`; returns the pre-clip global norm.
+    A ZeRO engine clipped inside its own step: report the norm it measured."""
+    if model_kind(accelerator, model).startswith("zero"):
+        norm = model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+    params = [p for p in model.parameters() if p.requires_grad]
+    return float(accelerator.clip_grad_norm_(params, max_norm))
