@@ -4,15 +4,17 @@ from __future__ import annotations
 import torch
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into `[B, P]` ids and a boolean attention mask."""
+def left_pad(seqs: list[list[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into `[B, P]` ids and a boolean attention mask, on `device`. Built on
+    the CPU (one small copy per row) and moved in one transfer."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool, device="cpu")
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device="cpu")
         mask[i, width - len(s):] = True
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -22,6 +24,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
 
     temperature 0 = greedy; otherwise pure temperature sampling (top_k=0, top_p=1), overriding
     whatever the checkpoint's generation_config says. Uses the KV cache.
+
+    Sampling draws from the global random state of the model's device (HF `generate` calls
+    `torch.multinomial` without a generator): seed it with `torch.manual_seed`, which seeds the
+    CPU and every CUDA device, inside `torch.random.fork_rng(devices=[...])` to keep it local.
     """
     stop = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
     was_training = model.training
@@ -29,12 +35,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[i: i + batch_size], tokenizer.pad_token_id)
+        ids, mask = left_pad(prompts[i: i + batch_size], tokenizer.pad_token_id, device)
         kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=stop,
                       pad_token_id=tokenizer.pad_token_id, use_cache=True)
         if temperature > 0:  # pure temperature sampling: no top-k / top-p truncation
             kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **_fresh_config(model, kwargs))
+        gen = model.generate(input_ids=ids, attention_mask=mask, **_fresh_config(model, kwargs))
         for row in gen[:, ids.shape[1]:].tolist():
             if stop in row:
                 out.append((row[: row.index(stop)], True))

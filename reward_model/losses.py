@@ -20,7 +20,7 @@ def pairwise_loss(chosen_rewards: Tensor, rejected_rewards: Tensor,
     """
     # Margin: the preferred answer must win by at least μ (Llama-2 RM, TRL RewardTrainer `margin`).
     r_w = chosen_rewards.float()
-    r_l = rejected_rewards.float()
+    r_l = rejected_rewards.to(r_w.device, torch.float32)
     diff = r_w - r_l
     logits = diff if margin is None else diff - torch.as_tensor(margin, dtype=torch.float32,
                                                                 device=diff.device)
@@ -46,7 +46,8 @@ def kwise_loss(rewards: Tensor, ranks: Tensor, valid_mask: Tensor,
     # All C(K,2) comparisons of one prompt form ONE batch element (InstructGPT, Ouyang et al. 2022
     # §3.5): pairs from one ranking are correlated and flattening them overfits within one epoch;
     # grouping also costs K forwards instead of K(K-1).
-    valid = valid_mask.bool()
+    valid = valid_mask.to(rewards.device, torch.bool)
+    ranks = ranks.to(rewards.device)
     # Zero padded scores first so garbage (inf/NaN) never enters D or its gradient.
     r = torch.where(valid, rewards.float(), 0.0)
     diff = r[:, :, None] - r[:, None, :]  # [N,K,K]: D[n,i,j] = r_i - r_j

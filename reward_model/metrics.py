@@ -60,18 +60,21 @@ def chosen_rejected(rankings: list[list[int]], rewards: list[list[float]]) -> tu
 def histogram(chosen: list[float], rejected: list[float], bins: int = 30, max_values: int = 5000) -> dict:
     """Plot data for the two reward distributions: the values themselves (rounded; a seeded
     subset beyond `max_values`) under `chosen` / `rejected`, and counts over shared bin edges."""
-    values = torch.tensor(chosen + rejected, dtype=torch.float64)
+    values = torch.tensor(chosen + rejected, dtype=torch.float64, device="cpu")  # plain numbers: CPU
     if values.numel() == 0:
         return {"chosen": [], "rejected": [], "edges": [], "chosen_counts": [], "rejected_counts": []}
     lo, hi = values.min().item(), values.max().item()
-    edges = torch.linspace(lo, max(hi, lo + 1e-6), bins + 1, dtype=torch.float64)
+    edges = torch.linspace(lo, max(hi, lo + 1e-6), bins + 1, dtype=torch.float64, device="cpu")
 
     def counts(x: list[float]) -> list[int]:
-        return torch.histogram(torch.tensor(x, dtype=torch.float64), bins=edges)[0].long().tolist() if x else [0] * bins
+        if not x:
+            return [0] * bins
+        return torch.histogram(torch.tensor(x, dtype=torch.float64, device="cpu"), bins=edges)[0].long().tolist()
 
     def subset(x: list[float]) -> list[float]:
         if len(x) > max_values:
-            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_values].sort().values
+            g = torch.Generator(device="cpu").manual_seed(0)
+            keep = torch.randperm(len(x), generator=g, device="cpu")[:max_values].sort().values
             x = [x[i] for i in keep.tolist()]
         return [round(v, 4) for v in x]
 
@@ -83,8 +86,8 @@ def pearson(x: list[float], y: list[float]) -> float:
     """Pearson correlation; nan when either side is constant or there are < 2 points."""
     if len(x) < 2:
         return float("nan")
-    a = torch.tensor(x, dtype=torch.float64)
-    b = torch.tensor(y, dtype=torch.float64)
+    a = torch.tensor(x, dtype=torch.float64, device="cpu")
+    b = torch.tensor(y, dtype=torch.float64, device="cpu")
     a, b = a - a.mean(), b - b.mean()
     denom = math.sqrt((a * a).sum().item() * (b * b).sum().item())
     return (a * b).sum().item() / denom if denom > 0 else float("nan")

@@ -67,7 +67,7 @@ def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.fl
 def shift_direction(hidden: Tensor, ridge: float = 1e-3) -> Tensor:
     """The direction v along which a score shift is stored: v·h ≈ 1 for every reference final
     hidden state h [N, d] (ridge-regularised least squares), rescaled so that the reference mean
-    of v·h is exactly 1 -> v [d] (float64).
+    of v·h is exactly 1 -> v [d] (float64, on `hidden`'s device).
 
     The final RMSNorm output has a large component shared by all sequences, so such a v exists
     nearly exactly, and `w − μ·v` shifts every score by almost exactly μ (Llama's head has no bias).
@@ -75,55 +75,78 @@ def shift_direction(hidden: Tensor, ridge: float = 1e-3) -> Tensor:
     """
     h = hidden.double()
     gram = h.T @ h
-    gram = gram + ridge * gram.diagonal().mean().clamp(min=1e-12) * torch.eye(h.shape[1], dtype=h.dtype)
-    v = torch.linalg.solve(gram, h.T @ torch.ones(h.shape[0], dtype=h.dtype))
+    eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+    gram = gram + ridge * gram.diagonal().mean().clamp(min=1e-12) * eye
+    v = torch.linalg.solve(gram, h.T @ torch.ones(h.shape[0], dtype=h.dtype, device=h.device))
     scale = (h @ v).mean()
-    if not torch.isfinite(v).all() or scale.abs() < 1e-6:
-        mean_hidden = h.mean(0)
-        return mean_hidden / mean_hidden.dot(mean_hidden)
-    return v / scale
+    mean_hidden = h.mean(0)
+    fallback = mean_hidden / mean_hidden.dot(mean_hidden)
+    # chosen without a host sync (no Python `if` on a device value): same numbers either way
+    ok = torch.isfinite(v).all() & (scale.abs() >= 1e-6)
+    return torch.where(ok, v / scale, fallback)
 
 
-def normalized_head(weight: Tensor, direction: Tensor, mean: float, std: float = 1.0) -> Tensor:
+def normalized_head(weight: Tensor, direction: Tensor, mean: float | Tensor, std: float | Tensor = 1.0) -> Tensor:
     """The head `w'` whose scores are `(score - mean) / std` over a reference set.
 
     weight [1, d] (score = w·h, no bias), direction v [d] from `shift_direction` (mean of v·h over
     the reference = 1), mean μ = mean of w·h -> [1, d]:  w' = (w − μ·v) / σ.
     The reference mean of w'·h is exactly 0; any score x moves by μ(1 − v·h_x)/σ more than an
     exact shift would, small because v·h ≈ 1 for hidden states like the reference's.
+
+    The math runs in float64 on `direction`'s device (where the statistics were measured, usually
+    the CPU); the result has `weight`'s device and dtype, ready to be copied into the parameter.
+    μ and σ may be Python floats or 0-dim tensors.
     """
-    shifted = weight.double() - mean * direction.double()
-    return (shifted / std).to(weight.dtype)
+    dev = direction.device
+    w = weight.detach().to(dev, torch.float64)
+    mean = torch.as_tensor(mean, dtype=torch.float64, device=dev)
+    std = torch.as_tensor(std, dtype=torch.float64, device=dev)
+    shifted = w - mean * direction.to(torch.float64)
+    return (shifted / std).to(weight.device, weight.dtype)
+
+
+def folded_head(weight: Tensor, hidden: Tensor, scores: Tensor, use_std: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The normalized head for reference hidden states [N, d] and their scores [N] (= w·hidden):
+    -> (new weight with `weight`'s device and dtype, μ, σ as float64 0-dim tensors on `hidden`'s
+    device). Statistics are computed in float64 where `hidden` lives (score_ids returns it on the
+    CPU), whatever device and dtype the head has; σ is measured on the shift-folded scores, with
+    the head rounded to its own dtype as it will be stored. No host sync."""
+    h = hidden.double()
+    mean = scores.to(h.device, torch.float64).mean()
+    direction = shift_direction(h)
+    w = weight.detach().to(h.device)  # a copy on the statistics' device, still in the head's dtype
+    std = torch.ones((), dtype=torch.float64, device=h.device)
+    if use_std:
+        shifted = h @ normalized_head(w, direction, mean, 1.0).double()[0]
+        std = shifted.std(unbiased=False)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return normalized_head(w, direction, mean, std).to(weight.device), mean, std
 
 
 @torch.no_grad()
 def fold_normalization(model, hidden: Tensor, scores: Tensor, use_std: bool = True) -> dict:
     """Normalize `model`'s scores in place from a reference set: hidden [N, d] final hidden
-    states at the scored token and scores [N] (= w·hidden). Afterwards the reference scores
-    have mean exactly 0 and (with `use_std`) std exactly 1: σ is measured on the shift-folded
-    scores. Returns the statistics applied; they are also written to
-    `config.reward_normalization` so the model directory describes itself."""
-    h = hidden.double()
-    mean = scores.double().mean().item()
-    direction = shift_direction(h)
+    states at the scored token and scores [N] (= w·hidden), on any device (usually the CPU,
+    as `score_ids` returns them). Afterwards the reference scores have mean exactly 0 and (with
+    `use_std`) std exactly 1: σ is measured on the shift-folded scores. Returns the statistics
+    applied; they are also written to `config.reward_normalization` so the model directory
+    describes itself."""
     w = model.score.weight
-    std = 1.0
-    if use_std:
-        shifted = h @ normalized_head(w.detach(), direction, mean, 1.0).double()[0]
-        std = shifted.std(unbiased=False).item()
-        std = std if std > 1e-6 else 1.0
-    w.copy_(normalized_head(w.detach(), direction, mean, std))
-    stats = {"mean": mean, "std": std, "reference_size": int(scores.numel())}
+    new, mean, std = folded_head(w, hidden, scores, use_std)
+    w.copy_(new.to(w.device, w.dtype))
+    stats = {"mean": mean.item(), "std": std.item(), "reference_size": int(scores.numel())}
     model.config.reward_normalization = stats
     return stats
 
 
 def shift_deviation(weight_before: Tensor, weight_after: Tensor, hidden: Tensor, mean: float, std: float) -> dict:
     """How far the folded head is from the exact affine map on other samples:
-    |score'(x) − (score(x) − μ)/σ| over hidden [N, d] -> {max, mean} (in normalized units)."""
+    |score'(x) − (score(x) − μ)/σ| over hidden [N, d] -> {max, mean} (in normalized units).
+    Computed in float64 on `hidden`'s device (the weights are copied there)."""
     h = hidden.double()
-    exact = (h @ weight_before.double()[0] - mean) / std
-    folded = h @ weight_after.double()[0]
+    exact = (h @ weight_before.detach().to(h.device, torch.float64)[0] - mean) / std
+    folded = h @ weight_after.detach().to(h.device, torch.float64)[0]
     dev = (folded - exact).abs()
     return {"max_abs_dev": dev.max().item() if dev.numel() else 0.0,
             "mean_abs_dev": dev.mean().item() if dev.numel() else 0.0}
@@ -141,7 +164,7 @@ def normalize_on_reference(model, ref_seqs: list[list[int]], heldout_seqs: list[
     w_before = model.score.weight.detach().clone()
     stats = fold_normalization(model, ref_hidden, ref_scores, use_std)
     w_after = model.score.weight.detach()
-    after = ref_hidden.double() @ w_after.double()[0]
+    after = ref_hidden.double() @ w_after.to(ref_hidden.device, torch.float64)[0]  # where the hidden states are
     dev = shift_deviation(w_before, w_after, heldout_hidden, stats["mean"], stats["std"])
     return {"raw_mean": stats["mean"], "raw_std": stats["std"], "ref_mean": after.mean().item(),
             "ref_std": after.std(unbiased=False).item(), "heldout_max_abs_dev": dev["max_abs_dev"],

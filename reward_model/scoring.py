@@ -37,22 +37,23 @@ def render(tokenizer, prompt: str | list[dict], response: str, finished: bool = 
     return ids
 
 
-def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token lists into `[B, L]` ids and a boolean attention mask (True = real)."""
+def right_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Right-pad token lists into `[B, L]` ids and a boolean attention mask (True = real), on
+    `device`. Built on the CPU (one small copy per row) and moved in one transfer."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool, device="cpu")
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
         mask[i, : len(s)] = True
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def forward_rewards(model, seqs: list[list[int]], pad_id: int) -> Tensor:
-    """One forward of a right-padded batch -> rewards [B] (with grad if enabled)."""
-    ids, mask = right_pad(seqs, pad_id)
-    device = next(model.parameters()).device
-    return model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, 0].float()
+    """One forward of a right-padded batch -> rewards [B] float32 on the model's device (with grad
+    if enabled), whatever the model's dtype."""
+    ids, mask = right_pad(seqs, pad_id, next(model.parameters()).device)
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
 
 
 def group_rewards(model, groups: list[list[list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -65,10 +66,8 @@ def group_rewards(model, groups: list[list[list[int]]], pad_id: int) -> tuple[Te
     k_max = max(len(g) for g in groups)
     flat = [s for g in groups for s in g]
     rewards = forward_rewards(model, flat, pad_id)
-    valid_mask = torch.zeros(len(groups), k_max, dtype=torch.bool)
-    for n, g in enumerate(groups):
-        valid_mask[n, : len(g)] = True
-    valid_mask = valid_mask.to(rewards.device)
+    lengths = torch.tensor([len(g) for g in groups], device=rewards.device)
+    valid_mask = torch.arange(k_max, device=rewards.device) < lengths[:, None]
     out = torch.zeros(len(groups), k_max, dtype=rewards.dtype, device=rewards.device)
     out = out.masked_scatter(valid_mask, rewards)
     return out, valid_mask
@@ -78,13 +77,15 @@ def group_rewards(model, groups: list[list[list[int]]], pad_id: int) -> tuple[Te
 def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, accelerator=None,
               with_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
     """Rewards [N] of rendered sequences (and the final hidden state at the scored token,
-    [N, d], when `with_hidden`). Batches are length-sorted to cut padding; with an accelerator
-    the batches are split over ranks and every rank gets all results, in input order."""
+    [N, d], when `with_hidden`), both float32 on the CPU whatever the model's device and dtype.
+    Batches are length-sorted to cut padding; with an accelerator the batches are split over
+    ranks and every rank gets all results, in input order."""
     if model.config.pad_token_id != pad_id:
         raise ValueError(f"model.config.pad_token_id={model.config.pad_token_id} but the tokenizer pads with {pad_id}; "
                          "the score would be read at the wrong token")
     if not seqs:
-        return torch.zeros(0), (torch.zeros(0, model.score.in_features) if with_hidden else None)
+        return (torch.zeros(0, device="cpu"),
+                torch.zeros(0, model.score.in_features, device="cpu") if with_hidden else None)
     was_training = model.training
     model.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -95,7 +96,7 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, a
     try:
         for idx in shard(batches, accelerator):
             batch = [seqs[i] for i in idx]
-            rewards = forward_rewards(model, batch, pad_id).cpu()
+            rewards = forward_rewards(model, batch, pad_id).cpu()  # results are gathered on the CPU
             hidden = None
             if with_hidden:
                 # the same token transformers pools: the last one that is not pad
@@ -108,8 +109,8 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, a
             hook.remove()
         model.train(was_training)
     results = gather(results, accelerator)
-    scores = torch.empty(len(seqs))
-    hidden_all = torch.empty(len(seqs), model.score.in_features) if with_hidden else None
+    scores = torch.empty(len(seqs), device="cpu")
+    hidden_all = torch.empty(len(seqs), model.score.in_features, device="cpu") if with_hidden else None
     for idx, (rewards, hidden) in zip(batches, results):
         scores[idx] = rewards
         if with_hidden:

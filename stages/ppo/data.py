@@ -30,7 +30,9 @@ def load_prompts(cfg, world) -> list[str]:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    # a CPU generator drives a CPU permutation (same order on every process and device type)
+    g = torch.Generator(device="cpu").manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g, device="cpu").tolist()
 
 
 def batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
@@ -57,19 +59,20 @@ class PtxData:
 
     def batch(self, step: int, size: int, rank: int, world: int, micro: int) -> list[tuple[torch.Tensor, ...]]:
         """This process's micro-batches of ptx batch `step`: (input_ids [b, L] long, right-padded;
-        attention_mask [b, L] bool; labels [b, L] long, -100 where no loss)."""
+        attention_mask [b, L] bool; labels [b, L] long, -100 where no loss), on the CPU: the
+        caller moves them to its device."""
         mine = batch_indices(step, len(self.seqs), size, self.seed + 7)[rank::world]
         out = []
         for i in range(0, len(mine), micro):
             rows = [self.seqs[j] for j in mine[i: i + micro]]
             width = max(len(ids) for ids, _ in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.bool)
-            labels = torch.full((len(rows), width), -100, dtype=torch.long)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device="cpu")
+            mask = torch.zeros((len(rows), width), dtype=torch.bool, device="cpu")
+            labels = torch.full((len(rows), width), -100, dtype=torch.long, device="cpu")
             for r, (x, y) in enumerate(rows):
-                ids[r, : len(x)] = torch.tensor(x)
+                ids[r, : len(x)] = torch.tensor(x, dtype=torch.long, device="cpu")
                 mask[r, : len(x)] = True
-                labels[r, : len(y)] = torch.tensor(y)
+                labels[r, : len(y)] = torch.tensor(y, dtype=torch.long, device="cpu")
             out.append((ids, mask, labels))
         return out
 

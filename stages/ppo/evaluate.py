@@ -73,11 +73,13 @@ def sequence_kl(model, models, prompts: list[str], ids: list[list[int]], finishe
         q_ids, q_mask = queries(tok, prompts[i: i + batch_size], device)
         rows = [r + [tok.eos_token_id] if f else r for r, f in zip(ids[i: i + batch_size], finished[i: i + batch_size])]
         T = max(1, max(len(r) for r in rows))
-        r_ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long, device=device)
-        r_mask = torch.zeros((len(rows), T), dtype=torch.bool, device=device)
+        # built on the CPU row by row, then one transfer to `device`
+        r_ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long, device="cpu")
+        r_mask = torch.zeros((len(rows), T), dtype=torch.bool, device="cpu")
         for j, r in enumerate(rows):
-            r_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+            r_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
             r_mask[j, : len(r)] = True
+        r_ids, r_mask = r_ids.to(device), r_mask.to(device)
         inputs = sequence_inputs(q_ids, q_mask, r_ids, r_mask)
         P = q_ids.shape[1]
         logits = model(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2]).logits[:, P - 1: -1]

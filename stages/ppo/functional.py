@@ -129,7 +129,8 @@ def process_scores(scores: Tensor, has_stop: Tensor, missing_stop_penalty: float
     """RM scores [B] -> [B] fp32: subtract the penalty where no stop token, then clamp to ±clip."""
     # "EOS trick": truncated answers must not out-score finished ones (TRL missing_eos_penalty,
     # subtract form); clipping bounds reward scale (OpenRLHF ±10, DS-Chat ±5).
-    penalized = scores.float() - missing_stop_penalty * (~has_stop).float()
+    # scores may come from a reward model elsewhere (reward_model.scoring returns CPU): follow the rollout
+    penalized = scores.to(has_stop.device, torch.float32) - missing_stop_penalty * (~has_stop).float()
     return penalized.clamp(-clip, clip)
 
 
@@ -140,7 +141,8 @@ def shaped_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, last_index
     # the pad slot after it (TRL #1893/#3750), so it is not discounted by an extra λ step.
     rewards = torch.where(response_mask, -beta * kl.float(), 0.0)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last_index] += scores.float()
+    # scores come from the reward model (possibly another device, e.g. a CPU-side scorer)
+    rewards[rows, last_index.to(rewards.device)] += scores.to(rewards.device, torch.float32)
     return rewards
 
 
@@ -295,7 +297,7 @@ def ema_update(ema_params: Iterable[Tensor], params: Iterable[Tensor], decay: fl
     """In place: ema = decay*ema + (1-decay)*p, pairwise over two equal-length iterables."""
     # Weight EMA for eval/checkpoints only, decay ~0.992 (InstructGPT; DS-Chat --enable_ema).
     for ema, p in zip(ema_params, params, strict=True):
-        ema.lerp_(p.detach().to(ema.dtype), 1.0 - decay)
+        ema.lerp_(p.detach().to(ema.device, ema.dtype), 1.0 - decay)
 
 
 __all__ = [

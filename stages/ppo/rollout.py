@@ -120,8 +120,7 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 def queries(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids [B, P] and their bool mask, on `device`."""
-    ids, mask = left_pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
-    return ids.to(device), mask.to(device)
+    return left_pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id, device)
 
 
 def sampling_config(tokenizer, temperature: float, max_new_tokens: int):
@@ -139,14 +138,21 @@ def sampling_config(tokenizer, temperature: float, max_new_tokens: int):
 @torch.no_grad()
 def sample(model, tokenizer, query_ids, query_mask, temperature: float, max_new_tokens: int,
            batch_size: int) -> torch.Tensor:
-    """Sampled continuations [B, max_new_tokens] (pad after a sequence finished), with the KV cache."""
+    """Sampled continuations [B, max_new_tokens] on `query_ids`' device (pad after a sequence
+    finished), with the KV cache.
+
+    No torch.Generator is involved: `generate` samples with `torch.multinomial` from the global
+    random state of the model's device (CUDA's own generator on a GPU), which `torch.manual_seed`
+    seeds on every device. The queries are moved to the model's device if they are elsewhere."""
     was_training = model.training
     model.eval()
     config = sampling_config(tokenizer, temperature, max_new_tokens)
+    device = next(model.parameters()).device
     P = query_ids.shape[1]
     out = torch.full((len(query_ids), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=query_ids.device)
     for i in range(0, len(query_ids), batch_size):
-        gen = model.generate(input_ids=query_ids[i: i + batch_size], attention_mask=query_mask[i: i + batch_size].long(),
+        gen = model.generate(input_ids=query_ids[i: i + batch_size].to(device),
+                             attention_mask=query_mask[i: i + batch_size].to(device, torch.long),
                              generation_config=config)
         new = gen[:, P:]
         out[i: i + len(new), : new.shape[1]] = new
@@ -172,9 +178,9 @@ def token_logprobs(model, input_ids, attention_mask, position_ids, response_ids,
 
 
 def token_values(value_model, input_ids, attention_mask, position_ids, T: int) -> torch.Tensor:
-    """Critic values [B, T]: V at position P-1+t is the value of the state before token t."""
+    """Critic values [B, T] float32: V at position P-1+t is the value of the state before token t."""
     P = input_ids.shape[1] - T
-    return value_model(input_ids, attention_mask, position_ids)[:, P - 1: -1]
+    return value_model(input_ids, attention_mask, position_ids)[:, P - 1: -1].float()
 
 
 def reference_context(models):
@@ -240,4 +246,4 @@ def build_rollout(models, accelerator, prompts: list[str], query_ids, query_mask
     return Rollout(prompts=list(prompts), texts=texts, query_ids=query_ids, query_mask=query_mask,
                    response_ids=response_ids, response_mask=response_mask, last_index=last_index, has_stop=has_stop,
                    logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
-                   scores=scores.to(query_ids.device))
+                   scores=scores.to(query_ids.device, torch.float32))
