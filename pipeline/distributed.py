@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from pipeline import runs
+from pipeline.models import whole_on_every_rank
 
 
 def launcher_kind(accelerator) -> str:
@@ -80,7 +81,8 @@ def plain_copy(accelerator, model: torch.nn.Module) -> torch.nn.Module:
 
     state = full_state_dict(accelerator, model, everywhere=True)
     cls = type(unwrapped).__mro__[FSDPModule._orig_cls_mro_index] if isinstance(unwrapped, FSDPModule) else type(unwrapped)
-    copy = cls(unwrapped.config)
+    with whole_on_every_rank():
+        copy = cls(unwrapped.config)
     copy.load_state_dict(state)
     copy.tie_weights()
     return copy.to(accelerator.device).train(unwrapped.training)
@@ -178,3 +180,14 @@ def clip_grad_norm(accelerator, model: torch.nn.Module, max_norm: float) -> floa
         return float(norm) if norm is not None else float("nan")
     params = [p for p in model.parameters() if p.requires_grad]
     return float(accelerator.clip_grad_norm_(params, max_norm))
+
+
+def trainer_launch_args(accelerator) -> dict:
+    """The TrainingArguments (TRL configs) fields that make an HF Trainer run under the stage's
+    launcher. It shares the stage's accelerator state (the launcher; FSDP on CPU processes) rather
+    than rebuilding its own, except under DeepSpeed: accelerate takes the DeepSpeed plugin only
+    from the first Accelerator, so the trainer builds the state, on gloo when there is no GPU."""
+    deepspeed = launcher_kind(accelerator).startswith("zero")
+    cpu = accelerator.device.type == "cpu"
+    return {"accelerator_config": {"use_configured_state": not deepspeed}, "use_cpu": cpu and not deepspeed,
+            "ddp_backend": "gloo" if deepspeed and cpu else None}

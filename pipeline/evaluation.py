@@ -36,11 +36,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     out = []
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[i: i + batch_size], tokenizer.pad_token_id, device)
-        kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                      pad_token_id=tokenizer.pad_token_id, use_cache=True)
-        if temperature > 0:  # pure temperature sampling: no top-k / top-p truncation
-            kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-        gen = model.generate(input_ids=ids, attention_mask=mask, **_fresh_config(model, kwargs))
+        gen = generate_ids(model, ids, mask, generation_config(stop, tokenizer.pad_token_id, temperature, max_new_tokens))
         for row in gen[:, ids.shape[1]:].tolist():
             if stop in row:
                 out.append((row[: row.index(stop)], True))
@@ -50,11 +46,26 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     return out
 
 
-def _fresh_config(model, kwargs: dict) -> dict:
-    """Pass a clean GenerationConfig so the checkpoint's own sampling settings cannot leak in."""
+def generation_config(stop_token_id: int, pad_token_id: int, temperature: float, max_new_tokens: int):
+    """A fresh GenerationConfig, so the checkpoint's own sampling settings cannot leak in:
+    temperature 0 = greedy, else pure temperature sampling (no top-k / top-p truncation), so the
+    sampling policy is exactly softmax(z/τ)."""
     from transformers import GenerationConfig
 
-    return {"generation_config": GenerationConfig(**kwargs)}
+    kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=stop_token_id,
+                  pad_token_id=pad_token_id, use_cache=True)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    return GenerationConfig(**kwargs)
+
+
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config) -> torch.Tensor:
+    """The one call into `model.generate` (prompt + new tokens [B, P+N]); every sampler of the
+    project goes through it. The model holds its full parameters (`pipeline.distributed.
+    full_parameters`), so each process decodes on its own: `synced_gpus=False`, which transformers
+    would otherwise switch on under ZeRO-3 and FSDP and deadlock ranks with unequal batch counts."""
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask.long(), generation_config=config,
+                          synced_gpus=False)
 
 
 def shard(items: list, accelerator) -> list:

@@ -2,7 +2,9 @@
 that every stage uses to load a parent's model directory."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -91,11 +93,27 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+@contextlib.contextmanager
+def whole_on_every_rank() -> Iterator[None]:
+    """Load models whole on every process. Under a ZeRO-3 launcher transformers would partition
+    them while loading; our loaders then read real shapes (embedding size), frozen models stay
+    whole, and `accelerator.prepare` partitions the trained ones itself."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_causal_lm(path: str | Path, tokenizer=None, dtype: torch.dtype = torch.float32, attn: str = "auto"):
     """Load a causal LM; grow its embeddings if the tokenizer gained tokens (e.g. a pad token)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation(attn))
+    with whole_on_every_rank():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation(attn))
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))

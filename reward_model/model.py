@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline.models import disable_dropout
+from pipeline.models import attn_implementation, disable_dropout, whole_on_every_rank
 
 
 @contextlib.contextmanager
@@ -36,7 +36,7 @@ def _quiet_transformers():
         py_logger.setLevel(old_py)
 
 
-def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.float32):
+def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.float32, attn: str = "auto"):
     """Load `path` (an SFT causal LM or a saved reward model) as a scalar reward model.
 
     Sets `config.pad_token_id` from `tokenizer` (refusing pad == eos), turns dropout off, grows
@@ -47,9 +47,9 @@ def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.fl
 
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("the reward model needs a pad token distinct from eos (pipeline.tokenizer.ensure_chat_ready adds one)")
-    with _quiet_transformers():
+    with _quiet_transformers(), whole_on_every_rank():
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, dtype=dtype, output_loading_info=True)
+            str(path), num_labels=1, dtype=dtype, output_loading_info=True, attn_implementation=attn_implementation(attn))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -11,9 +11,8 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
-from pipeline.runtime import resolve_precision
+from pipeline.distributed import plain_copy, trainer_launch_args
+from pipeline.runtime import batch_split, resolve_precision
 from pipeline.tracking import Progress, make_tracker
 
 
@@ -34,27 +33,23 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     from trl import RewardConfig, RewardTrainer
 
     rows = [{"chosen_ids": g[i], "rejected_ids": g[j]} for g, c in zip(train_seqs, train) for i, j in c.pairs()]
-    per_step = cfg.micro_batch_size * accelerator.num_processes
-    if cfg.global_batch_size % per_step:
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size} "
-                         f"x {accelerator.num_processes} processes; pick sizes so that it is")
-    accum = cfg.global_batch_size // per_step  # derived, never configured
+    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
     total = math.ceil(cfg.epochs * len(rows) / cfg.global_batch_size)
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
     precision = resolve_precision(cfg.precision)
     # TRL 1.16 defaults are for GPUs and LoRA: bf16 and activation checkpointing on, reporting off.
-    # use_configured_state: share the stage's accelerator state (else TrainingArguments resets it).
     args = RewardConfig(
-        accelerator_config={"use_configured_state": True},
-        output_dir=str(sr.ckpt_dir), per_device_train_batch_size=cfg.micro_batch_size,
+        **trainer_launch_args(accelerator),
+        output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum, max_steps=total, learning_rate=cfg.optim.lr,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
         warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay,
         adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1], max_grad_norm=cfg.optim.max_grad_norm,
         logging_steps=cfg.log_every, save_strategy="steps" if cfg.save_every else "no", save_steps=max(1, cfg.save_every),
         save_total_limit=cfg.keep_checkpoints, seed=cfg.seed, data_seed=cfg.seed,
-        use_cpu=not torch.cuda.is_available(), bf16=precision == "bf16", fp16=precision == "fp16",
-        activation_checkpointing=False, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        bf16=precision == "bf16", fp16=precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         center_rewards_coefficient=cfg.center_coef or None, max_length=None, disable_dropout=True)
     resume_from = last_hf_checkpoint(sr)
     step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] if resume_from else 0
@@ -85,7 +80,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
                 self.stopped = True
 
     bridge = Bridge()
-    log(f"TRL RewardTrainer: {len(rows)} pairs | {total} steps x {cfg.global_batch_size} pairs = {cfg.micro_batch_size} "
+    log(f"TRL RewardTrainer: {len(rows)} pairs | {total} steps x {cfg.global_batch_size} pairs = {micro} "
         f"micro x {accelerator.num_processes} procs x {accum} accum | lr {cfg.optim.lr:g}")
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                             callbacks=[bridge])
@@ -96,4 +91,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     step = trainer.state.global_step
     if bridge.stopped:
         log(f"stopping after step {step} as configured (stop_after); re-run to resume")
-    return trainer.model, step, not bridge.stopped, bridge.last, tracker
+    if bridge.stopped:
+        return trainer.model, step, False, bridge.last, tracker
+    # Normalization writes the head and evaluation runs rank-local forwards: an unsharded copy.
+    return plain_copy(trainer.accelerator, trainer.model_wrapped), step, True, bridge.last, tracker

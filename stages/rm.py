@@ -190,7 +190,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         cmp.write_jsonl(sr.dir / "eval_comparisons.jsonl", held_out)
 
     # 2. model and training
-    model = load_reward_model(prep.parent.model_dir, tokenizer)
+    model = load_reward_model(prep.parent.model_dir, tokenizer, attn=cfg.attn_implementation)
     n_pairs = sum(len(c.pairs()) for c in train)
     log(f"{count_parameters(model) / 1e6:.2f}M parameters | {len(train)} comparisons, {n_pairs} ranked pairs, "
         f"{len(held_out)} held out | trainer {'trl RewardTrainer' if use_trl else 'K-wise'} | {threads} threads/proc")
@@ -249,8 +249,7 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
 
     def sample(prompts: list[dict], k: int, seed: int) -> list:
         nonlocal policy
-        policy = policy or load_causal_lm(parent.model_dir, tokenizer, frozen_dtype(accelerator.device),
-                                          cfg.attn_implementation).to(accelerator.device)
+        policy = policy or _sampling_policy(cfg, parent, tokenizer, accelerator)
         return cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], k, d.max_new_tokens, d.temperature,
                                     seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
 
@@ -285,12 +284,18 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
     return train, held_out, flat
 
 
+def _sampling_policy(cfg: RMConfig, parent, tokenizer, accelerator):
+    """The parent SFT policy that writes the responses to rank: inference only, so bf16 on GPUs."""
+    return load_causal_lm(parent.model_dir, tokenizer, frozen_dtype(accelerator.device),
+                          cfg.attn_implementation).to(accelerator.device)
+
+
 def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None:
     """Sample K responses per prompt and write them unlabeled; the manifest is left alone, so an
     export never replaces a finished reward model."""
     d = cfg.data
     prompts = cmp.load_prompts(d.prompt_files, d.columns) if d.prompt_files else World(cfg.world).prompts("rm", d.num_prompts)
-    policy = load_causal_lm(parent.model_dir, tokenizer)
+    policy = _sampling_policy(cfg, parent, tokenizer, accelerator)
     comps = cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], d.k, d.max_new_tokens, d.temperature,
                                  cfg.seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
     path = sr.dir / "comparisons_unlabeled.jsonl"

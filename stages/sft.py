@@ -16,7 +16,7 @@ from typing import Literal
 
 from pipeline import runs
 from pipeline.config import F, StageConfig
-from pipeline.distributed import full_parameters, launcher_kind, save_model
+from pipeline.distributed import full_parameters, launcher_kind, save_model, trainer_launch_args
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
 from pipeline.sft_data import load_sft_records
@@ -174,17 +174,15 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         raise ValueError("lora.enabled with a sharded launcher (fsdp, zero3) is not supported: the adapter is merged "
                          "into full weights at the end; use ACCEL=ddp or zero2 for LoRA")
     precision = resolve_precision(cfg.precision)
-    # use_configured_state: the trainer shares the stage's accelerator state (launcher, FSDP on CPU
-    # processes) instead of rebuilding its own from the arguments.
     args = TRLSFTConfig(
-        accelerator_config={"use_configured_state": True}, output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro,
+        **trainer_launch_args(accelerator), output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro,
         per_device_eval_batch_size=micro, gradient_accumulation_steps=accum,
         learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
         lr_scheduler_type=cfg.train.scheduler, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.steps,
         max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.log_every, save_strategy="steps",
         save_steps=cfg.save_every if cfg.save_every > 0 else 10**9, save_total_limit=cfg.keep_checkpoints,
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True,
-        use_cpu=not accelerator.device.type == "cuda", bf16=precision == "bf16", fp16=precision == "fp16",
+        bf16=precision == "bf16", fp16=precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         dataloader_num_workers=0, max_length=cfg.data.max_length,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters
 from stages.ppo.data import PtxData
 from stages.ppo.functional import (
     AdaptiveKLController,
@@ -72,8 +73,12 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
     factor = (lambda it: 1.0) if o.schedule == "constant" else (lambda it: max(0.0, 1.0 - it / cfg.iterations))
     sched_policy = torch.optim.lr_scheduler.LambdaLR(opt_policy, factor)
     sched_critic = torch.optim.lr_scheduler.LambdaLR(opt_critic, factor)
-    models.policy, models.value_model, opt_policy, opt_critic = accelerator.prepare(
-        models.policy, models.value_model, opt_policy, opt_critic)
+    # One `prepare` per trained model: under DeepSpeed each becomes its own engine.
+    local_mb = cfg.minibatch_size // accelerator.num_processes
+    micro = min(cfg.micro_batch_size, local_mb)
+    configure_deepspeed(accelerator, micro, -(-local_mb // micro), o.max_grad_norm)
+    models.policy, opt_policy = accelerator.prepare(models.policy, opt_policy)
+    models.value_model, opt_critic = accelerator.prepare(models.value_model, opt_critic)
     obj = cfg.objective
     kl_ctl = (AdaptiveKLController(obj.kl_coef, obj.kl_target, obj.kl_horizon) if obj.adaptive_kl
               else FixedKLController(obj.kl_coef))
@@ -146,7 +151,7 @@ def _ptx_backward(t: Trainer, step: int) -> torch.Tensor:
             loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                          labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
             # x processes: DDP averages gradients, the sum over processes is what we want.
-            acc.backward(cfg.ptx.coef * loss_sum / n_tokens * acc.num_processes)
+            backward(acc, t.models.policy, cfg.ptx.coef * loss_sum / n_tokens * acc.num_processes, boundary=False)
         nll += loss_sum.detach() / n_tokens
     return nll
 
@@ -216,9 +221,11 @@ def _micro_batch(t: Trainer, mu: Rollout, n_tokens: torch.Tensor, sync: bool) ->
         pg, pg_stats = policy_loss(logprobs, mu.logprobs, mu.advantages, mu.response_mask, obj.clip_eps, n_tokens)
         vf, vf_stats = value_loss(values, mu.values, mu.returns, mu.response_mask, obj.value_clip_eps, n_tokens)
         entropy_sum = masked_sum(entropy, mu.response_mask)
-        loss = pg - obj.entropy_coef * entropy_sum / n_tokens + obj.vf_coef * vf
+        # The two models share no parameter: one backward per model (each its own engine under
+        # DeepSpeed) gives the gradients of pg - c_ent·H + c_vf·vf.
         # x processes: DDP averages gradients, the sum over processes is what we want.
-        acc.backward(loss * acc.num_processes)
+        backward(acc, policy, (pg - obj.entropy_coef * entropy_sum / n_tokens) * acc.num_processes, boundary=sync)
+        backward(acc, value_model, obj.vf_coef * vf * acc.num_processes, boundary=sync)
     stats = {**pg_stats, **vf_stats, "policy_loss": pg, "value_loss": vf, "entropy_sum": entropy_sum,
              "ptx_loss": torch.zeros(())}
     return torch.stack([stats[key].detach().float().to(acc.device) for key in STAT_KEYS])
@@ -229,8 +236,8 @@ def _optimizer_step(t: Trainer) -> tuple[float, float]:
     acc, max_norm = t.accelerator, t.cfg.optim.max_grad_norm
     norms = []
     for model, opt in ((t.models.policy, t.opt_policy), (t.models.value_model, t.opt_critic)):
-        norms.append(float(acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)))
-        opt.step()
+        norms.append(clip_grad_norm(acc, model, max_norm))
+        opt.step()  # a no-op under DeepSpeed: the engine stepped in its last backward
         opt.zero_grad(set_to_none=True)
     if t.ema is not None:
         t.ema.update(t.policy)
@@ -257,8 +264,8 @@ def iteration_step(t: Trainer, iteration: int, prompts: list[str]) -> tuple[dict
     t0 = time.perf_counter()
     # 1. generate
     query_ids, query_mask = queries(models.tokenizer, prompts, acc.device)
-    with acc.autocast():
-        sampled = sample(t.policy, models.tokenizer, query_ids, query_mask, cfg.rollout.temperature,
+    with acc.autocast(), full_parameters(acc, models.policy) as policy:
+        sampled = sample(policy, models.tokenizer, query_ids, query_mask, cfg.rollout.temperature,
                          cfg.rollout.max_new_tokens, cfg.rollout.forward_batch_size)
     t1 = time.perf_counter()
     # 2. score

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from pipeline import runs
-from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
+from pipeline.models import (attn_implementation, disable_dropout, enable_gradient_checkpointing, frozen_dtype,
+                             load_causal_lm, load_tokenizer, whole_on_every_rank)
 from stages.ppo.functional import ema_update
 
 
@@ -80,6 +81,11 @@ class ValueModel(torch.nn.Module):
         super().__init__()
         self.critic = critic
 
+    @property
+    def config(self):
+        """The critic's config (DeepSpeed sizes its buckets from `config.hidden_size`)."""
+        return self.critic.config
+
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         base = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
         backbone = getattr(base, base.base_model_prefix)
@@ -118,11 +124,13 @@ def _lora(model: torch.nn.Module, section, task_type: str):
     return get_peft_model(model, config)
 
 
-def load_sequence_classifier(path: str, tokenizer) -> torch.nn.Module:
+def load_sequence_classifier(path: str, tokenizer, dtype: torch.dtype = torch.float32, attn: str = "auto") -> torch.nn.Module:
     """A one-label sequence classifier whose pooling reads the last non-pad token."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    with whole_on_every_rank():
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype,
+                                                                   attn_implementation=attn_implementation(attn))
     if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
         # pad == eos would make the classifier read the score one token before eos (checklist 1).
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -132,22 +140,27 @@ def load_sequence_classifier(path: str, tokenizer) -> torch.nn.Module:
 
 
 def load_models(cfg, sources: Sources, device) -> PPOModels:
-    """Load policy, reference, reward model and critic; dropout off everywhere."""
+    """Load policy, reference, reward model and critic; dropout off everywhere. The frozen
+    reference and reward model load in bf16 on GPUs (`frozen_dtype`), the trained ones in fp32."""
     tokenizer = load_tokenizer(sources.policy_dir)
     reward_tokenizer = load_tokenizer(sources.reward_dir)
-    policy = disable_dropout(load_causal_lm(sources.policy_dir, tokenizer))
+    attn, frozen = cfg.attn_implementation, frozen_dtype(device)
+    policy = disable_dropout(load_causal_lm(sources.policy_dir, tokenizer, attn=attn))
     lora = cfg.policy.lora.enabled
     ref = None
     if lora:
         policy = _lora(policy, cfg.policy.lora, "CAUSAL_LM")
     else:
-        ref = _frozen(disable_dropout(load_causal_lm(sources.policy_dir, tokenizer))).to(device)
-    reward = _frozen(load_sequence_classifier(sources.reward_dir, reward_tokenizer)).to(device)
-    critic = load_sequence_classifier(sources.reward_dir, reward_tokenizer)
+        ref = _frozen(disable_dropout(load_causal_lm(sources.policy_dir, tokenizer, frozen, attn))).to(device)
+    reward = _frozen(load_sequence_classifier(sources.reward_dir, reward_tokenizer, frozen, attn)).to(device)
+    critic = load_sequence_classifier(sources.reward_dir, reward_tokenizer, attn=attn)
     if lora and cfg.policy.lora.critic:
         critic = _lora(critic, cfg.policy.lora, "SEQ_CLS")
     for m in (policy, reward, critic):
         disable_dropout(m)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(critic)
     return PPOModels(policy=policy, value_model=ValueModel(critic), ref=ref, reward=reward, tokenizer=tokenizer,
                      reward_tokenizer=reward_tokenizer, lora=lora)
 
@@ -184,6 +197,7 @@ def export_policy(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
     merged into its base in place, so call this last."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    model.config.use_cache = True  # a user's generate() should use the KV cache
     with runs.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pipeline.evaluation import left_pad
+from pipeline.evaluation import generate_ids, generation_config, left_pad
 from stages.ppo.functional import entropy_from_logits, selective_log_softmax, truncate_at_stop
 
 
@@ -124,15 +124,8 @@ def queries(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.
 
 
 def sampling_config(tokenizer, temperature: float, max_new_tokens: int):
-    """A fresh GenerationConfig: pure temperature sampling (top_k=0, top_p=1, no penalties), so the
-    behaviour policy is exactly softmax(z/τ) whatever the checkpoint's own settings say (item 3)."""
-    from transformers import GenerationConfig
-
-    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-              use_cache=True, top_k=0, top_p=1.0, do_sample=temperature > 0)
-    if temperature > 0:
-        kw["temperature"] = temperature
-    return GenerationConfig(**kw)
+    """The behaviour policy's sampling: pure temperature sampling, whatever the checkpoint says."""
+    return generation_config(tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, max_new_tokens)
 
 
 @torch.no_grad()
@@ -151,9 +144,8 @@ def sample(model, tokenizer, query_ids, query_mask, temperature: float, max_new_
     P = query_ids.shape[1]
     out = torch.full((len(query_ids), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=query_ids.device)
     for i in range(0, len(query_ids), batch_size):
-        gen = model.generate(input_ids=query_ids[i: i + batch_size].to(device),
-                             attention_mask=query_mask[i: i + batch_size].to(device, torch.long),
-                             generation_config=config)
+        gen = generate_ids(model, query_ids[i: i + batch_size].to(device), query_mask[i: i + batch_size].to(device),
+                           config)
         new = gen[:, P:]
         out[i: i + len(new), : new.shape[1]] = new
     model.train(was_training)

@@ -14,6 +14,7 @@ import shutil
 import time
 
 from pipeline import runs
+from pipeline.distributed import full_parameters, launcher_kind, save_model
 from pipeline.evaluation import shard
 from pipeline.models import count_parameters
 from pipeline.runtime import seed_everything
@@ -60,6 +61,9 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     main = accelerator.is_main_process
     log = sr.log
     accum = check_sizes(cfg, accelerator.num_processes)
+    if launcher_kind(accelerator) in ("fsdp2", "zero3") and (cfg.policy.lora.enabled or cfg.ema.enabled):
+        raise ValueError("policy.lora.enabled and ema.enabled need full weights on every process; with a sharded "
+                         "launcher (fsdp, zero3) turn them off, or use ACCEL=ddp or zero2")
     # 1. parents, data, models
     sources = resolve_sources(cfg)
     check_world(cfg, sources.parent)
@@ -106,8 +110,8 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         if eval_set is None:
             return {}
         t0 = time.perf_counter()
-        with accelerator.autocast():
-            metrics, rows = evaluate(trainer.policy, models, eval_set, world, cfg, accelerator)
+        with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy) as policy:
+            metrics, rows = evaluate(policy, models, eval_set, world, cfg, accelerator)
             if trainer.ema is not None:
                 ema_metrics, _ = evaluate(trainer.ema.model, models, eval_set, world, cfg, accelerator, prefix="eval_ema")
                 metrics.update(ema_metrics)
@@ -176,9 +180,13 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
 
 def _export(trainer: Trainer, models, sr: StageRun, accelerator) -> None:
-    """Rank 0 writes `model/` (and `model_ema/`); LoRA adapters are merged into plain weights."""
-    if accelerator.is_main_process:
-        export_policy(trainer.policy, models.tokenizer, sr.dir / "model")
-        if trainer.ema is not None:
-            export_policy(trainer.ema.model, models.tokenizer, sr.dir / "model_ema")
+    """`model/` (and `model_ema/`) as plain save_pretrained directories, gathered on rank 0 under
+    sharded launchers; LoRA adapters are merged into plain weights."""
+    if models.lora:
+        if accelerator.is_main_process:
+            export_policy(trainer.policy, models.tokenizer, sr.dir / "model")
+    else:
+        save_model(accelerator, models.policy, models.tokenizer, sr.dir / "model")
+    if trainer.ema is not None and accelerator.is_main_process:
+        export_policy(trainer.ema.model, models.tokenizer, sr.dir / "model_ema")
     accelerator.wait_for_everyone()
