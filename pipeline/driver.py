@@ -13,7 +13,7 @@ import sys
 import time
 
 from pipeline import runs
-from pipeline.launch import launch_command
+from pipeline.launch import exit_code, launch_command
 
 
 def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: list[str], overrides: list[str]) -> int:
@@ -35,15 +35,37 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
         if stage in forced:
             args.append("resume=false")
         print(f"[pipeline] {stage}: starting", flush=True)
-        rc = subprocess.call(launch_command(stage, args), env=dict(os.environ))
+        rc, error = _run_stage(launch_command(stage, args))
         if rc != 0:
+            _summary(runs_dir, run_name)
             print(f"[pipeline] {stage} failed (exit {rc}); earlier stages are kept. Fix the error and re-run: "
                   f"completed stages are skipped.", file=sys.stderr, flush=True)
-            _summary(runs_dir, run_name)
+            if error:  # the stage's own message, last: what the user must act on
+                print(error, file=sys.stderr, flush=True)
             return rc
     _summary(runs_dir, run_name)
     print(f"[pipeline] total time {time.time() - t0:.0f}s", flush=True)
     return 0
+
+
+def _run_stage(cmd: list[str]) -> tuple[int, str | None]:
+    """Run one stage, passing its stderr through; returns (exit status, its last error message:
+    the `error...` line and the indented lines under it)."""
+    env = dict(os.environ)
+    env.setdefault("WANDB_SILENT", "true")
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    error: list[str] = []
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        if line.startswith("error"):
+            error = [line.rstrip()]
+        elif error and line.startswith("  "):
+            error.append(line.rstrip())
+    while True:
+        try:
+            return exit_code(proc.wait()), "\n".join(error) or None
+        except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it stop cleanly
+            continue
 
 
 def stage_overrides(overrides: list[str], stage: str) -> list[str]:

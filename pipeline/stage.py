@@ -58,6 +58,15 @@ def run_stage(cfg, body: Callable, precision: str | None = "auto") -> runs.Manif
         raise
 
 
+def peak_gpu_memory() -> dict:
+    """{'perf/peak_gpu_memory_gib': ...} of this process's GPU since it started, or {} on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"perf/peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 class StageRun:
     """Owns `runs/<run>/<stage>/`: config.yaml, the manifest (running -> complete | failed)."""
 
@@ -99,7 +108,7 @@ class StageRun:
         m = self.manifest
         m.model_dir = str(Path(model_dir).relative_to(self.dir))
         m.tokenizer_fingerprint = runs.tokenizer_fingerprint(tokenizer_dir or model_dir)
-        m.metrics = metrics
+        m.metrics = {**metrics, **peak_gpu_memory()}
         m.extra = {"headline": headline, **(extra or {})}
         m.ended = time.time()
         m.wall_time_s = round(m.ended - m.started, 2)

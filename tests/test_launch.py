@@ -277,3 +277,14 @@ def test_smoke_skips_the_children_of_a_failed_row(tmp_path, monkeypatch, capsys)
         "complete", "skipped (parent rm did not complete)"] + ["skipped (--skip-deepspeed)"] * 4
     assert gpu_smoke.exit_status(results) == 1
     assert "error in stage 'rm': boom" in capsys.readouterr().err  # the end of the failed row's log
+
+
+def test_pipeline_ends_with_the_failing_stage_error(tmp_path):
+    """`make pipeline`: after the summary table, the last lines are the failing stage's own error."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--run", "bad", "--runs-dir", str(tmp_path),
+                           "pretrain.steps=abc", "wandb.mode=disabled"],
+                          env=_clean_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    tail = [line for line in proc.stderr.splitlines() if line.strip()][-2:]
+    assert tail[0] == "error: invalid configuration:", tail
+    assert tail[1].startswith("  - steps") and "expected int" in tail[1], tail
