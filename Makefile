@@ -1,13 +1,15 @@
 # Every target sets up .venv on first use (a fast no-op afterwards) and launches one module.
 # RUN=<name> picks the run (runs/<name>/), NPROC=<n> the processes, ACCEL=<file in
-# configs/accelerate> the launcher, ARGS="key=value ..." per-stage overrides, FROM=<stage> restarts.
+# configs/accelerate> the launcher, ARGS="key=value ..." per-stage overrides, FROM=<stage> restarts,
+# STAGE=<stage> whose model `make chat` talks to (ARGS="--temperature 0.7" there).
 PY      := .venv/bin/python
 SETUP   := python3 -m pipeline.bootstrap
 RUN     ?= default
 ARGS    ?=
 FROM    ?=
+STAGE   ?= ppo
 
-.PHONY: setup pretrain sft rm ppo pipeline status test test-all bench bench-ppo gpu-smoke clean
+.PHONY: setup pretrain sft rm ppo pipeline status chat test test-all bench bench-ppo gpu-smoke clean
 
 setup:
 	@$(SETUP)
@@ -20,6 +22,9 @@ pipeline: setup
 
 status: setup
 	$(PY) -m pipeline status $(RUN)
+
+chat: setup
+	$(PY) -m pipeline chat $(RUN) --stage $(STAGE) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests

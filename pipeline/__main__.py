@@ -1,4 +1,5 @@
-"""`python -m pipeline status [RUN]`, `python -m pipeline report [RUN]` and
+"""`python -m pipeline status [RUN]`, `python -m pipeline report [RUN]`,
+`python -m pipeline chat [RUN] [--stage ppo]` and
 `python -m pipeline run [--run RUN] [--from STAGE] [key=value ...]`."""
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("report", help="(re)build runs/<run>/report/report.md from the run's files")
     rp.add_argument("run", nargs="?", default="default")
     rp.add_argument("--runs-dir", default="runs")
+    ch = sub.add_parser("chat", help="talk to a stage's model in its chat template (/reset, /quit)")
+    ch.add_argument("run", nargs="?", default="default")
+    ch.add_argument("--stage", choices=runs.STAGES, default="ppo", help="whose model (rm is a reward model: refused)")
+    ch.add_argument("--runs-dir", default="runs")
+    ch.add_argument("--ema", action="store_true", help="ppo: the EMA policy (model_ema/) instead of model/")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ch.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
+    ch.add_argument("--system", default=None, help="a system message at the start of every conversation")
+    ch.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
     rn = sub.add_parser("run", help="run pretrain -> sft -> rm -> ppo, skipping stages already complete")
     rn.add_argument("--run", default="default", help="run name (runs/<run>/)")
     rn.add_argument("--runs-dir", default="runs")
@@ -35,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_report(args.runs_dir, args.run))
         return 0
+    if args.cmd == "chat":
+        from pipeline.chat import main as chat
+
+        try:
+            return chat(args)
+        except runs.HandoffError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     from pipeline.driver import run_pipeline
 
     return run_pipeline(args.run, args.runs_dir, args.from_stage, args.stages.split(","), args.overrides)

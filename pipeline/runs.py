@@ -135,7 +135,8 @@ class Manifest:
     run_name: str
     status: str = "running"  # running | complete | failed
     model_dir: str | None = None
-    parent: str | None = None
+    parent: str | None = None       # parent manifest, relative to this stage's directory: moves with the run
+    parent_abs: str | None = None   # the same, absolute: the fallback when the relative path leads nowhere
     parent_hash: str | None = None
     tokenizer_fingerprint: str | None = None
     data_fingerprint: str | None = None
@@ -226,6 +227,35 @@ def resolve_parent(stage: str, runs_dir: str | Path, run_name: str, explicit: st
     if m.tokenizer_fingerprint and tokenizer_fingerprint(model_dir) != m.tokenizer_fingerprint:
         raise HandoffError(f"{model_dir}: tokenizer differs from the one recorded in {path}; the directory was modified after the stage finished")
     return Parent(manifest=m, manifest_path=path.resolve(), model_dir=model_dir.resolve(), hash=file_hash(path))
+
+
+def parent_reference(parent_manifest: str | Path, child_dir: str | Path) -> tuple[str, str]:
+    """(relative, absolute) path of a parent manifest as a child stage records it. Relative to the
+    child's stage directory (`../sft/manifest.json`), so a run copied, moved or renamed as a whole
+    still finds its own stages rather than the old location's."""
+    absolute = Path(parent_manifest).resolve()
+    try:
+        relative = os.path.relpath(absolute, Path(child_dir).resolve())
+    except ValueError:  # another drive (Windows): no relative path exists
+        relative = str(absolute)
+    return relative, str(absolute)
+
+
+def recorded_parent(manifest_file: str | Path, m: Manifest) -> Path:
+    """The parent manifest that `m`, read from `manifest_file`, records: the relative path if it
+    exists there, else the absolute one (manifests written before relative paths hold only that).
+    The caller checks `m.parent_hash` against the file returned."""
+    if not m.parent:
+        raise HandoffError(f"{manifest_file}: the manifest records no parent")
+    here = Path(manifest_file).parent
+    candidates = [manifest_path(here / m.parent)]  # an absolute m.parent stays absolute
+    if m.parent_abs:
+        candidates.append(manifest_path(m.parent_abs))
+    for path in candidates:
+        if path.exists():
+            return path.resolve()
+    raise HandoffError(f"{manifest_file}: its parent manifest is missing: not at "
+                       f"{' nor at '.join(str(c) for c in candidates)}; copy or move a run directory with all its stages")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

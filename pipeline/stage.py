@@ -13,6 +13,7 @@ from typing import Callable
 
 from pipeline import runs
 from pipeline.config import ConfigError, help_text, load_config, to_dict, to_yaml
+from pipeline.model_card import model_card
 
 
 class DataError(ValueError):
@@ -78,6 +79,7 @@ class StageRun:
         self.manifest = runs.Manifest(stage=cfg.stage, run_name=cfg.run_name, config=to_dict(cfg))
         self.t0 = time.time()
         self.begun = False  # nothing is written before begin(): bad input fails without a trace
+        self.parent: runs.Parent | None = None
 
     def log(self, *parts) -> None:
         """A `[stage] ...` line on stderr, from rank 0 only."""
@@ -88,8 +90,10 @@ class StageRun:
               resuming: bool = False) -> None:
         m = self.manifest
         self.begun = True
+        self.parent = parent
         if parent is not None:
-            m.parent, m.parent_hash = str(parent.manifest_path), parent.hash
+            m.parent, m.parent_abs = runs.parent_reference(parent.manifest_path, self.dir)
+            m.parent_hash = parent.hash
         m.data_fingerprint = data_fingerprint
         m.versions, m.git_commit = runs.package_versions(), runs.git_commit()
         if self.is_main:
@@ -114,6 +118,11 @@ class StageRun:
         m.wall_time_s = round(m.ended - m.started, 2)
         m.status = "complete"
         if self.is_main:
+            # cards before the manifest: a crash in between leaves a stage that is not complete
+            runs.atomic_write_text(Path(model_dir) / "README.md", model_card(m, Path(model_dir), self.parent))
+            if m.extra.get("ema_model_dir"):
+                ema_dir = self.dir / m.extra["ema_model_dir"]
+                runs.atomic_write_text(ema_dir / "README.md", model_card(m, ema_dir, self.parent, ema=True))
             m.save(self.dir)
         return m
 

@@ -1,6 +1,7 @@
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import time
 
@@ -83,3 +84,29 @@ def test_status_table(tmp_path):
     m.save(d)
     table = runs.format_table(runs.run_status(tmp_path, "r"))
     assert "pretrain" in table and "complete" in table and "perplexity=3.5" in table and "12s" in table
+
+
+def test_parent_is_recorded_relative_and_found_where_the_run_went(tmp_path):
+    parent = _complete(tmp_path / "a", "sft") / "manifest.json"
+    child = _complete(tmp_path / "a", "rm")
+    m = runs.Manifest.load(child / "manifest.json")
+    m.parent, m.parent_abs = runs.parent_reference(parent, child)
+    assert (m.parent, m.parent_abs) == ("../sft/manifest.json", str(parent.resolve()))
+    m.save(child)
+    # the whole run, moved to another runs dir under another name: its own sft stage, not the old one
+    os.renames(tmp_path / "a" / "r", tmp_path / "b" / "renamed")
+    moved = tmp_path / "b" / "renamed" / "rm" / "manifest.json"
+    assert runs.recorded_parent(moved, runs.Manifest.load(moved)) == (tmp_path / "b/renamed/sft/manifest.json").resolve()
+    # its sft stage moved back alone: the relative path leads nowhere, the absolute one is the fallback
+    os.renames(tmp_path / "b" / "renamed" / "sft", tmp_path / "a" / "r" / "sft")
+    assert runs.recorded_parent(moved, runs.Manifest.load(moved)) == parent.resolve()
+    shutil.rmtree(tmp_path / "a")
+    with pytest.raises(runs.HandoffError, match="parent manifest is missing"):
+        runs.recorded_parent(moved, runs.Manifest.load(moved))
+
+
+def test_a_manifest_with_only_an_absolute_parent_still_resolves(tmp_path):
+    parent = _complete(tmp_path, "sft") / "manifest.json"
+    child = _complete(tmp_path / "elsewhere", "rm")
+    m = runs.Manifest(stage="rm", run_name="r", parent=str(parent.resolve()))  # as written before parent_abs existed
+    assert runs.recorded_parent(child / "manifest.json", m) == parent.resolve()

@@ -29,10 +29,12 @@ def test_four_stage_pipeline(tmp_path):
     run = tmp_path / "smoke"
     m = {s: Manifest.load(run / s / "manifest.json") for s in ("pretrain", "sft", "rm", "ppo")}
     assert all(x.complete and x.wall_time_s > 0 for x in m.values())
-    # the manifest chain: each stage names the previous stage's manifest as its parent
+    # the manifest chain: each stage names the previous stage's manifest as its parent (relative
+    # to its own directory, so the run can move; absolute as the fallback)
     assert m["pretrain"].parent is None
     for child, parent in (("sft", "pretrain"), ("rm", "sft"), ("ppo", "rm")):
-        assert m[child].parent == str((run / parent / "manifest.json").resolve())
+        assert m[child].parent == f"../{parent}/manifest.json"
+        assert m[child].parent_abs == str((run / parent / "manifest.json").resolve())
     # each stage moved its headline metric the right way
     assert m["pretrain"].metrics["eval/perplexity"] < m["pretrain"].metrics["eval/unigram_perplexity"]
     sft_losses = [r["train/loss"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "train/lr" in r]

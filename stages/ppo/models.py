@@ -51,7 +51,7 @@ def sft_of(rm: runs.Parent) -> tuple[Path, Path]:
     if not rm.manifest.parent:
         raise runs.HandoffError(f"{where}: the rm manifest records no parent, so the SFT policy is unknown; "
                                 f"pass policy.name_or_path=<SFT model dir>")
-    path = runs.manifest_path(rm.manifest.parent)
+    path = runs.recorded_parent(where, rm.manifest)
     m = runs.Manifest.load(path)
     if m.stage != "sft":
         raise runs.HandoffError(f"{path}: the reward model's parent is a '{m.stage}' stage; PPO starts from an 'sft' policy")

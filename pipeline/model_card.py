@@ -1,0 +1,107 @@
+"""The model card (`README.md`) that every stage writes into its model directory, so that the
+directory reads like a hub checkpoint: what the model is, where it came from, how well it did and
+how to load it with transformers alone. Written once, by `StageRun.finish`, from the manifest."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipeline import runs
+
+
+# What each stage's model is, for its card (the EMA copy of the PPO policy has its own line).
+PURPOSE = {
+    "pretrain": "A causal language model pretrained on plain text.",
+    "sft": "The parent's model fine-tuned on demonstrations, with the loss on the responses only.",
+    "rm": "A reward model: a one-label sequence classifier trained on ranked responses.",
+    "ppo": "The SFT policy trained with KL-regularised PPO against the reward model.",
+    "ppo-ema": "An exponential moving average of the PPO policy's weights (evaluation and export only).",
+}
+
+
+def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, ema: bool = False) -> str:
+    """`README.md` of a stage's model directory: what the model is, where it came from (stage, run,
+    parent, data), its headline metrics and how to load it with transformers alone. The front
+    matter is the Hugging Face hub's, so the directory reads like a hub checkpoint."""
+    cfg, rm = m.config, m.stage == "rm"
+    where = f"{cfg.get('runs_dir', 'runs')}/{m.run_name}/{m.stage}/{model_dir.name}"
+    if parent is not None:
+        origin = (f"the `{parent.manifest.stage}` stage of run `{parent.manifest.run_name}`: `{m.parent}` "
+                  f"(from the stage directory; manifest sha256 `{m.parent_hash}`)")
+    else:
+        given = [f"{k} `{cfg[k]['name_or_path']}`" for k in ("model", "policy", "reward")
+                 if (cfg.get(k) or {}).get("name_or_path")]
+        origin = ", ".join(given) or "none: trained from a random initialisation"
+    data = cfg.get("data") or {}
+    if data.get("source") == "world":
+        world = cfg.get("world") or {}
+        source = f"the built-in world (seed {world.get('seed')}, {world.get('num_people')} people)"
+    else:
+        source = ", ".join(f"`{f}`" for f in data.get("files") or []) or str(data.get("source", "-"))
+    if m.data_fingerprint:
+        source += f"; fingerprint `{m.data_fingerprint}`"
+    purpose = PURPOSE["ppo-ema" if ema else m.stage]
+    norm = cfg.get("normalize") or {}
+    if rm and norm.get("enabled"):
+        purpose += (f" Its score is normalised to mean 0{' and std 1' if norm.get('std') else ''} over SFT samples, "
+                    "folded into the head.")
+    chat = (f"make chat RUN={m.run_name} STAGE={m.stage}{' ARGS=--ema' if ema else ''}" if cfg.get("runs_dir") == "runs"
+            else f"python -m pipeline chat {m.run_name} --stage {m.stage} --runs-dir {cfg.get('runs_dir')}"
+                 f"{' --ema' if ema else ''}")
+    ended = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(m.ended or time.time()))
+    lines = ["---", "library_name: transformers", f"pipeline_tag: {'text-classification' if rm else 'text-generation'}",
+             f"tags: [alignment-pipeline, {m.stage}]", "---", "",
+             f"# {m.run_name} / {m.stage}{' (EMA)' if ema else ''}", "",
+             purpose, "",
+             "| | |", "|---|---|", f"| stage | `{m.stage}` |", f"| run | `{m.run_name}` |", f"| parent | {origin} |",
+             f"| data | {source} |", f"| finished | {ended}, {m.wall_time_s or 0:.0f} s |",
+             f"| code | git `{(m.git_commit or 'unknown')[:12]}`, transformers {m.versions.get('transformers', '?')} |",
+             "", "## Headline metrics", "", "| metric | value |", "|---|---|",
+             *(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+               for k, v in m.extra.get("headline", {}).items()),
+             "", "All final metrics are in `../manifest.json`, every logged one in `../metrics.jsonl`.", "",
+             "## Load it", "", "```python"]
+    if rm:
+        lines += ["from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                  f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
+                  "model = AutoModelForSequenceClassification.from_pretrained(path)",
+                  'messages = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "Answer: 7."}]',
+                  'inputs = tokenizer.apply_chat_template(messages, return_dict=True, return_tensors="pt")',
+                  "print(model(**inputs).logits[0, 0].item())  # the reward of the last assistant turn", "```", ""]
+    elif m.stage == "pretrain":
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
+                  "model = AutoModelForCausalLM.from_pretrained(path)",
+                  'inputs = tokenizer("The capital of", return_tensors="pt")',
+                  "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))", "```", ""]
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
+                  "model = AutoModelForCausalLM.from_pretrained(path)",
+                  'messages = [{"role": "user", "content": "What is 3 + 4?"}]',
+                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, '
+                  'return_tensors="pt")',
+                  "out = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+                  'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
+    has_template = (model_dir / "chat_template.jinja").exists() or "chat_template" in _json(model_dir / "tokenizer_config.json")
+    if not has_template:
+        lines.append("**Chat template.** The tokenizer has none: prompt with plain text.")
+    elif m.stage == "pretrain":
+        lines.append("**Chat template.** The tokenizer carries the chat template (`chat_template.jinja`) that later "
+                     "stages train with, but pretraining never saw it: prompt this model with plain text.")
+    else:
+        lines.append("**Chat template.** The tokenizer carries the chat template this model was trained with "
+                     "(`chat_template.jinja`): build every prompt with `tokenizer.apply_chat_template`. "
+                     + ("The score is read at the last token of the rendered conversation (the end of the assistant "
+                        "turn)." if rm else
+                        "An assistant turn ends with the stop token that `generation_config.json` names "
+                        f"(`eos_token_id`), so `generate` stops at the end of the turn. To talk to it: `{chat}`."))
+    return "\n".join(lines) + "\n"
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
