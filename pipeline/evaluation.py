@@ -1,6 +1,8 @@
 """Generation and evaluation helpers shared by the stages (greedy evals, sampling)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -21,6 +23,8 @@ def left_pad(seqs: list[list[int]], pad_id: int,
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              batch_size: int = 64, stop_token_id: int | None = None) -> list[tuple[list[int], bool]]:
     """Complete tokenized prompts; returns (response ids without the stop token, finished) each.
+    The stop token is the chat template's end of turn (`pipeline.tokenizer.end_of_turn_id`) unless
+    `stop_token_id` says otherwise; "finished" means it was produced.
 
     temperature 0 = greedy; otherwise pure temperature sampling (top_k=0, top_p=1), overriding
     whatever the checkpoint's generation_config says. Uses the KV cache.
@@ -29,7 +33,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     `torch.multinomial` without a generator): seed it with `torch.manual_seed`, which seeds the
     CPU and every CUDA device, inside `torch.random.fork_rng(devices=[...])` to keep it local.
     """
-    stop = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+    from pipeline.tokenizer import end_of_turn_id
+
+    stop = end_of_turn_id(tokenizer) if stop_token_id is None else stop_token_id
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -64,8 +70,30 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     project goes through it. The model holds its full parameters (`pipeline.distributed.
     full_parameters`), so each process decodes on its own: `synced_gpus=False`, which transformers
     would otherwise switch on under ZeRO-3 and FSDP and deadlock ranks with unequal batch counts."""
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask.long(), generation_config=config,
-                          synced_gpus=False)
+    with _without_checkpoint_generation_config(model):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask.long(), generation_config=config,
+                              synced_gpus=False)
+
+
+@contextlib.contextmanager
+def _without_checkpoint_generation_config(model):
+    """`generate` fills every field our config leaves unset (None) from the model's own
+    `generation_config`: a checkpoint's min_p, repetition_penalty or typical_p would reshape the
+    sampling distribution (transformers#42762). A blank one stands in for the call, so only our
+    settings and transformers' neutral defaults apply. peft wrappers copy theirs onto the base
+    model inside `generate`, so both are swapped."""
+    from transformers import GenerationConfig
+
+    owners = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    owners = [m for m in owners if getattr(m, "generation_config", None) is not None]
+    saved = [m.generation_config for m in owners]
+    for m in owners:
+        m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, g in zip(owners, saved):
+            m.generation_config = g
 
 
 def shard(items: list, accelerator) -> list:

@@ -4,18 +4,19 @@ from __future__ import annotations
 from collections import defaultdict
 
 from pipeline.evaluation import gather, generate, shard
+from pipeline.tokenizer import chat_ids
 from pipeline.world import SKILLS
 
 
 def chat_prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids of `<s><|user|>prompt<|assistant|>` for each prompt (the generation prompt)."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                          return_dict=True)["input_ids"] for p in prompts]
+    return [chat_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
 
 def evaluate_world(model, tokenizer, world, eval_cfg, accelerator=None):
-    """Accuracy per skill, format rate (taught `Answer: x.` format ending with eos), accuracy on
-    pretraining-only facts (the `fact` skill asks about held-out people), and the gold score."""
+    """Accuracy per skill, format rate (taught `Answer: x.` format ending with the template's
+    end-of-turn token, where `generate` stops), accuracy on pretraining-only facts (the `fact`
+    skill asks about held-out people), and the gold score."""
     records = shard(world.prompts("eval"), accelerator)
     ids = chat_prompt_ids(tokenizer, [r["prompt"] for r in records])
     outs = generate(model, tokenizer, ids, eval_cfg.max_new_tokens, temperature=0.0, batch_size=eval_cfg.batch_size) if ids else []

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from pipeline.evaluation import gather, shard
+from pipeline.tokenizer import assistant_token_mask, chat_ids, end_of_turn_id
 
 
 def as_messages(prompt: str | list[dict]) -> list[dict]:
@@ -20,21 +21,23 @@ def as_messages(prompt: str | list[dict]) -> list[dict]:
 
 def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Chat-template ids of a prompt ending with the assistant header, ready for generation."""
-    return list(tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
-                                              return_dict=True)["input_ids"])
+    return chat_ids(tokenizer, as_messages(prompt), add_generation_prompt=True)
 
 
 def render(tokenizer, prompt: str | list[dict], response: str, finished: bool = True) -> list[int]:
-    """Token ids of `prompt` + assistant `response` in the chat template, ending with eos.
+    """Token ids of `prompt` + assistant `response` in the chat template, ending with the
+    template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...; eos in the project's own): the
+    RM reads its score there. Whatever the template writes after the turn (ChatML's newline) is cut.
 
-    An unfinished response (cut off at the length limit) keeps no eos, so the RM sees the same
-    evidence the labeler saw: the score is then read at its last real token.
+    An unfinished response (cut off at the length limit) keeps no end-of-turn token, so the RM sees
+    the same evidence the labeler saw: the score is then read at its last real token.
     """
     messages = as_messages(prompt) + [{"role": "assistant", "content": response}]
-    ids = list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
-    if not finished and ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return ids
+    ids, mask = assistant_token_mask(tokenizer, messages, first=len(messages) - 1)
+    end = max((i + 1 for i, m in enumerate(mask) if m), default=len(ids))
+    if not finished and end > 0 and ids[end - 1] == end_of_turn_id(tokenizer):
+        end -= 1
+    return ids[:end]
 
 
 def right_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.evaluation import gather, generate, shard
+from pipeline.tokenizer import end_of_turn_id
 from stages.ppo.functional import masked_sum
 from stages.ppo.rollout import (
     encode_prompts,
@@ -67,11 +68,11 @@ def sequence_kl(model, models, prompts: list[str], ids: list[list[int]], finishe
                 batch_size: int, device) -> list[float]:
     """Exact KL(π_τ || ref_τ) summed over each response's tokens: Σ_t Σ_v p log(p/q) along the
     sampled trajectory (non-negative, and the sequence KL in expectation over π's samples)."""
-    tok = models.tokenizer
+    tok, stop = models.tokenizer, end_of_turn_id(models.tokenizer)
     out = []
     for i in range(0, len(prompts), batch_size):
         q_ids, q_mask = queries(tok, prompts[i: i + batch_size], device)
-        rows = [r + [tok.eos_token_id] if f else r for r, f in zip(ids[i: i + batch_size], finished[i: i + batch_size])]
+        rows = [r + [stop] if f else r for r, f in zip(ids[i: i + batch_size], finished[i: i + batch_size])]
         T = max(1, max(len(r) for r in rows))
         # built on the CPU row by row, then one transfer to `device`
         r_ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long, device="cpu")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from pipeline.evaluation import generate_ids, generation_config, left_pad
+from pipeline.tokenizer import chat_ids, end_of_turn_id
 from stages.ppo.functional import entropy_from_logits, selective_log_softmax, truncate_at_stop
 
 
@@ -28,7 +29,8 @@ class Rollout:
     logprobs       [B, T] f32     log π_old(token | prefix) of softmax(logits / τ), teacher-forced
     ref_logprobs   [B, T] f32     the same under the frozen reference (also / τ)
     values         [B, T] f32     critic V of the state before token t (hidden at position P-1+t)
-    scores         [B]    f32     raw reward-model score of (prompt, response + eos)
+    scores         [B]    f32     raw reward-model score of (prompt, response + end of turn), re-rendered
+                                  in the reward model's tokenizer and template
     rewards, advantages, returns  [B, T] f32, set by `loop.compute_advantages` (advantages whitened)
     """
 
@@ -112,10 +114,8 @@ def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Chat-template token ids ending with the assistant marker: `<s><|user|>PROMPT<|assistant|>`."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    """Chat-template token ids ending with the assistant header: `<s><|user|>PROMPT<|assistant|>`."""
+    return [chat_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
 
 def queries(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +124,9 @@ def queries(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.
 
 
 def sampling_config(tokenizer, temperature: float, max_new_tokens: int):
-    """The behaviour policy's sampling: pure temperature sampling, whatever the checkpoint says."""
-    return generation_config(tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, max_new_tokens)
+    """The behaviour policy's sampling: pure temperature sampling, whatever the checkpoint says,
+    stopping at the chat template's end-of-turn token."""
+    return generation_config(end_of_turn_id(tokenizer), tokenizer.pad_token_id, temperature, max_new_tokens)
 
 
 @torch.no_grad()
@@ -199,7 +200,8 @@ def score_responses(rm, rm_tokenizer, prompts: list[str], responses: list[str],
                     finished: list[bool] | None = None) -> torch.Tensor:
     """Reward-model scores [B] (fp32) of decoded responses, through `reward_model.scoring`: the
     text is re-rendered in the RM's own tokenizer and chat template (it may differ from the
-    policy's), right-padded, and read at the last real token (the eos of a finished response)."""
+    policy's), right-padded, and read at the last real token (the end-of-turn token of a finished
+    response)."""
     from reward_model.scoring import score
 
     return score(rm, rm_tokenizer, prompts, responses, finished=finished, batch_size=max(1, len(prompts)))
@@ -214,10 +216,10 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 @torch.no_grad()
 def build_rollout(models, accelerator, prompts: list[str], query_ids, query_mask, sampled: torch.Tensor,
                   temperature: float, batch_size: int) -> Rollout:
-    """Truncate sampled tokens at the stop token, then teacher-force (policy, reference, critic)
-    and score them. All tensors on `accelerator.device`."""
+    """Truncate sampled tokens at the stop token (the template's end of turn), then teacher-force
+    (policy, reference, critic) and score them. All tensors on `accelerator.device`."""
     tok = models.tokenizer
-    response_ids, response_mask, last_index, has_stop = truncate_at_stop(sampled, tok.eos_token_id, tok.pad_token_id)
+    response_ids, response_mask, last_index, has_stop = truncate_at_stop(sampled, end_of_turn_id(tok), tok.pad_token_id)
     # Drop columns that are padding in every row: less compute, same numbers.
     T = int(last_index.max()) + 1
     response_ids, response_mask = response_ids[:, :T], response_mask[:, :T]
