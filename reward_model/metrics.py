@@ -7,12 +7,8 @@ from collections import defaultdict
 
 import torch
 
+from pipeline.data import ranked_pairs  # what a ranking means is part of the K-wise record format
 from reward_model.scoring import score_ids
-
-
-def ranked_pairs(ranks: list[int]):
-    """(better, worse) index pairs of one ranking (0 = best); ties are not pairs."""
-    return ((i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j])
 
 
 def pairwise_accuracy(rankings: list[list[int]], rewards: list[list[float]], groups: list[str | None] | None = None) -> dict:

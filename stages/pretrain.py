@@ -25,7 +25,7 @@ from pipeline.evaluation import fact_cloze_accuracy
 from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,
                              load_tokenizer)
 from pipeline.runtime import batch_split, warmup_cosine
-from pipeline.stage import StageRun, run_stage, stage_main
+from pipeline.stage import DataError, StageRun, run_stage, stage_main
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
 
@@ -41,9 +41,12 @@ class PretrainModelConfig:
 @dataclass
 class PretrainDataConfig:
     source: Literal["world", "files"] = F("world", "'world' = the built-in corpus; 'files' = data.files")
-    files: list[str] = F([], "plain-text (.txt: one document per blank-line-separated block) or JSONL files")
-    text_field: str = F("text", "field holding the text in JSONL files")
-    valid_fraction: float = F(0.02, "share of user documents held out for perplexity")
+    files: list[str] = F([], "plain text (.txt/.md: one document per blank-line-separated block), JSONL/JSON/Parquet/CSV "
+                             "files, save_to_disk directories or hub dataset names")
+    text_field: str = F("text", "field holding the text in record files and datasets")
+    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
+    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
+    valid_fraction: float = F(0.02, "share of user documents held out for perplexity (with one document: of its blocks)")
 
 
 @dataclass
@@ -89,6 +92,23 @@ def pack(docs: list[list[int]], bos: int | None, eos: int, seq_len: int) -> torc
         stream.extend(([bos] if bos is not None else []) + ids + [eos])
     n = len(stream) // seq_len
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def split_blocks(train_ids: list[list[int]], valid_ids: list[list[int]], bos: int | None, eos: int, seq_len: int,
+                 valid_fraction: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train blocks, held-out blocks). When either part of the document split fills no block (a
+    single document, short documents), the held-out part is the last `valid_fraction` of the
+    blocks of all the text."""
+    train, valid = pack(train_ids, bos, eos, seq_len), pack(valid_ids, bos, eos, seq_len)
+    if len(train) == 0 or len(valid) == 0:
+        blocks = pack(train_ids + valid_ids, bos, eos, seq_len)
+        n_valid = max(1, round(len(blocks) * valid_fraction))
+        train, valid = blocks[:-n_valid], blocks[-n_valid:]
+    if len(train) == 0:
+        tokens = sum(len(ids) + 1 + (bos is not None) for ids in train_ids + valid_ids)
+        raise DataError(f"{what}: {tokens} tokens make {len(train) + len(valid)} block(s) of model.seq_len={seq_len}; "
+                        "at least 2 are needed (one to train on, one held out): add text or lower model.seq_len")
+    return train, valid
 
 
 def global_batch_indices(step: int, n_blocks: int, global_batch: int, seed: int) -> torch.Tensor:
@@ -155,19 +175,24 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     if world is not None:
         train_docs, valid_docs = world.corpus("train"), world.corpus("valid")
     else:
-        train_docs, valid_docs = read_text_documents(cfg.data.files, cfg.data.text_field, cfg.data.valid_fraction)
+        train_docs, valid_docs = read_text_documents(cfg.data.files, cfg.data.text_field, cfg.data.valid_fraction,
+                                                     cfg.data.config, cfg.data.split)
     resume_from = sr.latest_checkpoint()
     if accelerator.is_main_process and not resume_from and sr.ckpt_dir.exists():
         import shutil
 
         shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
     accelerator.wait_for_everyone()
+    tokenizer = prepare_tokenizer(cfg, sr, accelerator, train_docs + (world.tokenizer_extra_texts() if world else []))
+    # a tokenizer called on an empty batch fails with an IndexError (one document holds none out)
+    encode = lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []  # noqa: E731
+    train_blocks, valid_blocks = split_blocks(encode(train_docs), encode(valid_docs), tokenizer.bos_token_id,
+                                              tokenizer.eos_token_id, cfg.model.seq_len, cfg.data.valid_fraction,
+                                              "the built-in world" if world else ", ".join(cfg.data.files))
+    valid_blocks = valid_blocks[: cfg.eval_blocks]
+    # after the data checks: too little text fails without touching an earlier run's manifest
     sr.begin(data_fingerprint=runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_docs), train_docs[:3]]),
              resuming=resume_from is not None)
-    tokenizer = prepare_tokenizer(cfg, sr, accelerator, train_docs + (world.tokenizer_extra_texts() if world else []))
-    encode = lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]  # noqa: E731
-    train_blocks = pack(encode(train_docs), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.model.seq_len)
-    valid_blocks = pack(encode(valid_docs), tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.model.seq_len)[: cfg.eval_blocks]
 
     # 2. model, optimizer, schedule
     if cfg.model.name_or_path:

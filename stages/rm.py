@@ -22,6 +22,7 @@ import torch
 
 from pipeline import runs
 from pipeline.config import F, StageConfig
+from pipeline.data import load_comparisons, load_prompt_records
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_dtype, load_causal_lm, load_tokenizer
 from pipeline.runtime import (batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
@@ -42,9 +43,14 @@ from stages.pretrain import global_batch_indices
 class RMDataConfig:
     source: Literal["world", "files"] = F(
         "world", "'world' = sample K responses per world prompt from the parent, gold labeler ranks them; 'files' = import labeled files")
-    files: list[str] = F([], "labeled files: K-wise rankings or prompt/chosen/rejected pairs (formats: reward_model/comparisons.py)")
+    files: list[str] = F([], "labeled files, dataset directories or hub datasets: K-wise rankings or chosen/rejected "
+                             "pairs, explicit or implicit prompt (formats: pipeline/data.py)")
     eval_files: list[str] = F([], "held-out labeled files for evaluation (default: data.valid_fraction of data.files)")
     columns: dict[str, Any] = F({}, "rename fields before parsing, e.g. {prompt: question, chosen: good}")
+    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
+    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train), "
+                                "e.g. train_prefs")
+    eval_split: str | None = F(None, "split of data.eval_files (default: data.split), e.g. test_prefs")
     prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
     num_prompts: int = F(1000, "world prompts to sample comparisons for")
     k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)")
@@ -254,8 +260,8 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
                                     seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
 
     if d.source == "files":
-        train = cmp.load_comparisons(d.files, d.columns)
-        held_out = cmp.load_comparisons(d.eval_files, d.columns) if d.eval_files else []
+        train = load_comparisons(d.files, d.columns, d.config, d.split, log)
+        held_out = load_comparisons(d.eval_files, d.columns, d.config, d.eval_split or d.split, log) if d.eval_files else []
         if not d.eval_files and len(train) > 1 and d.valid_fraction > 0:
             order = list(range(len(train)))
             rng.shuffle(order)
@@ -269,7 +275,7 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
     saved, saved_eval = sr.dir / "comparisons.jsonl", sr.dir / "eval_comparisons.jsonl"
     if resuming and saved.exists() and saved_eval.exists():
         log(f"reusing the comparisons of the interrupted run: {saved}")
-        train, held_out = cmp.load_comparisons([str(saved)]), cmp.load_comparisons([str(saved_eval)])
+        train, held_out = load_comparisons([str(saved)], log=log), load_comparisons([str(saved_eval)], log=log)
     else:
         world, t0 = World(cfg.world), time.time()
         train = sample(world.prompts("rm", d.num_prompts), d.k, cfg.seed)
@@ -294,7 +300,8 @@ def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None
     """Sample K responses per prompt and write them unlabeled; the manifest is left alone, so an
     export never replaces a finished reward model."""
     d = cfg.data
-    prompts = cmp.load_prompts(d.prompt_files, d.columns) if d.prompt_files else World(cfg.world).prompts("rm", d.num_prompts)
+    prompts = (load_prompt_records(d.prompt_files, d.columns, config=d.config, split=d.split) if d.prompt_files
+               else World(cfg.world).prompts("rm", d.num_prompts))
     policy = _sampling_policy(cfg, parent, tokenizer, accelerator)
     comps = cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], d.k, d.max_new_tokens, d.temperature,
                                  cfg.seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])

@@ -19,7 +19,7 @@ from pipeline.config import F, StageConfig
 from pipeline.distributed import full_parameters, launcher_kind, save_model, trainer_launch_args
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
-from pipeline.sft_data import load_sft_records
+from pipeline.data import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stage import StageRun, run_stage, stage_main
 from pipeline.tracking import Progress, make_tracker
@@ -47,6 +47,8 @@ class SFTDataConfig:
     source: Literal["world", "files"] = F("world", "'world' = built-in demonstrations; 'files' = data.files")
     files: list[str] = F([], "JSONL/JSON/Parquet/CSV files, save_to_disk directories or hub dataset names")
     columns: dict = F({}, "column mapping, e.g. {prompt: [instruction, input], completion: output}")
+    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
+    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
     valid_fraction: float = F(0.05, "share of user records held out for loss evaluation")
     max_length: int = F(128, "longest tokenized example; longer ones are truncated")
     packing: bool = F(False, "pack several examples into each sequence (faster on long data)")

@@ -8,6 +8,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.launch import launch_command
 from pipeline.runs import Manifest, read_metrics
+from pipeline.stage import DataError
 from stages import pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,3 +84,48 @@ def test_two_process_launch_matches_one_process(tmp_path, nproc):
     assert "2 procs" in proc.stderr  # really two processes, not a silent single one
     assert two["metrics"]["train/loss"] == pytest.approx(one.metrics["train/loss"], rel=1e-4)
     assert two["metrics"]["eval/loss"] == pytest.approx(one.metrics["eval/loss"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """Someone's existing causal LM: a tiny random Llama with its own BPE tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([f"The {c} cat sat on mat {i}." for c in ("red", "old", "big") for i in range(50)], vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id))
+    path = tmp_path_factory.mktemp("base") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["one_document.txt", "records.jsonl"])
+def test_continued_pretraining_on_user_files(tmp_path, tiny_model_dir, name):
+    """A .txt with no blank line is one document: nothing was held out, and the tokenizer
+    called on the empty held-out list raised IndexError. Now the last blocks are held out."""
+    sentences = [f"The {c} cat sat on mat {i}." for i in range(40) for c in ("red", "old")]
+    if name.endswith(".txt"):
+        (tmp_path / name).write_text("\n".join(sentences) + "\n")
+    else:
+        (tmp_path / name).write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    rc = pretrain.main([f"runs_dir={tmp_path}", "run_name=c", f"model.name_or_path={tiny_model_dir}", "data.source=files",
+                        f"data.files=[{tmp_path / name}]", "model.seq_len=32", "steps=2", "global_batch_size=4",
+                        "micro_batch_size=4", "eval_every=0", "save_every=0", "wandb.mode=disabled", "threads=1"])
+    m = Manifest.load(tmp_path / "c" / "pretrain" / "manifest.json")
+    assert rc == 0 and m.complete
+    assert 1 < m.metrics["eval/perplexity"] < 1e4  # measured on held-out blocks, not on nothing
+
+
+def test_held_out_blocks_when_documents_are_few():
+    ids = [list(range(2, 12))] * 4  # 4 documents: [bos=0, 2..11, eos=1], 48 tokens, 6 blocks of 8
+    train, valid = pretrain.split_blocks(ids, [], 0, 1, 8, 0.25, "f")
+    assert (len(train), len(valid)) == (4, 2) and valid[-1].tolist() == [5, 6, 7, 8, 9, 10, 11, 1]  # the tail of the stream
+    with pytest.raises(DataError, match=r"f: 12 tokens make 1 block\(s\) of model.seq_len=8; at least 2 are needed"):
+        pretrain.split_blocks([list(range(2, 12))], [], 0, 1, 8, 0.02, "f")

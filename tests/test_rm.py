@@ -13,6 +13,7 @@ import torch
 
 from pipeline import runs
 from pipeline.config import load_config
+from pipeline.data import load_comparisons, parse_comparison
 from pipeline.stage import DataError
 from reward_model import comparisons as cmp
 from reward_model.model import fold_normalization, normalized_head, shift_deviation, shift_direction
@@ -244,15 +245,26 @@ def _format(kind: str, p: str, c: str, r: str) -> dict:
             "explicit": {"prompt": p, "chosen": c, "rejected": r},
             "implicit": {"chosen": f"Q: {p} A: {c}", "rejected": f"Q: {p} A: {r}"},
             "messages": {"prompt": [user], "chosen": [assistant(c)], "rejected": [assistant(r)]},
-            "implicit_messages": {"chosen": [user, assistant(c)], "rejected": [user, assistant(r)]}}[kind]
+            "implicit_messages": {"chosen": [user, assistant(c)], "rejected": [user, assistant(r)]},
+            # UltraFeedback: a prompt string, and chosen/rejected as whole conversations that repeat it
+            "ultrafeedback": {"prompt": p, "chosen": [user, assistant(c)], "rejected": [user, assistant(r)]},
+            # Anthropic HH: multi-turn dialogue text sharing every turn but the last assistant one
+            "hh": {"chosen": f"\n\nHuman: Hello\n\nAssistant: Hi!\n\nHuman: {p}\n\nAssistant: {c}",
+                   "rejected": f"\n\nHuman: Hello\n\nAssistant: Hi!\n\nHuman: {p}\n\nAssistant: {r}"}}[kind]
 
 
-@pytest.mark.parametrize("kind", ["kwise", "explicit", "implicit", "messages", "implicit_messages"])
-def test_imported_formats_train(sft, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["kwise", "explicit", "implicit", "messages", "implicit_messages", "ultrafeedback", "hh"])
+def test_imported_formats_train(sft, tmp_path, capsys, kind):
     path = tmp_path / f"{kind}.jsonl"
-    path.write_text("".join(json.dumps(_format(kind, *t)) + "\n" for t in PAIRS))
-    comps = cmp.load_comparisons([str(path)])
+    tie = (PAIRS[0][0], PAIRS[0][1], PAIRS[0][1])  # identical chosen and rejected: dropped with a warning
+    path.write_text("".join(json.dumps(_format(kind, *t)) + "\n" for t in PAIRS + [tie] * (kind in ("ultrafeedback", "hh"))))
+    comps = load_comparisons([str(path)])
     assert len(comps) == len(PAIRS) and all(c.pairs() for c in comps)
+    if kind == "ultrafeedback":
+        assert comps[0].prompt == PAIRS[0][0] and comps[0].responses == list(PAIRS[0][1:])
+    if kind == "hh":
+        assert comps[0].prompt == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+                                   {"role": "user", "content": PAIRS[0][0]}] and comps[0].responses == list(PAIRS[0][1:])
     if kind == "implicit":
         assert comps[0].prompt == "Q: What is 1 + 2? A:" and comps[0].responses == ["Answer: 3.", "Sure! Answer: 4. Hope this helps!"]
     if kind == "implicit_messages":
@@ -263,6 +275,9 @@ def test_imported_formats_train(sft, tmp_path, kind):
     rows = runs.read_metrics(tmp_path / kind / "rm" / "metrics.jsonl")
     assert any("train/loss" in r for r in rows) and manifest.metrics["eval/pairs"] >= 2
     assert abs(manifest.metrics["norm/ref_mean"]) < 1e-5
+    if kind in ("ultrafeedback", "hh"):
+        assert f"warning: {path}: dropped 1 of 9 pairs whose 'chosen' and 'rejected' responses are identical (line 9)" \
+            in capsys.readouterr().err
 
 
 BAD = {
@@ -294,14 +309,14 @@ def test_malformed_file_fails_clearly_and_leaves_outputs(sft, finished_run, tmp_
 
 def test_kwise_validation_messages():
     with pytest.raises(DataError, match=r"f:line 3: field 'ranking' is null: this record is not labeled yet"):
-        cmp.parse_record("f:line 3", {"prompt": "p", "responses": ["a", "b"], "ranking": None})
+        parse_comparison("f:line 3", {"prompt": "p", "responses": ["a", "b"], "ranking": None})
     with pytest.raises(DataError, match="'ranking' must be a list of non-negative integers"):
-        cmp.parse_record("f:line 1", {"prompt": "p", "responses": ["a", "b"], "ranking": [0, "1"]})
+        parse_comparison("f:line 1", {"prompt": "p", "responses": ["a", "b"], "ranking": [0, "1"]})
     with pytest.raises(DataError, match="'chosen\\[0\\].role'"):
-        cmp.parse_record("f:line 1", {"prompt": [{"role": "user", "content": "p"}],
+        parse_comparison("f:line 1", {"prompt": [{"role": "user", "content": "p"}],
                                       "chosen": [{"role": "bot", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]})
     with pytest.raises(DataError, match="share no prefix"):
-        cmp.parse_record("f:line 1", {"chosen": "abc", "rejected": "xyz"})
+        parse_comparison("f:line 1", {"chosen": "abc", "rejected": "xyz"})
 
 
 def test_rm_config_problems_are_reported_together():
@@ -345,10 +360,10 @@ def test_export_then_import(sft, tmp_path):
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(recs) == 12 and all(r["ranking"] is None and len(r["responses"]) == 3 for r in recs)
     with pytest.raises(DataError, match="line 1: field 'ranking' is null"):
-        cmp.load_comparisons([str(path)])
+        load_comparisons([str(path)])
     labeled = tmp_path / "labeled.jsonl"
     labeled.write_text("".join(json.dumps({**r, "ranking": [0, 1, 1]}) + "\n" for r in recs))
-    assert len(cmp.load_comparisons([str(labeled)])) == 12
+    assert len(load_comparisons([str(labeled)])) == 12
 
 
 @pytest.mark.slow

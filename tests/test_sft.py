@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data import map_columns, read_records
+from pipeline.data import load_sft_records, map_columns, parse_sft, read_records
 from pipeline.launch import launch_command
 from pipeline.runs import Manifest, file_hash
-from pipeline.sft_data import load_sft_records, validate_sft_record
 from pipeline.stage import DataError
 from stages import pretrain, sft
 
@@ -69,7 +68,7 @@ def test_column_mapping_and_other_file_types(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(PC))
     for name in ("d.parquet", "d.csv", "disk", "d.json"):
         recs = read_records(tmp_path / name)
-        assert len(recs) == 24 and validate_sft_record(*recs[0])[0] == "prompt_completion"
+        assert len(recs) == 24 and parse_sft(*recs[0])[0] == "prompt_completion"
 
 
 @pytest.mark.parametrize("content,match", [
@@ -107,7 +106,7 @@ def _collated_batch(tmp_path, records, parent_dir):
 
     tok = load_tokenizer(parent_dir)
     model = load_causal_lm(parent_dir, tok)
-    kind = validate_sft_record("x", records[0])[0]
+    kind = parse_sft("x", records[0])[0]
     args = TRLSFTConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
                         per_device_train_batch_size=4, completion_only_loss=True if kind == "prompt_completion" else None,
                         assistant_only_loss=kind == "messages", max_length=64)

@@ -36,8 +36,11 @@ class RewardSection:
 @dataclass
 class PromptDataConfig:
     source: Literal["world", "files"] = F("world", "'world' = prompts of the built-in world; 'files' = data.files")
-    files: list[str] = F([], "prompt-only records: JSONL/JSON/Parquet/CSV with a prompt field or chat `messages`")
+    files: list[str] = F([], "prompt records (JSONL/JSON/Parquet/CSV, save_to_disk directories, dataset directories or hub "
+                             "datasets): a prompt field, chat `messages`, or preference records")
     prompt_field: str = F("prompt", "field holding the prompt text (or a list of chat messages)")
+    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
+    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
     num_prompts: int = F(4096, "prompts drawn from the built-in world's ppo split")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data import read_records, read_text_documents
+from pipeline.data import load_prompt_records, read_records, read_text_documents
 from pipeline.stage import DataError
 
 
@@ -12,21 +12,11 @@ def load_prompts(cfg, world) -> list[str]:
     """Prompt texts for rollouts: the built-in world's ppo split, or user records."""
     if cfg.data.source == "world":
         return [r["prompt"] for r in world.prompts("ppo", cfg.data.num_prompts)]
-    out = []
-    field = cfg.data.prompt_field
-    for path in cfg.data.files:
-        for loc, rec in read_records(path):
-            value = rec.get(field, rec.get("messages"))
-            if isinstance(value, list):  # conversational: the last user turn is the prompt
-                users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
-                value = users[-1] if users else None
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{loc}: field '{field}' is missing or not a non-empty string "
-                                f"(set data.prompt_field, or give chat `messages` with a user turn)")
-            out.append(value)
-    if not out:
-        raise DataError(f"data.files {cfg.data.files}: no prompts found")
-    return out
+    d = cfg.data
+    records = load_prompt_records(d.files, name=d.prompt_field, config=d.config, split=d.split)
+    # rollouts encode one user turn (rollout.encode_prompts): a conversation gives its last one
+    return [r["prompt"] if isinstance(r["prompt"], str) else [m["content"] for m in r["prompt"] if m["role"] == "user"][-1]
+            for r in records]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
