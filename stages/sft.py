@@ -1,11 +1,11 @@
 """Stage `sft`: supervised fine-tuning on prompt -> response pairs with TRL's SFTTrainer.
 
 Data flow: parent manifest (pretrain) -> model + tokenizer -> records (built-in world or user
-files: prompt/completion or messages, validated, columns mapped) -> SFTTrainer (loss on the
-response only: completion-only or assistant-only via the chat template's generation markers;
-optional packing and LoRA) -> held-out evaluation (greedy generation: accuracy per skill, format
-rate, pretraining-only facts; held-out loss for user data) -> `model/` (plain, LoRA merged) +
-`adapter/` (LoRA only) + manifest.
+files: prompt/completion, messages or plain text, validated, columns mapped) -> token ids and
+loss masks built here from the chat template (`sft_features`: assistant tokens only, for any
+template) -> SFTTrainer on the pre-tokenized data (optional packing and LoRA) -> held-out
+evaluation (greedy generation: accuracy per skill, format rate, pretraining-only facts; held-out
+loss for user data) -> `model/` (plain, LoRA merged) + `adapter/` (LoRA only) + manifest.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pipeline.runtime import batch_split, resolve_precision
 from pipeline.data import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stage import StageRun, run_stage, stage_main
+from pipeline.tokenizer import assistant_token_mask
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
 
@@ -188,8 +189,9 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         activation_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         dataloader_num_workers=0, max_length=cfg.data.max_length,
-        packing=cfg.data.packing, completion_only_loss=True if kind == "prompt_completion" else None,
-        assistant_only_loss=kind == "messages", eos_token=tokenizer.eos_token,
+        # The data arrive tokenized with their loss masks (`sft_features`): TRL's own masking
+        # needs `{% generation %}` markers that released chat templates do not have.
+        packing=cfg.data.packing, completion_only_loss=False, assistant_only_loss=False,
         eval_strategy="no", dataset_num_proc=None,
     )
     peft_config = None
@@ -202,8 +204,9 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     tracker = make_tracker(accelerator.is_main_process, sr.dir, "sft", cfg.run_name, sr.manifest.config, cfg.wandb,
                            resume_step=_step_of(resume))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_records),
-                         eval_dataset=Dataset.from_list(valid_records) if valid_records else None,
+    features = lambda records: Dataset.from_list([sft_features(tokenizer, r, kind) for r in records])  # noqa: E731
+    trainer = SFTTrainer(model=model, args=args, train_dataset=features(train_records),
+                         eval_dataset=features(valid_records) if valid_records else None,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[to_tracker := _tracker_callback(tracker, accelerator.is_main_process),
                                     _stop_after_callback(cfg)])
@@ -254,6 +257,30 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     if accelerator.is_main_process:
         _print_report(manifest, metrics)
     return manifest
+
+
+def sft_features(tokenizer, record: dict, kind: str) -> dict:
+    """One example as token ids and a loss mask -> {"input_ids", "assistant_masks"} (1 = loss).
+
+    - messages: the conversation in the chat template; loss on every assistant turn, its
+      end-of-turn token included (`pipeline.tokenizer.assistant_token_mask`, any template);
+    - prompt_completion: the prompt's turns then the completion's (a string is one user turn and
+      one assistant turn, as the rm and ppo stages render them); loss on the completion;
+    - text: `bos text eos` as pretraining packs documents (bos where the tokenizer has one); loss
+      on every token.
+    """
+    if kind == "text":
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = bos + tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
+    if kind == "messages":
+        messages, first = record["messages"], 0
+    else:
+        turn = lambda role, x: [{"role": role, "content": x}] if isinstance(x, str) else list(x)  # noqa: E731
+        prompt = turn("user", record["prompt"])
+        messages, first = prompt + turn("assistant", record["completion"]), len(prompt)
+    ids, mask = assistant_token_mask(tokenizer, messages, first)
+    return {"input_ids": ids, "assistant_masks": [int(m) for m in mask]}
 
 
 def _step_of(ckpt: str | None) -> int | None:

@@ -107,10 +107,11 @@ def _collated_batch(tmp_path, records, parent_dir):
     tok = load_tokenizer(parent_dir)
     model = load_causal_lm(parent_dir, tok)
     kind = parse_sft("x", records[0])[0]
+    # what the stage hands the trainer: pre-tokenized examples with their loss masks
     args = TRLSFTConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
-                        per_device_train_batch_size=4, completion_only_loss=True if kind == "prompt_completion" else None,
-                        assistant_only_loss=kind == "messages", max_length=64)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records[:4]), processing_class=tok)
+                        per_device_train_batch_size=4, completion_only_loss=False, assistant_only_loss=False, max_length=64)
+    data = Dataset.from_list([sft.sft_features(tok, parse_sft("x", r)[1], kind) for r in records[:4]])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     return tok, next(iter(trainer.get_train_dataloader()))
 
 
@@ -124,6 +125,23 @@ def test_prompt_tokens_carry_no_loss(parent_run, tmp_path):
     tok, batch = _collated_batch(tmp_path, MSGS, parent_dir)
     learned = tok.decode(batch["input_ids"][0][batch["labels"][0] != -100])
     assert learned == "Answer: hello.</s>Answer: hello again.</s>"  # both assistant turns, nothing else
+
+
+TEXT = [{"text": f"Bralo lives in Vemora. Record {i}."} for i in range(24)]
+
+
+def test_text_records_train_on_every_token(parent_run, tmp_path):
+    """`text` records: a plain language-modelling loss on `<s> text </s>` (one BOS), every token."""
+    parent_dir = parent_run / "base" / "pretrain" / "model"
+    tok, batch = _collated_batch(tmp_path, TEXT, parent_dir)
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"].bool()):
+        real = ids[mask]
+        assert (labels[mask] == real).all() and (labels[~mask] == -100).all()
+        assert real[0] == tok.bos_token_id and real[1] != tok.bos_token_id and real[-1] == tok.eos_token_id
+    f = _write_jsonl(tmp_path / "text.jsonl", TEXT)
+    m = _sft(parent_run, "run_name=text", f"parent={parent_run / 'base' / 'pretrain'}", "data.source=files",
+             f"data.files=[{f}]")
+    assert m.complete and m.metrics["eval/loss"] > 0
 
 
 def test_lora_merge_gives_same_logits(parent_run):

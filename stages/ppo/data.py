@@ -6,6 +6,7 @@ import torch
 
 from pipeline.data import load_prompt_records, read_records, read_text_documents
 from pipeline.stage import DataError
+from pipeline.tokenizer import assistant_token_mask
 
 
 def load_prompts(cfg, world) -> list[str]:
@@ -39,7 +40,8 @@ def batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
 class PtxData:
     """Token sequences with labels (-100 = no loss) for the γ_ptx likelihood term.
 
-    `sft`: demonstrations in the chat template, loss on the response (the SFT objective);
+    `sft`: demonstrations in the chat template, loss on the response and its end-of-turn token
+    (the SFT objective and mask);
     `pretrain`: `<s> document </s>`, loss on every token."""
 
     def __init__(self, seqs: list[tuple[list[int], list[int]]], pad_id: int, seed: int):
@@ -92,14 +94,11 @@ def load_ptx(cfg, world, tokenizer) -> PtxData:
     seqs = []
     if cfg.ptx.source == "sft":
         for prompt, response in _sft_pairs(cfg, world):
-            head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-            full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": response}], tokenize=False)
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"][:L]
-            n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
-            labels = [-100] * min(n_head, len(ids)) + ids[n_head:]
-            seqs.append((ids, labels))
+            # the SFT stage's mask: the response through its end-of-turn token, nothing after
+            ids, mask = assistant_token_mask(tokenizer, [{"role": "user", "content": prompt},
+                                                         {"role": "assistant", "content": response}])
+            ids, mask = ids[:L], mask[:L]
+            seqs.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
     else:
         docs = world.corpus("train") if not cfg.ptx.files else read_text_documents(cfg.ptx.files)[0]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -4,7 +4,9 @@
 - reference: the frozen SFT policy; with LoRA the same module with its adapter disabled, which
   is exactly the SFT model because the SFT weights are the adapter's base (nothing is merged);
 - reward model: frozen sequence classifier (already normalized by the rm stage);
-- critic: a separate sequence classifier initialised from the RM, read at every position.
+- critic: a separate sequence classifier initialised from the RM, read at every position. It
+  reads the policy's token ids, so when the RM has another vocabulary (another model family) it
+  is the policy's backbone with a fresh, zero scalar head instead (`critic_source`).
 Dropout is off in all four: with it, ratios are not 1 at step 0 and KL estimates are noise.
 """
 from __future__ import annotations
@@ -106,6 +108,7 @@ class PPOModels:
     tokenizer: object
     reward_tokenizer: object
     lora: bool = False
+    critic_source: str = "reward model"
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,7 +156,7 @@ def load_models(cfg, sources: Sources, device) -> PPOModels:
     else:
         ref = _frozen(disable_dropout(load_causal_lm(sources.policy_dir, tokenizer, frozen, attn))).to(device)
     reward = _frozen(load_sequence_classifier(sources.reward_dir, reward_tokenizer, frozen, attn)).to(device)
-    critic = load_sequence_classifier(sources.reward_dir, reward_tokenizer, attn=attn)
+    critic, critic_source = load_critic(sources, tokenizer, reward_tokenizer, attn)
     if lora and cfg.policy.lora.critic:
         critic = _lora(critic, cfg.policy.lora, "SEQ_CLS")
     for m in (policy, reward, critic):
@@ -162,7 +165,28 @@ def load_models(cfg, sources: Sources, device) -> PPOModels:
         enable_gradient_checkpointing(policy)
         enable_gradient_checkpointing(critic)
     return PPOModels(policy=policy, value_model=ValueModel(critic), ref=ref, reward=reward, tokenizer=tokenizer,
-                     reward_tokenizer=reward_tokenizer, lora=lora)
+                     reward_tokenizer=reward_tokenizer, lora=lora, critic_source=critic_source)
+
+
+def same_vocabulary(tokenizer, other) -> bool:
+    """Whether token ids mean the same text in both tokenizers."""
+    return tokenizer.get_vocab() == other.get_vocab()
+
+
+def load_critic(sources: Sources, tokenizer, reward_tokenizer, attn: str = "auto") -> tuple[torch.nn.Module, str]:
+    """(critic, where it came from). The critic reads the policy's token ids (query + sampled
+    response): initialised from the reward model when the RM shares the policy's vocabulary
+    (InstructGPT, checklist 15), else from the policy's own backbone with a zero scalar head, so
+    that its embeddings match the ids it reads (first values 0, learned from the returns). The RM
+    itself still scores re-rendered text in its own tokenizer."""
+    if same_vocabulary(tokenizer, reward_tokenizer):
+        return load_sequence_classifier(sources.reward_dir, tokenizer, attn=attn), "reward model"
+    from reward_model.model import load_reward_model
+
+    critic = load_reward_model(sources.policy_dir, tokenizer, attn=attn)
+    with torch.no_grad():
+        critic.score.weight.zero_()
+    return critic, "policy (the reward model has another vocabulary)"
 
 
 class PolicyEMA:

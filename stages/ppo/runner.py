@@ -86,7 +86,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     n_train = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
     n_minibatches = cfg.rollout_batch_size // cfg.minibatch_size
     log(f"policy {sources.policy_dir} ({n_policy / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable"
-        f"{', LoRA' if models.lora else ''}) | reward/critic {sources.reward_dir}")
+        f"{', LoRA' if models.lora else ''}) | reward {sources.reward_dir} | critic from the {models.critic_source}")
     log(f"{cfg.iterations} iterations x {cfg.rollout_batch_size} episodes = {cfg.iterations * cfg.rollout_batch_size} "
         f"| {cfg.epochs} epochs x {n_minibatches} minibatches = {cfg.epochs * n_minibatches} optimizer steps/iteration "
         f"| minibatch {cfg.minibatch_size} = {min(cfg.micro_batch_size, cfg.minibatch_size // accelerator.num_processes)} micro "
