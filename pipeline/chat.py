@@ -1,9 +1,10 @@
 """`python -m pipeline chat RUN --stage ppo` (`make chat RUN=... STAGE=ppo`): talk to a stage's model.
 
-The conversation is rendered in the model's own chat template every turn, so the model sees the
-whole history as it saw its training dialogues. `/reset` clears the history, `/quit` or end of
-input (Ctrl-D) ends. Greedy unless `--temperature` > 0; replies go through the project's one
-sampler (`pipeline.evaluation.generate`), which stops at the end of the assistant turn.
+Every turn the whole conversation is rendered in the model's own chat template by the project's
+one renderer (`pipeline.tokenizer.chat_ids`), so the model sees the history as it saw its training
+dialogues. `/reset` clears the history, `/quit` or end of input (Ctrl-D) ends. Greedy unless
+`--temperature` > 0; replies come from the project's one sampler (`pipeline.evaluation.generate`),
+which stops at the template's end of turn (`pipeline.tokenizer.end_of_turn_id`).
 
 `transformers chat` is not used: in transformers 5 it is a client of a `transformers serve` HTTP
 server (fastapi, uvicorn and openai, which the project does not install), and it samples by default.
@@ -48,9 +49,10 @@ class Chat:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The conversation so far in the chat template, ending with the assistant header."""
+        from pipeline.tokenizer import chat_ids
+
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return list(self.tokenizer.apply_chat_template(head + messages, add_generation_prompt=True,
-                                                       return_dict=True)["input_ids"])
+        return chat_ids(self.tokenizer, head + messages, add_generation_prompt=True)
 
     def reply(self, text: str) -> tuple[str, bool]:
         """The model's answer to user message `text` (and whether it ended its turn); both join the history."""

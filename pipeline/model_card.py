@@ -3,7 +3,6 @@ directory reads like a hub checkpoint: what the model is, where it came from, ho
 how to load it with transformers alone. Written once, by `StageRun.finish`, from the manifest."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -62,13 +61,18 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
                for k, v in m.extra.get("headline", {}).items()),
              "", "All final metrics are in `../manifest.json`, every logged one in `../metrics.jsonl`.", "",
              "## Load it", "", "```python"]
+    # The snippets render like `pipeline.tokenizer.chat_ids` (template text, then ids with no second
+    # BOS) and name the template's end-of-turn token, so they work for any template, not only ours.
+    eot = _end_of_turn(model_dir) if m.stage != "pretrain" else None
     if rm:
         lines += ["from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
                   f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
                   "model = AutoModelForSequenceClassification.from_pretrained(path)",
                   'messages = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "Answer: 7."}]',
-                  'inputs = tokenizer.apply_chat_template(messages, return_dict=True, return_tensors="pt")',
-                  "print(model(**inputs).logits[0, 0].item())  # the reward of the last assistant turn", "```", ""]
+                  "text = tokenizer.apply_chat_template(messages, tokenize=False)",
+                  f'text = text[: text.rindex("{eot}") + len("{eot}")]  # the score is read at the end of the turn',
+                  'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")',
+                  "print(model(**inputs).logits[0, 0].item())", "```", ""]
     elif m.stage == "pretrain":
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
@@ -80,28 +84,27 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
                   f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
                   "model = AutoModelForCausalLM.from_pretrained(path)",
                   'messages = [{"role": "user", "content": "What is 3 + 4?"}]',
-                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, '
-                  'return_tensors="pt")',
-                  "out = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+                  "text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+                  'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")',
+                  "out = model.generate(**inputs, max_new_tokens=64, do_sample=False,",
+                  f'                     eos_token_id=tokenizer.convert_tokens_to_ids("{eot}"))  # end of the turn',
                   'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
-    has_template = (model_dir / "chat_template.jinja").exists() or "chat_template" in _json(model_dir / "tokenizer_config.json")
-    if not has_template:
-        lines.append("**Chat template.** The tokenizer has none: prompt with plain text.")
-    elif m.stage == "pretrain":
-        lines.append("**Chat template.** The tokenizer carries the chat template (`chat_template.jinja`) that later "
-                     "stages train with, but pretraining never saw it: prompt this model with plain text.")
+    if m.stage == "pretrain":
+        lines.append("**Chat template.** The tokenizer carries the chat template that later stages train with, but "
+                     "pretraining never saw it: prompt this model with plain text.")
     else:
         lines.append("**Chat template.** The tokenizer carries the chat template this model was trained with "
-                     "(`chat_template.jinja`): build every prompt with `tokenizer.apply_chat_template`. "
-                     + ("The score is read at the last token of the rendered conversation (the end of the assistant "
-                        "turn)." if rm else
-                        "An assistant turn ends with the stop token that `generation_config.json` names "
-                        f"(`eos_token_id`), so `generate` stops at the end of the turn. To talk to it: `{chat}`."))
+                     f"(`chat_template.jinja`); an assistant turn ends with `{eot}`. "
+                     + ("The score is read at that token." if rm else
+                        f"Generation stops there. To talk to the model: `{chat}`."))
     return "\n".join(lines) + "\n"
 
 
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+def _end_of_turn(model_dir: Path) -> str:
+    """The token that ends an assistant turn in the saved tokenizer's chat template."""
+    from transformers import AutoTokenizer
+
+    from pipeline.tokenizer import end_of_turn_id
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))

@@ -72,6 +72,43 @@ def test_every_model_dir_has_a_card_naming_stage_parent_and_metrics(chain):
     assert "(EMA)" in (chain / "ppo/model_ema/README.md").read_text()
 
 
+def test_card_snippets_run_and_agree_with_the_project(chain, monkeypatch):
+    """The card's code, run as written: the policy's greedy reply and the reward model's score are
+    the ones the project's own sampler and scorer give."""
+    import contextlib
+    import io
+    import re
+
+    from pipeline.evaluation import generate
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from reward_model.model import load_reward_model
+    from reward_model.scoring import forward_rewards, prompt_ids, render
+
+    from pipeline.tokenizer import end_of_turn_id
+
+    monkeypatch.chdir(chain.parent.parent)  # the snippets name the model by <runs_dir>/<run>/...
+    printed, names = {}, {}
+    for d in MODEL_DIRS:
+        code = re.search(r"```python\n(.*?)```", (chain / d / "README.md").read_text(), re.S).group(1)
+        out, names[d] = io.StringIO(), {}
+        with contextlib.redirect_stdout(out):
+            exec(code, names[d])
+        printed[d] = out.getvalue().strip()
+    tok = load_tokenizer(chain / "rm" / "model")
+    rm = load_reward_model(chain / "rm" / "model", tok)
+    expected = forward_rewards(rm, [render(tok, "What is 3 + 4?", "Answer: 7.")], tok.pad_token_id).item()
+    assert float(printed["rm/model"]) == pytest.approx(expected, abs=1e-5)
+    for d in ("sft/model", "ppo/model", "ppo/model_ema"):
+        tok = load_tokenizer(chain / d)
+        prompt = prompt_ids(tok, "What is 3 + 4?")
+        assert names[d]["inputs"]["input_ids"][0].tolist() == prompt, d
+        eot = tok.convert_ids_to_tokens(end_of_turn_id(tok))
+        assert f'eos_token_id=tokenizer.convert_tokens_to_ids("{eot}")' in (chain / d / "README.md").read_text()
+        [(ids, _)] = generate(load_causal_lm(chain / d, tok), tok, [prompt], 64)
+        assert printed[d] == tok.decode(ids, skip_special_tokens=True).strip(), d
+    assert printed["pretrain/model"]
+
+
 # ----------------------------------------------------------------------------- run directories move
 @pytest.mark.parametrize("move", ["to another runs dir", "renamed"])
 def test_a_copied_run_hands_off_from_its_own_stages(chain, tmp_path, move):
