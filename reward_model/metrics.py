@@ -13,7 +13,8 @@ from reward_model.scoring import score_ids
 
 def pairwise_accuracy(rankings: list[list[int]], rewards: list[list[float]], groups: list[str | None] | None = None) -> dict:
     """Fraction of ranked pairs (ties excluded) whose better response gets the higher reward,
-    overall and per group (e.g. skill). -> {"accuracy", "pairs", "by_group": {g: {accuracy, pairs}}}."""
+    overall and per group (e.g. skill). -> {"accuracy", "pairs", "by_group": {g: {accuracy, pairs}}}.
+    No ranked pair (every comparison a tie): accuracy NaN, undefined rather than 0 or 1, with pairs 0."""
     groups = groups or [None] * len(rankings)
     hits: dict = defaultdict(lambda: [0, 0])
     for ranks, r, g in zip(rankings, rewards, groups):

@@ -39,7 +39,8 @@ def tiny(tmp_path_factory):
                                     num_key_value_heads=2, intermediate_size=64)
     try:
         torch.manual_seed(0)
-        model = pm.llama_from_preset("test-micro", tok, max_position_embeddings=256)
+        # attention dropout in the checkpoint: PPO must turn it off (test_load_models_turns_dropout_off_in_all_four)
+        model = pm.llama_from_preset("test-micro", tok, max_position_embeddings=256, dropout=0.1)
     finally:
         del pm.PRESETS["test-micro"]
     policy_dir, reward_dir = root / "policy", root / "reward"
@@ -117,6 +118,73 @@ def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
                 "ppo/value_loss", "ppo/explained_variance", "rollout/eos_rate", "rollout/length",
                 "perf/episodes_per_s", "perf/time_generate", "perf/time_score", "perf/time_update"):
         assert math.isfinite(metrics[key]), key
+
+
+def with_dropout(family: str, vocab: int, p: float = 0.3):
+    """A tiny random causal LM with every dropout its architecture has set to `p`. GPT-2 has
+    nn.Dropout modules (embeddings, attention weights, residual branches); Llama has none: its
+    attention reads a float `attention_dropout` in train mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                                          embd_pdrop=p, attn_pdrop=p, resid_pdrop=p))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                        attention_dropout=p))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_disable_dropout_makes_the_train_mode_ratio_exactly_one(family):
+    """PPO trains in train mode; with dropout live the old (rollout) and new (training) log-probs
+    of the same weights differ and the step-0 ratio is not 1. After `disable_dropout` it is
+    exactly 1, still in train mode."""
+    from pipeline.models import disable_dropout
+    from stages.ppo.functional import policy_loss
+    from stages.ppo.rollout import sequence_inputs, token_logprobs
+
+    model = with_dropout(family, vocab=64).train()
+    g = torch.Generator().manual_seed(0)
+    q, resp = torch.randint(0, 64, (3, 5), generator=g), torch.randint(0, 64, (3, 6), generator=g)
+    mask = torch.ones_like(resp, dtype=torch.bool)
+    inputs = sequence_inputs(q, torch.ones_like(q, dtype=torch.bool), resp, mask)
+    with torch.no_grad():
+        a, b = (token_logprobs(model, *inputs, resp, 0.7) for _ in range(2))
+    assert (a - b).abs().max() > 1e-3                   # dropout is live: the check below can fail
+    disable_dropout(model)
+    assert model.training
+    with torch.no_grad():
+        old = token_logprobs(model, *inputs, resp, 0.7)  # the rollout's forward
+    new = token_logprobs(model, *inputs, resp, 0.7)      # the training forward, with grad
+    assert torch.equal(torch.exp(new.detach() - old), torch.ones_like(old))
+    _, stats = policy_loss(new, old, torch.randn(3, 6, generator=g), mask, 0.2, mask.sum())
+    assert stats["ratio_sum"].item() == stats["tokens"].item() == 18 and stats["approxkl_sum"].item() == 0.0
+
+
+def test_load_models_turns_dropout_off_in_all_four(tiny, tmp_path):
+    """The tiny checkpoints carry attention dropout 0.1; every model PPO loads is deterministic in
+    train mode (the policy and critic train in it; the frozen ones must not care)."""
+    from transformers import AutoConfig
+
+    from stages.ppo.models import load_models, resolve_sources
+    from stages.ppo.rollout import sequence_inputs
+
+    assert AutoConfig.from_pretrained(tiny.policy).attention_dropout == AutoConfig.from_pretrained(tiny.reward).attention_dropout == 0.1
+    cfg = ppo_cfg(tiny, tmp_path)
+    models = load_models(cfg, resolve_sources(cfg), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, len(models.tokenizer), (2, 12), generator=g)
+    ids_, mask, pos = sequence_inputs(ids[:, :5], torch.ones(2, 5, dtype=torch.bool), ids[:, 5:],
+                                      torch.ones(2, 7, dtype=torch.bool))
+    calls = {"policy": lambda m: m(input_ids=ids_, attention_mask=mask, position_ids=pos).logits,
+             "ref": lambda m: m(input_ids=ids_, attention_mask=mask, position_ids=pos).logits,
+             "reward": lambda m: m(input_ids=ids_, attention_mask=mask, position_ids=pos).logits,
+             "value_model": lambda m: m(ids_, mask, pos)}
+    for name, call in calls.items():
+        model = getattr(models, name).train()
+        with torch.no_grad():
+            assert torch.equal(call(model), call(model)), name
 
 
 def test_sampling_distribution_is_the_teacher_forced_policy(tiny, tmp_path):
@@ -304,35 +372,108 @@ def test_lora_reference_is_adapter_disabled_base(tiny, tmp_path):
     assert not any("lora" in n for n, _ in exported.named_parameters())
 
 
-def test_ptx_term_is_in_the_loss_and_changes_the_update(tiny, tmp_path):
-    from stages.ppo.loop import iteration_step
+# ----------------------------------------------------------------------------- ptx and entropy gradients
+class Bigram(torch.nn.Module):
+    """A linear "policy": the logits at a position are the row W[token] of a table, so the gradient
+    of any loss on them has a closed form in W."""
 
-    results = {}
-    for coef in (0.0, 0.5):
-        cfg = ppo_cfg(tiny, tmp_path, f"ptx.coef={coef}", "ptx.batch_size=4")
-        t = trainer_for(cfg, ptx=coef > 0)
-        torch.manual_seed(11)
-        metrics, _ = iteration_step(t, 0, PROMPTS)
-        results[coef] = (metrics, params(t.policy))
-    (m0, p0), (m1, p1) = results[0.0], results[0.5]
-    assert m0["ppo/ptx_loss"] == 0.0 and m1["ppo/ptx_loss"] > 1.0   # NLL of a random model on demonstrations
-    assert m1["ppo/loss"] == pytest.approx(m1["ppo/policy_loss"] + 0.5 * m1["ppo/ptx_loss"], rel=1e-6)
-    assert m1["rollout/score"] == m0["rollout/score"]                 # same rollout ...
-    assert max((p1[n] - p0[n]).abs().max().item() for n in p0) > 1e-5  # ... different update
+    def __init__(self, W):
+        super().__init__()
+        self.W = torch.nn.Parameter(W.clone())
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return SimpleNamespace(logits=self.W[input_ids])
 
 
-def test_entropy_bonus_is_in_the_loss_and_changes_the_update(tiny, tmp_path):
-    from stages.ppo.loop import iteration_step
+class ConstantCritic(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.v = torch.nn.Parameter(torch.zeros(()))
 
-    results = {}
-    for coef in (0.0, 0.1):
-        t = trainer_for(ppo_cfg(tiny, tmp_path, f"objective.entropy_coef={coef}"))
-        torch.manual_seed(11)
-        results[coef] = (iteration_step(t, 0, PROMPTS)[0], params(t.policy))
-    (m0, p0), (m1, p1) = results[0.0], results[0.1]
-    assert m1["ppo/loss"] == pytest.approx(m1["ppo/policy_loss"] - 0.1 * m1["ppo/entropy"], rel=1e-6)
-    assert m1["rollout/score"] == m0["rollout/score"]
-    assert max((p1[n] - p0[n]).abs().max().item() for n in p0) > 1e-5
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.v * torch.ones(input_ids.shape)
+
+
+V, TAU = 5, 0.7
+W0 = torch.randn(V, V, generator=torch.Generator().manual_seed(3))
+# 4 episodes, prompts left-padded with 0, responses of 3, 4, 1 and 2 valid tokens (pad 0 after)
+QUERY = torch.tensor([[0, 1, 2], [3, 4, 1], [0, 0, 4], [2, 2, 3]])
+RESPONSE = torch.tensor([[3, 1, 4, 0], [2, 2, 1, 3], [1, 0, 0, 0], [4, 3, 0, 0]])
+RMASK = torch.arange(4).expand(4, 4) < torch.tensor([[3], [4], [1], [2]])
+# ptx: (ids, labels) with the prompt part unlabelled, as load_ptx builds them
+PTX = [([1, 2, 3, 4], [-100, -100, 3, 4]), ([4, 1, 1], [4, 1, 1]), ([2, 3, 1, 1, 2], [-100, 3, 1, 1, 2])]
+
+
+def bigram_update(entropy_coef: float, ptx_coef: float) -> tuple[torch.Tensor, dict]:
+    """One PPO minibatch step of `loop.optimise` on the bigram policy with plain SGD (lr 1) and no
+    PPO signal (zero advantages, vf_coef 0): returns (W after - W before, the minibatch's metrics)."""
+    from pipeline.runtime import make_accelerator
+    from stages.ppo.data import PtxData
+    from stages.ppo.functional import FixedKLController
+    from stages.ppo.loop import Trainer, optimise
+    from stages.ppo.models import PPOModels
+    from stages.ppo.rollout import Rollout
+
+    cfg = SimpleNamespace(seed=0, epochs=1, rollout_batch_size=4, minibatch_size=4, micro_batch_size=2,
+                          rollout=SimpleNamespace(temperature=TAU), optim=SimpleNamespace(max_grad_norm=1e9),
+                          objective=SimpleNamespace(entropy_coef=entropy_coef, clip_eps=0.2, value_clip_eps=0.2,
+                                                    vf_coef=0.0),
+                          ptx=SimpleNamespace(coef=ptx_coef, batch_size=len(PTX)))
+    policy, critic = Bigram(W0), ConstantCritic()
+    opt_p, opt_c = torch.optim.SGD(policy.parameters(), lr=1.0), torch.optim.SGD(critic.parameters(), lr=1.0)
+    const = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)  # noqa: E731
+    models = PPOModels(policy=policy, value_model=critic, ref=None, reward=None,
+                       tokenizer=SimpleNamespace(pad_token_id=0), reward_tokenizer=None)
+    ptx = PtxData(PTX, pad_id=0, seed=0) if ptx_coef else None
+    t = Trainer(cfg, make_accelerator(), models, opt_p, opt_c, const(opt_p), const(opt_c), FixedKLController(0.0),
+                None, ptx)
+    zeros = torch.zeros(4, 4)
+    r = Rollout(prompts=[""] * 4, texts=[""] * 4, query_ids=QUERY, query_mask=QUERY != 0, response_ids=RESPONSE,
+                response_mask=RMASK, last_index=RMASK.sum(1) - 1, has_stop=torch.ones(4, dtype=torch.bool),
+                logprobs=zeros, ref_logprobs=zeros, values=zeros, scores=torch.zeros(4), rewards=zeros,
+                advantages=zeros, returns=zeros)
+    (metrics,) = optimise(t, r, 0)
+    assert critic.v.item() == 0.0                       # vf_coef 0: the critic gets no gradient
+    return policy.W.detach() - W0, metrics
+
+
+def _softmax64(z: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(z - z.max())
+    return e / e.sum()
+
+
+def test_entropy_bonus_gradient_is_coef_times_the_hand_computed_one():
+    """L = pg - c_H·mean_tokens H(softmax(z/τ)). For z = W[prev]/τ, dH/dz_v = -p_v (z_v - Σ_u p_u z_u)
+    and dz/dW[prev] = 1/τ; with no PPO signal one SGD step (lr 1) moves W by +c_H·mean dH/dW."""
+    seq = torch.cat([QUERY, RESPONSE], 1)
+    grad, entropy, n = torch.zeros(V, V, dtype=torch.float64), 0.0, int(RMASK.sum())
+    for b, t in RMASK.nonzero().tolist():
+        prev = seq[b, QUERY.shape[1] - 1 + t]                # the token the response slot t is predicted from
+        z = W0[prev].double() / TAU
+        p = _softmax64(z)
+        entropy += -(p * torch.log(p)).sum().item() / n
+        grad[prev] += -p * (z - (p * z).sum()) / TAU / n     # d mean H / dW
+    delta0, m0 = bigram_update(entropy_coef=0.0, ptx_coef=0.0)
+    delta, m = bigram_update(entropy_coef=0.1, ptx_coef=0.0)
+    assert delta0.abs().max() == 0.0 and grad.abs().max() > 1e-2   # nothing else moves W; the bonus does
+    torch.testing.assert_close(delta.double(), 0.1 * grad, atol=1e-6, rtol=1e-4)
+    assert m["ppo/entropy"] == pytest.approx(entropy, rel=1e-5) == m0["ppo/entropy"]
+    assert m["ppo/loss"] == pytest.approx(-0.1 * entropy, rel=1e-5)
+
+
+def test_ptx_gradient_is_coef_times_the_hand_computed_nll_gradient():
+    """L_ptx = mean over labelled tokens of -log softmax(W[prev])[next] (no temperature), so
+    dL/dW[prev] = (p - onehot(next)) / n; one SGD step (lr 1) moves W by -γ_ptx·dL/dW."""
+    grad, nll = torch.zeros(V, V, dtype=torch.float64), 0.0
+    pairs = [(ids[i], labels[i + 1]) for ids, labels in PTX for i in range(len(ids) - 1) if labels[i + 1] != -100]
+    for prev, nxt in pairs:
+        p = _softmax64(W0[prev].double())
+        nll += -torch.log(p[nxt]).item() / len(pairs)
+        grad[prev] += (p - torch.nn.functional.one_hot(torch.tensor(nxt), V)) / len(pairs)
+    delta, m = bigram_update(entropy_coef=0.0, ptx_coef=0.5)
+    torch.testing.assert_close(delta.double(), -0.5 * grad, atol=1e-6, rtol=1e-4)
+    assert m["ppo/ptx_loss"] == pytest.approx(nll, rel=1e-5)
+    assert m["ppo/loss"] == pytest.approx(0.5 * nll, rel=1e-5)
 
 
 def test_ema_follows_the_recurrence_and_is_exported(tiny, tmp_path):

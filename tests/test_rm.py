@@ -3,6 +3,7 @@
 The parent is a random "SFT" model, so samples are noise; the gold labeler still ranks them
 (format, concision, stopping), which is all the machinery needs."""
 import json
+import math
 import random
 import subprocess
 import sys
@@ -87,13 +88,51 @@ def tiny_rm(sft):
 def test_reward_model_setup(sft):
     model, tok = tiny_rm(sft)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
-    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     d = model.score.in_features
     assert abs(model.score.weight.std().item() - (d + 1) ** -0.5) < 0.5 * (d + 1) ** -0.5
     ids = render(tok, "What is 1 + 2?", "Answer: 3.")
     assert ids[-1] == tok.eos_token_id and tok.pad_token_id not in ids
     assert render(tok, "What is 1 + 2?", "Answer: 3", finished=False) == ids[:-1] or \
         render(tok, "What is 1 + 2?", "Answer: 3", finished=False)[-1] != tok.eos_token_id
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_reward_model_loader_turns_dropout_off(sft, tmp_path, family):
+    """A backbone saved with dropout scores differently on every train-mode forward when loaded
+    plainly; loaded as a reward model it scores the same twice. GPT-2 has nn.Dropout modules,
+    Llama none: its attention reads a float `attention_dropout` in train mode."""
+    from transformers import (AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    from pipeline.models import load_tokenizer
+    from reward_model.model import load_reward_model
+
+    tok = load_tokenizer(sft / "model")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        backbone = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                                              embd_pdrop=0.3, attn_pdrop=0.3, resid_pdrop=0.3))
+    else:
+        backbone = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                                                max_position_embeddings=128, attention_dropout=0.3))
+    backbone.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    ids = torch.tensor([render(tok, "What is 1 + 2?", "Answer: 3."), render(tok, "What is 2 + 2?", "Answer: 5.")])
+
+    def two_scores(model):
+        model.train()
+        with torch.no_grad():
+            return [model(input_ids=ids).logits for _ in range(2)]
+
+    torch.manual_seed(1)
+    plain = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m"), num_labels=1)
+    plain.config.pad_token_id = tok.pad_token_id
+    a, b = two_scores(plain)
+    assert (a - b).abs().max() > 1e-4          # dropout is live in this checkpoint: the check below can fail
+    torch.manual_seed(1)
+    a, b = two_scores(load_reward_model(tmp_path / "m", tok))
+    assert torch.equal(a, b)
 
 
 def test_group_rewards_forwards_each_response_once(sft):
@@ -164,7 +203,8 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
 
     stage, manifest = finished_run
     acc = manifest.extra["headline"]["pairwise_acc"]
-    assert manifest.status == "complete" and (acc != acc or 0 <= acc <= 1)  # nan: every held-out pair tied
+    # NaN (no ranked held-out pair) must fail here: every comparison with NaN is False, so test it
+    assert manifest.status == "complete" and manifest.metrics["eval/pairs"] > 0 and math.isfinite(acc) and 0 <= acc <= 1
     recs = [json.loads(line) for line in (stage / "comparisons.jsonl").read_text().splitlines()]
     assert len(recs) == 12 and all(len(r["responses"]) == 3 and r["ranking"] is not None for r in recs)
     assert all(len(r["correct"]) == 3 for r in recs)  # the world labeler marks each answer right or wrong
@@ -341,6 +381,22 @@ def test_accuracy_by_correctness_hand_computed():
     out = accuracy_by_correctness(rankings, rewards, correct)
     assert out == {"correctness": {"accuracy": 2 / 3, "pairs": 3}, "style": {"accuracy": 2 / 3, "pairs": 3}}
     assert accuracy_by_correctness(rankings, rewards, [None] * 4) == {}
+
+
+def test_accuracy_without_ranked_pairs_is_nan_and_the_report_says_why(finished_run, capsys):
+    """All held-out comparisons tied: accuracy is undefined (NaN with 0 pairs, not 0 or 1), and
+    the stage's summary says so instead of printing 'nan%'."""
+    from reward_model.metrics import pairwise_accuracy
+    from stages.rm import _report
+
+    out = pairwise_accuracy([[0, 0], [1, 1, 1]], [[1.0, 2.0], [0.0, 0.0, 1.0]], ["first", "last"])
+    assert out["pairs"] == 0 and math.isnan(out["accuracy"]) and out["by_group"] == {}
+    stage, manifest = finished_run
+    metrics = {**manifest.metrics, "eval/pairwise_accuracy": out["accuracy"], "eval/pairs": 0}
+    _report(manifest, metrics, {**manifest.extra, "eval_accuracy_by_skill": {}, "eval_accuracy_by_pair_kind": {}},
+            stage / "model")
+    line = next(x for x in capsys.readouterr().out.splitlines() if "held-out pairwise accuracy" in x)
+    assert "0 ranked pairs" in line and "tie" in line and "nan" not in line.lower()
 
 
 def test_label_noise_swaps_adjacent_ranks():

@@ -1,34 +1,70 @@
+import dataclasses
+import itertools
 import json
 import multiprocessing as mp
 import os
 import shutil
 import signal
+import threading
 import time
 
 import pytest
 
 from pipeline import runs
+from pipeline.config import StageConfig
+from pipeline.stage import StageRun
 
 
-def _writer(path, n):
-    big = {"payload": "x" * 2_000_000}
+@dataclasses.dataclass
+class _SFTLike(StageConfig):
+    stage = "sft"
+
+
+def _die_if_ever_torn(path):
+    """The worst moment to be killed is while the manifest on disk is not a whole document: kill
+    the process then (never, if writes are atomic)."""
     while True:
-        for i in range(n):
-            runs.atomic_write_json(path, {**big, "i": i, "status": "complete"})
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_killed_manifest_write_never_looks_complete(tmp_path):
-    path = tmp_path / "manifest.json"
-    runs.atomic_write_json(path, {"status": "running"})
-    p = mp.get_context("fork").Process(target=_writer, args=(path, 1000))
+def _stage_killed_mid_run(runs_dir, begun):
+    """A stage between `StageRun.begin` and `.finish` that rewrites its manifest (2 MB each time)
+    until it is killed."""
+    sr = StageRun(_SFTLike(run_name="r", runs_dir=str(runs_dir)))
+    sr.begin()
+    threading.Thread(target=_die_if_ever_torn, args=(sr.dir / "manifest.json",), daemon=True).start()
+    for i in itertools.count():
+        sr.manifest.metrics = {"payload": "x" * 2_000_000, "i": i}
+        sr.manifest.save(sr.dir)
+        begun.set()
+
+
+def test_killed_stage_reads_running_and_is_refused_as_a_parent(tmp_path):
+    """A stage killed before it finished: its manifest is a whole document whose status is
+    `running` (never `complete`), and the next stage refuses it as a parent."""
+    ctx = mp.get_context("fork")
+    begun = ctx.Event()
+    p = ctx.Process(target=_stage_killed_mid_run, args=(tmp_path, begun))
     p.start()
-    time.sleep(0.5)
-    os.kill(p.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not begun.wait(0.05) and p.is_alive() and time.monotonic() < deadline:
+        pass
+    time.sleep(0.5)                                   # many rewrites
+    if p.is_alive():
+        os.kill(p.pid, signal.SIGKILL)
     p.join()
-    data = json.loads(path.read_text())  # always a whole JSON document: old or new
-    assert data["status"] in ("running", "complete")
+    assert p.exitcode == -signal.SIGKILL
+    d = runs.stage_dir(tmp_path, "r", "sft")
+    data = json.loads((d / "manifest.json").read_text())
+    assert data["status"] == "running" and data["metrics"]["i"] >= 0 and data["ended"] is None
+    assert [r["status"] for r in runs.run_status(tmp_path, "r") if r["stage"] == "sft"] == ["running"]
+    with pytest.raises(runs.HandoffError, match="parent stage 'sft' is running, not complete"):
+        runs.resolve_parent("rm", tmp_path, "r")
     # the temporary sibling may remain, but it is never the manifest
-    assert all(f.name == "manifest.json" or f.name.startswith(".") for f in tmp_path.iterdir())
+    assert all(f.name in ("manifest.json", "config.yaml") or f.name.startswith(".") for f in d.iterdir())
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
