@@ -386,7 +386,10 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
 
 def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
     print(f"\nrm done in {manifest.wall_time_s:.0f}s")
-    print(f"  held-out pairwise accuracy  {metrics['eval/pairwise_accuracy']:.1%}  ({metrics['eval/pairs']} ranked pairs, ties excluded)")
+    if metrics["eval/pairs"]:
+        print(f"  held-out pairwise accuracy  {metrics['eval/pairwise_accuracy']:.1%}  ({metrics['eval/pairs']} ranked pairs, ties excluded)")
+    else:  # the metric is NaN: there is nothing to rank
+        print("  held-out pairwise accuracy  undefined: every held-out comparison is a tie (0 ranked pairs)")
     for skill, v in extra["eval_accuracy_by_skill"].items():
         print(f"    {skill:<8} {v['accuracy']:.1%}  ({v['pairs']} pairs)")
     by_kind = extra.get("eval_accuracy_by_pair_kind", {})
