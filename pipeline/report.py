@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from pipeline import runs
+from pipeline.tracking import stratified
 
 
 def _pyplot():
@@ -174,10 +175,13 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
                 "flat or falling gold score is reward over-optimization.")
     samples_file = run_dir / "ppo" / "samples.jsonl"
     if samples_file.exists():
-        rows = [json.loads(l) for l in samples_file.read_text().splitlines() if l.strip()][:12]
-        lines.extend(["## Samples: SFT vs PPO (same prompts)", "", "| prompt | SFT | PPO |", "|---|---|---|"])
+        rows = [json.loads(l) for l in samples_file.read_text().splitlines() if l.strip()]
+        rows = stratified(rows, lambda r: r.get("skill", ""), 12)  # every skill, not the head of one
+        lines.extend(["## Samples: SFT vs PPO (same prompts)", "", "| skill | prompt | SFT | PPO |",
+                      "|---|---|---|---|"])
         for r in rows:
-            cells = [str(r.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in ("prompt", "sft", "ppo")]
+            cells = [str(r.get(k, "")).replace("|", "\\|").replace("\n", " ")
+                     for k in ("skill", "prompt", "sft", "ppo")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     runs.atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

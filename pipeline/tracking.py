@@ -3,6 +3,12 @@
 `make_tracker` returns a `NullTracker` on other ranks or when disabled, so stage code never
 branches on the rank to log. wandb runs offline unless an API key is configured; `wandb sync`
 uploads later.
+
+Every wandb row carries an explicit step. wandb keeps one open history row at its current step:
+a call with a step merges into it (the same step) or closes it (a later step), a call without a
+step closes it and advances the step by one, and a call at an earlier step is dropped (only
+`debug-internal.log` says "ignoring partial history record"). So tables are logged at the step of
+their metrics (`table(..., step)`), never without one.
 """
 from __future__ import annotations
 
@@ -12,14 +18,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class NullTracker:
     """The no-op tracker: same interface, does nothing."""
 
     def log(self, metrics: dict, step: int) -> None: ...
-    def table(self, name: str, columns: list[str], rows: list[list]) -> None: ...
+    def table(self, name: str, columns: list[str], rows: list[list], step: int | None = None) -> None: ...
     def summary(self, metrics: dict) -> None: ...
     def finish(self) -> None: ...
 
@@ -50,6 +56,7 @@ class Tracker(NullTracker):
             self.path.write_text("".join(r + "\n" for r in rows))
         self._file = open(self.path, "a")
         self.run = None
+        self.step = resume_step or 0  # the latest step logged: wandb drops rows at earlier steps
         mode = _wandb_mode(wandb_cfg.mode)
         if mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -64,14 +71,25 @@ class Tracker(NullTracker):
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self._file.flush()
-        if self.run is not None:
-            self.run.log(clean, step=step)
+        self._wandb_log(clean, step)
 
-    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+    def table(self, name: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        """A wandb table at `step` (default: the latest step logged), so that it joins that step's
+        metrics row instead of moving wandb's step counter past it."""
         if self.run is not None:
             import wandb
 
-            self.run.log({name: wandb.Table(columns=columns, data=[list(r) for r in rows])})
+            self._wandb_log({name: wandb.Table(columns=columns, data=[list(r) for r in rows])},
+                            self.step if step is None else step)
+
+    def _wandb_log(self, data: dict, step: int) -> None:
+        if self.run is None:
+            return
+        if step < self.step:
+            print(f"warning: wandb drops rows at a step before the latest ({step} < {self.step}): "
+                  f"{', '.join(data)}", file=sys.stderr, flush=True)
+        self.step = max(self.step, step)
+        self.run.log(data, step=step)
 
     def summary(self, metrics: dict) -> None:
         if self.run is not None:
@@ -82,6 +100,33 @@ class Tracker(NullTracker):
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def stratified(rows: list, key: Callable[[Any], Any] | int | str, n: int) -> list:
+    """Up to `n` rows taken round-robin across the groups `key` gives (a function of the row, or
+    an index into it: e.g. the skill column), groups in order of first appearance and rows of a
+    group in their order. Deterministic; `rows[:n]` of a skill-sorted list would show one skill.
+    With `n` at least the number of groups, every group is in."""
+    get = key if callable(key) else (lambda r: r[key])
+    groups: dict[Any, list] = {}
+    for r in rows:
+        groups.setdefault(get(r), []).append(r)
+    out: list = []
+    queues = [iter(g) for g in groups.values()]
+    while queues and len(out) < n:
+        live = []
+        for q in queues:
+            if len(out) >= n:
+                break
+            r = next(q, _END)
+            if r is not _END:
+                out.append(r)
+                live.append(q)
+        queues = live
+    return out
+
+
+_END = object()
 
 
 def _row_step(line: str) -> float:

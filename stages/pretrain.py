@@ -269,7 +269,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         with full_parameters(accelerator, model) as full:
             acc, samples = fact_cloze_accuracy(full, tokenizer, world.fact_cloze(), accelerator)
         metrics["eval/fact_cloze_accuracy"] = acc
-        tracker.table("eval/fact_cloze_samples", ["prompt", "answer", "generated", "correct"], samples[:50])
+        tracker.table("eval/fact_cloze_samples", ["prompt", "answer", "generated", "correct"], samples[:50], step)
     tracker.log(metrics, step)
     tracker.summary(metrics)
     model_dir = sr.dir / "model"

@@ -28,7 +28,7 @@ from pipeline.models import count_parameters, enable_gradient_checkpointing, fro
 from pipeline.runtime import (batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
                               warmup_cosine)
 from pipeline.stage import DataError, StageRun, stage_main
-from pipeline.tracking import Progress, make_tracker
+from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.losses import kwise_loss
@@ -230,7 +230,8 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     metrics.update(eval_metrics)
     extra.update(eval_extra)
     tracker.log(metrics, step)
-    tracker.table("eval/samples", ["prompt", "skill", "response", "finished", "rank", "gold_score", "reward"], rows[:200])
+    tracker.table("eval/samples", ["prompt", "skill", "response", "finished", "rank", "gold_score", "reward"],
+                  stratified(rows, 1, 200), step)
     tracker.summary(metrics)
 
     # 5. hand off: a plain save_pretrained directory with normalized scores

@@ -23,7 +23,7 @@ from pipeline.data import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stage import StageRun, run_stage, stage_main
 from pipeline.tokenizer import assistant_token_mask
-from pipeline.tracking import Progress, make_tracker
+from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 
 
@@ -245,7 +245,8 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         with full_parameters(trained, final) as full:
             world_metrics, samples = evaluate_world(full, tokenizer, world, cfg.eval, accelerator)
         metrics.update(world_metrics)
-        tracker.table("eval/samples", ["skill", "prompt", "response", "correct"], samples[: cfg.eval.samples])
+        tracker.table("eval/samples", ["skill", "prompt", "response", "correct"],
+                      stratified(samples, 0, cfg.eval.samples), trainer.state.global_step)
     tracker.log(metrics, trainer.state.global_step)
     tracker.summary(metrics)
     model_dir = sr.dir / "model"

@@ -111,7 +111,7 @@ def evaluate(model, models, eval_set: EvalSet, world, cfg, accelerator, prefix: 
         gold, sft_gold = world.gold_score(p, t, f), eval_set.sft_gold[i]
         win = 1.0 if gold > sft_gold + 1e-9 else (0.5 if abs(gold - sft_gold) <= 1e-9 else 0.0)
         rows.append([p, eval_set.sft_texts[i], t, sft_gold, gold, rm[i], kl[i], win, float(world.is_correct(p, t)),
-                     float(f), len(ids[i]) + int(f)])
+                     float(f), len(ids[i]) + int(f), world.skill_of(p)])
     model.train(was_training)
     rows = gather(rows, accelerator)
     n = max(1, len(rows))
@@ -123,4 +123,5 @@ def evaluate(model, models, eval_set: EvalSet, world, cfg, accelerator, prefix: 
 
 
 TABLE_COLUMNS = ["prompt", "sft_response", "response", "sft_gold", "gold", "rm_score", "kl", "win", "correct",
-                 "finished", "length"]
+                 "finished", "length", "skill"]
+SKILL = TABLE_COLUMNS.index("skill")

@@ -19,11 +19,11 @@ from pipeline.evaluation import shard
 from pipeline.models import count_parameters
 from pipeline.runtime import seed_everything
 from pipeline.stage import StageRun, run_stage
-from pipeline.tracking import Progress, make_tracker
+from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts, load_ptx
-from stages.ppo.evaluate import TABLE_COLUMNS, eval_prompts, evaluate, make_eval_set
+from stages.ppo.evaluate import SKILL, TABLE_COLUMNS, eval_prompts, evaluate, make_eval_set
 from stages.ppo.loop import Trainer, iteration_step, make_trainer
 from stages.ppo.models import export_policy, load_models, resolve_sources
 
@@ -106,6 +106,9 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     last_rows: list = []
 
+    def skill_of(prompt: str) -> str:  # the sample tables' strata; user prompts have none
+        return world.skill_of(prompt) if cfg.data.source == "world" else ""
+
     def run_eval(step: int) -> dict:
         if eval_set is None:
             return {}
@@ -117,7 +120,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                 metrics.update(ema_metrics)
         metrics["perf/time_eval"] = time.perf_counter() - t0
         tracker.log(metrics, step)
-        tracker.table("eval/samples", TABLE_COLUMNS, rows[: cfg.eval.samples])
+        tracker.table("eval/samples", TABLE_COLUMNS, stratified(rows, SKILL, cfg.eval.samples), step)
         last_rows[:] = rows
         log(f"eval @ {step}: gold {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}) "
             f"| win rate {metrics['eval/win_rate']:.3f} | rm {metrics['eval/rm_score']:.3f} | kl {metrics['eval/kl']:.3f}")
@@ -141,10 +144,10 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                         eos=metrics["rollout/eos_rate"], clipfrac=metrics["ppo/clipfrac"])
         if cfg.eval.every and iteration % cfg.eval.every == 0 and iteration < cfg.iterations:
             run_eval(iteration)
-            tracker.table("rollout/samples", ["prompt", "response", "score", "finished"],
-                          [[p, t, s, bool(f)] for p, t, s, f in zip(rollout.prompts, rollout.texts,
-                                                                    rollout.scores.tolist(), rollout.has_stop.tolist())
-                           ][: cfg.eval.samples])
+            tracker.table("rollout/samples", ["prompt", "response", "score", "finished", "skill"],
+                          stratified([[p, t, s, bool(f), skill_of(p)] for p, t, s, f in zip(
+                              rollout.prompts, rollout.texts, rollout.scores.tolist(), rollout.has_stop.tolist())],
+                              4, cfg.eval.samples), iteration)
         if sr.checkpoint(accelerator, iteration, cfg.iterations, {"iteration": iteration, "metrics": metrics}):
             log(f"stopping after iteration {iteration} as configured (stop_after); re-run to resume")
             tracker.finish()
@@ -154,8 +157,8 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     final = run_eval(cfg.iterations)
     if main and last_rows:  # SFT vs PPO on the same held-out prompts, for the report
         runs.atomic_write_text(sr.dir / "samples.jsonl", "".join(
-            json.dumps({"prompt": r[0], "sft": r[1], "ppo": r[2], "sft_gold": r[3], "gold": r[4]}) + "\n"
-            for r in last_rows[: cfg.eval.samples]))
+            json.dumps({"prompt": r[0], "sft": r[1], "ppo": r[2], "sft_gold": r[3], "gold": r[4], "skill": r[SKILL]})
+            + "\n" for r in stratified(last_rows, SKILL, cfg.eval.samples)))
     summary = {**metrics, **final}
     tracker.summary(summary)
     model_dir = sr.dir / "model"
