@@ -1,4 +1,4 @@
-"""Pure tensor reward-model losses (design: /work/shared/design/PPO.md §1.10).
+"""Pure tensor reward-model losses (design and sources: docs/ppo.md §13).
 
 Tensors in, tensors out, float32 math. N prompts, K responses per prompt. Stats are detached.
 """

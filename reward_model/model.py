@@ -3,7 +3,7 @@ normalization that is folded into its weights after training.
 
 The model is a plain `AutoModelForSequenceClassification` (num_labels=1): transformers reads the
 score at the rightmost token that is not `config.pad_token_id`, so sequences are right-padded and
-end with eos, and pad must differ from eos (else the score is read one token early, PPO.md item 1).
+end with eos, and pad must differ from eos (else the score is read one token early, docs/ppo.md §14).
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ class PPOOptimConfig:
     critic_lr: float = F(1e-4, "critic learning rate (AdamW); usually 2-5x the policy's")
     schedule: Literal["constant", "linear"] = F("constant", "learning-rate schedule over iterations: constant or linear decay to 0")
     betas: list[float] = F([0.9, 0.95], "AdamW betas")
-    eps: float = F(1e-5, "AdamW epsilon (1e-5 as in the N+ implementation)")
+    eps: float = F(1e-5, "AdamW epsilon (1e-5 as in Huang et al. 2024, docs/ppo.md §27)")
     weight_decay: float = F(0.0, "AdamW weight decay")
     max_grad_norm: float = F(1.0, "gradient clipping norm, applied to policy and critic separately")
 

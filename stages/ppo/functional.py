@@ -1,8 +1,8 @@
-"""Pure tensor functions for KL-regularized PPO (design: /work/shared/design/PPO.md §1-2).
+"""Pure tensor functions for KL-regularized PPO (the math and its sources: docs/ppo.md §1-§12).
 
 Tensors in, tensors out; no modules, no optimizers, no process groups. Shapes: B episodes,
 T response slots, V vocab. Masks are bool (True = keep), right-padded prefix masks
-`m[b, t] = t <= e_b`. Every result is float32 whatever the input dtype (checklist item 22).
+`m[b, t] = t <= e_b`. Every result is float32 whatever the input dtype (docs/ppo.md §30).
 
 Distributed statistics take `all_reduce`: a callable that sums a tensor over processes and
 returns the sum (e.g. `lambda t: accelerator.reduce(t, "sum")`); an in-place reducer that
@@ -39,7 +39,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     """Variance of x over all masked entries (scalar). Bessel-corrected if `unbiased`; 0 if <2 kept."""
     count = mask.sum().float()
     dev2 = masked_sum((x.float() - masked_mean(x, mask)) ** 2, mask)
-    # Guard sum(m) == 0 and, for Bessel, sum(m) == 1 (design checklist item 22).
+    # Guard sum(m) == 0 and, for Bessel, sum(m) == 1 (docs/ppo.md §30).
     denom = (count - 1.0) if unbiased else count
     return dev2 / denom.clamp(min=1.0)
 
@@ -75,7 +75,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits). logits [B,T,V] -> [B,T] fp32 (pass τ-scaled logits, item 4)."""
+    """Entropy of softmax(logits). logits [B,T,V] -> [B,T] fp32 (pass τ-scaled logits, docs/ppo.md §17)."""
     # H = logsumexp(z) - sum softmax(z)*z avoids log(0) for tokens with zero probability.
     rows = []
     for row_logits in logits:
@@ -112,7 +112,7 @@ def truncate_at_stop(response_ids: Tensor, stop_token_id: int,
     response_ids [B,T] long -> (ids [B,T] with pad after the stop token, response_mask [B,T] bool
     True up to and including the stop token (all T if none), last_index [B] long = e_b, has_stop [B]).
     """
-    # Mask from the stop position, never from `!= pad` (pad may equal EOS elsewhere; checklist 1, 6).
+    # Mask from the stop position, never from `!= pad` (pad may equal EOS elsewhere; docs/ppo.md §14, §19).
     B, T = response_ids.shape
     pos = torch.arange(T, device=response_ids.device).expand(B, T)
     is_stop = response_ids == stop_token_id
@@ -154,7 +154,7 @@ def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float = 1
 
     response_mask must be a right-padded prefix mask; returns = advantages + values are the λ-returns.
     """
-    # V after e_b is 0: the episode terminates at the last real token (checklist item 9); masking
+    # V after e_b is 0: the episode terminates at the last real token (docs/ppo.md §21); masking
     # rewards too keeps padded garbage from leaking backwards through the recursion.
     r = torch.where(response_mask, rewards.float(), 0.0)
     v = torch.where(response_mask, values.float(), 0.0)
@@ -177,7 +177,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce: 
 
     shift_mean=False rescales only (reward whitening, lm-human-preferences `whiten_rewards`).
     """
-    # Global statistics so every rank scales advantages identically (checklist 13, 24); TRL 1.12
+    # Global statistics so every rank scales advantages identically (docs/ppo.md §7, §31); TRL 1.12
     # whitens per rank only.
     mean, var = _global_mean_var(x, mask, all_reduce)
     out = (x.float() - mean) * torch.rsqrt(var + eps)
@@ -192,7 +192,7 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, resp
     """PPO clipped surrogate (Schulman et al. 2017), token-summed / num_tokens. [B,T] x4 -> scalar.
 
     num_tokens = valid tokens of the whole minibatch (all micro-batches, all ranks), so summing
-    micro-batch losses reproduces the minibatch token mean exactly (design §1.5, checklist 17).
+    micro-batch losses reproduces the minibatch token mean exactly (docs/ppo.md §8, §26).
     stats: detached sums over valid tokens (all-reduce, then divide by `tokens`).
     """
     # Clamp before exp: one stale token can otherwise give inf ratios (OpenRLHF).
@@ -219,7 +219,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, response_mas
                clip_eps: float, num_tokens: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss ½·max((V-R)², (V_clip-R)²), token-summed / num_tokens. [B,T] x4 -> scalar.
 
-    eps is in reward units (design §1.6). stats: detached sums `vf_clipfrac_sum`, `tokens`.
+    eps is in reward units (docs/ppo.md §9). stats: detached sums `vf_clipfrac_sum`, `tokens`.
     """
     # Value clipping as in the PPO baselines / lm-human-preferences (cliprange_value).
     v = values.float()
@@ -264,7 +264,7 @@ class AdaptiveKLController:
 
     def update(self, current_kl: float | Tensor, n_steps: int) -> float:
         # current_kl must be the global mean sequence KL (nats) and n_steps the global episode
-        # count, or β drifts differently per rank (checklist 24).
+        # count, or β drifts differently per rank (docs/ppo.md §11, §31).
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
@@ -277,7 +277,8 @@ class AdaptiveKLController:
 
 
 class FixedKLController:
-    """Constant β (N+ 0.05, InstructGPT 0.02); same interface as AdaptiveKLController."""
+    """Constant β (0.05 in Huang et al. 2024, 0.02 in InstructGPT; docs/ppo.md §11); same
+    interface as AdaptiveKLController."""
 
     def __init__(self, beta: float):
         self.value = float(beta)

@@ -1,4 +1,4 @@
-"""The PPO iteration, phase by phase (design PPO.md §6):
+"""The PPO iteration, phase by phase (docs/ppo.md §3):
 
 1. generate   sample responses from the current policy (KV cache, pure temperature sampling)
 2. score      teacher-forced log-probs (policy, reference), critic values, reward-model scores
@@ -102,7 +102,7 @@ def compute_advantages(r: Rollout, beta: float, obj, all_reduce=None) -> tuple[R
     mean, std = global_mean_std(advantages, mask, all_reduce)
     whitened = masked_whiten(advantages, mask, all_reduce=all_reduce)
     # Episode statistics, summed over processes in one reduction.
-    k1 = masked_sum(r.logprobs - r.ref_logprobs, mask, dim=1)           # monitored KL is always k1 (§1.2)
+    k1 = masked_sum(r.logprobs - r.ref_logprobs, mask, dim=1)           # monitored KL is always k1 (docs/ppo.md §5)
     sums = torch.stack([torch.tensor(float(len(r)), device=mask.device), r.scores.float().sum(),
                         (r.scores.float() ** 2).sum(), r.has_stop.float().sum(), mask.sum(1).float().sum(),
                         k1.sum(), masked_sum(rewards, mask), masked_sum(returns, mask), masked_sum(r.values, mask),
@@ -159,7 +159,7 @@ def _ptx_backward(t: Trainer, step: int) -> torch.Tensor:
 def optimise(t: Trainer, r: Rollout, iteration: int) -> list[dict]:
     """PPO epochs over the rollout: one optimizer step per minibatch, gradients accumulated over
     micro-batches; losses are token sums over the minibatch's GLOBAL valid-token count, so the
-    accumulated gradient equals that of one big batch (checklist 16, 17). Returns per-minibatch stats.
+    accumulated gradient equals that of one big batch (docs/ppo.md §25, §26). Returns per-minibatch stats.
 
     Any number of processes makes the same run: the processes first exchange their episodes
     (`Rollout.gather`, global order = one process's order), each epoch draws ONE permutation of
@@ -277,7 +277,7 @@ def iteration_step(t: Trainer, iteration: int, prompts: list[str]) -> tuple[dict
     # 4. optimise
     minibatches = optimise(t, rollout, iteration)
     t3 = time.perf_counter()
-    # β is updated once per rollout batch from the global mean sequence KL (checklist 24).
+    # β is updated once per rollout batch from the global mean sequence KL (docs/ppo.md §11).
     t.kl_ctl.update(stats["ppo/kl"], int(stats.pop("episodes")))
     lrs = {"ppo/lr_policy": t.sched_policy.get_last_lr()[0], "ppo/lr_critic": t.sched_critic.get_last_lr()[0]}
     t.sched_policy.step()

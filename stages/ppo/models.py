@@ -135,7 +135,7 @@ def load_sequence_classifier(path: str, tokenizer, dtype: torch.dtype = torch.fl
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype,
                                                                    attn_implementation=attn_implementation(attn))
     if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
-        # pad == eos would make the classifier read the score one token before eos (checklist 1).
+        # pad == eos would make the classifier read the score one token before eos (docs/ppo.md §14).
         model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -176,7 +176,7 @@ def same_vocabulary(tokenizer, other) -> bool:
 def load_critic(sources: Sources, tokenizer, reward_tokenizer, attn: str = "auto") -> tuple[torch.nn.Module, str]:
     """(critic, where it came from). The critic reads the policy's token ids (query + sampled
     response): initialised from the reward model when the RM shares the policy's vocabulary
-    (InstructGPT, checklist 15), else from the policy's own backbone with a zero scalar head, so
+    (InstructGPT; docs/ppo.md §24), else from the policy's own backbone with a zero scalar head, so
     that its embeddings match the ids it reads (first values 0, learned from the returns). The RM
     itself still scores re-rendered text in its own tokenizer."""
     if same_vocabulary(tokenizer, reward_tokenizer):
@@ -191,7 +191,7 @@ def load_critic(sources: Sources, tokenizer, reward_tokenizer, attn: str = "auto
 
 class PolicyEMA:
     """Exponential moving average of the policy's trainable weights, updated after every
-    optimizer step; used for evaluation and export only, never for rollouts (checklist 27).
+    optimizer step; used for evaluation and export only, never for rollouts (docs/ppo.md §33).
     Has state_dict / load_state_dict so `accelerator.register_for_checkpointing` saves it."""
 
     def __init__(self, policy: torch.nn.Module, decay: float):

@@ -1,6 +1,6 @@
 """Rollouts: sample responses, then teacher-force them through policy, reference, critic and
 reward model. Every forward gets explicit position ids (cumsum of the attention mask) and the
-attention mask we track ourselves, never one rebuilt from `!= pad` (design checklist 1, 2, 5).
+attention mask we track ourselves, never one rebuilt from `!= pad` (docs/ppo.md §14, §15, §18).
 """
 from __future__ import annotations
 
@@ -158,11 +158,11 @@ def token_logprobs(model, input_ids, attention_mask, position_ids, response_ids,
     """Log-probs [B, T] of `response_ids` under softmax(logits / τ); with `entropy` also the
     entropy [B, T] of that distribution: "detached" (a diagnostic) or "grad" (an entropy bonus).
 
-    The one forward used for old, new and reference log-probs, so they match (checklist 4, 5)."""
+    The one forward used for old, new and reference log-probs, so they match (docs/ppo.md §17, §18)."""
     P = input_ids.shape[1] - response_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False).logits
-    # Slice to the response window before any fp32 work (checklist 21).
+    # Slice to the response window before any fp32 work (docs/ppo.md §29).
     logits = logits[:, P - 1: -1] / temperature
     logprobs = selective_log_softmax(logits, response_ids)
     if entropy is None:
