@@ -1,4 +1,4 @@
-"""Gold evaluation against the SFT policy on held-out prompts (design checklist 29).
+"""Gold evaluation against the SFT policy on held-out prompts (docs/ppo.md §34).
 
 The built-in world's gold labeler, not the learned reward model, judges: a rising RM score with
 a flat or falling gold win rate is reward over-optimization. The SFT responses are sampled once
