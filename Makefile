@@ -33,10 +33,10 @@ test-all: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) -m pipeline.bench
+	$(PY) -m pipeline.bench $(ARGS)
 
 bench-ppo: setup
-	$(PY) -m pipeline.bench ppo
+	$(PY) -m pipeline.bench ppo $(ARGS)
 
 gpu-smoke: setup
 	$(PY) -m pipeline.gpu_smoke

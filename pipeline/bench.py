@@ -1,8 +1,12 @@
 """`make bench`: training throughput of the pretrain and SFT stages against a bare torch loop on
-the same model and batch (the ratio is the framework overhead), and the PPO benchmark.
+the same model and batches (SFT: the stage's own pre-tokenized examples and assistant loss masks;
+the ratio is the framework overhead), and the PPO benchmark with its per-phase floors.
 Figures are printed, never asserted: timing belongs in benchmarks, not in tests.
 
-`python -m pipeline.bench [train|ppo|all]`
+`python -m pipeline.bench [train|ppo|all] [--threads N] [--steps N] [PPO options]` (1 thread by
+default: figures comparable across machines and with the TRL baseline). The PPO part is
+`stages.ppo.bench`: per phase (generate, score, update) and end to end against bare torch on the
+same batches; every option it takes (--hidden-size, --batch-size, ...) can be given here.
 """
 from __future__ import annotations
 
@@ -30,32 +34,59 @@ def _stage(stage: str, runs_dir: Path, args: list[str]) -> dict:
     return json.loads((runs_dir / "bench" / stage / "manifest.json").read_text())
 
 
-def bare_loop_tokens_per_s(model, batches: list[torch.Tensor], masks: list[torch.Tensor], lr: float) -> float:
-    """The floor: forward, backward, AdamW step, nothing else. First 3 steps are warm-up."""
+def bare_loop_tokens_per_s(model, batches: list[torch.Tensor], masks: list[torch.Tensor], lr: float,
+                           labels: list[torch.Tensor] | None = None) -> float:
+    """The floor: forward, backward, AdamW step, nothing else; tokens = attention-mask tokens
+    (what the stages count). `labels` default to every real token. First 3 steps are warm-up."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     tokens, t0 = 0, None
-    for i, (x, m) in enumerate(zip(batches, masks)):
+    labels = labels or [x.masked_fill(~m, -100) for x, m in zip(batches, masks)]
+    for i, (x, m, y) in enumerate(zip(batches, masks, labels)):
         if i == 3:
             tokens, t0 = 0, time.perf_counter()
-        labels = x.masked_fill(~m, -100)
-        model(input_ids=x, attention_mask=m.long(), labels=labels).loss.backward()
+        model(input_ids=x, attention_mask=m.long(), labels=y).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(m.sum())
     return tokens / (time.perf_counter() - t0)
 
 
-def bench_train(steps: int = 60) -> list[tuple[str, float, float]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def sft_batches(tok, cfg: dict, n: int) -> tuple[list, list, list]:
+    """`n` micro-batches as the sft stage feeds them: its own records and `sft_features` (ids and
+    assistant loss masks), cut to data.max_length, shuffled with a fixed seed, right-padded to the
+    longest of each micro-batch. Returns (input_ids, attention masks, labels with -100 off-loss)."""
     from pipeline.config import WorldConfig
+    from pipeline.data import load_sft_records
     from pipeline.world import World
+    from stages.sft import SFTDataConfig, sft_features
+
+    data = SFTDataConfig(**cfg["data"])
+    records, _, kind = load_sft_records(data, World(WorldConfig(**cfg["world"])))
+    micro = cfg["train"]["micro_batch_size"]
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0))[: micro * n].tolist()
+    feats = [sft_features(tok, records[i], kind) for i in order]
+    feats = [(f["input_ids"][: data.max_length], f["assistant_masks"][: data.max_length]) for f in feats]
+    batches, masks, labels = [], [], []
+    for i in range(0, len(feats), micro):
+        chunk = feats[i: i + micro]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids, _ in chunk])
+        real = torch.tensor([[True] * len(a) + [False] * (width - len(a)) for _, a in chunk])
+        loss = torch.tensor([[bool(x) for x in a] + [False] * (width - len(a)) for _, a in chunk])
+        batches.append(ids)
+        masks.append(real)
+        labels.append(ids.masked_fill(~loss, -100))
+    return batches, masks, labels
+
+
+def bench_train(steps: int = 60, threads: int = 1) -> list[tuple[str, float, float]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)
-        m = _stage("pretrain", runs_dir, [f"steps={steps}", "eval_every=0"])
+        m = _stage("pretrain", runs_dir, [f"steps={steps}", "eval_every=0", f"threads={threads}"])
         model_dir = runs_dir / "bench" / "pretrain" / "model"
         tok = AutoTokenizer.from_pretrained(model_dir)
         cfg = m["config"]
@@ -67,37 +98,40 @@ def bench_train(steps: int = 60) -> list[tuple[str, float, float]]:
                                       cfg["optim"]["lr"])
         rows.append(("pretrain", m["metrics"]["perf/tokens_per_s"], bare))
 
-        s = _stage("sft", runs_dir, [f"train.steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2"])
-        scfg = s["config"]["train"]
-        world = World(WorldConfig(**s["config"]["world"]))
-        texts = [tok.apply_chat_template(ex["messages"], tokenize=True, return_dict=True)["input_ids"]
-                 for ex in world.sft_examples()[: scfg["micro_batch_size"] * (steps // 6 + 3)]]
-        batches, masks = [], []
-        for i in range(0, len(texts), scfg["micro_batch_size"]):
-            chunk = texts[i: i + scfg["micro_batch_size"]]
-            width = max(len(t) for t in chunk)
-            batches.append(torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in chunk]))
-            masks.append(torch.tensor([[True] * len(t) + [False] * (width - len(t)) for t in chunk]))
+        s = _stage("sft", runs_dir, [f"train.steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2",
+                                     f"threads={threads}"])
+        tok = AutoTokenizer.from_pretrained(runs_dir / "bench" / "sft" / "model")
+        batches, masks, labels = sft_batches(tok, s["config"], steps // 2 + 3)
         model = AutoModelForCausalLM.from_pretrained(runs_dir / "bench" / "sft" / "model")
-        bare = bare_loop_tokens_per_s(model, batches, masks, scfg["lr"])
+        bare = bare_loop_tokens_per_s(model, batches, masks, s["config"]["train"]["lr"], labels)
         rows.append(("sft", s["metrics"].get("perf/tokens_per_s", float("nan")), bare))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    what = argv[0] if argv else "all"
-    threads = configure_threads(0)
+    """`[train|ppo|all] [--threads N] [--steps N] [PPO bench options ...]`: anything else is passed
+    to `python -m stages.ppo.bench` (e.g. --hidden-size 128 --batch-size 64)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    what = argv.pop(0) if argv and argv[0] in ("train", "ppo", "all") else "all"
+    threads, steps, rest = 1, 60, []
+    while argv:
+        arg = argv.pop(0)
+        if arg in ("--threads", "--steps"):
+            value = int(argv.pop(0))
+            threads, steps = (value, steps) if arg == "--threads" else (threads, value)
+        else:
+            rest.append(arg)
+    threads = configure_threads(threads)
     print(f"benchmarks on {threads} threads, torch {torch.__version__}, "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
     if what in ("train", "all"):
-        rows = bench_train()
+        rows = bench_train(steps, threads)
         print(f"\n{'stage':<10} {'stage tok/s':>12} {'bare loop tok/s':>16} {'ratio':>7}")
         for name, stage_rate, bare in rows:
             print(f"{name:<10} {stage_rate:>12.0f} {bare:>16.0f} {stage_rate / bare:>7.2f}")
     if what in ("ppo", "all"):
         print("", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "stages.ppo.bench"], cwd=ROOT)
+        rc = subprocess.call([sys.executable, "-m", "stages.ppo.bench", "--threads", str(threads), *rest], cwd=ROOT)
         if rc:
             return rc
     return 0
