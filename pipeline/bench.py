@@ -57,7 +57,7 @@ def sft_batches(tok, cfg: dict, n: int) -> tuple[list, list, list]:
     assistant loss masks), cut to data.max_length, shuffled with a fixed seed, right-padded to the
     longest of each micro-batch. Returns (input_ids, attention masks, labels with -100 off-loss)."""
     from pipeline.config import WorldConfig
-    from pipeline.data import load_sft_records
+    from pipeline.records import load_sft_records
     from pipeline.world import World
     from stages.sft import SFTDataConfig, sft_features
 

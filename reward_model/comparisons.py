@@ -2,7 +2,7 @@
 comparisons in the K-wise format for labeling.
 
 Reading and validating comparison files (K-wise rankings, preference pairs with an explicit or
-implicit prompt, UltraFeedback and Anthropic HH layouts) is `pipeline.data`'s, the one home of
+implicit prompt, UltraFeedback and Anthropic HH layouts) is `pipeline.records`', the one home of
 record formats; `Comparison` lives there and is re-exported here. The K-wise record:
 `{"prompt": P, "responses": [r_1, ..., r_K], "ranking": [k_1, ..., k_K]}`, k_i = rank of
 response i, 0 = best, equal ranks = a tie; optional `"finished"` (False = cut off before its stop
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import Comparison
+from pipeline.records import Comparison
 from pipeline.evaluation import gather, generate, shard
 from pipeline.runs import atomic_write_text
 from reward_model.scoring import as_messages, prompt_ids

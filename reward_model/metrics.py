@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from pipeline.data import ranked_pairs  # what a ranking means is part of the K-wise record format
+from pipeline.records import ranked_pairs  # what a ranking means is part of the K-wise record format
 from reward_model.scoring import score_ids
 
 

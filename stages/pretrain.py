@@ -19,7 +19,7 @@ import torch
 
 from pipeline import runs
 from pipeline.config import F, StageConfig
-from pipeline.data import read_text_documents
+from pipeline.records import read_text_documents
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, save_model
 from pipeline.evaluation import fact_cloze_accuracy
 from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,

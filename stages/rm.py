@@ -22,7 +22,7 @@ import torch
 
 from pipeline import runs
 from pipeline.config import F, StageConfig
-from pipeline.data import load_comparisons, load_prompt_records
+from pipeline.records import load_comparisons, load_prompt_records
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_dtype, load_causal_lm, load_tokenizer
 from pipeline.runtime import (batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,

@@ -19,7 +19,7 @@ from pipeline.config import F, StageConfig
 from pipeline.distributed import full_parameters, launcher_kind, save_model, trainer_launch_args
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
-from pipeline.data import load_sft_records
+from pipeline.records import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stage import StageRun, run_stage, stage_main
 from pipeline.tokenizer import assistant_token_mask

@@ -1,4 +1,4 @@
-"""Record formats and file reading, `pipeline/data.py`: every source and record layout parses;
+"""Record formats and file reading, `pipeline/records.py` and `pipeline/data.py`: every source and record layout parses;
 every malformed input stops each stage with one line naming the file, the line or row and the
 field, and leaves the outputs of the stages before it byte-identical."""
 import csv
@@ -10,8 +10,9 @@ import pytest
 
 from pipeline import runs
 from pipeline.config import load_config
-from pipeline.data import (load_comparisons, load_prompt_records, load_sft_records, parse_comparison, parse_sft,
-                           read_records, read_text_documents)
+from pipeline.data import read_records
+from pipeline.records import (load_comparisons, load_prompt_records, load_sft_records, parse_comparison, parse_sft,
+                              read_text_documents)
 from pipeline.stage import DataError
 
 

@@ -14,7 +14,7 @@ import torch
 
 from pipeline import runs
 from pipeline.config import load_config
-from pipeline.data import load_comparisons, parse_comparison
+from pipeline.records import load_comparisons, parse_comparison
 from pipeline.stage import DataError
 from reward_model import comparisons as cmp
 from reward_model.model import fold_normalization, normalized_head, shift_deviation, shift_direction

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data import load_sft_records, map_columns, parse_sft, read_records
+from pipeline.data import map_columns, read_records
+from pipeline.records import load_sft_records, parse_sft
 from pipeline.launch import launch_command
 from pipeline.runs import Manifest, file_hash
 from pipeline.stage import DataError

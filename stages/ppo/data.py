@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data import load_prompt_records, read_records, read_text_documents
+from pipeline.data import read_records
+from pipeline.records import load_prompt_records, read_text_documents
 from pipeline.stage import DataError
 from pipeline.tokenizer import assistant_token_mask
 
