@@ -6,6 +6,7 @@ reads the reward one token early), and role markers for the chat template.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -83,8 +84,29 @@ def special_ids(tokenizer) -> set[int]:
     return ids
 
 
+_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _template_fact(tokenizer, name: str, compute):
+    """`compute(tokenizer)` once per tokenizer, template and vocabulary: the facts read from a chat
+    template are asked for per rendered response (RM scoring, SFT masks), and reading one means
+    rendering and tokenizing a probe conversation."""
+    key = (tokenizer.chat_template, len(tokenizer), tuple(tokenizer.all_special_ids))
+    facts = _FACTS.setdefault(tokenizer, {})
+    if facts.get("key") != key:
+        facts.clear()
+        facts["key"] = key
+    if name not in facts:
+        facts[name] = compute(tokenizer)
+    return facts[name]
+
+
 def supports_system_role(tokenizer) -> bool:
     """Whether the chat template renders a system message (Gemma's and Mistral's raise or drop it)."""
+    return _template_fact(tokenizer, "system_role", _supports_system_role)
+
+
+def _supports_system_role(tokenizer) -> bool:
     probe = "Zq system probe"
     try:
         text = tokenizer.apply_chat_template([{"role": "system", "content": probe}, {"role": "user", "content": "Hi"}],
@@ -115,11 +137,22 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Plain documents as language-modelling sequences `bos text eos` (bos where the tokenizer has
+    one), as pretraining packs them: SFT `text` records and PPO-ptx pretraining documents."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def end_of_turn_id(tokenizer) -> int:
     """The token that ends an assistant turn: the first special token the chat template writes after
     the assistant's content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`; eos in the project's own
     template). Generation stops at it, "finished" means it was produced, and the reward model reads
     its score there. Falls back to eos for a template that writes no special token after a turn."""
+    return _template_fact(tokenizer, "end_of_turn", _end_of_turn_id)
+
+
+def _end_of_turn_id(tokenizer) -> int:
     content = "Zq"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}],
                                          tokenize=False)

@@ -22,7 +22,7 @@ from pipeline.runtime import batch_split, resolve_precision
 from pipeline.records import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stage import StageRun, run_stage, stage_main
-from pipeline.tokenizer import assistant_token_mask
+from pipeline.tokenizer import assistant_token_mask, document_ids
 from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 
@@ -271,8 +271,7 @@ def sft_features(tokenizer, record: dict, kind: str) -> dict:
       on every token.
     """
     if kind == "text":
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        ids = bos + tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        (ids,) = document_ids(tokenizer, [record["text"]])
         return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
     if kind == "messages":
         messages, first = record["messages"], 0

@@ -125,6 +125,13 @@ class PPOConfig(StageConfig):
 
     stage = "ppo"
 
+    def micro_batches(self, world: int) -> tuple[int, int]:
+        """(micro-batch size, micro-batches per minibatch) on each of `world` processes; the last
+        micro-batch of a process's share may be smaller. Derived here only."""
+        local = self.minibatch_size // world
+        micro = min(self.micro_batch_size, local)
+        return micro, -(-local // micro)
+
     def validate(self) -> list[str]:
         p = super().validate()
         if self.iterations <= 0:

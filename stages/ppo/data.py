@@ -7,7 +7,7 @@ import torch
 from pipeline.data import read_records
 from pipeline.records import load_prompt_records, read_text_documents
 from pipeline.stage import DataError
-from pipeline.tokenizer import assistant_token_mask
+from pipeline.tokenizer import assistant_token_mask, document_ids
 
 
 def load_prompts(cfg, world) -> list[str]:
@@ -102,8 +102,6 @@ def load_ptx(cfg, world, tokenizer) -> PtxData:
             seqs.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
     else:
         docs = world.corpus("train") if not cfg.ptx.files else read_text_documents(cfg.ptx.files)[0]
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-            ids = (bos + ids + [tokenizer.eos_token_id])[:L]
-            seqs.append((ids, list(ids)))
+        for ids in document_ids(tokenizer, docs):
+            seqs.append((ids[:L], ids[:L]))
     return PtxData(seqs, tokenizer.pad_token_id, cfg.seed)

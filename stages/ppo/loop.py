@@ -74,9 +74,7 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
     sched_policy = torch.optim.lr_scheduler.LambdaLR(opt_policy, factor)
     sched_critic = torch.optim.lr_scheduler.LambdaLR(opt_critic, factor)
     # One `prepare` per trained model: under DeepSpeed each becomes its own engine.
-    local_mb = cfg.minibatch_size // accelerator.num_processes
-    micro = min(cfg.micro_batch_size, local_mb)
-    configure_deepspeed(accelerator, micro, -(-local_mb // micro), o.max_grad_norm)
+    configure_deepspeed(accelerator, *cfg.micro_batches(accelerator.num_processes), o.max_grad_norm)
     models.policy, opt_policy = accelerator.prepare(models.policy, opt_policy)
     models.value_model, opt_critic = accelerator.prepare(models.value_model, opt_critic)
     obj = cfg.objective

@@ -43,7 +43,7 @@ def check_sizes(cfg: PPOConfig, world: int) -> int:
         problems.append(f"ptx.batch_size={cfg.ptx.batch_size} is not divisible by {world} processes")
     if problems:
         raise ValueError("; ".join(problems) + "; pick sizes so that they are")
-    return -(-(cfg.minibatch_size // world) // cfg.micro_batch_size)
+    return cfg.micro_batches(world)[1]
 
 
 def check_world(cfg: PPOConfig, parent: runs.Parent | None) -> None:
@@ -89,7 +89,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         f"{', LoRA' if models.lora else ''}) | reward {sources.reward_dir} | critic from the {models.critic_source}")
     log(f"{cfg.iterations} iterations x {cfg.rollout_batch_size} episodes = {cfg.iterations * cfg.rollout_batch_size} "
         f"| {cfg.epochs} epochs x {n_minibatches} minibatches = {cfg.epochs * n_minibatches} optimizer steps/iteration "
-        f"| minibatch {cfg.minibatch_size} = {min(cfg.micro_batch_size, cfg.minibatch_size // accelerator.num_processes)} micro "
+        f"| minibatch {cfg.minibatch_size} = {cfg.micro_batches(accelerator.num_processes)[0]} micro "
         f"x {accelerator.num_processes} procs x {accum} accum "
         f"| {len(prompts)} prompts | {threads} threads/proc")
 
