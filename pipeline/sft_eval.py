@@ -17,7 +17,7 @@ def evaluate_world(model, tokenizer, world, eval_cfg, accelerator=None):
     """Accuracy per skill, format rate (taught `Answer: x.` format ending with the template's
     end-of-turn token, where `generate` stops), accuracy on pretraining-only facts (the `fact`
     skill asks about held-out people), and the gold score."""
-    records = shard(world.prompts("eval"), accelerator)
+    records = shard(world.prompts("test"), accelerator)
     ids = chat_prompt_ids(tokenizer, [r["prompt"] for r in records])
     outs = generate(model, tokenizer, ids, eval_cfg.max_new_tokens, temperature=0.0, batch_size=eval_cfg.batch_size) if ids else []
     rows = []

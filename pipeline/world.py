@@ -158,31 +158,37 @@ class World:
 
     # ---------------------------------------------------------------------------- prompts
     @cached_property
-    def _eval_prompts(self) -> list[dict]:
+    def _held_out_prompts(self) -> dict[str, list[dict]]:
+        """Two disjoint held-out sets, `valid` (every choice and early decision) and `test` (every
+        reported figure), of `eval_examples` prompts per skill each, capped where a skill has few
+        distinct prompts: sums at 25 a split (half of the 100 sums are held out from training) and
+        facts at one question per held-out person a split. Prompts alternate between the splits
+        as they are drawn, so both have the same make-up."""
         rng = random.Random(f"{self.cfg.seed}-eval")
-        out = []
+        people = [p for p in self.people if p.held_out]
+        caps = {"add": 25, "fact": len(people)}
+        out: dict[str, list[dict]] = {"valid": [], "test": []}
         for skill in SKILLS:
+            n = min(self.cfg.eval_examples, caps.get(skill, self.cfg.eval_examples))
             seen: set[str] = set()
-            people = [p for p in self.people if p.held_out]
-            while len(seen) < self.cfg.eval_examples:
+            while len(seen) < 2 * n:
                 prompt = self._prompt(rng, skill, people)
                 if prompt not in seen:
+                    out["valid" if len(seen) % 2 == 0 else "test"].append({"prompt": prompt, "skill": skill})
                     seen.add(prompt)
-                    out.append({"prompt": prompt, "skill": skill})
-                if skill == "fact" and len(seen) >= 2 * len(people):
-                    break
         return out
 
     def prompts(self, split: str, n: int | None = None) -> list[dict]:
-        """Prompt-only records `{"prompt", "skill"}`. Splits: eval (held-out), rm, ppo.
+        """Prompt-only records `{"prompt", "skill"}`. Splits: valid and test (held out), rm, ppo.
 
-        `eval` asks fact questions only about held-out people; rm/ppo prompts are disjoint from
-        `eval` and ask about everyone.
-        """
-        if split == "eval":
-            return list(self._eval_prompts)
+        `valid` and `test` are disjoint and ask fact questions only about held-out people; rm/ppo
+        prompts are disjoint from both and ask about everyone."""
+        if split in self._held_out_prompts:
+            return list(self._held_out_prompts[split])
+        if split not in ("rm", "ppo"):
+            raise ValueError(f"unknown prompt split {split!r}: valid, test, rm or ppo")
         rng = random.Random(f"{self.cfg.seed}-prompts-{split}")
-        banned = {r["prompt"] for r in self._eval_prompts}
+        banned = self._banned_prompts
         out = []
         while len(out) < (n or 512):
             skill = rng.choice(SKILLS)
@@ -190,6 +196,11 @@ class World:
             if prompt not in banned:
                 out.append({"prompt": prompt, "skill": skill})
         return out
+
+    @cached_property
+    def _banned_prompts(self) -> frozenset[str]:
+        """Held-out prompts: never used for training (SFT demonstrations, RM comparisons, PPO)."""
+        return frozenset(r["prompt"] for split in self._held_out_prompts.values() for r in split)
 
     def _prompt(self, rng: random.Random, skill: str, people) -> str:
         if skill in STRING_SKILLS:
@@ -209,7 +220,7 @@ class World:
         per sequence give a small model more signal per optimizer step than one short answer."""
         rng = random.Random(f"{self.cfg.seed}-sft-{split}")
         n = self.cfg.sft_examples if split == "train" else max(100, self.cfg.sft_examples // 20)
-        banned = {r["prompt"] for r in self._eval_prompts}
+        banned = self._banned_prompts
         sft_people = [p for p in self.people if not p.held_out]
         out = []
         while len(out) < n:

@@ -280,7 +280,7 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
     else:
         world, t0 = World(cfg.world), time.time()
         train = sample(world.prompts("rm", d.num_prompts), d.k, cfg.seed)
-        held_out = sample(world.prompts("eval"), d.eval_k or d.k, cfg.seed + 1)
+        held_out = sample(world.prompts("test"), d.eval_k or d.k, cfg.seed + 1)
         cmp.rank_with_labeler(world, train + held_out)
         for c in train:
             c.ranking = cmp.add_label_noise(c.ranking, d.label_noise, rng)

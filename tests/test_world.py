@@ -22,7 +22,7 @@ def test_pretraining_only_facts_absent_from_sft_data():
     for p in held:
         assert f"{p.name} lives in {p.city}" in corpus or f"The home of {p.name} is {p.city}" in corpus
     # the eval fact questions are about held-out people only
-    facts = [r["prompt"] for r in w.prompts("eval") if r["skill"] == "fact"]
+    facts = [r["prompt"] for split in ("valid", "test") for r in w.prompts(split) if r["skill"] == "fact"]
     assert facts and all(any(p.name in q for p in held) for q in facts)
 
 
@@ -55,12 +55,17 @@ def test_corpus_carries_the_knowledge_skills_draw_on():
 
 def test_held_out_splits_disjoint():
     w = World(WorldConfig())
-    ev = {r["prompt"] for r in w.prompts("eval")}
+    valid, test = ({r["prompt"] for r in w.prompts(s)} for s in ("valid", "test"))
+    assert len(valid) == len(test) == 3 * 50 + 25 + 24 and not valid & test  # choices on one, figures on the other
+    ev = valid | test
     sft = {ex["messages"][0]["content"] for ex in w.sft_examples()}
     assert not ev & sft
     assert not ev & {r["prompt"] for r in w.prompts("rm", 1000)}
     assert not ev & {r["prompt"] for r in w.prompts("ppo", 1000)}
-    assert {r["skill"] for r in w.prompts("eval")} == set(SKILLS)
+    for split in ("valid", "test"):
+        assert {r["skill"] for r in w.prompts(split)} == set(SKILLS)
+    sums = {r["prompt"] for r in w.prompts("rm", 5000) if r["skill"] == "add"}
+    assert len(sums) == 50  # half the sums stay trainable
 
 
 def test_preference_not_consistently_shown_by_sft_data():

@@ -24,9 +24,9 @@ from stages.ppo.rollout import (
 )
 
 
-def eval_prompts(world, n: int = 0) -> list[str]:
-    """world.prompts('eval'), or `n` of them taken evenly across the list (all skills stay in)."""
-    prompts = [r["prompt"] for r in world.prompts("eval")]
+def eval_prompts(world, n: int = 0, split: str = "test") -> list[str]:
+    """world.prompts(split), or `n` of them taken evenly across the list (all skills stay in)."""
+    prompts = [r["prompt"] for r in world.prompts(split)]
     if n <= 0 or n >= len(prompts):
         return prompts
     return [prompts[int(i * len(prompts) / n)] for i in range(n)]

@@ -1,0 +1,53 @@
+"""95% intervals for the figures the stages report (accuracies, finish rates, win rates).
+
+A held-out set of ~200 prompts measures a rate to within several points; every reported rate
+carries its interval so that two runs, or two policies, are compared with that in view.
+"""
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959964
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927): stays inside [0, 1] and is not
+    degenerate at 0 or n successes, unlike the normal approximation."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, float]:
+    """(mean, low, high): normal interval of a mean, for scores that are not 0/1 (a win rate
+    with ties counted half, a gold score)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, float("nan"), float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = z * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def rate(values: list[float]) -> dict:
+    """{"value", "low", "high", "n"} of a list of per-prompt outcomes: Wilson when every outcome
+    is 0 or 1 (an accuracy), else the normal interval of the mean (a win rate with half ties)."""
+    n = len(values)
+    if n == 0:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    if all(v in (0, 1) for v in values):
+        lo, hi = wilson(sum(values), n)
+        return {"value": sum(values) / n, "low": lo, "high": hi, "n": n}
+    mean, lo, hi = mean_interval(values)
+    return {"value": mean, "low": max(0.0, lo), "high": min(1.0, hi), "n": n}
+
+
+def fmt_rate(r: dict) -> str:
+    """`61.3% [54.4, 67.8]`: a rate and its 95% interval, in percent."""
+    return f"{100 * r['value']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
