@@ -8,13 +8,23 @@ from collections import defaultdict
 import torch
 
 from pipeline.records import ranked_pairs  # what a ranking means is part of the K-wise record format
+from pipeline.stats import wilson
 from reward_model.scoring import score_ids
+
+
+def _rate(hits: int, pairs: int) -> dict:
+    """{accuracy, pairs, low, high}: an accuracy over ranked pairs with its 95% Wilson interval."""
+    low, high = wilson(hits, pairs)
+    return {"accuracy": hits / pairs if pairs else float("nan"), "pairs": pairs, "low": low, "high": high}
 
 
 def pairwise_accuracy(rankings: list[list[int]], rewards: list[list[float]], groups: list[str | None] | None = None) -> dict:
     """Fraction of ranked pairs (ties excluded) whose better response gets the higher reward,
-    overall and per group (e.g. skill). -> {"accuracy", "pairs", "by_group": {g: {accuracy, pairs}}}.
-    No ranked pair (every comparison a tie): accuracy NaN, undefined rather than 0 or 1, with pairs 0."""
+    overall and per group (e.g. skill), each with its 95% Wilson interval (`low`, `high`).
+    -> {"accuracy", "pairs", "low", "high", "by_group": {g: {accuracy, pairs, low, high}}}.
+    The pairs of one prompt share the prompt and responses, so they are not independent: the
+    interval is narrower than the truth, the more so the larger K. No ranked pair (every
+    comparison a tie): accuracy and interval NaN, undefined rather than 0 or 1, with pairs 0."""
     groups = groups or [None] * len(rankings)
     hits: dict = defaultdict(lambda: [0, 0])
     for ranks, r, g in zip(rankings, rewards, groups):
@@ -22,26 +32,36 @@ def pairwise_accuracy(rankings: list[list[int]], rewards: list[list[float]], gro
             for key in ("__all__", g):
                 hits[key][0] += r[i] > r[j]
                 hits[key][1] += 1
-    correct, total = hits.get("__all__", [0, 0])
-    by_group = {g: {"accuracy": c / n, "pairs": n} for g, (c, n) in hits.items() if g not in ("__all__", None)}
-    return {"accuracy": correct / total if total else float("nan"), "pairs": total, "by_group": dict(sorted(by_group.items()))}
+    by_group = {g: _rate(c, n) for g, (c, n) in hits.items() if g not in ("__all__", None)}
+    return {**_rate(*hits.get("__all__", [0, 0])), "by_group": dict(sorted(by_group.items()))}
 
 
 def accuracy_by_correctness(rankings: list[list[int]], rewards: list[list[float]],
-                            correct: list[list[bool] | None]) -> dict:
-    """Pairwise accuracy split by what separates the two responses, where correctness is known:
-    `correctness` pairs (one answer right, the other wrong) and `style` pairs (both right or both
-    wrong, so only form differs). An RM can score high overall by ranking style alone; the
-    `correctness` figure shows whether it judges the answers. -> {kind: {accuracy, pairs}}."""
+                            correct: list[list[bool] | None], finished: list[list[bool]]) -> dict:
+    """Pairwise accuracy split by what separates the two responses of a ranked pair.
+
+    Where correctness is known: `correctness` pairs (one answer right, the other wrong) and
+    `style` pairs (both right or both wrong, so only form differs); correctness pairs again as
+    `correctness_same_finish` (both finished, or both cut off) and `correctness_different_finish`.
+    Over all pairs: `different_finish` (one response finished, the other cut off before its end
+    token). An RM can score high by ranking style, or by the missing end token alone (a
+    truncation cue the labeler also punishes); `correctness_same_finish` shows whether it judges
+    the answers. -> {kind: {accuracy, pairs, low, high}}, only kinds with pairs; low/high = 95%
+    Wilson interval, which treats pairs as independent although pairs of one prompt are not
+    (they share the prompt and responses): read it as a lower bound on the uncertainty."""
     hits: dict = defaultdict(lambda: [0, 0])
-    for ranks, r, ok in zip(rankings, rewards, correct):
-        if ok is None:
-            continue
+    for ranks, r, ok, done in zip(rankings, rewards, correct, finished):
         for i, j in ranked_pairs(ranks):
-            kind = "correctness" if ok[i] != ok[j] else "style"
-            hits[kind][0] += r[i] > r[j]
-            hits[kind][1] += 1
-    return {k: {"accuracy": c / n, "pairs": n} for k, (c, n) in sorted(hits.items())}
+            same_finish = done[i] == done[j]
+            kinds = [] if same_finish else ["different_finish"]
+            if ok is not None and ok[i] != ok[j]:
+                kinds += ["correctness", "correctness_same_finish" if same_finish else "correctness_different_finish"]
+            elif ok is not None:
+                kinds.append("style")
+            for kind in kinds:
+                hits[kind][0] += r[i] > r[j]
+                hits[kind][1] += 1
+    return {k: _rate(c, n) for k, (c, n) in sorted(hits.items())}
 
 
 def chosen_rejected(rankings: list[list[int]], rewards: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -105,16 +125,19 @@ def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]]
     acc = pairwise_accuracy(rankings, per_comp, [c.skill for c in held_out])
     chosen, rejected = chosen_rejected(rankings, per_comp)
     lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for c in held_out for r in c.responses]
-    metrics = {"eval/pairwise_accuracy": acc["accuracy"], "eval/pairs": acc["pairs"],
+    metrics = {"eval/pairwise_accuracy": acc["accuracy"], "eval/pairwise_accuracy_low": acc["low"],
+               "eval/pairwise_accuracy_high": acc["high"], "eval/pairs": acc["pairs"],
                "eval/reward_chosen_mean": sum(chosen) / max(1, len(chosen)),
                "eval/reward_rejected_mean": sum(rejected) / max(1, len(rejected)),
                "eval/reward_mean": sum(scores) / max(1, len(scores)),
                "eval/length_corr": pearson(lengths, scores)}
     for skill, v in acc["by_group"].items():
         metrics[f"eval/pairwise_accuracy/{skill}"] = v["accuracy"]
-    by_kind = accuracy_by_correctness(rankings, per_comp, [c.correct for c in held_out])
+    by_kind = accuracy_by_correctness(rankings, per_comp, [c.correct for c in held_out], [c.finished for c in held_out])
     for kind, v in by_kind.items():
         metrics[f"eval/pairwise_accuracy/{kind}_pairs"] = v["accuracy"]
+    # a high share means the RM can rank many pairs by the missing end token alone
+    metrics["eval/different_finish_fraction"] = by_kind.get("different_finish", {"pairs": 0})["pairs"] / max(1, acc["pairs"])
     gold = [s for c in held_out for s in (c.gold_scores or [])]
     if len(gold) == len(scores):
         metrics["eval/gold_length_corr"] = pearson(lengths, gold)

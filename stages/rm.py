@@ -28,6 +28,7 @@ from pipeline.models import count_parameters, enable_gradient_checkpointing, fro
 from pipeline.runtime import (batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
                               warmup_cosine)
 from pipeline.stage import DataError, StageRun, stage_main
+from pipeline.stats import fmt_rate
 from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
@@ -56,7 +57,8 @@ class RMDataConfig:
     k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)")
     eval_k: int = F(8, "responses sampled per held-out world prompt: more pairs from the same prompts, a tighter "
                        "accuracy estimate (the expected share of correctness vs style pairs does not depend on K); 0 = k")
-    max_new_tokens: int = F(24, "response length limit when sampling")
+    max_new_tokens: int = F(64, "response length limit when sampling: one in which the SFT policy's chatty answers "
+                                "(~40-50 tokens) finish, so that pairs differ in the answer, not in which one was cut off")
     temperature: float = F(0.7, "sampling temperature; default = PPO's rollout temperature, so the RM learns the distribution it will score (1.0 = the raw policy, as InstructGPT)")
     label_noise: float = F(0.0, "simulated labeler noise: probability of swapping two adjacent ranks of a sampled comparison")
     valid_fraction: float = F(0.1, "share of imported comparisons held out for evaluation when no eval_files are given")
@@ -387,20 +389,38 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
 
 def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
     print(f"\nrm done in {manifest.wall_time_s:.0f}s")
+    where = "test split" if manifest.config.get("data", {}).get("source", "world") == "world" else "held-out files"
     if metrics["eval/pairs"]:
-        print(f"  held-out pairwise accuracy  {metrics['eval/pairwise_accuracy']:.1%}  ({metrics['eval/pairs']} ranked pairs, ties excluded)")
+        overall = _fmt(metrics["eval/pairwise_accuracy"], metrics["eval/pairwise_accuracy_low"],
+                       metrics["eval/pairwise_accuracy_high"])
+        print(f"  held-out pairwise accuracy  {overall}  ({where}, {metrics['eval/pairs']} ranked pairs, ties excluded; "
+              "95% Wilson intervals, which take the pairs of a prompt as independent)")
     else:  # the metric is NaN: there is nothing to rank
         print("  held-out pairwise accuracy  undefined: every held-out comparison is a tie (0 ranked pairs)")
     for skill, v in extra["eval_accuracy_by_skill"].items():
-        print(f"    {skill:<8} {v['accuracy']:.1%}  ({v['pairs']} pairs)")
+        print(f"    {skill:<36} {_fmt(v['accuracy'], v['low'], v['high'])}  ({v['pairs']} pairs)")
     by_kind = extra.get("eval_accuracy_by_pair_kind", {})
-    for kind, what in (("correctness", "one answer right, one wrong"), ("style", "same correctness, form differs")):
+    for kind, what in (("correctness", "one answer right, one wrong"),
+                       ("correctness_same_finish", "of these, both finished or both cut off"),
+                       ("correctness_different_finish", "of these, one finished, one cut off"),
+                       ("style", "same correctness, form differs"),
+                       ("different_finish", "one finished, one cut off: the end token alone can rank them")):
         if kind in by_kind:
-            print(f"    {kind + ' pairs':<20} {by_kind[kind]['accuracy']:.1%}  ({by_kind[kind]['pairs']} pairs: {what})")
-    if by_kind.get("correctness", {}).get("accuracy", 1.0) < 0.6 <= by_kind.get("style", {}).get("accuracy", 0.0):
-        print("  WARNING: the reward model ranks form, not correctness: pairs that differ in the answer's correctness are "
-              "near chance. PPO will optimize style; a larger or stronger SFT backbone, or more comparisons, is needed "
-              "to judge answers.")
+            v, label = by_kind[kind], ("  " if kind.startswith("correctness_") else "") + kind + " pairs"
+            print(f"    {label:<36} {_fmt(v['accuracy'], v['low'], v['high'])}  ({v['pairs']} pairs: {what})")
+    if metrics["eval/pairs"]:
+        share = metrics["eval/different_finish_fraction"]
+        print(f"  {share:.1%} of held-out pairs differ in finishing (finished rate of the training responses "
+              f"{metrics['data/finished_rate']:.1%})")
+        if share > 0.2:
+            print("  WARNING: many held-out pairs differ in whether the answer finished within data.max_new_tokens; the RM "
+                  "can rank them by the missing end token (a truncation cue). Raise data.max_new_tokens, and judge the RM "
+                  "by correctness_same_finish pairs.")
+    judge = by_kind.get("correctness_same_finish", by_kind.get("correctness", {}))
+    if judge.get("accuracy", 1.0) < 0.6 <= by_kind.get("style", {}).get("accuracy", 0.0):
+        print("  WARNING: the reward model ranks form, not correctness: pairs that differ in the answer's correctness "
+              "(and not in finishing) are near chance. PPO will optimize style; a larger or stronger SFT backbone, or "
+              "more comparisons, is needed to judge answers.")
     print(f"  reward chosen {metrics['eval/reward_chosen_mean']:+.3f} | rejected {metrics['eval/reward_rejected_mean']:+.3f}")
     if "norm/ref_mean" in metrics:
         print(f"  normalized on {extra['normalization']['reference_size']} SFT samples: mean {metrics['norm/ref_mean']:+.2e} "
@@ -413,6 +433,10 @@ def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
         print(f"  WARNING: length bias: |r| = {abs(r):.2f} > 0.5; PPO may exploit response length. Compare with the "
               "labeler's own correlation before trusting it.")
     print(f"  model: {model_dir}")
+
+
+def _fmt(accuracy: float, low: float, high: float) -> str:
+    return fmt_rate({"value": accuracy, "low": low, "high": high})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,7 +227,11 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
     assert abs(m["norm/ref_mean"]) < 1e-6 and m["norm/heldout_max_abs_dev"] >= m["norm/heldout_mean_abs_dev"] >= 0
     assert {"edges", "chosen", "rejected"} <= set(manifest.extra["reward_histogram"])
     kinds = manifest.extra["eval_accuracy_by_pair_kind"]
-    assert set(kinds) <= {"correctness", "style"} and sum(v["pairs"] for v in kinds.values()) == m["eval/pairs"]
+    assert set(kinds) <= {"correctness", "correctness_same_finish", "correctness_different_finish", "style",
+                          "different_finish"}
+    assert sum(kinds.get(k, {"pairs": 0})["pairs"] for k in ("correctness", "style")) == m["eval/pairs"]
+    assert all(v["low"] <= v["accuracy"] <= v["high"] for v in [*kinds.values(), *manifest.extra["eval_accuracy_by_skill"].values()])
+    assert m["eval/pairwise_accuracy_low"] <= m["eval/pairwise_accuracy"] <= m["eval/pairwise_accuracy_high"]
     assert "eval/length_corr" in m and any(k.startswith("eval/pairwise_accuracy/") for k in m)
 
 
@@ -376,11 +380,48 @@ def test_accuracy_by_correctness_hand_computed():
     rankings = [[0, 1, 2], [1, 0], [0, 1], [0, 0, 1]]
     rewards = [[3.0, 1.0, 2.0], [0.5, 0.2], [1.0, 0.0], [1.0, 2.0, 0.0]]
     correct = [[True, True, False], [False, False], None, [True, False, False]]
+    finished = [[True] * 3, [True] * 2, [True] * 2, [True] * 3]
     # comparison 1: 0>1 style hit, 0>2 correctness hit, 1>2 correctness miss; 2: 1>0 style miss;
     # 3: correctness unknown, skipped; 4: 0~1 tie skipped, 0>2 correctness hit, 1>2 style hit
-    out = accuracy_by_correctness(rankings, rewards, correct)
-    assert out == {"correctness": {"accuracy": 2 / 3, "pairs": 3}, "style": {"accuracy": 2 / 3, "pairs": 3}}
-    assert accuracy_by_correctness(rankings, rewards, [None] * 4) == {}
+    out = accuracy_by_correctness(rankings, rewards, correct, finished)
+    assert {k: (v["accuracy"], v["pairs"]) for k, v in out.items()} == {
+        "correctness": (2 / 3, 3), "correctness_same_finish": (2 / 3, 3), "style": (2 / 3, 3)}
+    assert accuracy_by_correctness(rankings, rewards, [None] * 4, finished) == {}
+
+
+def test_accuracy_by_correctness_splits_pairs_by_finishing():
+    """Correctness pairs are split by whether both responses finished; `different_finish` counts
+    every pair with one response cut off, whatever separates the two."""
+    from pipeline.stats import wilson
+    from reward_model.metrics import accuracy_by_correctness
+
+    # A right and finished, B wrong and cut off, C wrong and finished; the labeler ranks A > C > B
+    rankings, correct, finished = [[0, 2, 1]], [[True, False, False]], [[True, False, True]]
+    rewards = [[0.0, -1.0, 0.5]]  # the RM ranks C > A > B: A~B hit, A~C miss, C~B hit
+    out = accuracy_by_correctness(rankings, rewards, correct, finished)
+    assert {k: (v["accuracy"], v["pairs"]) for k, v in out.items()} == {
+        "correctness": (1 / 2, 2),                   # A>B hit, A>C miss
+        "correctness_same_finish": (0.0, 1),         # A>C: both finished, the RM got it wrong
+        "correctness_different_finish": (1.0, 1),    # A>B: B cut off, the end token gives it away
+        "different_finish": (1.0, 2),                # A>B and C>B
+        "style": (1.0, 1)}                           # C>B: both wrong
+    assert (out["correctness"]["low"], out["correctness"]["high"]) == wilson(1, 2)
+    # 1 hit of 2: 95% Wilson interval [0.0945, 0.9055] (hand-computed: centre 0.5, half-width 0.4055)
+    assert out["correctness"]["low"] == pytest.approx(0.0945, abs=1e-4)
+    assert out["correctness"]["high"] == pytest.approx(0.9055, abs=1e-4)
+    assert out["different_finish"]["low"] > 0.3 and out["different_finish"]["high"] == 1.0
+    # the same pairs, correctness unknown: only the finishing split remains
+    assert set(accuracy_by_correctness(rankings, rewards, [None], finished)) == {"different_finish"}
+
+
+def test_pairwise_accuracy_reports_wilson_intervals():
+    from pipeline.stats import wilson
+    from reward_model.metrics import pairwise_accuracy
+
+    out = pairwise_accuracy([[0, 1, 2], [0, 1]], [[3.0, 1.0, 2.0], [0.0, 1.0]], ["a", "b"])
+    assert (out["accuracy"], out["pairs"]) == (2 / 4, 4) and (out["low"], out["high"]) == wilson(2, 4)
+    assert out["by_group"]["a"] == {"accuracy": 2 / 3, "pairs": 3, "low": wilson(2, 3)[0], "high": wilson(2, 3)[1]}
+    assert out["by_group"]["b"]["accuracy"] == 0.0 and out["by_group"]["b"]["low"] == 0.0 < out["by_group"]["b"]["high"]
 
 
 def test_accuracy_without_ranked_pairs_is_nan_and_the_report_says_why(finished_run, capsys):
@@ -397,6 +438,24 @@ def test_accuracy_without_ranked_pairs_is_nan_and_the_report_says_why(finished_r
             stage / "model")
     line = next(x for x in capsys.readouterr().out.splitlines() if "held-out pairwise accuracy" in x)
     assert "0 ranked pairs" in line and "tie" in line and "nan" not in line.lower()
+
+
+def test_report_gives_intervals_and_the_finishing_split(finished_run, capsys):
+    """The summary names the split and pair count, prints each pair kind with its interval, and
+    warns when many held-out pairs differ in finishing (a truncation cue)."""
+    from stages.rm import _report
+
+    stage, manifest = finished_run
+    kind = {"accuracy": 0.6, "pairs": 10, "low": 0.3127, "high": 0.8318}
+    metrics = {**manifest.metrics, "eval/pairwise_accuracy": 0.75, "eval/pairwise_accuracy_low": 0.6,
+               "eval/pairwise_accuracy_high": 0.85, "eval/pairs": 40, "eval/different_finish_fraction": 0.5}
+    by_kind = {k: kind for k in ("correctness", "correctness_same_finish", "correctness_different_finish", "style",
+                                 "different_finish")}
+    _report(manifest, metrics, {**manifest.extra, "eval_accuracy_by_pair_kind": by_kind}, stage / "model")
+    out = capsys.readouterr().out
+    assert "75.0% [60.0, 85.0]  (test split, 40 ranked pairs" in out
+    assert "correctness_same_finish pairs" in out and "60.0% [31.3, 83.2]  (10 pairs" in out
+    assert "50.0% of held-out pairs differ in finishing" in out and "truncation cue" in out
 
 
 def test_label_noise_swaps_adjacent_ranks():
