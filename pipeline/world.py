@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -47,6 +48,8 @@ PROMPT_PATTERNS = {
     "colour": re.compile(r"^What colour does (\w+) like\?$"),
 }
 ANSWER_RE = re.compile(r"Answer: ([^.\n]+)\.")
+SENTENCE_END = re.compile(r"(?<=[.!?]) ")  # corpus documents are sentences joined by spaces
+HELD_OUT_SHARE = 10  # 1 in 10 distinct corpus sentences is validation-only
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,25 @@ class World:
 
     # ---------------------------------------------------------------------------- pretraining
     def corpus(self, split: str = "train") -> list[str]:
-        """Pretraining documents: facts about people in varied phrasings, plus plain prose."""
+        """Pretraining documents: facts about people in varied phrasings, sums, capitalised words
+        and plain prose. `valid` is held out in content: no sentence of a valid document occurs in
+        a train document (`held_out_sentence`), so its perplexity measures known facts in new
+        phrasings and new word combinations, not memorised text."""
+        if split not in ("train", "valid"):
+            raise ValueError(f"unknown corpus split {split!r}: train or valid")
         n = self.cfg.corpus_docs if split == "train" else max(200, self.cfg.corpus_docs // 20)
         rng = random.Random(f"{self.cfg.seed}-corpus-{split}")
-        return [self._document(rng) for _ in range(n)]
+        return [self._document(rng, held_out=split == "valid") for _ in range(n)]
+
+    def held_out_sentence(self, sentence: str) -> bool:
+        """Whether a corpus sentence belongs to validation documents only: a stable hash of its
+        text puts 1 in `HELD_OUT_SHARE` there. The fact-cloze sentences (`X lives in C.`,
+        `X likes the colour K.`) always train: the cloze probes knowledge the model was shown."""
+        return zlib.crc32(sentence.encode()) % HELD_OUT_SHARE == 0 and sentence not in self._cloze_sentences
+
+    @cached_property
+    def _cloze_sentences(self) -> frozenset[str]:
+        return frozenset(f"{prefix} {answer}." for prefix, answer in self.fact_cloze())
 
     def tokenizer_extra_texts(self) -> list[str]:
         """Text the BPE is trained on besides the corpus: with `tokenizer_demos` the demonstrations'
@@ -99,19 +117,33 @@ class World:
         # Message by message: the chat template starts each turn's text right after a role token.
         return [m["content"] for r in self.sft_examples("train") for m in r["messages"]]
 
-    def _document(self, rng: random.Random) -> str:
+    def _document(self, rng: random.Random, held_out: bool) -> str:
         # Mostly facts, so each fact recurs often enough for a tiny model to memorise it in minutes.
         parts = []
         for _ in range(rng.randint(2, 4)):
             if rng.random() < self.cfg.fact_density:
-                parts.append(self._fact_sentence(rng, rng.choice(self.people)))
+                kind = "fact"
             elif (r := rng.random()) < 0.35:
-                parts.append(self._sum_sentence(rng))
-            elif r < 0.6:
-                parts.append(self._case_sentence(rng))
+                kind = "sum"
             else:
-                parts.append(self._prose_sentence(rng))
+                kind = "case" if r < 0.6 else "prose"
+            parts.append(self._sentence_on_side(rng, kind, held_out))
         return " ".join(parts)
+
+    def _sentence_on_side(self, rng: random.Random, kind: str, held_out: bool) -> str:
+        # Redraw within the kind (the documents' mix stays the same) until every sentence of the
+        # draw is on the wanted side; a draw with one on each side (a question and its answer) is dropped.
+        for _ in range(10_000):
+            if kind == "fact":
+                text = self._fact_sentence(rng, rng.choice(self.people))
+            elif kind == "sum":
+                text = self._sum_sentence(rng)
+            else:
+                text = self._case_sentence(rng) if kind == "case" else self._prose_sentence(rng)
+            if all(self.held_out_sentence(s) == held_out for s in SENTENCE_END.split(text)):
+                return text
+        raise ValueError(f"no {kind} sentence of this world is held out for validation documents; "
+                         f"raise world.num_people (now {self.cfg.num_people})")
 
     @staticmethod
     def _sum_sentence(rng: random.Random) -> str:

@@ -3,7 +3,8 @@
 Data flow: text documents (built-in world or user files) -> tokenizer (trained here from
 scratch, or the given model's own) -> one token stream `<s> doc </s> <s> doc </s> ...` cut into
 equal blocks -> fixed global batches in a seeded order -> AdamW with warm-up and cosine decay
--> periodic resumable checkpoints -> held-out perplexity, unigram baseline, fact-cloze accuracy
+-> periodic resumable checkpoints -> held-out perplexity (world: on text held out in content, no
+sentence of it in training; files: on held-out documents), unigram baseline, fact-cloze accuracy
 -> `model/` (plain `save_pretrained`) + manifest.
 """
 from __future__ import annotations
@@ -68,8 +69,9 @@ class PretrainConfig(StageConfig):
     global_batch_size: int = F(32, "sequences per optimizer step, all processes together")
     micro_batch_size: int = F(32, "at most this many sequences per process per forward/backward (lowered to divide "
                                   "the per-process batch)")
-    eval_every: int = F(100, "held-out perplexity every N steps (0 = only at the end)")
-    eval_blocks: int = F(256, "held-out sequences used for perplexity")
+    eval_every: int = F(100, "held-out perplexity (`eval/perplexity`) every N steps (0 = only at the end)")
+    eval_blocks: int = F(256, "held-out sequences used for perplexity (world: validation documents, no sentence of "
+                              "which occurs in training)")
     precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
 
     stage = "pretrain"
@@ -281,7 +283,9 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     tracker.finish()
     if accelerator.is_main_process:
         print(f"\npretrain done in {manifest.wall_time_s:.0f}s")
-        print(f"  held-out perplexity  {metrics['eval/perplexity']:.2f}  (unigram baseline {metrics['eval/unigram_perplexity']:.2f})")
+        held_out = "held-out documents" if world is None else "text held out in content: no sentence seen in training"
+        print(f"  held-out perplexity  {metrics['eval/perplexity']:.2f}  (unigram baseline "
+              f"{metrics['eval/unigram_perplexity']:.2f}; {len(valid_blocks)} blocks of {held_out})")
         if world is not None:
             print(f"  fact-cloze accuracy  {metrics['eval/fact_cloze_accuracy']:.1%}  (greedy, {len(world.fact_cloze())} prompts)")
         print(f"  model: {model_dir}")

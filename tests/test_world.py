@@ -1,3 +1,5 @@
+import re
+
 from pipeline.config import WorldConfig
 from pipeline.world import SKILLS, WORDS, World
 
@@ -24,6 +26,26 @@ def test_pretraining_only_facts_absent_from_sft_data():
     # the eval fact questions are about held-out people only
     facts = [r["prompt"] for split in ("valid", "test") for r in w.prompts(split) if r["skill"] == "fact"]
     assert facts and all(any(p.name in q for p in held) for q in facts)
+
+
+def _sentences(docs: list[str]) -> list[str]:
+    return [s for d in docs for s in re.split(r"(?<=[.!?]) ", d)]
+
+
+def test_valid_corpus_held_out_in_content():
+    w = World(WorldConfig())
+    train, valid = set(_sentences(w.corpus("train"))), _sentences(w.corpus("valid"))
+    assert sum(s in train for s in valid) == 0  # perplexity on unseen text, not memorised sentences
+    assert len(set(valid)) > 100
+    assert any(p.name in s for s in valid for p in w.people)  # known facts, in phrasings held out
+    assert any(re.search(r"\d+\.$", s) for s in valid)  # sums
+
+
+def test_fact_cloze_answerable_from_training_sentences():
+    w = World(WorldConfig())
+    train = set(_sentences(w.corpus("train")))
+    for prefix, answer in w.fact_cloze():  # each person's city and colour, in the cloze's own words
+        assert f"{prefix} {answer}." in train, prefix
 
 
 def test_format_and_skills_only_in_sft_data():
