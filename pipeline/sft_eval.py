@@ -1,11 +1,33 @@
-"""Held-out evaluation of a chat policy on the built-in world, by greedy generation."""
+"""Held-out evaluation of a chat policy on the built-in world, by greedy generation.
+
+The protocol: the `test` prompt split (disjoint from `valid`, where choices are made, and from
+every training prompt), greedy decoding, `eval.max_new_tokens` new tokens (enough for the longest
+chatty demonstration, so a policy that imitates one can finish it). Every rate carries its 95%
+interval (`pipeline.stats.rate`): a split of ~200 prompts measures a rate to within several points.
+"""
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass
 
 from pipeline.evaluation import gather, generate, shard
+from pipeline.stats import rate
 from pipeline.tokenizer import chat_ids
 from pipeline.world import SKILLS
+
+SPLIT = "test"  # reported figures only; `valid` is for choices (a checkpoint, a setting)
+
+
+@dataclass
+class EvalRow:
+    """One held-out prompt, its greedy response and the world's judgement of it."""
+
+    skill: str
+    prompt: str
+    response: str
+    correct: bool
+    finished: bool  # the end-of-turn token was produced within max_new_tokens
+    formatted: bool  # `Answer: x.` and finished
+    gold_score: float
 
 
 def chat_prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -13,26 +35,46 @@ def chat_prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [chat_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
 
-def evaluate_world(model, tokenizer, world, eval_cfg, accelerator=None):
-    """Accuracy per skill, format rate (taught `Answer: x.` format ending with the template's
-    end-of-turn token, where `generate` stops), accuracy on pretraining-only facts (the `fact`
-    skill asks about held-out people), and the gold score."""
-    records = shard(world.prompts("test"), accelerator)
+def evaluate_world(model, tokenizer, world, eval_cfg, accelerator=None) -> tuple[dict, dict, list[EvalRow]]:
+    """Greedy responses to the `test` prompts, judged: (flat metrics, the `evaluation` table of
+    `summarise`, one `EvalRow` per prompt). The `fact` skill asks about held-out people, so its
+    accuracy measures knowledge carried over from pretraining."""
+    records = shard(world.prompts(SPLIT), accelerator)
     ids = chat_prompt_ids(tokenizer, [r["prompt"] for r in records])
     outs = generate(model, tokenizer, ids, eval_cfg.max_new_tokens, temperature=0.0, batch_size=eval_cfg.batch_size) if ids else []
     rows = []
     for r, (resp, finished) in zip(records, outs):
         text = tokenizer.decode(resp, skip_special_tokens=True)
-        rows.append([r["skill"], r["prompt"], text, world.is_correct(r["prompt"], text), finished,
-                     world.extract(text) is not None and finished, world.gold_score(r["prompt"], text, finished)])
+        rows.append(EvalRow(r["skill"], r["prompt"], text, world.is_correct(r["prompt"], text), finished,
+                            world.extract(text) is not None and finished, world.gold_score(r["prompt"], text, finished)))
     rows = gather(rows, accelerator)
-    by_skill = defaultdict(list)
-    for row in rows:
-        by_skill[row[0]].append(row[3])
-    metrics = {f"eval/acc_{s}": sum(v) / len(v) for s in SKILLS if (v := by_skill.get(s))}
-    metrics["eval/accuracy"] = sum(r[3] for r in rows) / max(1, len(rows))
+    metrics, evaluation = summarise(rows, eval_cfg.max_new_tokens)
+    return metrics, evaluation, rows
+
+
+def summarise(rows: list[EvalRow], max_new_tokens: int, split: str = SPLIT) -> tuple[dict, dict]:
+    """Flat metrics for the tracker (`eval/accuracy`, its `_low`/`_high` interval, `eval/acc_<skill>`,
+    `eval/finish_<skill>`, format, end-of-turn and gold-score means) and the manifest's table:
+    {"split", "decoding", "max_new_tokens", "prompts", "overall": {"accuracy", "finish", "format":
+    rate, "gold_score": mean}, "skills": {skill: {"accuracy", "finish": rate, "n"}}}."""
+    overall = {"accuracy": rate([r.correct for r in rows]), "finish": rate([r.finished for r in rows]),
+               "format": rate([r.formatted for r in rows]),
+               "gold_score": sum(r.gold_score for r in rows) / len(rows) if rows else float("nan")}
+    skills = {}
+    for skill in SKILLS:
+        of_skill = [r for r in rows if r.skill == skill]
+        if of_skill:
+            skills[skill] = {"accuracy": rate([r.correct for r in of_skill]),
+                             "finish": rate([r.finished for r in of_skill]), "n": len(of_skill)}
+    metrics = {"eval/accuracy": overall["accuracy"]["value"], "eval/accuracy_low": overall["accuracy"]["low"],
+               "eval/accuracy_high": overall["accuracy"]["high"]}
+    for skill, s in skills.items():
+        metrics[f"eval/acc_{skill}"] = s["accuracy"]["value"]
+        metrics[f"eval/finish_{skill}"] = s["finish"]["value"]
     metrics["eval/fact_accuracy"] = metrics.get("eval/acc_fact", 0.0)
-    metrics["eval/format_rate"] = sum(r[5] for r in rows) / max(1, len(rows))
-    metrics["eval/eos_rate"] = sum(r[4] for r in rows) / max(1, len(rows))
-    metrics["eval/gold_score"] = sum(r[6] for r in rows) / max(1, len(rows))
-    return metrics, [r[:4] for r in rows]
+    metrics["eval/format_rate"] = overall["format"]["value"]
+    metrics["eval/eos_rate"] = overall["finish"]["value"]
+    metrics["eval/gold_score"] = overall["gold_score"]
+    evaluation = {"split": split, "decoding": "greedy", "max_new_tokens": max_new_tokens, "prompts": len(rows),
+                  "overall": overall, "skills": skills}
+    return metrics, evaluation

@@ -4,8 +4,9 @@ Data flow: parent manifest (pretrain) -> model + tokenizer -> records (built-in 
 files: prompt/completion, messages or plain text, validated, columns mapped) -> token ids and
 loss masks built here from the chat template (`sft_features`: assistant tokens only, for any
 template) -> SFTTrainer on the pre-tokenized data (optional packing and LoRA) -> held-out
-evaluation (greedy generation: accuracy per skill, format rate, pretraining-only facts; held-out
-loss for user data) -> `model/` (plain, LoRA merged) + `adapter/` (LoRA only) + manifest.
+evaluation (world: greedy generation on the `test` prompt split, accuracy and finish rate per
+skill with 95% intervals, format rate, pretraining-only facts, gold score; user data: held-out
+loss) -> `model/` (plain, LoRA merged) + `adapter/` (LoRA only) + manifest.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
 from pipeline.records import load_sft_records
 from pipeline.sft_eval import evaluate_world
+from pipeline.stats import fmt_rate
 from pipeline.stage import StageRun, run_stage, stage_main
 from pipeline.tokenizer import assistant_token_mask, document_ids
 from pipeline.tracking import Progress, make_tracker, stratified
@@ -71,7 +73,8 @@ class SFTTrainConfig:
 
 @dataclass
 class SFTEvalConfig:
-    max_new_tokens: int = F(64, "tokens generated per held-out prompt (chatty answers need ~50)")
+    max_new_tokens: int = F(64, "tokens generated per test prompt, greedy: enough for the longest chatty "
+                                "demonstration (~40 with the default world), so a policy imitating one can finish")
     batch_size: int = F(64, "prompts per generation batch")
     samples: int = F(40, "sample generations logged to the wandb table")
 
@@ -241,22 +244,24 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
             with runs.atomic_dir(adapter_dir) as tmp:
                 trained.unwrap_model(final).save_pretrained(tmp)
         final = trained.unwrap_model(final).merge_and_unload()
+    extra = {"lora": cfg.lora.enabled}
     if world is not None:
         with full_parameters(trained, final) as full:
-            world_metrics, samples = evaluate_world(full, tokenizer, world, cfg.eval, accelerator)
+            world_metrics, extra["evaluation"], rows = evaluate_world(full, tokenizer, world, cfg.eval, accelerator)
         metrics.update(world_metrics)
         tracker.table("eval/samples", ["skill", "prompt", "response", "correct"],
-                      stratified(samples, 0, cfg.eval.samples), trainer.state.global_step)
+                      stratified([[r.skill, r.prompt, r.response, r.correct] for r in rows], 0, cfg.eval.samples),
+                      trainer.state.global_step)
     tracker.log(metrics, trainer.state.global_step)
     tracker.summary(metrics)
     model_dir = sr.dir / "model"
     save_model(trained, final, tokenizer, model_dir)
     headline = {k.split("/")[-1]: v for k, v in metrics.items()
                 if k in ("eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/loss")}
-    manifest = sr.finish(model_dir, metrics, headline, extra={"lora": cfg.lora.enabled})
+    manifest = sr.finish(model_dir, metrics, headline, extra=extra)
     tracker.finish()
     if accelerator.is_main_process:
-        _print_report(manifest, metrics)
+        _print_report(manifest, metrics, extra.get("evaluation"))
     return manifest
 
 
@@ -298,11 +303,19 @@ def _check_world(cfg: SFTConfig, parent: runs.Parent) -> None:
         raise ValueError(f"world.num_people={cfg.world.num_people} differs from the parent's ({pw.get('num_people')})")
 
 
-def _print_report(manifest: runs.Manifest, metrics: dict) -> None:
+def _print_report(manifest: runs.Manifest, metrics: dict, evaluation: dict | None) -> None:
     print(f"\nsft done in {manifest.wall_time_s:.0f}s")
-    for k, v in metrics.items():
-        if k.startswith("eval/"):
-            print(f"  {k:<28} {v:.1%}" if "acc" in k or "rate" in k else f"  {k:<28} {v:.4g}")
+    if evaluation:
+        e, o = evaluation, evaluation["overall"]
+        print(f"  accuracy {fmt_rate(o['accuracy'])} ({e['split']} split, {e['prompts']} prompts, {e['decoding']}, "
+              f"{e['max_new_tokens']} tokens)")
+        for skill, s in e["skills"].items():
+            note = "  (held-out people: knowledge from pretraining)" if skill == "fact" else ""
+            print(f"    {skill:<6} accuracy {fmt_rate(s['accuracy'])}  finished {fmt_rate(s['finish'])}  "
+                  f"{s['n']} prompts{note}")
+        print(f"  finished {fmt_rate(o['finish'])}  format {fmt_rate(o['format'])}  gold score {o['gold_score']:.3f} (max 5)")
+    if "eval/loss" in metrics:
+        print(f"  held-out loss {metrics['eval/loss']:.4g}")
     print(f"  model: {Path(manifest.config['runs_dir']) / manifest.run_name / 'sft' / manifest.model_dir}")
 
 

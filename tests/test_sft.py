@@ -11,7 +11,10 @@ from pipeline.data import map_columns, read_records
 from pipeline.records import load_sft_records, parse_sft
 from pipeline.launch import launch_command
 from pipeline.runs import Manifest, file_hash
+from pipeline.sft_eval import EvalRow, summarise
 from pipeline.stage import DataError
+from pipeline.stats import wilson
+from pipeline.world import SKILLS
 from stages import pretrain, sft
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,13 +167,84 @@ def test_lora_merge_gives_same_logits(parent_run):
     torch.testing.assert_close(adapted, merged, atol=1e-4, rtol=1e-4)
 
 
-def test_sft_stage_world_lora_and_handoff(parent_run):
+def test_sft_stage_world_lora_and_handoff(parent_run, capsys):
     m = _sft(parent_run, "run_name=base", "lora.enabled=true", "lora.r=4", "train.lr=1e-3")
     d = parent_run / "base" / "sft"
     assert m.complete and (d / "adapter" / "adapter_config.json").exists()
     assert (d / "model" / "model.safetensors").exists() and not (d / "model" / "adapter_config.json").exists()
-    assert {"eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/acc_last"} <= set(m.metrics)
+    assert {"eval/accuracy", "eval/accuracy_low", "eval/accuracy_high", "eval/fact_accuracy", "eval/format_rate",
+            "eval/acc_last", "eval/finish_last", "eval/finish_fact"} <= set(m.metrics)
+    e = Manifest.load(d / "manifest.json").extra["evaluation"]
+    assert (e["split"], e["decoding"], e["max_new_tokens"], e["prompts"]) == ("test", "greedy", 8, 20)
+    assert set(e["skills"]) == set(SKILLS) and sum(s["n"] for s in e["skills"].values()) == 20
+    assert e["overall"]["accuracy"]["low"] <= m.metrics["eval/accuracy"] <= e["overall"]["accuracy"]["high"]
+    report = capsys.readouterr().out
+    assert "(test split, 20 prompts, greedy, 8 tokens)" in report
+    assert all(f"    {s:<6} accuracy " in report for s in SKILLS) and report.count(" finished ") == len(SKILLS) + 1
     assert Manifest.load(d / "manifest.json").parent.endswith("pretrain/manifest.json")
+
+
+def _row(skill, correct, finished):
+    return EvalRow(skill, "p", "r", correct, finished, finished, 3.0 * correct + 0.5 * finished)
+
+
+def test_summarise_gives_rates_with_intervals_per_skill():
+    rows = [_row("first", True, True), _row("first", False, True), _row("first", True, True),
+            _row("add", True, False), _row("add", False, False)]
+    metrics, e = summarise(rows, max_new_tokens=64)
+    assert metrics["eval/acc_first"] == pytest.approx(2 / 3) and metrics["eval/finish_first"] == 1.0
+    assert metrics["eval/acc_add"] == 0.5 and metrics["eval/finish_add"] == 0.0  # a skill that never stops
+    assert metrics["eval/accuracy"] == 0.6 and metrics["eval/eos_rate"] == 0.6 and metrics["eval/fact_accuracy"] == 0.0
+    low, high = wilson(3, 5)
+    assert (metrics["eval/accuracy_low"], metrics["eval/accuracy_high"]) == pytest.approx((low, high))
+    assert e["overall"]["accuracy"] == {"value": 0.6, "low": pytest.approx(low), "high": pytest.approx(high), "n": 5}
+    assert e["skills"]["add"]["finish"]["value"] == 0.0 and e["skills"]["add"]["finish"]["high"] > 0  # Wilson, not 0 +- 0
+    assert e["skills"]["first"]["n"] == 3 and set(e["skills"]) == {"first", "add"}
+    assert metrics["eval/gold_score"] == e["overall"]["gold_score"] == pytest.approx((3.5 + 0.5 + 3.5 + 3.0 + 0.0) / 5)
+    assert (e["split"], e["decoding"], e["max_new_tokens"], e["prompts"]) == ("test", "greedy", 64, 5)
+
+
+def test_world_evaluation_is_greedy_on_the_test_split(monkeypatch, tiny_world):
+    """Every test prompt, and only those, is answered greedily; a skill whose answers never stop
+    shows a finish rate of 0 while its accuracy stays 1."""
+    from pipeline import sft_eval
+    from pipeline.tokenizer import train_tokenizer
+    from pipeline.world import World
+
+    world = World(tiny_world)
+    tok = train_tokenizer(world.corpus()[:300], vocab_size=400)
+    seen = []
+
+    def fake_generate(model, tokenizer, ids, max_new_tokens, temperature, batch_size):
+        assert temperature == 0.0 and max_new_tokens == 64
+        out = []
+        for prompt_ids in ids:
+            prompt = next(r for r in world.prompts("test") + world.prompts("valid")
+                          if tokenizer.decode(prompt_ids, skip_special_tokens=True).endswith(r["prompt"]))
+            seen.append(prompt["prompt"])
+            answer = tokenizer(f"Answer: {world.answer(prompt['prompt'])}.", add_special_tokens=False)["input_ids"]
+            out.append((answer, prompt["skill"] != "add"))
+        return out
+
+    monkeypatch.setattr(sft_eval, "generate", fake_generate)
+    metrics, e, rows = sft_eval.evaluate_world(None, tok, world, sft.SFTEvalConfig())
+    assert seen == [r["prompt"] for r in world.prompts("test")] and e["split"] == "test" and e["prompts"] == len(seen)
+    assert metrics["eval/accuracy"] == 1.0 and metrics["eval/acc_add"] == 1.0
+    assert metrics["eval/finish_add"] == 0.0 and all(metrics[f"eval/finish_{s}"] == 1.0 for s in SKILLS if s != "add")
+    assert e["skills"]["add"]["finish"]["value"] == 0.0 and e["skills"]["first"]["finish"]["value"] == 1.0
+    assert len(rows) == len(seen) and all(r.correct for r in rows)
+
+
+def test_eval_budget_fits_the_longest_demonstration():
+    from pipeline.config import WorldConfig
+    from pipeline.tokenizer import train_tokenizer
+    from pipeline.world import World
+
+    world = World(WorldConfig())  # the default world and tokenizer, as `make pretrain` builds them
+    tok = train_tokenizer(world.corpus(), vocab_size=pretrain.PretrainConfig().model.vocab_size)
+    longest = max(len(tok(m["content"], add_special_tokens=False)["input_ids"])
+                  for ex in world.sft_examples() for m in ex["messages"] if m["role"] == "assistant")
+    assert longest + 1 <= sft.SFTEvalConfig().max_new_tokens  # + the end-of-turn token
 
 
 def test_resume_matches_unbroken_run(parent_run):
