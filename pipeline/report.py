@@ -86,27 +86,90 @@ def _plot_hist(path: Path, title: str, chosen: list[float], rejected: list[float
     return True
 
 
-def _plot_overoptimization(path: Path, rows: list[dict]) -> bool:
-    """RM score and gold score against KL to the SFT policy along the PPO run (Gao et al. 2022)."""
+def _plot_overoptimization(path: Path, rows: list[dict], evaluation: dict | None = None) -> bool:
+    """RM score and gold score against KL to the SFT policy (Gao et al. 2022): PPO along training
+    (valid prompts) and, on the test prompts, the final PPO policy and best-of-n of SFT samples."""
     plt = _pyplot()
-    pts = [(r["eval/kl"], r.get("eval/rm_score"), r.get("eval/gold_score")) for r in rows
-           if "eval/kl" in r and ("eval/gold_score" in r or "eval/rm_score" in r)]
-    if not pts:
+    pts = sorted((r["eval/kl"], r.get("eval/rm_score"), r.get("eval/gold_score")) for r in rows
+                 if "eval/kl" in r and ("eval/gold_score" in r or "eval/rm_score" in r))
+    bon = [(b["kl"], b["rm_score"], b["gold_score"], b["n"]) for b in (evaluation or {}).get("best_of_n", [])]
+    sampled = (evaluation or {}).get("comparisons", {}).get("sampled")
+    if not pts and not bon:
         return False
-    pts.sort()
-    kl = [p[0] for p in pts]
-    fig, ax1 = plt.subplots(figsize=(5.5, 3.5))
-    ax1.plot(kl, [p[1] for p in pts], "o-", color="tab:blue", label="RM score")
-    ax1.set_xlabel("KL(policy || SFT), nats per response")
-    ax1.set_ylabel("RM score", color="tab:blue")
-    ax2 = ax1.twinx()
-    ax2.plot(kl, [p[2] for p in pts], "s-", color="tab:red", label="gold score")
-    ax2.set_ylabel("gold score", color="tab:red")
-    ax1.set_title("over-optimization: learned vs true reward")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, j, name in ((ax1, 1, "RM score"), (ax2, 2, "gold score")):
+        if pts:
+            ax.plot([p[0] for p in pts], [p[j] for p in pts], "o-", label="PPO along training (valid)")
+        if bon:
+            ax.plot([b[0] for b in bon], [b[j] for b in bon], "s--",
+                    label="best-of-n of SFT (test; n = " + ", ".join(str(b[3]) for b in bon) + ")")
+        if sampled and sampled["policy"].get("kl") is not None:
+            ax.plot([sampled["policy"]["kl"]], [sampled["policy"]["rm_score" if j == 1 else "gold_score"]], "r*",
+                    markersize=12, label="PPO final (test)")
+        ax.set_xlabel("KL to the SFT policy, nats per response")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    fig.suptitle("over-optimization: learned (RM) vs true (gold) reward against KL, sampled at the eval temperature")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def _pct(r: dict | None) -> str:
+    return "-" if not r else f"{100 * r['value']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
+
+
+def _ppo_tables(evaluation: dict, ablation: runs.Manifest | None, ptx_coef: float) -> list[str]:
+    """The test-split tables: PPO vs SFT per decoding, per skill, best-of-n, alignment tax."""
+    comps = evaluation.get("comparisons", {})
+    n_tok = evaluation.get("max_new_tokens")
+    out = ["## PPO vs SFT on the test prompts", "",
+           f"Same decoding and budget ({n_tok} new tokens) for both sides, on held-out test prompts no setting was "
+           "chosen on; the gold labeler judges, a tie counts half; 95% intervals in brackets.", "",
+           "| decoding | PPO win rate vs SFT | accuracy PPO | accuracy SFT | finished PPO | finished SFT | gold PPO | gold SFT |",
+           "|---|---|---|---|---|---|---|---|"]
+    for c in comps.values():
+        p, sf = c["policy"], c["sft"]
+        out.append(f"| {c['decoding']} | {_pct(c['win_rate'])} | {_pct(p['accuracy'])} | {_pct(sf['accuracy'])} | "
+                   f"{_pct(p['finish'])} | {_pct(sf['finish'])} | {p['gold_score']:.3f} | {sf['gold_score']:.3f} |")
+    if "greedy" in comps:
+        c = comps["greedy"]
+        out += ["", "Per skill, greedy:", "", "| skill | prompts | accuracy PPO | accuracy SFT | finished PPO | finished SFT |",
+                "|---|---|---|---|---|---|"]
+        for skill, v in c["policy"]["skills"].items():
+            sv = c["sft"]["skills"][skill]
+            out.append(f"| {skill} | {v['accuracy']['n']} | {_pct(v['accuracy'])} | {_pct(sv['accuracy'])} | "
+                       f"{_pct(v['finish'])} | {_pct(sv['finish'])} |")
+    bon, sampled = evaluation.get("best_of_n", []), comps.get("sampled")
+    if bon and sampled:
+        out += ["", "## Best-of-n baseline", "",
+                f"n SFT samples at {sampled['decoding']}, the reward model picks one; KL = log n − (n−1)/n (analytic). "
+                "Win rate against one SFT sample, as PPO's sampled row above.", "",
+                "| policy | KL to SFT | win rate vs SFT | accuracy | finished | gold | RM score |", "|---|---|---|---|---|---|---|"]
+        for b in bon:
+            out.append(f"| best-of-{b['n']} | {b['kl']:.2f} | {_pct(b['win_rate'])} | {_pct(b['accuracy'])} | "
+                       f"{_pct(b['finish'])} | {b['gold_score']:.3f} | {b['rm_score']:.3f} |")
+        p = sampled["policy"]
+        kl = f"{p['kl']:.2f}" if p.get("kl") is not None else "-"
+        out.append(f"| PPO | {kl} (measured) | {_pct(sampled['win_rate'])} | {_pct(p['accuracy'])} | {_pct(p['finish'])} | "
+                   f"{p['gold_score']:.3f} | {p['rm_score']:.3f} |")
+    other = (ablation.extra.get("evaluation") or {}).get("comparisons", {}) if ablation else {}
+    if "greedy" in comps and "greedy" in other:
+        other_coef = ablation.config.get("ptx", {}).get("coef", 0.0)
+        rows = {ptx_coef: comps, other_coef: other}
+        out += ["", "## Alignment tax (PPO-ptx, InstructGPT's γ term)", "",
+                "Greedy decoding on the test prompts. PPO-ptx adds γ × the SFT log-likelihood to the PPO objective.", "",
+                "| policy | accuracy | finished | gold score | win rate vs SFT |", "|---|---|---|---|---|",
+                f"| SFT | {_pct(comps['greedy']['sft']['accuracy'])} | {_pct(comps['greedy']['sft']['finish'])} | "
+                f"{comps['greedy']['sft']['gold_score']:.3f} | - |"]
+        for coef in sorted(rows):
+            c = rows[coef]["greedy"]
+            name = "PPO" if coef == 0 else f"PPO-ptx (γ = {coef:g})"
+            out.append(f"| {name} | {_pct(c['policy']['accuracy'])} | {_pct(c['policy']['finish'])} | "
+                       f"{c['policy']['gold_score']:.3f} | {_pct(c['win_rate'])} |")
+    return out + [""]
 
 
 def _fmt(v) -> str:
@@ -164,20 +227,27 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
     ppo = runs.read_metrics(run_dir / "ppo" / "metrics.jsonl")
     m = manifest("ppo")
     if ppo:
+        evaluation = m.extra.get("evaluation") if m and m.complete else None
         text = ""
-        if m and m.complete:
-            text = (f"Gold win rate vs SFT {m.metrics.get('eval/win_rate', float('nan')):.1%}; gold score "
-                    f"{m.metrics.get('eval/gold_score', float('nan')):.3f}; KL to SFT {m.metrics.get('eval/kl', float('nan')):.2f}.")
+        if evaluation and "greedy" in evaluation.get("comparisons", {}):
+            g = evaluation["comparisons"]["greedy"]
+            text = (f"Test prompts, greedy vs greedy: win rate vs SFT {_pct(g['win_rate'])}; accuracy "
+                    f"{_pct(g['policy']['accuracy'])} (SFT {_pct(g['sft']['accuracy'])}). Curves below: valid prompts.")
         section("PPO training", "ppo.png", _plot_lines(out / "ppo.png", "ppo", ppo, [
-            "rollout/score", "ppo/kl", "ppo/beta", "ppo/entropy", "rollout/eos_rate", "rollout/length"]), text)
-        section("Over-optimization", "overoptimization.png", _plot_overoptimization(out / "overoptimization.png", ppo),
-                "RM score and gold score on held-out prompts against KL to the SFT policy. A rising RM score with a "
-                "flat or falling gold score is reward over-optimization.")
+            "rollout/score", "ppo/kl", "ppo/beta", "ppo/entropy", "rollout/eos_rate", "rollout/length",
+            "eval/win_rate", "eval/accuracy", "eval/gold_score"]), text)
+        if evaluation:
+            lines.extend(_ppo_tables(evaluation, manifest_at(Path(runs_dir) / ablation_run(run_name) / "ppo"),
+                                     m.config.get("ptx", {}).get("coef", 0.0)))
+        section("Over-optimization", "overoptimization.png",
+                _plot_overoptimization(out / "overoptimization.png", ppo, evaluation),
+                "RM score and gold score against KL to the SFT policy. A rising RM score with a flat or falling gold "
+                "score is reward over-optimization; best-of-n is the baseline at the same KL.")
     samples_file = run_dir / "ppo" / "samples.jsonl"
     if samples_file.exists():
         rows = [json.loads(l) for l in samples_file.read_text().splitlines() if l.strip()]
         rows = stratified(rows, lambda r: r.get("skill", ""), 12)  # every skill, not the head of one
-        lines.extend(["## Samples: SFT vs PPO (same prompts)", "", "| skill | prompt | SFT | PPO |",
+        lines.extend(["## Samples: SFT vs PPO (same test prompts, greedy)", "", "| skill | prompt | SFT | PPO |",
                       "|---|---|---|---|"])
         for r in rows:
             cells = [str(r.get(k, "")).replace("|", "\\|").replace("\n", " ")
@@ -186,6 +256,11 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
         lines.append("")
     runs.atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def ablation_run(run_name: str) -> str:
+    """The run holding the PPO ablation for the alignment-tax table: the other ptx setting."""
+    return f"{run_name}-ptx-ablation"
 
 
 def manifest_at(stage_dir: Path) -> runs.Manifest | None:

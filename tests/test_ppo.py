@@ -323,7 +323,7 @@ def test_resume_after_interruption_matches_unbroken_run(tiny, tmp_path):
     resumed = run(ppo_cfg(tiny, tmp_path / "b", *extra, "stop_after=2"))
     assert full.status == resumed.status == "complete"
     a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 4]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 4, 4]  # last: valid eval, then test
     for ra, rb in zip(a, b):
         ca, cb = _comparable(ra), _comparable(rb)
         assert ca.keys() == cb.keys()

@@ -97,10 +97,13 @@ class EMAConfig:
 
 @dataclass
 class PPOEvalConfig:
-    every: int = F(10, "gold evaluation every N iterations (0 = only at start and end)")
-    num_prompts: int = F(0, "held-out prompts used (0 = all of world.prompts('eval')); taken evenly across skills")
-    temperature: float = F(0.7, "eval sampling temperature (the SFT baseline is sampled the same way, once)")
-    max_new_tokens: int = F(24, "response length limit at evaluation")
+    every: int = F(10, "evaluation on the valid prompts every N iterations, sampled at eval.temperature (0 = only at "
+                       "start and end); the reported figures come from the test prompts at the end (docs/ppo.md §38)")
+    num_prompts: int = F(0, "held-out prompts per split (0 = all of world.prompts('valid') / ('test')); taken evenly across skills")
+    temperature: float = F(0.7, "temperature of the sampled comparison (both sides); the headline is greedy vs greedy")
+    max_new_tokens: int = F(64, "response budget of both sides: long enough for the longest demonstration, so the SFT "
+                                "baseline's chatty answers finish")
+    best_of: list[int] = F([4, 16], "best-of-n baselines on the test prompts: n SFT samples, the reward model picks one")
     seed: int = F(4321, "eval sampling seed (eval never disturbs the training random state)")
     samples: int = F(16, "rows in the wandb sample tables")
 
@@ -148,7 +151,9 @@ class PPOConfig(StageConfig):
         if self.rollout.max_new_tokens <= 0:
             p.append("rollout.max_new_tokens: must be > 0")
         if self.eval.temperature < 0:
-            p.append("eval.temperature: must be >= 0 (0 = greedy)")
+            p.append("eval.temperature: must be >= 0 (0 = greedy: no sampled comparison, no best-of-n)")
+        if any(n < 1 for n in self.eval.best_of):
+            p.append("eval.best_of: every n must be >= 1")
         o = self.objective
         if o.adaptive_kl and o.kl_target <= 0:
             p.append("objective.kl_target: must be > 0 with adaptive_kl")

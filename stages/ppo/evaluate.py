@@ -1,17 +1,27 @@
-"""Gold evaluation against the SFT policy on held-out prompts (docs/ppo.md §34).
+"""Gold evaluation against the SFT policy on held-out prompts (docs/ppo.md §34, §38).
 
 The built-in world's gold labeler, not the learned reward model, judges: a rising RM score with
-a flat or falling gold win rate is reward over-optimization. The SFT responses are sampled once
-at the start with the same settings and seed as every later evaluation; a tie counts half.
-Evaluation runs under a forked random state, so it never changes what training samples.
+a flat or falling gold win rate is reward over-optimization. The protocol (docs/ppo.md §38):
+
+- during training, every `eval.every` iterations, the policy is sampled at τ on the `valid`
+  prompts: the curves (gold, RM score, KL) and every choice of settings;
+- at the end, on the disjoint `test` prompts, PPO and SFT with the same decoding and budget:
+  greedy vs greedy (the headline) and τ vs τ, then best-of-n of SFT samples ranked by the reward
+  model (Gao et al. 2022) as the baseline PPO has to beat.
+
+Each comparison's SFT responses are generated once with the same settings and seed; a tie counts
+half. Evaluation runs under a forked random state, so it never changes what training samples.
 """
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.evaluation import gather, generate, shard
+from pipeline.stats import mean_interval, rate
 from pipeline.tokenizer import end_of_turn_id
 from stages.ppo.functional import masked_sum
 from stages.ppo.rollout import (
@@ -24,7 +34,7 @@ from stages.ppo.rollout import (
 )
 
 
-def eval_prompts(world, n: int = 0, split: str = "test") -> list[str]:
+def eval_prompts(world, n: int = 0, split: str = "valid") -> list[str]:
     """world.prompts(split), or `n` of them taken evenly across the list (all skills stay in)."""
     prompts = [r["prompt"] for r in world.prompts(split)]
     if n <= 0 or n >= len(prompts):
@@ -34,8 +44,11 @@ def eval_prompts(world, n: int = 0, split: str = "test") -> list[str]:
 
 @dataclass
 class EvalSet:
-    """This process's share of the held-out prompts and the SFT policy's responses to them."""
+    """This process's share of one split's prompts and the SFT policy's responses to them under
+    one decoding (temperature 0 = greedy)."""
 
+    split: str
+    temperature: float
     prompts: list[str]
     sft_texts: list[str]
     sft_finished: list[bool]
@@ -43,24 +56,26 @@ class EvalSet:
 
 
 @torch.no_grad()
-def sample_eval(model, tokenizer, prompts: list[str], cfg, accelerator) -> tuple[list[str], list[bool], list[list[int]]]:
-    """(texts, finished, response ids without stop) sampled with the eval settings and seed."""
+def sample_eval(model, tokenizer, prompts: list[str], cfg, accelerator, temperature: float,
+                seed: int = 0) -> tuple[list[str], list[bool], list[list[int]]]:
+    """(texts, finished, response ids without stop) at `temperature` with the eval budget and seed."""
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.eval.seed + 100003 * accelerator.process_index)
+        torch.manual_seed(cfg.eval.seed + seed + 100003 * accelerator.process_index)
         out = generate(model, tokenizer, encode_prompts(tokenizer, prompts), cfg.eval.max_new_tokens,
-                       temperature=cfg.eval.temperature, batch_size=cfg.rollout.forward_batch_size)
+                       temperature=temperature, batch_size=cfg.rollout.forward_batch_size)
     ids = [r for r, _ in out]
     return tokenizer.batch_decode(ids, skip_special_tokens=True), [f for _, f in out], ids
 
 
-def make_eval_set(models, world, cfg, accelerator) -> EvalSet:
-    """Sample the SFT policy (the reference) once on this process's held-out prompts."""
-    prompts = shard(eval_prompts(world, cfg.eval.num_prompts), accelerator)
+def make_eval_set(models, world, cfg, accelerator, split: str = "valid", temperature: float | None = None) -> EvalSet:
+    """Generate the SFT policy's (the reference's) responses once on this process's share of `split`."""
+    temperature = cfg.eval.temperature if temperature is None else temperature
+    prompts = shard(eval_prompts(world, cfg.eval.num_prompts, split), accelerator)
     with reference_context(models):
-        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, cfg, accelerator)
+        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, cfg, accelerator, temperature)
     gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts, texts, finished)]
-    return EvalSet(prompts, texts, finished, gold)
+    return EvalSet(split, temperature, prompts, texts, finished, gold)
 
 
 @torch.no_grad()
@@ -97,31 +112,131 @@ def sequence_kl(model, models, prompts: list[str], ids: list[list[int]], finishe
 
 
 def evaluate(model, models, eval_set: EvalSet, world, cfg, accelerator, prefix: str = "eval") -> tuple[dict, list]:
-    """Gold score, win rate vs SFT, RM score and KL of `model` on the held-out prompts.
-    Returns (metrics, table rows); every process gets the same numbers."""
+    """Gold score, win rate vs SFT, accuracy, finish rate, RM score and (sampled decoding only) KL
+    of `model` on the eval set's prompts, decoded as its SFT responses were. Returns (metrics,
+    table rows); every process gets the same numbers."""
     was_training = model.training
     model.eval()
-    texts, finished, ids = sample_eval(model, models.tokenizer, eval_set.prompts, cfg, accelerator)
+    texts, finished, ids = sample_eval(model, models.tokenizer, eval_set.prompts, cfg, accelerator, eval_set.temperature)
     device = accelerator.device
     rm = score_responses(models.reward, models.reward_tokenizer, eval_set.prompts, texts, finished).tolist() if texts else []
+    # KL along a greedy trajectory is not an estimate of the policies' KL: sampled decoding only.
     kl = sequence_kl(model, models, eval_set.prompts, ids, finished, cfg.rollout.temperature,
-                     cfg.rollout.forward_batch_size, device) if texts else []
+                     cfg.rollout.forward_batch_size, device) if texts and eval_set.temperature > 0 else [float("nan")] * len(texts)
     rows = []
     for i, (p, t, f) in enumerate(zip(eval_set.prompts, texts, finished)):
         gold, sft_gold = world.gold_score(p, t, f), eval_set.sft_gold[i]
-        win = 1.0 if gold > sft_gold + 1e-9 else (0.5 if abs(gold - sft_gold) <= 1e-9 else 0.0)
-        rows.append([p, eval_set.sft_texts[i], t, sft_gold, gold, rm[i], kl[i], win, float(world.is_correct(p, t)),
-                     float(f), len(ids[i]) + int(f), world.skill_of(p)])
+        rows.append([p, eval_set.sft_texts[i], t, sft_gold, gold, rm[i], kl[i], _win(gold, sft_gold),
+                     float(world.is_correct(p, t)), float(f), len(ids[i]) + int(f), world.skill_of(p),
+                     float(world.is_correct(p, eval_set.sft_texts[i])), float(eval_set.sft_finished[i])])
     model.train(was_training)
     rows = gather(rows, accelerator)
-    n = max(1, len(rows))
-    mean = lambda k: sum(r[k] for r in rows) / n  # noqa: E731
-    metrics = {f"{prefix}/gold_score": mean(4), f"{prefix}/win_rate": mean(7), f"{prefix}/rm_score": mean(5),
-               f"{prefix}/kl": mean(6), f"{prefix}/accuracy": mean(8), f"{prefix}/eos_rate": mean(9),
-               f"{prefix}/length": mean(10), f"{prefix}/sft_gold_score": mean(3)}
+    col = {name: [r[j] for r in rows] for j, name in enumerate(TABLE_COLUMNS)}
+    metrics = {f"{prefix}/{k}": _mean(col[c]) for k, c in (
+        ("gold_score", "gold"), ("win_rate", "win"), ("rm_score", "rm_score"), ("accuracy", "correct"),
+        ("eos_rate", "finished"), ("length", "length"), ("sft_gold_score", "sft_gold"),
+        ("sft_accuracy", "sft_correct"), ("sft_eos_rate", "sft_finished"))}
+    if eval_set.temperature > 0:
+        metrics[f"{prefix}/kl"] = _mean(col["kl"])
     return metrics, rows
 
 
+def _win(gold: float, other: float) -> float:
+    return 1.0 if gold > other + 1e-9 else (0.5 if abs(gold - other) <= 1e-9 else 0.0)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 TABLE_COLUMNS = ["prompt", "sft_response", "response", "sft_gold", "gold", "rm_score", "kl", "win", "correct",
-                 "finished", "length", "skill"]
+                 "finished", "length", "skill", "sft_correct", "sft_finished"]
 SKILL = TABLE_COLUMNS.index("skill")
+
+
+def policy_summary(correct: list[float], finished: list[float], gold: list[float], skills: list[str]) -> dict:
+    """Accuracy and finish rate (95% intervals), mean gold score, and per skill the same: what stands
+    next to every win rate (docs/ppo.md §38)."""
+    by_skill: dict = defaultdict(list)
+    for c, f, s in zip(correct, finished, skills):
+        by_skill[s].append((c, f))
+    return {"accuracy": rate(correct), "finish": rate(finished), "gold_score": _mean(gold),
+            "skills": {s: {"accuracy": rate([c for c, _ in v]), "finish": rate([f for _, f in v])}
+                       for s, v in sorted(by_skill.items())}}
+
+
+def comparison(rows: list, decoding: str) -> dict:
+    """PPO vs SFT on one decoding from `evaluate`'s rows: win rate with its interval, both sides'
+    summaries, RM score and KL."""
+    col = {name: [r[j] for r in rows] for j, name in enumerate(TABLE_COLUMNS)}
+    kl = [k for k in col["kl"] if not math.isnan(k)]
+    return {"decoding": decoding, "prompts": len(rows), "win_rate": rate(col["win"]),
+            "policy": policy_summary(col["correct"], col["finished"], col["gold"], col["skill"]) | {
+                "rm_score": _mean(col["rm_score"]), "kl": _mean(kl) if kl else None},
+            "sft": policy_summary(col["sft_correct"], col["sft_finished"], col["sft_gold"], col["skill"])}
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n − (n−1)/n nats, analytically (Stiennon et al. 2020, Gao et al. 2022)."""
+    return math.log(n) - (n - 1) / n
+
+
+@torch.no_grad()
+def best_of_n(models, eval_set: EvalSet, world, cfg, accelerator, ns: list[int]) -> list[dict]:
+    """Best-of-n with the reward model as the baseline (docs/ppo.md §38): max(ns) SFT samples per
+    prompt at the eval set's temperature, ranked by the RM; for each n the RM's pick among the
+    first n is judged by the gold labeler against the eval set's own SFT sample (one draw). n = 1,
+    the SFT policy itself at KL 0, is always included: the curve's origin."""
+    if not ns:
+        return []
+    ns = sorted({1, *ns})
+    m, prompts = max(ns), eval_set.prompts
+    repeated = [p for p in prompts for _ in range(m)]
+    with reference_context(models):
+        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, repeated, cfg, accelerator,
+                                         eval_set.temperature, seed=7919)
+    scores = []
+    for i in range(0, len(repeated), cfg.rollout.forward_batch_size):
+        j = i + cfg.rollout.forward_batch_size
+        scores += score_responses(models.reward, models.reward_tokenizer, repeated[i:j], texts[i:j], finished[i:j]).tolist()
+    rows = []  # per prompt and n: (n, correct, finished, gold, rm, win, skill)
+    for k, p in enumerate(prompts):
+        for n in ns:
+            cand = range(k * m, k * m + n)
+            best = max(cand, key=lambda c: scores[c])
+            gold = world.gold_score(p, texts[best], finished[best])
+            rows.append((n, float(world.is_correct(p, texts[best])), float(finished[best]), gold, scores[best],
+                         _win(gold, eval_set.sft_gold[k]), world.skill_of(p)))
+    rows = gather(rows, accelerator)
+    out = []
+    for n in ns:
+        mine = [r for r in rows if r[0] == n]
+        out.append({"n": n, "kl": best_of_n_kl(n), "win_rate": rate([r[5] for r in mine]),
+                    "rm_score": _mean([r[4] for r in mine])}
+                   | policy_summary([r[1] for r in mine], [r[2] for r in mine], [r[3] for r in mine], [r[6] for r in mine]))
+    return out
+
+
+def test_evaluation(policy, models, world, cfg, accelerator) -> tuple[dict, dict, list]:
+    """The reported figures, on the `test` split: PPO vs SFT greedy vs greedy (the headline) and
+    at τ vs τ, with the same budget, and best-of-n of SFT samples. Returns (flat metrics for the
+    tracker, the structured result for the manifest and report, the greedy table rows)."""
+    result: dict = {"split": "test", "max_new_tokens": cfg.eval.max_new_tokens, "comparisons": {}}
+    metrics, greedy_rows = {}, []
+    for name, temperature in (("greedy", 0.0), ("sampled", cfg.eval.temperature)):
+        if name == "sampled" and temperature <= 0:
+            continue
+        eval_set = make_eval_set(models, world, cfg, accelerator, "test", temperature)
+        m, rows = evaluate(policy, models, eval_set, world, cfg, accelerator, prefix=f"test/{name}")
+        metrics.update(m)
+        result["comparisons"][name] = comparison(rows, "greedy" if temperature == 0 else f"τ={temperature:g}")
+        if name == "greedy":
+            greedy_rows = rows
+        else:
+            result["best_of_n"] = best_of_n(models, eval_set, world, cfg, accelerator, cfg.eval.best_of)
+            for b in result["best_of_n"]:
+                metrics.update({f"test/best_of_{b['n']}/gold_score": b["gold_score"],
+                                f"test/best_of_{b['n']}/accuracy": b["accuracy"]["value"],
+                                f"test/best_of_{b['n']}/rm_score": b["rm_score"],
+                                f"test/best_of_{b['n']}/win_rate": b["win_rate"]["value"]})
+    return metrics, result, greedy_rows

@@ -3,9 +3,10 @@
 Data flow: rm manifest -> reward model + critic; its parent sft manifest -> policy + reference
 -> prompts (built-in world or files) in a seeded order addressed by iteration -> per iteration:
 generate, score, advantages, optimise (`loop.py`) -> gold evaluation vs the SFT policy every
-`eval.every` iterations (`evaluate.py`) -> resumable checkpoints (models, optimizers, schedules,
+`eval.every` iterations on the valid prompts (`evaluate.py`) -> resumable checkpoints (models, optimizers, schedules,
 KL controller, EMA, random state; the prompt position is the iteration) -> `model/` (+
-`model_ema/`) as plain `save_pretrained` directories + manifest (headline: gold win rate vs SFT).
+`model_ema/`) as plain `save_pretrained` directories -> the reported figures on the test prompts
+(greedy and sampled comparisons with SFT, best-of-n) -> manifest (headline: greedy gold win rate).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts, load_ptx
-from stages.ppo.evaluate import SKILL, TABLE_COLUMNS, eval_prompts, evaluate, make_eval_set
+from stages.ppo.evaluate import SKILL, TABLE_COLUMNS, evaluate, make_eval_set, test_evaluation
 from stages.ppo.loop import Trainer, iteration_step, make_trainer
 from stages.ppo.models import export_policy, load_models, resolve_sources
 
@@ -93,9 +94,9 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         f"x {accelerator.num_processes} procs x {accum} accum "
         f"| {len(prompts)} prompts | {threads} threads/proc")
 
-    # 2. the SFT baseline on held-out prompts (gold labeler available only in the built-in world)
+    # 2. the SFT baseline on the valid prompts (gold labeler available only in the built-in world)
     gold = cfg.data.source == "world"
-    eval_set = make_eval_set(models, world, cfg, accelerator) if gold else None
+    eval_set = make_eval_set(models, world, cfg, accelerator, "valid") if gold else None
 
     iteration = 0
     if resume_from:
@@ -103,8 +104,6 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         log(f"resumed from {resume_from} at iteration {iteration}")
     tracker = make_tracker(main, sr.dir, "ppo", cfg.run_name, sr.manifest.config, cfg.wandb,
                            resume_step=iteration if resume_from else None)
-
-    last_rows: list = []
 
     def skill_of(prompt: str) -> str:  # the sample tables' strata; user prompts have none
         return world.skill_of(prompt) if cfg.data.source == "world" else ""
@@ -121,7 +120,6 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         metrics["perf/time_eval"] = time.perf_counter() - t0
         tracker.log(metrics, step)
         tracker.table("eval/samples", TABLE_COLUMNS, stratified(rows, SKILL, cfg.eval.samples), step)
-        last_rows[:] = rows
         log(f"eval @ {step}: gold {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}) "
             f"| win rate {metrics['eval/win_rate']:.3f} | rm {metrics['eval/rm_score']:.3f} | kl {metrics['eval/kl']:.3f}")
         return metrics
@@ -153,33 +151,66 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
             tracker.finish()
             return sr.manifest
 
-    # 4. evaluate and hand off
+    # 4. evaluate: the curve's last point on valid, the reported figures on test; hand off
     final = run_eval(cfg.iterations)
-    if main and last_rows:  # SFT vs PPO on the same held-out prompts, for the report
-        runs.atomic_write_text(sr.dir / "samples.jsonl", "".join(
-            json.dumps({"prompt": r[0], "sft": r[1], "ppo": r[2], "sft_gold": r[3], "gold": r[4], "skill": r[SKILL]})
-            + "\n" for r in stratified(last_rows, SKILL, cfg.eval.samples)))
+    evaluation: dict = {}
+    if gold:
+        t0 = time.perf_counter()
+        with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy) as policy:
+            test_metrics, evaluation, rows = test_evaluation(policy, models, world, cfg, accelerator)
+        test_metrics["perf/time_test_eval"] = time.perf_counter() - t0
+        tracker.log(test_metrics, cfg.iterations)
+        tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, cfg.eval.samples), cfg.iterations)
+        final |= test_metrics
+        if main:  # SFT vs PPO on the same test prompts, greedy, for the report
+            runs.atomic_write_text(sr.dir / "samples.jsonl", "".join(
+                json.dumps({"prompt": r[0], "sft": r[1], "ppo": r[2], "sft_gold": r[3], "gold": r[4], "skill": r[SKILL]})
+                + "\n" for r in stratified(rows, SKILL, cfg.eval.samples)))
     summary = {**metrics, **final}
     tracker.summary(summary)
     model_dir = sr.dir / "model"
     _export(trainer, models, sr, accelerator)
-    headline = {"gold_win_rate": final.get("eval/win_rate"), "gold_score": final.get("eval/gold_score"),
-                "sft_gold_score": final.get("eval/sft_gold_score"), "kl": final.get("eval/kl", metrics.get("ppo/kl")),
-                "rm_score": final.get("eval/rm_score", metrics.get("rollout/score"))}
+    headline = {"gold_win_rate": final.get("test/greedy/win_rate"), "accuracy": final.get("test/greedy/accuracy"),
+                "sft_accuracy": final.get("test/greedy/sft_accuracy"), "gold_score": final.get("test/greedy/gold_score"),
+                "sft_gold_score": final.get("test/greedy/sft_gold_score"),
+                "sampled_win_rate": final.get("test/sampled/win_rate"),
+                "kl": final.get("test/sampled/kl", metrics.get("ppo/kl")),
+                "rm_score": final.get("test/sampled/rm_score", metrics.get("rollout/score"))}
     if trainer.ema is not None:
         headline["ema_gold_win_rate"] = final.get("eval_ema/win_rate")
-    manifest = sr.finish(model_dir, summary, {k: v for k, v in headline.items() if v is not None},
-                         extra=sr.manifest.extra | ({"ema_model_dir": "model_ema"} if trainer.ema is not None else {}))
+    extra = sr.manifest.extra | ({"ema_model_dir": "model_ema"} if trainer.ema is not None else {})
+    if evaluation:
+        extra["evaluation"] = evaluation
+    manifest = sr.finish(model_dir, summary, {k: v for k, v in headline.items() if v is not None}, extra=extra)
     tracker.finish()
     if main:
         print(f"\nppo done in {manifest.wall_time_s:.0f}s")
-        if final:
-            n_eval = len(eval_prompts(world, cfg.eval.num_prompts))
-            print(f"  gold win rate vs SFT  {final['eval/win_rate']:.1%}  (ties half, {n_eval} held-out prompts)")
-            print(f"  gold score            {final['eval/gold_score']:.3f}  (SFT {final['eval/sft_gold_score']:.3f})")
-            print(f"  RM score {final['eval/rm_score']:.3f} | KL to SFT {final['eval/kl']:.3f} nats")
+        if evaluation:
+            print_evaluation(evaluation)
         print(f"  model: {model_dir}")
     return manifest
+
+
+def print_evaluation(evaluation: dict) -> None:
+    """The test-split comparison with SFT, per decoding and per skill, and the best-of-n baselines."""
+    from pipeline.stats import fmt_rate
+
+    for name, c in evaluation["comparisons"].items():
+        p, s = c["policy"], c["sft"]
+        print(f"  {c['decoding']} vs {c['decoding']} ({c['prompts']} test prompts, {evaluation['max_new_tokens']} tokens):"
+              f" win rate vs SFT {fmt_rate(c['win_rate'])} (ties half)")
+        print(f"    accuracy  PPO {fmt_rate(p['accuracy'])} | SFT {fmt_rate(s['accuracy'])}")
+        print(f"    finished  PPO {fmt_rate(p['finish'])} | SFT {fmt_rate(s['finish'])}")
+        print(f"    gold      PPO {p['gold_score']:.3f} | SFT {s['gold_score']:.3f} | RM score {p['rm_score']:.3f}"
+              + (f" | KL to SFT {p['kl']:.3f} nats" if p.get("kl") is not None else ""))
+        if name == "greedy":
+            for skill, v in p["skills"].items():
+                sv = s["skills"][skill]
+                print(f"      {skill:<6} accuracy {100 * v['accuracy']['value']:5.1f}% (SFT {100 * sv['accuracy']['value']:5.1f}%)"
+                      f" | finished {100 * v['finish']['value']:5.1f}% (SFT {100 * sv['finish']['value']:5.1f}%)")
+    for b in evaluation.get("best_of_n", []):
+        print(f"  best-of-{b['n']} SFT samples (KL {b['kl']:.2f}): win rate {fmt_rate(b['win_rate'])} | accuracy "
+              f"{fmt_rate(b['accuracy'])} | gold {b['gold_score']:.3f} | RM {b['rm_score']:.3f}")
 
 
 def _export(trainer: Trainer, models, sr: StageRun, accelerator) -> None:
