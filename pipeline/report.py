@@ -176,6 +176,62 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _sft_table(evaluation: dict) -> list[str]:
+    """SFT on the test prompts, per skill and overall: accuracy and finish rate with 95% intervals."""
+    out = [f"{evaluation['split'].capitalize()} split, {evaluation['decoding']}, {evaluation['max_new_tokens']} new "
+           f"tokens, {evaluation['prompts']} prompts; 95% intervals in brackets. `fact` asks about people seen only "
+           "in pretraining.", "", "| skill | prompts | accuracy | finished |", "|---|---|---|---|"]
+    for skill, s in evaluation["skills"].items():
+        out.append(f"| {skill} | {s['n']} | {_pct(s['accuracy'])} | {_pct(s['finish'])} |")
+    o = evaluation["overall"]
+    out.append(f"| **overall** | {evaluation['prompts']} | {_pct(o['accuracy'])} | {_pct(o['finish'])} |")
+    return out + ["", f"Format rate {_pct(o['format'])}; gold score {o['gold_score']:.3f} (max 5).", ""]
+
+
+# What separates the two responses of a ranked pair (reward_model.metrics.accuracy_by_correctness).
+RM_PAIR_KINDS = {
+    "correctness": "one answer right, the other wrong",
+    "correctness_same_finish": "correctness pairs where both finished or both were cut off: only the answer separates them",
+    "correctness_different_finish": "correctness pairs where one finished, the other was cut off",
+    "style": "both right or both wrong: only form differs",
+    "different_finish": "one finished, the other cut off before its end token",
+}
+
+
+def _acc(v: dict) -> str:
+    """An RM accuracy ({accuracy, low, high}) with its interval; manifests before the intervals have none."""
+    if "low" not in v:
+        return f"{100 * v['accuracy']:.1f}%"
+    return _pct({"value": v["accuracy"], "low": v["low"], "high": v["high"]})
+
+
+def _rm_text(m: runs.Manifest) -> list[str]:
+    """The reward model's held-out accuracy overall and per pair kind."""
+    mt, data = m.metrics, m.config.get("data", {})
+    overall = {"accuracy": mt.get("eval/pairwise_accuracy", float("nan"))}
+    if "eval/pairwise_accuracy_low" in mt:
+        overall.update(low=mt["eval/pairwise_accuracy_low"], high=mt["eval/pairwise_accuracy_high"])
+    where = (f"comparisons sampled on the test prompts at {data.get('max_new_tokens', '?')} new tokens"
+             if data.get("source", "world") == "world" else "held-out comparison files")
+    if mt.get("eval/pairs") == 0:  # the accuracy is NaN: nothing to rank
+        return [f"Held-out pairwise accuracy undefined: every held-out comparison is a tie ({where}).", ""]
+    pairs = f", {mt['eval/pairs']} ranked pairs" if "eval/pairs" in mt else ""
+    out = [f"Held-out pairwise accuracy vs the gold labeler: {_acc(overall)} ({where}{pairs}, ties excluded)."]
+    by_kind = m.extra.get("eval_accuracy_by_pair_kind", {})
+    if not by_kind:
+        return out + [""]
+    out += ["", "A `different_finish` pair can be ranked by the missing end token alone (a truncation cue); "
+            "`correctness_same_finish` pairs differ only in whether the answer is right, so their accuracy shows "
+            "whether the RM judges answers. 95% Wilson intervals, which treat the pairs of one prompt as independent.",
+            "", "| pair kind | meaning | pairs | accuracy |", "|---|---|---|---|"]
+    for kind, meaning in RM_PAIR_KINDS.items():
+        if kind in by_kind:  # only kinds with pairs are recorded
+            out.append(f"| {kind} | {meaning} | {by_kind[kind]['pairs']} | {_acc(by_kind[kind])} |")
+    if "eval/different_finish_fraction" in mt:
+        out += ["", f"{mt['eval/different_finish_fraction']:.1%} of held-out pairs differ in finishing."]
+    return out + [""]
+
+
 def write_report(runs_dir: str | Path, run_name: str) -> Path:
     """Build `runs/<run>/report/report.md` (+ PNGs) from whatever stages the run has."""
     run_dir = Path(runs_dir) / run_name
@@ -200,7 +256,9 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
     m = manifest("pretrain")
     text = ""
     if m and m.complete:
-        text = (f"Held-out perplexity {m.metrics.get('eval/perplexity', float('nan')):.2f} vs unigram baseline "
+        held_out = ("text held out in content (no sentence of it seen in training)"
+                    if m.config.get("data", {}).get("source", "world") == "world" else "held-out documents")
+        text = (f"Perplexity {m.metrics.get('eval/perplexity', float('nan')):.2f} on {held_out}, vs unigram baseline "
                 f"{m.metrics.get('eval/unigram_perplexity', float('nan')):.2f}; fact-cloze accuracy "
                 f"{m.metrics.get('eval/fact_cloze_accuracy', float('nan')):.1%}.")
     section("Pretraining", "pretrain.png", _plot_lines(out / "pretrain.png", "pretrain", pre,
@@ -213,16 +271,22 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
         if control:
             groups["SFT (random init control)"] = {k.split("acc_")[1]: v for k, v in control.metrics.items()
                                                    if k.startswith("eval/acc_")}
-        text = (f"Held-out accuracy {m.metrics.get('eval/accuracy', 0):.1%}, format rate "
-                f"{m.metrics.get('eval/format_rate', 0):.1%}, pretraining-only facts {m.metrics.get('eval/fact_accuracy', 0):.1%}.")
-        section("SFT accuracy per skill", "sft.png", _plot_bars(out / "sft.png", "held-out accuracy per skill", groups), text)
+        evaluation = m.extra.get("evaluation")
+        text = "" if evaluation else (
+            f"Held-out accuracy {m.metrics.get('eval/accuracy', 0):.1%}, format rate "
+            f"{m.metrics.get('eval/format_rate', 0):.1%}, pretraining-only facts {m.metrics.get('eval/fact_accuracy', 0):.1%}.")
+        title = f"{evaluation['split']}-split accuracy per skill" if evaluation else "held-out accuracy per skill"
+        section("SFT accuracy per skill", "sft.png", _plot_bars(out / "sft.png", title, groups), text)
+        if evaluation:
+            lines.extend(_sft_table(evaluation))
 
     m = manifest("rm")
     if m and m.complete:
         hist = m.extra.get("reward_histogram", {})
-        text = f"Held-out pairwise accuracy vs the gold labeler: {m.metrics.get('eval/pairwise_accuracy', float('nan')):.1%}."
-        section("Reward model", "rm.png", _plot_hist(out / "rm.png", "held-out rewards", hist.get("chosen", []),
-                                                      hist.get("rejected", [])), text)
+        if _plot_hist(out / "rm.png", "held-out rewards", hist.get("chosen", []), hist.get("rejected", [])):
+            lines.extend(["## Reward model", "", *_rm_text(m), "![Reward model](rm.png)", ""])
+        else:  # no histogram (old manifest): the accuracies still belong in the report
+            lines.extend(["## Reward model", "", *_rm_text(m)])
 
     ppo = runs.read_metrics(run_dir / "ppo" / "metrics.jsonl")
     m = manifest("ppo")

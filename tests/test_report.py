@@ -1,0 +1,60 @@
+"""The run report's pretraining, SFT and reward-model sections, from hand-written manifests (no training)."""
+from pipeline import runs
+from pipeline.report import write_report
+
+
+def _rate(value, low, high, n):
+    return {"value": value, "low": low, "high": high, "n": n}
+
+
+def _save(runs_dir, stage, metrics, extra=None, config=None):
+    m = runs.Manifest(stage=stage, run_name="r", status="complete", metrics=metrics, extra=extra or {},
+                      config=config or {}, wall_time_s=1.0)
+    stage_dir = runs.stage_dir(runs_dir, "r", stage)
+    stage_dir.mkdir(parents=True)
+    m.save(stage_dir)
+
+
+def _sft_evaluation():
+    return {"split": "test", "decoding": "greedy", "max_new_tokens": 64, "prompts": 30,
+            "overall": {"accuracy": _rate(0.5, 0.33, 0.67, 30), "finish": _rate(0.9, 0.74, 0.97, 30),
+                        "format": _rate(0.8, 0.63, 0.9, 30), "gold_score": 2.5},
+            "skills": {"add": {"accuracy": _rate(0.6, 0.31, 0.83, 10), "finish": _rate(1.0, 0.72, 1.0, 10), "n": 10},
+                       "fact": {"accuracy": _rate(0.45, 0.26, 0.66, 20), "finish": _rate(0.85, 0.64, 0.95, 20),
+                                "n": 20}}}
+
+
+def test_report_tables_sft_skills_and_rm_pair_kinds_with_intervals(tmp_path):
+    _save(tmp_path, "pretrain", {"eval/perplexity": 7.5, "eval/unigram_perplexity": 40.0,
+                                 "eval/fact_cloze_accuracy": 0.5}, config={"data": {"source": "world"}})
+    (tmp_path / "r" / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n')
+    _save(tmp_path, "sft", {"eval/accuracy": 0.5, "eval/acc_add": 0.6, "eval/acc_fact": 0.45},
+          {"evaluation": _sft_evaluation()})
+    by_kind = {"correctness": {"accuracy": 0.75, "pairs": 40, "low": 0.6, "high": 0.86},
+               "correctness_same_finish": {"accuracy": 0.7, "pairs": 30, "low": 0.52, "high": 0.83},
+               "different_finish": {"accuracy": 0.9, "pairs": 10, "low": 0.6, "high": 0.98}}
+    _save(tmp_path, "rm", {"eval/pairwise_accuracy": 0.7, "eval/pairwise_accuracy_low": 0.6,
+                           "eval/pairwise_accuracy_high": 0.78, "eval/pairs": 100, "eval/different_finish_fraction": 0.1},
+          {"eval_accuracy_by_pair_kind": by_kind, "reward_histogram": {"chosen": [1.0, 2.0], "rejected": [0.0, -1.0]}},
+          {"data": {"source": "world", "max_new_tokens": 64}})
+    report = write_report(tmp_path, "r").read_text()
+    assert "on text held out in content (no sentence of it seen in training)" in report
+    assert "Test split, greedy, 64 new tokens, 30 prompts" in report
+    assert "| fact | 20 | 45.0% [26.0, 66.0] | 85.0% [64.0, 95.0] |" in report
+    assert "| **overall** | 30 | 50.0% [33.0, 67.0] | 90.0% [74.0, 97.0] |" in report
+    assert "70.0% [60.0, 78.0] (comparisons sampled on the test prompts at 64 new tokens, 100 ranked pairs" in report
+    rows = [l for l in report.splitlines() if l.startswith("| correctness") or l.startswith("| different_finish")]
+    assert [r.split(" | ")[0] for r in rows] == ["| correctness", "| correctness_same_finish", "| different_finish"]
+    assert rows[1].endswith("| 30 | 70.0% [52.0, 83.0] |")
+    assert report.index("| different_finish") < report.index("![Reward model](rm.png)")
+
+
+def test_report_falls_back_on_manifests_without_the_evaluation_tables(tmp_path):
+    _save(tmp_path, "sft", {"eval/accuracy": 0.5, "eval/acc_add": 0.6, "eval/format_rate": 0.8,
+                            "eval/fact_accuracy": 0.4})
+    _save(tmp_path, "rm", {"eval/pairwise_accuracy": 0.7},
+          {"eval_accuracy_by_pair_kind": {"correctness": {"accuracy": 0.6, "pairs": 5}}})
+    report = write_report(tmp_path, "r").read_text()
+    assert "Held-out accuracy 50.0%, format rate 80.0%" in report and "| skill | prompts |" not in report
+    assert "Held-out pairwise accuracy vs the gold labeler: 70.0% (" in report
+    assert "| correctness | one answer right, the other wrong | 5 | 60.0% |" in report
