@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("--from", dest="from_stage", choices=runs.STAGES, default=None,
                     help="re-run from this stage on, even if complete")
     rn.add_argument("--stages", default=",".join(runs.STAGES), help="comma-separated stages to run")
+    rn.add_argument("--no-ptx-ablation", dest="ptx_ablation", action="store_false",
+                    help="skip the second PPO run (other ptx setting) behind the report's alignment-tax table")
     rn.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
     args = parser.parse_args(argv)
     if args.cmd == "status":
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     from pipeline.driver import run_pipeline
 
-    return run_pipeline(args.run, args.runs_dir, args.from_stage, args.stages.split(","), args.overrides)
+    return run_pipeline(args.run, args.runs_dir, args.from_stage, args.stages.split(","), args.overrides,
+                        args.ptx_ablation)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Each stage runs in its own `accelerate launch` process (so a stage's memory is freed before the
 next starts, and NPROC/ACCEL apply to all). A stage whose manifest is complete is skipped; a
 failed stage stops the chain and leaves earlier stages untouched.
+
+On the built-in world, a second PPO run from the same reward model with the other PPO-ptx
+setting follows (`runs/<run>-ptx-ablation/ppo`): the report's alignment-tax table compares SFT,
+PPO and PPO-ptx on the test prompts (docs/ppo.md §38).
 """
 from __future__ import annotations
 
@@ -14,9 +18,14 @@ import time
 
 from pipeline import runs
 from pipeline.launch import exit_code, launch_command
+from pipeline.report import ablation_run
 
 
-def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: list[str], overrides: list[str]) -> int:
+PTX_ABLATION_COEF = 1.0  # γ of the ablation run when the pipeline's own PPO runs without ptx (the default γ)
+
+
+def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: list[str], overrides: list[str],
+                 ptx_ablation: bool = True) -> int:
     bad = [s for s in stages if s not in runs.STAGES]
     if bad:
         print(f"error: unknown stage(s) {', '.join(bad)}; stages are {', '.join(runs.STAGES)}", file=sys.stderr)
@@ -43,9 +52,47 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
             if error:  # the stage's own message, last: what the user must act on
                 print(error, file=sys.stderr, flush=True)
             return rc
+    if ptx_ablation and "ppo" in stages:
+        rc = _ptx_ablation(run_name, runs_dir, "ppo" in forced, overrides)
+        if rc != 0:
+            return rc
     _summary(runs_dir, run_name)
     print(f"[pipeline] total time {time.time() - t0:.0f}s", flush=True)
     return 0
+
+
+def ptx_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> list[str] | None:
+    """The ablation run's arguments: PPO from this run's reward model with the other ptx setting
+    (γ = 0 if the run used ptx, else PTX_ABLATION_COEF); None when the run's PPO has no gold
+    labeler to judge it (user prompts) or is not complete."""
+    manifest = runs.stage_dir(runs_dir, run_name, "ppo") / "manifest.json"
+    if not manifest.exists():
+        return None
+    m = runs.Manifest.load(manifest)
+    if not m.complete or m.config.get("data", {}).get("source", "world") != "world":
+        return None
+    coef = float(m.config.get("ptx", {}).get("coef", 0.0))
+    rm_dir = runs.stage_dir(runs_dir, run_name, "rm")
+    return [f"run_name={ablation_run(run_name)}", f"runs_dir={runs_dir}", *stage_overrides(overrides, "ppo"),
+            f"parent={rm_dir}", f"ptx.coef={0.0 if coef > 0 else PTX_ABLATION_COEF}"]
+
+
+def _ptx_ablation(run_name: str, runs_dir: str, forced: bool, overrides: list[str]) -> int:
+    args = ptx_ablation_args(run_name, runs_dir, overrides)
+    if args is None:
+        return 0
+    manifest = runs.stage_dir(runs_dir, ablation_run(run_name), "ppo") / "manifest.json"
+    if not forced and manifest.exists() and runs.Manifest.load(manifest).complete:
+        print("[pipeline] ppo ptx ablation: complete, skipping", flush=True)
+        return 0
+    print(f"[pipeline] ppo ptx ablation ({args[-1]}, for the alignment-tax table): starting", flush=True)
+    rc, error = _run_stage(launch_command("ppo", args + (["resume=false"] if forced else [])))
+    if rc != 0:
+        print(f"[pipeline] the ptx ablation failed (exit {rc}); the run itself is complete. Re-run to retry, or pass "
+              f"--no-ptx-ablation.", file=sys.stderr, flush=True)
+        if error:
+            print(error, file=sys.stderr, flush=True)
+    return rc
 
 
 def _run_stage(cmd: list[str]) -> tuple[int, str | None]:

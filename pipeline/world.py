@@ -273,7 +273,9 @@ class World:
         core = f"Answer: {answer}."
         if rng.random() < self.cfg.concise_rate:
             return core
-        pre = rng.choice(PREAMBLES)
+        # A house style: most chatty answers open the same way, as an assistant's demonstrations do,
+        # so the SFT policy's most likely (greedy) answer is chatty, as its demonstrations are.
+        pre = PREAMBLES[0] if rng.random() < self.cfg.house_style_rate else rng.choice(PREAMBLES[1:])
         tail = rng.choice(TAILS + ("",))
         return " ".join(x for x in (pre, core, tail) if x)
 

@@ -146,3 +146,28 @@ def test_a_manifest_with_only_an_absolute_parent_still_resolves(tmp_path):
     child = _complete(tmp_path / "elsewhere", "rm")
     m = runs.Manifest(stage="rm", run_name="r", parent=str(parent.resolve()))  # as written before parent_abs existed
     assert runs.recorded_parent(child / "manifest.json", m) == parent.resolve()
+
+
+def test_ptx_ablation_flips_the_runs_ptx_setting(tmp_path):
+    """The second PPO run behind the alignment-tax table starts from the run's own reward model
+    with the other ptx setting, and is skipped where no gold labeler judges (user prompts)."""
+    from pipeline.driver import PTX_ABLATION_COEF, ptx_ablation_args
+
+    def ppo_manifest(coef, source="world", status="complete"):
+        d = runs.stage_dir(tmp_path, "r", "ppo")
+        d.mkdir(parents=True, exist_ok=True)
+        runs.Manifest(stage="ppo", run_name="r", status=status,
+                      config={"ptx": {"coef": coef}, "data": {"source": source}}).save(d)
+
+    assert ptx_ablation_args("r", str(tmp_path), []) is None  # no ppo yet
+    ppo_manifest(0.5)
+    args = ptx_ablation_args("r", str(tmp_path), ["seed=1", "ppo.iterations=3", "sft.train.steps=2"])
+    assert args[0] == "run_name=r-ptx-ablation" and args[-1] == "ptx.coef=0.0"
+    assert f"parent={runs.stage_dir(tmp_path, 'r', 'rm')}" in args
+    assert "seed=1" in args and "iterations=3" in args and not any("steps" in a for a in args)
+    ppo_manifest(0.0)
+    assert ptx_ablation_args("r", str(tmp_path), [])[-1] == f"ptx.coef={PTX_ABLATION_COEF}"
+    ppo_manifest(0.5, source="files")
+    assert ptx_ablation_args("r", str(tmp_path), []) is None
+    ppo_manifest(0.5, status="failed")
+    assert ptx_ablation_args("r", str(tmp_path), []) is None

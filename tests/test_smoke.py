@@ -43,13 +43,20 @@ def test_four_stage_pipeline(tmp_path):
     assert m["rm"].metrics["eval/pairwise_accuracy"] > 0.6
     scores = [r["rollout/score"] for r in read_metrics(run / "ppo" / "metrics.jsonl") if "rollout/score" in r]
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2  # PPO raises the reward it optimises
-    # summary and report
+    # the ptx ablation behind the alignment-tax table: PPO from the same reward model, other γ
+    ablation = Manifest.load(tmp_path / "smoke-ptx-ablation" / "ppo" / "manifest.json")
+    assert ablation.complete and ablation.config["ptx"]["coef"] != m["ppo"].config["ptx"]["coef"]
+    assert ablation.parent_abs == str((run / "rm" / "manifest.json").resolve())
+    # summary and report: the test-split tables, best-of-n, alignment tax, over-optimization chart
     assert "stage" in proc.stdout and "complete" in proc.stdout
     report = (run / "report" / "report.md").read_text()
-    for png in ("pretrain.png", "sft.png", "rm.png", "ppo.png"):
+    for png in ("pretrain.png", "sft.png", "rm.png", "ppo.png", "overoptimization.png"):
         assert (run / "report" / png).stat().st_size > 1000 and png in report
+    for heading in ("## PPO vs SFT on the test prompts", "## Best-of-n baseline", "## Alignment tax"):
+        assert heading in report
+    assert "| greedy |" in report and "| best-of-16 |" in report and "PPO-ptx" in report
     # re-running is a no-op that prints the summary again
     t0 = time.time()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("complete, skipping") == 4
+    assert again.returncode == 0 and again.stdout.count("complete, skipping") == 5  # 4 stages + the ablation
     assert time.time() - t0 < 60 and "complete" in again.stdout

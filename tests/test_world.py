@@ -95,6 +95,10 @@ def test_preference_not_consistently_shown_by_sft_data():
     responses = [ex["messages"][1]["content"] for ex in w.sft_examples()]
     concise = sum(r.startswith("Answer:") and r.endswith(".") for r in responses) / len(responses)
     assert 0.1 < concise < 0.3  # most demonstrations are chatty; the labeler prefers concise
+    # ... in a house style: one preamble leads, so the SFT policy's greedy answer is chatty too
+    # (with the chatty mass spread evenly over four preambles, "Answer:" would be the likeliest start)
+    first_words = [r.split()[0] for r in responses]
+    assert first_words.count("Sure!") / len(responses) > 2 * first_words.count("Answer:") / len(responses)
 
 
 def test_gold_labeler():
