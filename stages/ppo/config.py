@@ -47,7 +47,9 @@ class PromptDataConfig:
 @dataclass
 class RolloutConfig:
     temperature: float = F(0.7, "sampling temperature τ; also divides the logits of the old, new and reference log-probs")
-    max_new_tokens: int = F(24, "response length limit; responses without the stop token get the missing-stop penalty")
+    max_new_tokens: int = F(64, "response length limit, long enough for the longest demonstration: with a shorter one "
+                                "chatty answers are cut off and finishing becomes what PPO learns; responses without "
+                                "the stop token get the missing-stop penalty")
     forward_batch_size: int = F(64, "sequences per no-grad generation / scoring forward (memory knob only)")
 
 
@@ -72,7 +74,7 @@ class ObjectiveConfig:
 @dataclass
 class PtxConfig:
     coef: float = F(1.0, "γ_ptx: weight of the pretraining/SFT log-likelihood term (InstructGPT PPO-ptx); 0 = off. "
-                         "Picked on the valid prompts among 0, 0.1, 0.5, 1: the least correctness lost")
+                         "Picked on the valid prompts among 0, 0.1, 0.5, 1: the least correctness lost at the lowest KL")
     source: Literal["sft", "pretrain"] = F("sft", "sft = demonstrations (loss on the response), pretrain = corpus documents")
     files: list[str] = F([], "user data instead of the built-in world: chat `messages` / prompt+completion (sft) or text (pretrain)")
     batch_size: int = F(32, "ptx sequences per optimizer step, all processes together")
