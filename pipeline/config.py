@@ -63,8 +63,9 @@ class WorldConfig:
     sft_turns: int = F(1, "question/answer exchanges per SFT conversation")
     eval_examples: int = F(50, "held-out prompts per skill for evaluation")
     concise_rate: float = F(0.2, "share of SFT demonstrations written in the concise style the gold labeler prefers")
-    house_style_rate: float = F(0.7, "share of chatty demonstrations that open with the most common preamble (the rest "
-                                     "use the others): with a house style the SFT policy's greedy answer is chatty")
+    house_style_rate: float = F(0.7, "share of chatty demonstrations that end with the most common tail (the rest use "
+                                     "the others): with a house style the SFT policy's greedy answer is chatty")
+    preamble_rate: float = F(0.3, "share of chatty demonstrations that also open with a preamble (`Sure!`, ...)")
     tokenizer_demos: bool = F(False, "also train the BPE on the SFT demonstrations' text: instruction words become whole "
                                      "tokens and SFT sequences ~40% shorter (pretraining data unchanged)")
 

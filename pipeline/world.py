@@ -9,8 +9,8 @@
 - **Skills and a format only SFT teaches.** first word / last word / capitals / addition / facts,
   answered as `Answer: <x>.` and ended with the end-of-sequence token. The corpus never shows
   these tasks or the format.
-- **A preference only rankings express.** Most demonstrations are chatty (`Sure! Answer: x.
-  Hope this helps!`); the gold labeler prefers concise answers. SFT imitates the mix; only the
+- **A preference only rankings express.** Most demonstrations are chatty (`Answer: x. Hope this
+  helps!`, sometimes after `Sure!`); the gold labeler prefers concise answers. SFT imitates the mix; only the
   reward model and PPO can move the policy towards the preferred style.
 - **Correctness dominates style.** The gold score gives 3 for a correct answer and at most 2 for
   everything else (stopping cleanly, format, concision), so a correct chatty answer beats a
@@ -269,14 +269,17 @@ class World:
         return out
 
     def styled_answer(self, rng: random.Random, answer: str) -> str:
-        """The demonstration styles: concise (preferred) or chatty (preamble and/or tail)."""
+        """The demonstration styles: concise (preferred), or chatty: the same answer followed by a
+        tail, sometimes after a preamble too. The tails have a house style (one leads, as an
+        assistant's demonstrations have), so the SFT policy's most likely (greedy) answer is
+        chatty, as most demonstrations are. Most chatty answers start like the concise ones, so
+        the answer itself is written in the same context in both styles: concision is a choice of
+        where to stop, not a different way to answer."""
         core = f"Answer: {answer}."
         if rng.random() < self.cfg.concise_rate:
             return core
-        # A house style: most chatty answers open the same way, as an assistant's demonstrations do,
-        # so the SFT policy's most likely (greedy) answer is chatty, as its demonstrations are.
-        pre = PREAMBLES[0] if rng.random() < self.cfg.house_style_rate else rng.choice(PREAMBLES[1:])
-        tail = rng.choice(TAILS + ("",))
+        pre = rng.choice(PREAMBLES) if rng.random() < self.cfg.preamble_rate else ""
+        tail = TAILS[0] if rng.random() < self.cfg.house_style_rate else rng.choice(TAILS[1:])
         return " ".join(x for x in (pre, core, tail) if x)
 
     # ---------------------------------------------------------------------------- gold labeler

@@ -1,7 +1,7 @@
 import re
 
 from pipeline.config import WorldConfig
-from pipeline.world import SKILLS, WORDS, World
+from pipeline.world import TAILS, SKILLS, WORDS, World
 
 
 def test_world_is_deterministic():
@@ -95,10 +95,11 @@ def test_preference_not_consistently_shown_by_sft_data():
     responses = [ex["messages"][1]["content"] for ex in w.sft_examples()]
     concise = sum(r.startswith("Answer:") and r.endswith(".") for r in responses) / len(responses)
     assert 0.1 < concise < 0.3  # most demonstrations are chatty; the labeler prefers concise
-    # ... in a house style: one preamble leads, so the SFT policy's greedy answer is chatty too
-    # (with the chatty mass spread evenly over four preambles, "Answer:" would be the likeliest start)
-    first_words = [r.split()[0] for r in responses]
-    assert first_words.count("Sure!") / len(responses) > 2 * first_words.count("Answer:") / len(responses)
+    # ... in a house style: one tail leads, so the SFT policy's greedy answer is chatty too; most
+    # chatty answers open like the concise ones, so both styles write the answer in the same context
+    tails = [r.split(". ", 1)[1] for r in responses if not (r.startswith("Answer:") and r.endswith("."))]
+    assert tails.count(TAILS[0]) / len(tails) > 0.6
+    assert sum(r.startswith("Answer:") for r in responses) / len(responses) > 0.6
 
 
 def test_gold_labeler():
