@@ -208,7 +208,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     tracker = make_tracker(accelerator.is_main_process, sr.dir, "sft", cfg.run_name, sr.manifest.config, cfg.wandb,
                            resume_step=_step_of(resume))
     features = lambda records: Dataset.from_list([sft_features(tokenizer, r, kind) for r in records])  # noqa: E731
-    trainer = SFTTrainer(model=model, args=args, train_dataset=features(train_records),
+    trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=features(train_records),
                          eval_dataset=features(valid_records) if valid_records else None,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[to_tracker := _tracker_callback(tracker, accelerator.is_main_process),
@@ -263,6 +263,43 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     if accelerator.is_main_process:
         _print_report(manifest, metrics, extra.get("evaluation"))
     return manifest
+
+
+def _plain_head(trainer_class):
+    """TRL's SFTTrainer with the loss from the model's plain LM head. TRL's fused head projects in
+    tiles and also computes every token's entropy for its logs; for the small vocabularies and
+    batches of this project's CPU runs the plain head with one cross-entropy is cheaper (`make
+    bench` compares the stage with a bare loop). The loss is TRL's own: the sum of the assistant
+    tokens' negative log-likelihoods over `num_items_in_batch` (the step's tokens on all processes),
+    times the process count under `average_tokens_across_devices`. Token accuracy is still logged.
+    Everything else (label smoothing, other loss types, MoE aux loss, eval outputs) goes to TRL."""
+    import torch
+
+    class PlainHeadSFTTrainer(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
+                    or self.args.loss_type != "nll" or self.aux_loss_enabled or not self.model.training):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"][:, 1:]
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits[:, :-1]
+            mask = labels != -100
+            z = logits[mask].float()
+            target = labels[mask]
+            loss = torch.nn.functional.cross_entropy(z, target, reduction="sum")
+            num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = loss / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            stats = torch.stack([mask.sum(), (z.argmax(-1) == target).sum(),
+                                 inputs["attention_mask"].sum() if "attention_mask" in inputs
+                                 else torch.tensor(inputs["position_ids"].size(1), device=mask.device)])
+            valid, correct, tokens = self.accelerator.gather_for_metrics(stats[None]).sum(0).tolist()
+            self._metrics["train"]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+            self._total_train_tokens += tokens // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return PlainHeadSFTTrainer
 
 
 def sft_features(tokenizer, record: dict, kind: str) -> dict:

@@ -119,6 +119,38 @@ def _collated_batch(tmp_path, records, parent_dir):
     return tok, next(iter(trainer.get_train_dataloader()))
 
 
+def test_plain_head_loss_equals_trls_fused_head(parent_run, tmp_path):
+    """The stage's plain-head loss is TRL's: same value, same gradients and same logged token
+    accuracy as TRL's fused head on one collated batch (with and without num_items_in_batch)."""
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    parent_dir = parent_run / "base" / "pretrain" / "model"
+    tok = load_tokenizer(parent_dir)
+    args = TRLSFTConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, bf16=False,
+                        per_device_train_batch_size=4, completion_only_loss=False, assistant_only_loss=False, max_length=64)
+    data = Dataset.from_list([sft.sft_features(tok, parse_sft("x", r)[1], "messages") for r in MSGS[:4]])
+    results = []
+    for cls in (SFTTrainer, sft._plain_head(SFTTrainer)):
+        torch.manual_seed(0)
+        trainer = cls(model=load_causal_lm(parent_dir, tok), args=args, train_dataset=data, processing_class=tok)
+        trainer.model.train()
+        batch = next(iter(trainer.get_train_dataloader()))
+        losses = [trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n) for n in (None, torch.tensor(50))]
+        losses[0].backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        results.append((losses, grads, trainer._metrics["train"]["mean_token_accuracy"], trainer._total_train_tokens))
+    (fused, g_fused, acc_fused, n_fused), (plain, g_plain, acc_plain, n_plain) = results
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert acc_plain == pytest.approx(acc_fused) and 0 < acc_plain[0] <= 1 and n_plain == n_fused > 0
+
+
 def test_prompt_tokens_carry_no_loss(parent_run, tmp_path):
     parent_dir = parent_run / "base" / "pretrain" / "model"
     tok, batch = _collated_batch(tmp_path, PC, parent_dir)
