@@ -381,8 +381,8 @@ class Bigram(torch.nn.Module):
         super().__init__()
         self.W = torch.nn.Parameter(W.clone())
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
-        return SimpleNamespace(logits=self.W[input_ids])
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
+        return SimpleNamespace(logits=self.W[input_ids[:, -logits_to_keep:]])  # HF's meaning: the last N, 0 = all
 
 
 class ConstantCritic(torch.nn.Module):

@@ -159,11 +159,12 @@ def token_logprobs(model, input_ids, attention_mask, position_ids, response_ids,
     entropy [B, T] of that distribution: "detached" (a diagnostic) or "grad" (an entropy bonus).
 
     The one forward used for old, new and reference log-probs, so they match (docs/ppo.md §17, §18)."""
-    P = input_ids.shape[1] - response_ids.shape[1]
+    # The LM head runs on the response window only (`logits_to_keep`: the last T + 1 positions,
+    # P-1 .. P+T-1), not on the prompt: less compute, the same logits; sliced before any fp32 work
+    # (docs/ppo.md §29).
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
-    # Slice to the response window before any fp32 work (docs/ppo.md §29).
-    logits = logits[:, P - 1: -1] / temperature
+                   use_cache=False, logits_to_keep=response_ids.shape[1] + 1).logits
+    logits = logits[:, :-1] / temperature
     logprobs = selective_log_softmax(logits, response_ids)
     if entropy is None:
         return logprobs
