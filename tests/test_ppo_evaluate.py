@@ -1,0 +1,63 @@
+"""PPO's reported figures (stages/ppo/evaluate.py): the comparison summary and the best-of-n
+baseline, on hand-built rows and candidates."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.config import WorldConfig
+from pipeline.world import World
+from stages.ppo import evaluate as ev
+
+
+def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n():
+    assert ev.best_of_n_kl(1) == 0.0
+    assert ev.best_of_n_kl(4) == pytest.approx(1.386294 - 0.75, abs=1e-6)    # 0.636294
+    assert ev.best_of_n_kl(16) == pytest.approx(2.772589 - 0.9375, abs=1e-6)  # 1.835089
+
+
+def _row(prompt, sft, response, sft_gold, gold, correct, finished, skill, sft_correct, sft_finished, kl=0.5):
+    return [prompt, sft, response, sft_gold, gold, 0.1, kl, ev._win(gold, sft_gold), correct, finished, 3, skill,
+            sft_correct, sft_finished]
+
+
+def test_comparison_counts_ties_half_and_summarises_both_sides_per_skill():
+    rows = [_row("a", "", "", 4.0, 5.0, 1.0, 1.0, "add", 1.0, 1.0),   # win
+            _row("b", "", "", 4.0, 4.0, 1.0, 1.0, "add", 1.0, 1.0),   # tie: half
+            _row("c", "", "", 5.0, 2.0, 0.0, 0.0, "fact", 1.0, 1.0)]  # loss, PPO wrong and unfinished
+    c = ev.comparison(rows, "greedy")
+    assert c["win_rate"]["value"] == pytest.approx(0.5) and c["prompts"] == 3
+    assert c["policy"]["accuracy"]["value"] == pytest.approx(2 / 3) and c["sft"]["accuracy"]["value"] == 1.0
+    assert c["policy"]["finish"]["value"] == pytest.approx(2 / 3) and c["sft"]["finish"]["value"] == 1.0
+    assert c["policy"]["skills"]["fact"]["accuracy"]["value"] == 0.0 and c["policy"]["skills"]["add"]["accuracy"]["n"] == 2
+    assert c["policy"]["gold_score"] == pytest.approx(11 / 3) and c["sft"]["gold_score"] == pytest.approx(13 / 3)
+    assert c["policy"]["kl"] == pytest.approx(0.5)
+    greedy = ev.comparison([_row("a", "", "", 4.0, 5.0, 1.0, 1.0, "add", 1.0, 1.0, kl=math.nan)], "greedy")
+    assert greedy["policy"]["kl"] is None  # no KL along a greedy trajectory
+
+
+def test_best_of_n_picks_the_reward_models_favourite_among_the_first_n(monkeypatch):
+    world = World(WorldConfig(num_people=20, corpus_docs=200, sft_examples=20, eval_examples=2))
+    prompts = ["What is 2 + 3?", "What is 1 + 1?"]
+    # 4 candidates per prompt, in sampling order; the RM prefers them as `rm` says
+    texts = ["Answer: 4. Hope this helps!", "Answer: 5.", "Answer: 5. Hope this helps!", "Answer: 6.",
+             "Answer: 3.", "Answer: 2. Hope this helps!", "Answer: 2.", "Answer: 7."]
+    rm = [0.0, 1.0, 0.5, 3.0,
+          2.0, 1.0, 0.5, 0.0]
+    monkeypatch.setattr(ev, "sample_eval", lambda *a, **k: (texts, [True] * 8, [[1]] * 8))
+    monkeypatch.setattr(ev, "score_responses", lambda rm_model, tok, p, t, f: torch.tensor([rm[texts.index(x)] for x in t]))
+    models = SimpleNamespace(ref=object(), tokenizer=None, reward=None, reward_tokenizer=None)
+    acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    cfg = SimpleNamespace(rollout=SimpleNamespace(forward_batch_size=3))
+    sft_gold = [world.gold_score(prompts[0], "Answer: 5. Hope this helps!"), world.gold_score(prompts[1], "Answer: 2.")]
+    eval_set = ev.EvalSet("test", 0.7, prompts, ["", ""], [True, True], sft_gold)
+    out = {b["n"]: b for b in ev.best_of_n(models, eval_set, world, cfg, acc, [2, 4])}
+    assert sorted(out) == [1, 2, 4]
+    # n = 1: the first sample of each prompt (wrong, wrong); n = 2: "Answer: 5." and "Answer: 3."
+    # (right, wrong); n = 4: "Answer: 6." and "Answer: 3." (the RM's favourites: wrong, wrong)
+    assert out[1]["accuracy"]["value"] == 0.0 and out[2]["accuracy"]["value"] == 0.5 and out[4]["accuracy"]["value"] == 0.0
+    assert out[2]["rm_score"] == pytest.approx(1.5) and out[4]["rm_score"] == pytest.approx(2.5)
+    # against the SFT draws (correct chatty 4.0, correct concise 5.0): n = 2 wins prompt 1, loses prompt 2
+    assert out[2]["win_rate"]["value"] == pytest.approx(0.5) and out[4]["win_rate"]["value"] == 0.0
+    assert out[4]["kl"] == pytest.approx(ev.best_of_n_kl(4))
