@@ -51,7 +51,8 @@ class RMDataConfig:
     config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
     split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train), "
                                 "e.g. train_prefs")
-    eval_split: str | None = F(None, "split of data.eval_files (default: data.split), e.g. test_prefs")
+    eval_split: str | None = F(None, "split of data.eval_files (default: data.split), e.g. test_prefs; with the world: "
+                                     "the held-out prompts, test (default: reported figures) or valid (for choosing settings)")
     prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
     num_prompts: int = F(1000, "world prompts to sample comparisons for")
     k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)")
@@ -104,6 +105,8 @@ class RMConfig(StageConfig):
     def validate(self) -> list[str]:
         p = super().validate()
         d = self.data
+        if d.source == "world" and d.eval_split not in (None, "test", "valid"):
+            p.append(f"data.eval_split: the world's held-out prompts are 'test' or 'valid', not {d.eval_split!r}")
         if d.source == "files" and not d.files and not self.export_only:
             p.append("data.files: required when data.source is 'files'")
         if d.prompt_files and not self.export_only:
@@ -282,7 +285,7 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
     else:
         world, t0 = World(cfg.world), time.time()
         train = sample(world.prompts("rm", d.num_prompts), d.k, cfg.seed)
-        held_out = sample(world.prompts("test"), d.eval_k or d.k, cfg.seed + 1)
+        held_out = sample(world.prompts(d.eval_split or "test"), d.eval_k or d.k, cfg.seed + 1)
         cmp.rank_with_labeler(world, train + held_out)
         for c in train:
             c.ranking = cmp.add_label_noise(c.ranking, d.label_noise, rng)
@@ -389,7 +392,8 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
 
 def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
     print(f"\nrm done in {manifest.wall_time_s:.0f}s")
-    where = "test split" if manifest.config.get("data", {}).get("source", "world") == "world" else "held-out files"
+    data = manifest.config.get("data", {})
+    where = f"{data.get('eval_split') or 'test'} split" if data.get("source", "world") == "world" else "held-out files"
     if metrics["eval/pairs"]:
         overall = _fmt(metrics["eval/pairwise_accuracy"], metrics["eval/pairwise_accuracy_low"],
                        metrics["eval/pairwise_accuracy_high"])

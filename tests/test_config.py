@@ -95,3 +95,15 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(PretrainConfig, ["steps=7"])
     again = from_dict(PretrainConfig, yaml.safe_load(to_yaml(cfg)))
     assert again == cfg
+
+
+def test_rm_world_evaluates_on_test_or_valid_prompts():
+    """The rm stage reports on the test prompts; `data.eval_split=valid` measures a choice of
+    settings on the valid prompts instead. Nothing else names a held-out split of the world."""
+    from stages.rm import RMConfig
+
+    assert load_config(RMConfig, []).data.eval_split is None  # = test
+    assert load_config(RMConfig, ["data.eval_split=valid"]).data.eval_split == "valid"
+    with pytest.raises(ConfigError, match="data.eval_split"):
+        load_config(RMConfig, ["data.eval_split=train"])
+    assert load_config(RMConfig, ["data.source=files", "data.files=[x.jsonl]", "data.eval_split=test_prefs"])
