@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from pipeline import runs
+from pipeline.stats import fmt_rate
 from pipeline.tracking import stratified
 
 
@@ -118,7 +119,7 @@ def _plot_overoptimization(path: Path, rows: list[dict], evaluation: dict | None
 
 
 def _pct(r: dict | None) -> str:
-    return "-" if not r else f"{100 * r['value']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
+    return fmt_rate(r) if r else "-"
 
 
 def _ppo_tables(evaluation: dict, ablation: runs.Manifest | None, ptx_coef: float) -> list[str]:

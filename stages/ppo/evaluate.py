@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.evaluation import gather, generate, shard
-from pipeline.stats import mean_interval, rate
+from pipeline.stats import rate
 from pipeline.tokenizer import end_of_turn_id
 from stages.ppo.functional import masked_sum
 from stages.ppo.rollout import (
@@ -131,7 +131,7 @@ def evaluate(model, models, eval_set: EvalSet, world, cfg, accelerator, prefix: 
                      float(world.is_correct(p, eval_set.sft_texts[i])), float(eval_set.sft_finished[i])])
     model.train(was_training)
     rows = gather(rows, accelerator)
-    col = {name: [r[j] for r in rows] for j, name in enumerate(TABLE_COLUMNS)}
+    col = _columns(rows)
     metrics = {f"{prefix}/{k}": _mean(col[c]) for k, c in (
         ("gold_score", "gold"), ("win_rate", "win"), ("rm_score", "rm_score"), ("accuracy", "correct"),
         ("eos_rate", "finished"), ("length", "length"), ("sft_gold_score", "sft_gold"),
@@ -143,6 +143,11 @@ def evaluate(model, models, eval_set: EvalSet, world, cfg, accelerator, prefix: 
 
 def _win(gold: float, other: float) -> float:
     return 1.0 if gold > other + 1e-9 else (0.5 if abs(gold - other) <= 1e-9 else 0.0)
+
+
+def _columns(rows: list) -> dict[str, list]:
+    """`evaluate`'s table rows as one list per TABLE_COLUMNS name."""
+    return {name: [r[j] for r in rows] for j, name in enumerate(TABLE_COLUMNS)}
 
 
 def _mean(xs: list[float]) -> float:
@@ -168,7 +173,7 @@ def policy_summary(correct: list[float], finished: list[float], gold: list[float
 def comparison(rows: list, decoding: str) -> dict:
     """PPO vs SFT on one decoding from `evaluate`'s rows: win rate with its interval, both sides'
     summaries, RM score and KL."""
-    col = {name: [r[j] for r in rows] for j, name in enumerate(TABLE_COLUMNS)}
+    col = _columns(rows)
     kl = [k for k in col["kl"] if not math.isnan(k)]
     return {"decoding": decoding, "prompts": len(rows), "win_rate": rate(col["win"]),
             "policy": policy_summary(col["correct"], col["finished"], col["gold"], col["skill"]) | {

@@ -19,6 +19,7 @@ from pipeline.distributed import full_parameters, launcher_kind, save_model
 from pipeline.evaluation import shard
 from pipeline.models import count_parameters
 from pipeline.runtime import seed_everything
+from pipeline.stats import fmt_rate
 from pipeline.stage import StageRun, run_stage
 from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
@@ -193,8 +194,6 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
 def print_evaluation(evaluation: dict) -> None:
     """The test-split comparison with SFT, per decoding and per skill, and the best-of-n baselines."""
-    from pipeline.stats import fmt_rate
-
     for name, c in evaluation["comparisons"].items():
         p, s = c["policy"], c["sft"]
         print(f"  {c['decoding']} vs {c['decoding']} ({c['prompts']} test prompts, {evaluation['max_new_tokens']} tokens):"
