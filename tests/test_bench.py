@@ -22,3 +22,33 @@ def test_ppo_phase_bench_runs_and_returns_finite_ratios(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in ratios.values()), ratios
     assert math.isfinite(out["episodes_per_s"]) and math.isfinite(out["floor_episodes_per_s"])
     assert abs(out["query_tokens"] - 12) <= 2
+
+
+def test_score_floor_forwards_the_reward_model_on_what_scoring_reads(tmp_path):
+    """The floor's reward forward runs on the RM's own rendering of each response, the very input
+    of `score_responses`: the rewards it computes equal the rollout's scores."""
+    import torch
+
+    from pipeline.runtime import make_accelerator
+    from reward_model.scoring import forward_rewards
+    from stages.ppo.data import load_prompts
+    from stages.ppo.loop import iteration_step, make_trainer
+    from stages.ppo.models import load_models, resolve_sources
+
+    cfg = load_config(PPOConfig, ["wandb.mode=disabled", "threads=1", "rollout_batch_size=6", "minibatch_size=6",
+                                  "micro_batch_size=6", "epochs=1", "rollout.max_new_tokens=6",
+                                  "data.num_prompts=8"])
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                 intermediate_size=64)
+    world = World(cfg.world)
+    cfg.policy.name_or_path, cfg.reward.name_or_path = ppo_bench.random_models(tmp_path, world, "tiny", shape,
+                                                                               vocab_size=300)
+    accelerator = make_accelerator()
+    models = load_models(cfg, resolve_sources(cfg), accelerator.device)
+    trainer = make_trainer(cfg, models, accelerator)
+    _, rollout = iteration_step(trainer, 0, load_prompts(cfg, world)[:6])
+    seqs = ppo_bench.reward_inputs(models, rollout)
+    with torch.no_grad():
+        rewards = forward_rewards(models.reward, seqs, models.reward_tokenizer.pad_token_id)
+    torch.testing.assert_close(rewards, rollout.scores, atol=1e-5, rtol=1e-5)
+    ppo_bench.floor_score(models, rollout, 3, seqs)  # runs on those inputs, in chunks

@@ -7,8 +7,12 @@ batch (`floor_*` below) and prints, per phase, ours, the floor and floor time / 
 
   generate  `model.generate` (KV cache, pure sampling, no stop token) on the same left-padded
             queries for exactly as many new tokens as our rollout generated (its width T)
-  score     no-grad forwards of policy, reference, critic and reward model on the same
-            [B, P+T] tensors, in the same forward_batch_size chunks
+  score     no-grad forwards of policy, reference and critic on the same [B, P+T] tensors, in
+            the same forward_batch_size chunks, and of the reward model on what it reads: the
+            responses rendered in its own tokenizer and template (docs/ppo.md §32). Random bench
+            models write token strings that re-encode into more tokens than were sampled (~1.4x
+            at the tiny preset), so a reward forward on the sampled ids would not be the same work;
+            a trained policy's text re-encodes to its own length
   update    the same epochs x minibatches x micro-batches: forward policy and critic, a plain
             ratio x advantage loss and squared value error, one backward, AdamW step of each,
             on copies of the models (so the floor never changes our run)
@@ -38,6 +42,7 @@ from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts
 from stages.ppo.loop import iteration_step, make_trainer
 from stages.ppo.models import load_models, resolve_sources
+from reward_model.scoring import render, right_pad
 from stages.ppo.rollout import encode_prompts, sequence_inputs
 
 
@@ -109,17 +114,26 @@ def floor_generate(policy, query_ids, query_mask, temperature: float, new_tokens
         policy.generation_config = saved
 
 
+def reward_inputs(models, r) -> list[list[int]]:
+    """The reward model's input for each episode: prompt and response rendered in the RM's own
+    tokenizer and template, as `reward_model.scoring.score` renders them."""
+    return [render(models.reward_tokenizer, p, t, f) for p, t, f in zip(r.prompts, r.texts, r.has_stop.tolist())]
+
+
 @torch.no_grad()
-def floor_score(models, r, batch_size: int) -> None:
-    """No-grad forwards of policy, reference, critic and reward model on the rollout's tensors."""
+def floor_score(models, r, batch_size: int, reward_seqs: list[list[int]]) -> None:
+    """No-grad forwards of policy, reference and critic on the rollout's tensors, and of the reward
+    model on `reward_seqs` (`reward_inputs`), right-padded."""
     ref = models.ref if models.ref is not None else models.policy
+    device = r.query_ids.device
     for i in range(0, len(r), batch_size):
         ids, mask, pos = sequence_inputs(r.query_ids[i: i + batch_size], r.query_mask[i: i + batch_size],
                                          r.response_ids[i: i + batch_size], r.response_mask[i: i + batch_size])
         models.policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
         ref(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
         models.value_model(ids, mask, pos)
-        models.reward(input_ids=ids, attention_mask=mask)
+        rm_ids, rm_mask = right_pad(reward_seqs[i: i + batch_size], models.reward_tokenizer.pad_token_id, device)
+        models.reward(input_ids=rm_ids, attention_mask=rm_mask)
 
 
 def floor_update(policy, value_model, opt_policy, opt_critic, r, cfg, temperature: float) -> None:
@@ -189,7 +203,8 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 f["generate"] = _timed(device, floor_generate, f_policy, rollout.query_ids, rollout.query_mask,
                                        cfg.rollout.temperature, T, models.tokenizer.pad_token_id)
-                f["score"] = _timed(device, floor_score, models, rollout, cfg.rollout.forward_batch_size)
+                f["score"] = _timed(device, floor_score, models, rollout, cfg.rollout.forward_batch_size,
+                                    reward_inputs(models, rollout))
                 f["update"] = _timed(device, floor_update, f_policy, f_value, *f_opts, rollout, cfg,
                                      cfg.rollout.temperature)
         if it < warmup:
