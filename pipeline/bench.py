@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.launch import launch_command
-from pipeline.runtime import configure_threads
+from pipeline.runtime import adamw, configure_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["wandb.mode=disabled", "save_every=0", "resume=false"]
@@ -38,7 +38,7 @@ def bare_loop_tokens_per_s(model, batches: list[torch.Tensor], masks: list[torch
                            labels: list[torch.Tensor] | None = None) -> float:
     """The floor: forward, backward, AdamW step, nothing else; tokens = attention-mask tokens
     (what the stages count). `labels` default to every real token. First 3 steps are warm-up."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = adamw(model.parameters(), lr=lr)  # the stages' optimizer (transformers' Trainer default too)
     model.train()
     tokens, t0 = 0, None
     labels = labels or [x.masked_fill(~m, -100) for x, m in zip(batches, masks)]

@@ -25,7 +25,7 @@ from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, 
 from pipeline.evaluation import fact_cloze_accuracy
 from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,
                              load_tokenizer)
-from pipeline.runtime import batch_split, warmup_cosine
+from pipeline.runtime import adamw, batch_split, warmup_cosine
 from pipeline.stage import DataError, StageRun, run_stage, stage_main
 from pipeline.tracking import Progress, make_tracker
 from pipeline.world import World
@@ -205,9 +205,8 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         enable_gradient_checkpointing(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), fused=False)
+    optimizer = adamw([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     # The scheduler is not `prepare`d: accelerate would step it once per process per call.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))

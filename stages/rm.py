@@ -25,7 +25,7 @@ from pipeline.config import F, StageConfig
 from pipeline.records import load_comparisons, load_prompt_records
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_dtype, load_causal_lm, load_tokenizer
-from pipeline.runtime import (batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
+from pipeline.runtime import (adamw, batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
                               warmup_cosine)
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.stats import fmt_rate
@@ -330,9 +330,8 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), fused=False)
+    optimizer = adamw([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     # The scheduler is not `prepare`d: accelerate would step it once per process per call.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
     if cfg.gradient_checkpointing:

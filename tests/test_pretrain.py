@@ -28,6 +28,30 @@ def test_global_batch_indices_are_an_exact_epoch_walk():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 
+def test_adamw_is_fused_on_cpu_and_makes_the_same_update_as_plain_adamw():
+    import torch
+
+    from pipeline.runtime import adamw
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(3)]
+    params = [[w.clone().requires_grad_() for w in weights] for _ in range(2)]
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-5)
+    ours = adamw([{"params": params[0][:1], "weight_decay": 0.1}, {"params": params[0][1:], "weight_decay": 0.0}],
+                 **kwargs)
+    plain = torch.optim.AdamW([{"params": params[1][:1], "weight_decay": 0.1},
+                               {"params": params[1][1:], "weight_decay": 0.0}], foreach=False, **kwargs)
+    assert ours.defaults["fused"] is True and not plain.defaults["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for group, opt in zip(params, (ours, plain)):
+            for p, g in zip(group, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_batch_split_takes_the_largest_micro_batch_that_fits_any_process_count():
     from pipeline.runtime import batch_split
 

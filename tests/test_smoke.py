@@ -41,8 +41,12 @@ def test_four_stage_pipeline(tmp_path):
     assert sft_losses[-1] < sft_losses[0]
     assert m["sft"].metrics["eval/format_rate"] > 0.2  # the taught format, absent from pretraining
     assert m["rm"].metrics["eval/pairwise_accuracy"] > 0.6
-    scores = [r["rollout/score"] for r in read_metrics(run / "ppo" / "metrics.jsonl") if "rollout/score" in r]
-    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2  # PPO raises the reward it optimises
+    # PPO beats SFT on the test prompts by the gold labeler, with the same decoding on both sides
+    # (ties count half: an unchanged policy scores exactly 0.5 on both). The per-iteration rollout
+    # score is too noisy for a claim at 16 episodes x 6 iterations.
+    ppo_metrics = m["ppo"].metrics
+    assert ppo_metrics["test/greedy/win_rate"] >= 0.75, ppo_metrics
+    assert ppo_metrics["test/sampled/win_rate"] >= 0.6, ppo_metrics
     # the ptx ablation behind the alignment-tax table: PPO from the same reward model, other γ
     ablation = Manifest.load(tmp_path / "smoke-ptx-ablation" / "ppo" / "manifest.json")
     assert ablation.complete and ablation.config["ptx"]["coef"] != m["ppo"].config["ptx"]["coef"]

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_config
-from pipeline.runtime import configure_threads, make_accelerator, quiet_libraries, resolve_precision, seed_everything
+from pipeline.runtime import adamw, configure_threads, make_accelerator, quiet_libraries, resolve_precision, seed_everything
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts
@@ -181,8 +181,8 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
         f_policy = copy.deepcopy(trainer.policy)
         f_value = copy.deepcopy(accelerator.unwrap_model(models.value_model))
         o = cfg.optim
-        f_opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, betas=tuple(o.betas),
-                                    eps=o.eps) for m, lr in ((f_policy, o.policy_lr), (f_value, o.critic_lr))]
+        f_opts = [adamw([p for p in m.parameters() if p.requires_grad], lr=lr, betas=tuple(o.betas), eps=o.eps)
+                  for m, lr in ((f_policy, o.policy_lr), (f_value, o.critic_lr))]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     keys = ("generate", "score", "update")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters
+from pipeline.runtime import adamw
 from stages.ppo.data import PtxData
 from stages.ppo.functional import (
     AdaptiveKLController,
@@ -64,11 +65,11 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
     stateful object for checkpoints (resume restores all of them)."""
     o = cfg.optim
 
-    def adamw(module, lr):
-        return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, betas=tuple(o.betas),
-                                 eps=o.eps, weight_decay=o.weight_decay)
+    def optimizer(module, lr):
+        return adamw([p for p in module.parameters() if p.requires_grad], lr=lr, betas=tuple(o.betas), eps=o.eps,
+                     weight_decay=o.weight_decay)
 
-    opt_policy, opt_critic = adamw(models.policy, o.policy_lr), adamw(models.value_model, o.critic_lr)
+    opt_policy, opt_critic = optimizer(models.policy, o.policy_lr), optimizer(models.value_model, o.critic_lr)
     # Stepped once per iteration; not `prepare`d (accelerate would step it once per process).
     factor = (lambda it: 1.0) if o.schedule == "constant" else (lambda it: max(0.0, 1.0 - it / cfg.iterations))
     sched_policy = torch.optim.lr_scheduler.LambdaLR(opt_policy, factor)
