@@ -63,7 +63,7 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
 
 def ptx_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> list[str] | None:
     """The ablation run's arguments: PPO from this run's reward model with the other ptx setting
-    (γ = 0 if the run used ptx, else PTX_ABLATION_COEF); None when the run's PPO has no gold
+    (γ = 0 if the run used ptx, else PTX_ABLATION_COEF) and no best-of-n baseline; None when the run's PPO has no gold
     labeler to judge it (user prompts) or is not complete."""
     manifest = runs.stage_dir(runs_dir, run_name, "ppo") / "manifest.json"
     if not manifest.exists():
@@ -73,8 +73,9 @@ def ptx_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> lis
         return None
     coef = float(m.config.get("ptx", {}).get("coef", 0.0))
     rm_dir = runs.stage_dir(runs_dir, run_name, "rm")
+    # No best-of-n: it samples the same SFT policy and ranks with the same RM as the run's own.
     return [f"run_name={ablation_run(run_name)}", f"runs_dir={runs_dir}", *stage_overrides(overrides, "ppo"),
-            f"parent={rm_dir}", f"ptx.coef={0.0 if coef > 0 else PTX_ABLATION_COEF}"]
+            f"parent={rm_dir}", "eval.best_of=[]", f"ptx.coef={0.0 if coef > 0 else PTX_ABLATION_COEF}"]
 
 
 def _ptx_ablation(run_name: str, runs_dir: str, forced: bool, overrides: list[str]) -> int:

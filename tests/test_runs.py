@@ -151,7 +151,9 @@ def test_a_manifest_with_only_an_absolute_parent_still_resolves(tmp_path):
 def test_ptx_ablation_flips_the_runs_ptx_setting(tmp_path):
     """The second PPO run behind the alignment-tax table starts from the run's own reward model
     with the other ptx setting, and is skipped where no gold labeler judges (user prompts)."""
+    from pipeline.config import load_config
     from pipeline.driver import PTX_ABLATION_COEF, ptx_ablation_args
+    from stages.ppo.config import PPOConfig
 
     def ppo_manifest(coef, source="world", status="complete"):
         d = runs.stage_dir(tmp_path, "r", "ppo")
@@ -164,6 +166,7 @@ def test_ptx_ablation_flips_the_runs_ptx_setting(tmp_path):
     args = ptx_ablation_args("r", str(tmp_path), ["seed=1", "ppo.iterations=3", "sft.train.steps=2"])
     assert args[0] == "run_name=r-ptx-ablation" and args[-1] == "ptx.coef=0.0"
     assert f"parent={runs.stage_dir(tmp_path, 'r', 'rm')}" in args
+    assert load_config(PPOConfig, args).eval.best_of == []  # the run's own best-of-n is the baseline
     assert "seed=1" in args and "iterations=3" in args and not any("steps" in a for a in args)
     ppo_manifest(0.0)
     assert ptx_ablation_args("r", str(tmp_path), [])[-1] == f"ptx.coef={PTX_ABLATION_COEF}"
