@@ -29,24 +29,12 @@ def test_score_floor_forwards_the_reward_model_on_what_scoring_reads(tmp_path):
     of `score_responses`: the rewards it computes equal the rollout's scores."""
     import torch
 
-    from pipeline.runtime import make_accelerator
     from reward_model.scoring import forward_rewards
-    from stages.ppo.data import load_prompts
     from stages.ppo.loop import iteration_step, make_trainer
-    from stages.ppo.models import load_models, resolve_sources
+    from tests.test_ppo_sampler import random_ppo
 
-    cfg = load_config(PPOConfig, ["wandb.mode=disabled", "threads=1", "rollout_batch_size=6", "minibatch_size=6",
-                                  "micro_batch_size=6", "epochs=1", "rollout.max_new_tokens=6",
-                                  "data.num_prompts=8"])
-    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                 intermediate_size=64)
-    world = World(cfg.world)
-    cfg.policy.name_or_path, cfg.reward.name_or_path = ppo_bench.random_models(tmp_path, world, "tiny", shape,
-                                                                               vocab_size=300)
-    accelerator = make_accelerator()
-    models = load_models(cfg, resolve_sources(cfg), accelerator.device)
-    trainer = make_trainer(cfg, models, accelerator)
-    _, rollout = iteration_step(trainer, 0, load_prompts(cfg, world)[:6])
+    cfg, accelerator, models, prompts = random_ppo(tmp_path)
+    _, rollout = iteration_step(make_trainer(cfg, models, accelerator), 0, prompts)
     seqs = ppo_bench.reward_inputs(models, rollout)
     with torch.no_grad():
         rewards = forward_rewards(models.reward, seqs, models.reward_tokenizer.pad_token_id)

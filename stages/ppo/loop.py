@@ -34,7 +34,8 @@ from stages.ppo.functional import (
     value_loss,
 )
 from stages.ppo.models import PolicyEMA, PPOModels
-from stages.ppo.rollout import Rollout, build_rollout, queries, sample, sequence_inputs, token_logprobs, token_values
+from stages.ppo.rollout import (Rollout, TransformersSampler, build_rollout, queries, sequence_inputs, token_logprobs,
+                                token_values)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Trainer:
     kl_ctl: AdaptiveKLController | FixedKLController
     ema: PolicyEMA | None = None
     ptx: PtxData | None = None
+    sampler: object = None  # rollout generation (`rollout.TransformersSampler` or an engine with its interface)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, "sum")
@@ -60,9 +62,11 @@ class Trainer:
         return self.accelerator.unwrap_model(self.models.policy)
 
 
-def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None) -> Trainer:
+def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None, sampler=None) -> Trainer:
     """Optimizers, schedules, KL controller, EMA; prepare the trainable models; register every
-    stateful object for checkpoints (resume restores all of them)."""
+    stateful object for checkpoints (resume restores all of them). `sampler` generates the
+    rollouts: default `rollout.TransformersSampler`; an inference engine with the same two
+    methods plugs in here without touching the PPO math."""
     o = cfg.optim
 
     def optimizer(module, lr):
@@ -85,7 +89,10 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
     for thing in (sched_policy, sched_critic, kl_ctl, ema):
         if thing is not None:
             accelerator.register_for_checkpointing(thing)
-    return Trainer(cfg, accelerator, models, opt_policy, opt_critic, sched_policy, sched_critic, kl_ctl, ema, ptx)
+    sampler = sampler or TransformersSampler(models.tokenizer, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
+                                             cfg.rollout.forward_batch_size)
+    return Trainer(cfg, accelerator, models, opt_policy, opt_critic, sched_policy, sched_critic, kl_ctl, ema, ptx,
+                   sampler)
 
 
 # ----------------------------------------------------------------------------- 3. advantages
@@ -264,8 +271,7 @@ def iteration_step(t: Trainer, iteration: int, prompts: list[str]) -> tuple[dict
     # 1. generate
     query_ids, query_mask = queries(models.tokenizer, prompts, acc.device)
     with acc.autocast(), full_parameters(acc, models.policy) as policy:
-        sampled = sample(policy, models.tokenizer, query_ids, query_mask, cfg.rollout.temperature,
-                         cfg.rollout.max_new_tokens, cfg.rollout.forward_batch_size)
+        sampled = t.sampler.sample(policy, query_ids, query_mask)
     t1 = time.perf_counter()
     # 2. score
     rollout = build_rollout(models, acc, prompts, query_ids, query_mask, sampled, cfg.rollout.temperature,
@@ -275,6 +281,7 @@ def iteration_step(t: Trainer, iteration: int, prompts: list[str]) -> tuple[dict
     rollout, stats = compute_advantages(rollout, t.kl_ctl.value, cfg.objective, t.all_reduce)
     # 4. optimise
     minibatches = optimise(t, rollout, iteration)
+    t.sampler.sync(acc, models.policy)
     t3 = time.perf_counter()
     # β is updated once per rollout batch from the global mean sequence KL (docs/ppo.md §11).
     t.kl_ctl.update(stats["ppo/kl"], int(stats.pop("episodes")))

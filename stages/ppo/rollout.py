@@ -153,6 +153,33 @@ def sample(model, tokenizer, query_ids, query_mask, temperature: float, max_new_
     return out
 
 
+class TransformersSampler:
+    """Rollout generation: the one way PPO rollouts are sampled, and the seam for an inference
+    engine (e.g. vLLM on GPU machines that have it), passed to `loop.make_trainer(sampler=...)`.
+
+    `sample(policy, query_ids, query_mask)` returns continuations [B, max_new_tokens] of the
+    left-padded queries on their device, pad after the stop token, drawn by pure temperature
+    sampling (docs/ppo.md §16). `sync(accelerator, policy)` runs after every optimizer phase: an
+    engine that keeps its own copy of the weights loads the updated policy there (under ZeRO-3 or
+    FSDP inside `pipeline.distributed.full_parameters`). Only token ids cross the seam: the old
+    log-probs are teacher-forced afterwards (docs/ppo.md §18), so an engine whose kernels or
+    precision differ from training's changes which tokens are drawn, never the PPO math.
+
+    This one is transformers' `generate` with the KV cache on the policy module itself, so it has
+    no weights to sync."""
+
+    def __init__(self, tokenizer, temperature: float, max_new_tokens: int, batch_size: int):
+        self.tokenizer, self.temperature = tokenizer, temperature
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def sample(self, policy, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        return sample(policy, self.tokenizer, query_ids, query_mask, self.temperature, self.max_new_tokens,
+                      self.batch_size)
+
+    def sync(self, accelerator, policy) -> None:
+        pass
+
+
 def token_logprobs(model, input_ids, attention_mask, position_ids, response_ids, temperature: float,
                    entropy: str | None = None):
     """Log-probs [B, T] of `response_ids` under softmax(logits / τ); with `entropy` also the
