@@ -63,8 +63,8 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
 
 def ptx_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> list[str] | None:
     """The ablation run's arguments: PPO from this run's reward model with the other ptx setting
-    (γ = 0 if the run used ptx, else PTX_ABLATION_COEF) and no best-of-n baseline; None when the run's PPO has no gold
-    labeler to judge it (user prompts) or is not complete."""
+    (γ = 0 if the run used ptx, else PTX_ABLATION_COEF) and no best-of-n baseline; None when the
+    run's PPO has no gold labeler to judge it (user prompts) or is not complete."""
     manifest = runs.stage_dir(runs_dir, run_name, "ppo") / "manifest.json"
     if not manifest.exists():
         return None

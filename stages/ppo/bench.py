@@ -38,11 +38,11 @@ import torch
 from pipeline.config import load_config
 from pipeline.runtime import adamw, configure_threads, make_accelerator, quiet_libraries, resolve_precision, seed_everything
 from pipeline.world import World
+from reward_model.scoring import render, right_pad
 from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts
 from stages.ppo.loop import iteration_step, make_trainer
 from stages.ppo.models import load_models, resolve_sources
-from reward_model.scoring import render, right_pad
 from stages.ppo.rollout import encode_prompts, sequence_inputs
 
 
