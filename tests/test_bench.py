@@ -40,3 +40,24 @@ def test_score_floor_forwards_the_reward_model_on_what_scoring_reads(tmp_path):
         rewards = forward_rewards(models.reward, seqs, models.reward_tokenizer.pad_token_id)
     torch.testing.assert_close(rewards, rollout.scores, atol=1e-5, rtol=1e-5)
     ppo_bench.floor_score(models, rollout, 3, seqs)  # runs on those inputs, in chunks
+
+
+def test_update_flops_against_a_hand_count():
+    """6 FLOPs per parameter and token, 12·L·d·S per token for attention (PaLM app. B), the policy's
+    LM head on the T + 1 response positions only, input embeddings not counted."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, tie_word_embeddings=False, num_labels=1)
+    policy, critic = LlamaForCausalLM(cfg), LlamaForSequenceClassification(cfg)
+    # one layer: q, k, v, o 4x4 each (64) + gate, up, down 4x8 each (96) + two norms (8); final norm 4
+    body = 64 + 96 + 8 + 4
+    B, P, T, S, epochs = 2, 3, 2, 5, 3
+    attention = 12 * 1 * 4 * S * S * B
+    expected = epochs * ((6 * B * (S * body + (T + 1) * 40) + attention)     # policy, LM head 10x4
+                         + (6 * B * S * (body + 4) + attention))             # critic, score head 4x1
+    assert expected == 81360
+    assert ppo_bench.update_flops(policy, critic, B, P, T, epochs) == expected
+    tied = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": True}))
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    assert ppo_bench.update_flops(tied, critic, B, P, T, epochs) == expected

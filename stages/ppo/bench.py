@@ -18,6 +18,9 @@ batch (`floor_*` below) and prints, per phase, ours, the floor and floor time / 
             on copies of the models (so the floor never changes our run)
   total     episodes/s of a whole iteration vs the sum of the three floors
 
+It also prints the update's model FLOP/s (`update_flops`) and, on GPUs whose bf16 peak it knows,
+the model FLOPs utilisation (MFU) of the update.
+
 Without `policy.name_or_path` / `reward.name_or_path` it builds random models on the fly, of size
 `--preset` or of the shape given with the TRL-baseline knobs (--hidden-size ...), so it needs no
 earlier stage. Writes nothing under runs/.
@@ -91,6 +94,40 @@ def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, for MFU on the GPUs the project meets
+# (first match in the device name wins).
+PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device) -> float | None:
+    """The device's dense bf16 peak FLOP/s where known (CUDA GPUs in PEAK_BF16_FLOPS), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def update_flops(policy, critic, batch: int, prompt_len: int, response_len: int, epochs: int) -> float:
+    """Model FLOPs of a PPO update (PaLM, Chowdhery et al. 2022, app. B): forward + backward costs
+    6 FLOPs per parameter per token, plus 12·L·d·S per token for attention over S positions. Every
+    position of the [batch, S = prompt + response] sequences counts (padding is computed too); the
+    policy's LM head only on the response_len + 1 positions it runs on; input embeddings (a lookup)
+    not at all. Full fine-tuning (a frozen LoRA base costs less backward). `critic`: the
+    sequence-classification model inside the value model."""
+    S = prompt_len + response_len
+    flops = 0.0
+    for model, head in ((policy, policy.get_output_embeddings()), (critic, None)):
+        embed = model.get_input_embeddings().weight
+        body = sum(p.numel() for p in model.parameters() if p is not embed)  # tied weights appear once
+        head_params = head.weight.numel() if head is not None else 0
+        if head is not None and head.weight is not embed:
+            body -= head_params
+        cfg = model.config
+        flops += 6 * batch * (S * body + (response_len + 1) * head_params)
+        flops += 12 * cfg.num_hidden_layers * cfg.hidden_size * S * S * batch
+    return epochs * flops
 
 
 def _sync(device) -> None:
@@ -188,7 +225,7 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
     keys = ("generate", "score", "update")
     ours = dict.fromkeys(keys, 0.0)
     bare = dict.fromkeys(keys, 0.0)
-    tokens, wall, query_len = 0.0, 0.0, 0.0
+    tokens, wall, query_len, flops = 0.0, 0.0, 0.0, 0.0
     for it in range(warmup + iterations):
         idx = batch_indices(it, len(prompts), cfg.rollout_batch_size, cfg.seed)
         mine = [prompts[i] for i in idx][accelerator.process_index:: accelerator.num_processes]
@@ -212,6 +249,8 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
         wall += t1 - t0
         tokens += metrics["rollout/generated_tokens"]
         query_len += rollout.query_ids.shape[1]
+        flops += update_flops(trainer.policy, accelerator.unwrap_model(models.value_model).critic, len(rollout),
+                              rollout.query_ids.shape[1], rollout.response_ids.shape[1], cfg.epochs)
         for k in keys:
             ours[k] += metrics[f"perf/time_{k}"]
             bare[k] += f.get(k, float("nan"))
@@ -222,7 +261,10 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
            **{f"ratio_{k}": bare[k] / ours[k] for k in keys},
            "floor_episodes_per_s": n * cfg.rollout_batch_size / sum(bare.values()),
            "query_tokens": query_len / n, "peak_memory_mb": peak_memory_mb(device), "device": str(device),
-           "processes": accelerator.num_processes, "threads": threads}
+           "processes": accelerator.num_processes, "threads": threads,
+           "update_flops_per_s": flops / max(ours["update"], 1e-9)}
+    peak = peak_flops(device)
+    out["update_mfu"] = out["update_flops_per_s"] / peak if peak else float("nan")
     out["ratio_total"] = out["episodes_per_s"] / out["floor_episodes_per_s"]
     if verbose and accelerator.is_main_process:
         print(f"ppo bench: {n} iterations x {cfg.rollout_batch_size} episodes, {cfg.epochs} epochs x "
@@ -233,6 +275,10 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
         print(f"  generated tokens/s  {out['generated_tokens_per_s']:.0f}   (while generating)")
         kind = "GPU allocated" if out["device"].startswith("cuda") else "max RSS"
         print(f"  peak memory         {out['peak_memory_mb']:.0f} MiB ({kind})")
+        mfu = (f"MFU {100 * out['update_mfu']:.1f}% of the device's bf16 peak" if peak else
+               "MFU: peak of this device unknown")
+        print(f"  update FLOP/s       {out['update_flops_per_s'] / 1e12:.3f} TFLOP/s per process (model FLOPs, "
+              f"PaLM app. B); {mfu}")
         if floor:
             print(f"\n  {'phase':<10} {'ours':>12} {'floor':>12} {'ratio':>7}   (s per iteration; ratio = floor / ours)")
             for k in keys:
