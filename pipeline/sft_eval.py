@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.evaluation import gather, generate, shard
-from pipeline.stats import rate
+from pipeline.stats import policy_summary, rate
 from pipeline.tokenizer import chat_ids
 from pipeline.world import SKILLS
 
@@ -57,15 +57,12 @@ def summarise(rows: list[EvalRow], max_new_tokens: int, split: str = SPLIT) -> t
     `eval/finish_<skill>`, format, end-of-turn and gold-score means) and the manifest's table:
     {"split", "decoding", "max_new_tokens", "prompts", "overall": {"accuracy", "finish", "format":
     rate, "gold_score": mean}, "skills": {skill: {"accuracy", "finish": rate, "n"}}}."""
-    overall = {"accuracy": rate([r.correct for r in rows]), "finish": rate([r.finished for r in rows]),
-               "format": rate([r.formatted for r in rows]),
-               "gold_score": sum(r.gold_score for r in rows) / len(rows) if rows else float("nan")}
-    skills = {}
-    for skill in SKILLS:
-        of_skill = [r for r in rows if r.skill == skill]
-        if of_skill:
-            skills[skill] = {"accuracy": rate([r.correct for r in of_skill]),
-                             "finish": rate([r.finished for r in of_skill]), "n": len(of_skill)}
+    summary = policy_summary([r.correct for r in rows], [r.finished for r in rows], [r.gold_score for r in rows],
+                             [r.skill for r in rows])
+    overall = {"accuracy": summary["accuracy"], "finish": summary["finish"], "format": rate([r.formatted for r in rows]),
+               "gold_score": summary["gold_score"]}
+    skills = {skill: summary["skills"][skill] | {"n": summary["skills"][skill]["accuracy"]["n"]}
+              for skill in SKILLS if skill in summary["skills"]}
     metrics = {"eval/accuracy": overall["accuracy"]["value"], "eval/accuracy_low": overall["accuracy"]["low"],
                "eval/accuracy_high": overall["accuracy"]["high"]}
     for skill, s in skills.items():

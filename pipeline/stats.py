@@ -6,6 +6,7 @@ carries its interval so that two runs, or two policies, are compared with that i
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 Z95 = 1.959964
 
@@ -46,6 +47,19 @@ def rate(values: list[float]) -> dict:
         return {"value": sum(values) / n, "low": lo, "high": hi, "n": n}
     mean, lo, hi = mean_interval(values)
     return {"value": mean, "low": max(0.0, lo), "high": min(1.0, hi), "n": n}
+
+
+def policy_summary(correct: list[float], finished: list[float], gold: list[float], skills: list[str]) -> dict:
+    """What stands next to every win rate: accuracy and finish rate (`rate`), mean gold score, and
+    per skill (sorted) accuracy and finish rate. -> {"accuracy", "finish", "gold_score", "skills":
+    {skill: {"accuracy", "finish"}}}."""
+    by_skill: dict = defaultdict(list)
+    for c, f, s in zip(correct, finished, skills):
+        by_skill[s].append((c, f))
+    return {"accuracy": rate(correct), "finish": rate(finished),
+            "gold_score": sum(gold) / len(gold) if gold else float("nan"),
+            "skills": {s: {"accuracy": rate([c for c, _ in v]), "finish": rate([f for _, f in v])}
+                       for s, v in sorted(by_skill.items())}}
 
 
 def fmt_rate(r: dict) -> str:

@@ -15,13 +15,12 @@ half. Evaluation runs under a forked random state, so it never changes what trai
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.evaluation import gather, generate, shard
-from pipeline.stats import rate
+from pipeline.stats import policy_summary, rate
 from pipeline.tokenizer import end_of_turn_id
 from stages.ppo.functional import masked_sum
 from stages.ppo.rollout import (
@@ -157,17 +156,6 @@ def _mean(xs: list[float]) -> float:
 TABLE_COLUMNS = ["prompt", "sft_response", "response", "sft_gold", "gold", "rm_score", "kl", "win", "correct",
                  "finished", "length", "skill", "sft_correct", "sft_finished"]
 SKILL = TABLE_COLUMNS.index("skill")
-
-
-def policy_summary(correct: list[float], finished: list[float], gold: list[float], skills: list[str]) -> dict:
-    """Accuracy and finish rate (95% intervals), mean gold score, and per skill the same: what stands
-    next to every win rate (docs/ppo.md §38)."""
-    by_skill: dict = defaultdict(list)
-    for c, f, s in zip(correct, finished, skills):
-        by_skill[s].append((c, f))
-    return {"accuracy": rate(correct), "finish": rate(finished), "gold_score": _mean(gold),
-            "skills": {s: {"accuracy": rate([c for c, _ in v]), "finish": rate([f for _, f in v])}
-                       for s, v in sorted(by_skill.items())}}
 
 
 def comparison(rows: list, decoding: str) -> dict:
