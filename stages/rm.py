@@ -27,6 +27,7 @@ from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, 
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_dtype, load_causal_lm, load_tokenizer
 from pipeline.runtime import (adamw, batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
                               warmup_cosine)
+from pipeline.report import RM_PAIR_KINDS
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.stats import fmt_rate
 from pipeline.tracking import Progress, make_tracker, stratified
@@ -403,11 +404,7 @@ def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
     for skill, v in extra["eval_accuracy_by_skill"].items():
         print(f"    {skill:<36} {_fmt(v['accuracy'], v['low'], v['high'])}  ({v['pairs']} pairs)")
     by_kind = extra.get("eval_accuracy_by_pair_kind", {})
-    for kind, what in (("correctness", "one answer right, one wrong"),
-                       ("correctness_same_finish", "of these, both finished or both cut off"),
-                       ("correctness_different_finish", "of these, one finished, one cut off"),
-                       ("style", "same correctness, form differs"),
-                       ("different_finish", "one finished, one cut off: the end token alone can rank them")):
+    for kind, what in RM_PAIR_KINDS.items():
         if kind in by_kind:
             v, label = by_kind[kind], ("  " if kind.startswith("correctness_") else "") + kind + " pairs"
             print(f"    {label:<36} {_fmt(v['accuracy'], v['low'], v['high'])}  ({v['pairs']} pairs: {what})")
