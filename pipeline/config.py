@@ -154,7 +154,14 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             continue
         origin = typing.get_origin(t)
         if origin is Literal:
-            if value in typing.get_args(t):
+            choices = typing.get_args(t)
+            if isinstance(value, bool) and not any(c is value for c in choices):
+                # YAML 1.1 reads no/off/yes/on as booleans: `precision=no` means the choice "no"
+                spelled = [c for c in choices if isinstance(c, str) and yaml.safe_load(c) is value]
+                if len(spelled) == 1:
+                    return spelled[0]
+                continue
+            if value in choices:
                 return value
             continue
         if origin in (list, tuple):

@@ -71,6 +71,18 @@ def test_unknown_keys_and_bad_types_reported_at_once(tmp_path):
     assert "seed" in msg
 
 
+def test_choice_spelled_like_a_yaml_boolean(tmp_path):
+    """YAML 1.1 reads `no` as false: `precision=no` (command line or file) still means the choice."""
+    from stages.ppo.config import PPOConfig
+
+    base = tmp_path / "base.yaml"
+    base.write_text("precision: no\n")
+    assert load_config(PPOConfig, [], base=base).precision == "no"
+    assert load_config(PPOConfig, ["precision=no"]).precision == "no"
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(PPOConfig, ["precision=yes"])  # no choice is spelled like true
+
+
 def test_bad_key_exits_2_with_clear_message():
     proc = subprocess.run([sys.executable, "-m", "stages.pretrain", "optim.lrr=1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
