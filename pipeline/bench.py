@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from pipeline.launch import launch_command
-from pipeline.runtime import adamw, configure_threads
+from pipeline.models import attn_implementation
+from pipeline.runtime import adamw, configure_threads, resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["wandb.mode=disabled", "save_every=0", "resume=false"]
@@ -35,17 +36,22 @@ def _stage(stage: str, runs_dir: Path, args: list[str]) -> dict:
 
 
 def bare_loop_tokens_per_s(model, batches: list[torch.Tensor], masks: list[torch.Tensor], lr: float,
-                           labels: list[torch.Tensor] | None = None) -> float:
+                           labels: list[torch.Tensor] | None = None, precision: str = "no") -> float:
     """The floor: forward, backward, AdamW step, nothing else; tokens = attention-mask tokens
-    (what the stages count). `labels` default to every real token. First 3 steps are warm-up."""
+    (what the stages count). `labels` default to every real token. `precision` is the stage's
+    resolved mixed precision ('no' or 'bf16': autocast, as accelerate applies it). First 3 steps
+    are warm-up."""
     opt = adamw(model.parameters(), lr=lr)  # the stages' optimizer (transformers' Trainer default too)
     model.train()
     tokens, t0 = 0, None
     labels = labels or [x.masked_fill(~m, -100) for x, m in zip(batches, masks)]
+    device = model.device.type
     for i, (x, m, y) in enumerate(zip(batches, masks, labels)):
         if i == 3:
             tokens, t0 = 0, time.perf_counter()
-        model(input_ids=x, attention_mask=m.long(), labels=y).loss.backward()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=x, attention_mask=m.long(), labels=y).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(m.sum())
@@ -93,17 +99,19 @@ def bench_train(steps: int = 60, threads: int = 1) -> list[tuple[str, float, flo
         seq, micro = cfg["model"]["seq_len"], cfg["micro_batch_size"]
         gen = torch.Generator().manual_seed(0)
         batches = [torch.randint(8, len(tok), (micro, seq), generator=gen) for _ in range(steps // 3 + 3)]
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn_implementation())
         bare = bare_loop_tokens_per_s(model, batches, [torch.ones_like(b, dtype=torch.bool) for b in batches],
-                                      cfg["optim"]["lr"])
+                                      cfg["optim"]["lr"], precision=resolve_precision(cfg["precision"]))
         rows.append(("pretrain", m["metrics"]["perf/tokens_per_s"], bare))
 
         s = _stage("sft", runs_dir, [f"train.steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2",
                                      f"threads={threads}"])
         tok = AutoTokenizer.from_pretrained(runs_dir / "bench" / "sft" / "model")
         batches, masks, labels = sft_batches(tok, s["config"], steps // 2 + 3)
-        model = AutoModelForCausalLM.from_pretrained(runs_dir / "bench" / "sft" / "model")
-        bare = bare_loop_tokens_per_s(model, batches, masks, s["config"]["train"]["lr"], labels)
+        model = AutoModelForCausalLM.from_pretrained(runs_dir / "bench" / "sft" / "model",
+                                                     attn_implementation=attn_implementation())
+        bare = bare_loop_tokens_per_s(model, batches, masks, s["config"]["train"]["lr"], labels,
+                                      precision=resolve_precision(s["config"]["precision"]))
         rows.append(("sft", s["metrics"].get("perf/tokens_per_s", float("nan")), bare))
     return rows
 

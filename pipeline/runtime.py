@@ -1,6 +1,7 @@
 """Process setup shared by all stages: threads, seeds, the accelerator."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -47,8 +48,15 @@ def seed_everything(seed: int) -> None:
 
 
 def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None):
-    """An `Accelerator` that works the same on CPU (gloo) and GPU (nccl) launches, FSDP2 included."""
+    """An `Accelerator` that works the same on CPU (gloo) and GPU (nccl) launches, FSDP2 included.
+
+    A launched stage is its own process, but tests and notebooks run several stages in one, whose
+    mixed precision may differ: accelerate keeps it in a process-wide state that refuses a second
+    value, so each stage's accelerator starts from a fresh one (the process group is kept)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     # accelerate drops DeepSpeed when told cpu=True; without a GPU DeepSpeed picks its own CPU backend.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
@@ -87,13 +95,28 @@ def _promote_to_fsdp(accelerator, plugin) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: Intel AMX (`amx_bf16`, Xeon 4th
+    generation and later), read from /proc/cpuinfo. There a bf16 matmul of the tiny model's
+    shapes runs 4-10x faster than fp32 on one thread, and bf16 mixed-precision training steps
+    1.5x (tiny preset) to 2x (256 hidden x 6 layers) faster; elsewhere bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
 def resolve_precision(precision: str) -> str:
-    """'auto' -> bf16 on a GPU that supports it, else fp32 ('no'); bf16 is slower on CPU."""
+    """'auto' -> bf16 on a GPU that supports it or a CPU that multiplies bf16 in hardware
+    (`cpu_has_bf16_matmul`), else fp32 ('no'). Mixed precision: weights, optimizer state and the
+    PPO math stay fp32, matmuls run in bf16 (docs/ppo.md §27)."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_bf16_matmul() else "no"
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:

@@ -159,9 +159,12 @@ def normalize_on_reference(model, ref_seqs: list[list[int]], heldout_seqs: list[
     -> {raw_mean, raw_std, ref_mean, ref_std, heldout_max_abs_dev, heldout_mean_abs_dev, reference_size}."""
     from reward_model.scoring import score_ids
 
-    ref_scores, ref_hidden = score_ids(model, ref_seqs, pad_id, batch_size, accelerator, with_hidden=True)
+    _, ref_hidden = score_ids(model, ref_seqs, pad_id, batch_size, accelerator, with_hidden=True)
     _, heldout_hidden = score_ids(model, heldout_seqs, pad_id, batch_size, accelerator, with_hidden=True)
     w_before = model.score.weight.detach().clone()
+    # the scores as the head computes them, in float64: under bf16 autocast the forward's own
+    # are rounded to ~3 digits, and the folded mean would miss 0 by as much
+    ref_scores = ref_hidden.double() @ w_before.to(ref_hidden.device, torch.float64)[0]
     stats = fold_normalization(model, ref_hidden, ref_scores, use_std)
     w_after = model.score.weight.detach()
     after = ref_hidden.double() @ w_after.to(ref_hidden.device, torch.float64)[0]  # where the hidden states are

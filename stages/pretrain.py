@@ -72,7 +72,7 @@ class PretrainConfig(StageConfig):
     eval_every: int = F(100, "held-out perplexity (`eval/perplexity`) every N steps (0 = only at the end)")
     eval_blocks: int = F(256, "held-out sequences used for perplexity (world: validation documents, no sentence of "
                               "which occurs in training)")
-    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
+    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs and AMX CPUs, else fp32")
 
     stage = "pretrain"
 

@@ -98,7 +98,7 @@ class RMConfig(StageConfig):
     center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)")
     eval_batch_size: int = F(64, "sequences per scoring forward")
     sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons")
-    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
+    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs and AMX CPUs, else fp32")
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
 
     stage = "rm"

@@ -86,7 +86,7 @@ class SFTConfig(StageConfig):
     data: SFTDataConfig = F(SFTDataConfig(), "demonstrations")
     train: SFTTrainConfig = F(SFTTrainConfig(), "optimization")
     eval: SFTEvalConfig = F(SFTEvalConfig(), "held-out evaluation")
-    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs that have it, else fp32")
+    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs and AMX CPUs, else fp32")
 
     stage = "sft"
 
@@ -143,7 +143,7 @@ def _stop_after_callback(cfg):
 
 
 def run(cfg: SFTConfig) -> runs.Manifest:
-    return run_stage(cfg, _run, precision=None)
+    return run_stage(cfg, _run, cfg.precision)
 
 
 def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:

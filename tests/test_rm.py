@@ -16,6 +16,7 @@ import torch
 from pipeline import runs
 from pipeline.config import load_config
 from pipeline.records import load_comparisons, parse_comparison
+from pipeline.runtime import resolve_precision
 from pipeline.stage import DataError
 from reward_model import comparisons as cmp
 from reward_model.scoring import group_rewards, render, score
@@ -163,6 +164,8 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
     assert all(len(r["correct"]) == 3 for r in recs)  # the world labeler marks each answer right or wrong
     tok = AutoTokenizer.from_pretrained(stage / "model")
     model = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
+    # the stage measured its statistics at its own precision; bf16 keeps ~3 significant digits
+    tol = 1e-2 if resolve_precision(manifest.config["precision"]) == "bf16" else 1e-4
     plain = []
     for r in recs:  # the whole reference set (36 samples < normalize.reference_size)
         for resp, done in zip(r["responses"], r["finished"]):
@@ -172,7 +175,7 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
             with torch.no_grad():
                 plain.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
     plain = torch.tensor(plain)
-    assert abs(plain.mean().item()) < 1e-4 and abs(plain.std(unbiased=False).item() - 1) < 1e-3
+    assert abs(plain.mean().item()) < tol and abs(plain.std(unbiased=False).item() - 1) < 10 * tol
     ours = score(model, tok, [r["prompt"] for r in recs for _ in r["responses"]],
                  [x for r in recs for x in r["responses"]], [x for r in recs for x in r["finished"]], batch_size=7)
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)

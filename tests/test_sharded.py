@@ -55,12 +55,14 @@ def _stop_then_resume(stage: str, accel: str, root, run: str, *args: str, stop: 
 
 def test_pretrain_under_fsdp2_on_two_processes_resumes_and_equals_one_process(tmp_path):
     """Sharded parameters, gradients and optimizer state; a checkpoint taken and restored under
-    FSDP2; the export gathered from the shards: the same numbers as one unsharded process."""
+    FSDP2; the export gathered from the shards: the same numbers as one unsharded process. In fp32:
+    bf16 matmuls round differently for each process's share of the batch."""
     from pipeline.config import load_config
     from stages import pretrain
 
-    one = pretrain.run(load_config(pretrain.PretrainConfig, [f"runs_dir={tmp_path}", "run_name=one", *PRETRAIN]))
-    two = _stop_then_resume("pretrain", "fsdp", tmp_path, "fsdp", *PRETRAIN)
+    args = [*PRETRAIN, "precision=no"]
+    one = pretrain.run(load_config(pretrain.PretrainConfig, [f"runs_dir={tmp_path}", "run_name=one", *args]))
+    two = _stop_then_resume("pretrain", "fsdp", tmp_path, "fsdp", *args)
     assert (tmp_path / "fsdp" / "pretrain" / "checkpoints" / "step-0000002" / "pytorch_model_fsdp.bin").exists()
     for key in ("train/loss", "eval/loss", "eval/fact_cloze_accuracy"):
         assert two.metrics[key] == pytest.approx(one.metrics[key], rel=1e-4, abs=1e-5), key
