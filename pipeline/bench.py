@@ -99,19 +99,21 @@ def bench_train(steps: int = 60, threads: int = 1) -> list[tuple[str, float, flo
         seq, micro = cfg["model"]["seq_len"], cfg["micro_batch_size"]
         gen = torch.Generator().manual_seed(0)
         batches = [torch.randint(8, len(tok), (micro, seq), generator=gen) for _ in range(steps // 3 + 3)]
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn_implementation())
+        precision = resolve_precision(cfg["precision"])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn_implementation(
+            cfg["attn_implementation"], precision))
         bare = bare_loop_tokens_per_s(model, batches, [torch.ones_like(b, dtype=torch.bool) for b in batches],
-                                      cfg["optim"]["lr"], precision=resolve_precision(cfg["precision"]))
+                                      cfg["optim"]["lr"], precision=precision)
         rows.append(("pretrain", m["metrics"]["perf/tokens_per_s"], bare))
 
         s = _stage("sft", runs_dir, [f"train.steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2",
                                      f"threads={threads}"])
         tok = AutoTokenizer.from_pretrained(runs_dir / "bench" / "sft" / "model")
         batches, masks, labels = sft_batches(tok, s["config"], steps // 2 + 3)
-        model = AutoModelForCausalLM.from_pretrained(runs_dir / "bench" / "sft" / "model",
-                                                     attn_implementation=attn_implementation())
-        bare = bare_loop_tokens_per_s(model, batches, masks, s["config"]["train"]["lr"], labels,
-                                      precision=resolve_precision(s["config"]["precision"]))
+        precision = resolve_precision(s["config"]["precision"])
+        model = AutoModelForCausalLM.from_pretrained(runs_dir / "bench" / "sft" / "model", attn_implementation=(
+            attn_implementation(s["config"]["attn_implementation"], precision)))
+        bare = bare_loop_tokens_per_s(model, batches, masks, s["config"]["train"]["lr"], labels, precision=precision)
         rows.append(("sft", s["metrics"].get("perf/tokens_per_s", float("nan")), bare))
     return rows
 

@@ -8,7 +8,6 @@ from typing import Iterator
 
 import torch
 
-from pipeline.runtime import cpu_has_bf16_matmul
 
 # Llama-architecture presets. `tiny` trains on 2 CPU cores in minutes; the rest are for GPUs.
 PRESETS = {
@@ -23,19 +22,19 @@ PRESETS = {
 }
 
 
-def attn_implementation(name: str = "auto") -> str:
-    """The attention kernel to load models with: `auto` = flash_attention_2 where it can run (a
-    CUDA GPU and the flash-attn package); eager on a CPU that trains in bf16 (`resolve_precision`),
-    where the backward of PyTorch's CPU flash-attention kernel in bf16 costs more than the matmuls
-    bf16 saves (a training step of the tiny preset: fp32 sdpa 0.32 s, bf16 sdpa 0.35 s, bf16 eager
-    0.22 s on one thread); else PyTorch's sdpa."""
+def attn_implementation(name: str = "auto", precision: str = "no") -> str:
+    """The attention kernel to load models with, for a stage running at (resolved) `precision`:
+    `auto` = flash_attention_2 where it can run (a CUDA GPU and the flash-attn package); eager
+    for bf16 on a CPU, where the backward of PyTorch's CPU flash-attention kernel in bf16 costs
+    more than the matmuls bf16 saves (a training step of the tiny preset on one AMX thread: fp32
+    sdpa 0.32 s, bf16 sdpa 0.35 s, bf16 eager 0.22 s); else PyTorch's sdpa."""
     if name != "auto":
         return name
     import importlib.util
 
     if torch.cuda.is_available():
         return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
-    return "eager" if cpu_has_bf16_matmul() else "sdpa"
+    return "eager" if precision == "bf16" else "sdpa"
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:

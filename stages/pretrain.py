@@ -72,7 +72,6 @@ class PretrainConfig(StageConfig):
     eval_every: int = F(100, "held-out perplexity (`eval/perplexity`) every N steps (0 = only at the end)")
     eval_blocks: int = F(256, "held-out sequences used for perplexity (world: validation documents, no sentence of "
                               "which occurs in training)")
-    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs and AMX CPUs, else fp32")
 
     stage = "pretrain"
 
@@ -198,9 +197,9 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
 
     # 2. model, optimizer, schedule
     if cfg.model.name_or_path:
-        model = load_causal_lm(cfg.model.name_or_path, tokenizer, attn=cfg.attn_implementation)
+        model = load_causal_lm(cfg.model.name_or_path, tokenizer, attn=cfg.attention())
     else:
-        model = llama_from_preset(cfg.model.preset, tokenizer, cfg.model.seq_len, attn=cfg.attn_implementation)
+        model = llama_from_preset(cfg.model.preset, tokenizer, cfg.model.seq_len, attn=cfg.attention())
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

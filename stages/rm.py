@@ -98,7 +98,6 @@ class RMConfig(StageConfig):
     center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)")
     eval_batch_size: int = F(64, "sequences per scoring forward")
     sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons")
-    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs and AMX CPUs, else fp32")
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
 
     stage = "rm"
@@ -202,7 +201,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         cmp.write_jsonl(sr.dir / "eval_comparisons.jsonl", held_out)
 
     # 2. model and training
-    model = load_reward_model(prep.parent.model_dir, tokenizer, attn=cfg.attn_implementation)
+    model = load_reward_model(prep.parent.model_dir, tokenizer, attn=cfg.attention())
     n_pairs = sum(len(c.pairs()) for c in train)
     log(f"{count_parameters(model) / 1e6:.2f}M parameters | {len(train)} comparisons, {n_pairs} ranked pairs, "
         f"{len(held_out)} held out | trainer {'trl RewardTrainer' if use_trl else 'K-wise'} | {threads} threads/proc")
@@ -300,7 +299,7 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
 def _sampling_policy(cfg: RMConfig, parent, tokenizer, accelerator):
     """The parent SFT policy that writes the responses to rank: inference only, so bf16 on GPUs."""
     return load_causal_lm(parent.model_dir, tokenizer, frozen_dtype(accelerator.device),
-                          cfg.attn_implementation).to(accelerator.device)
+                          cfg.attention()).to(accelerator.device)
 
 
 def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None:

@@ -86,7 +86,6 @@ class SFTConfig(StageConfig):
     data: SFTDataConfig = F(SFTDataConfig(), "demonstrations")
     train: SFTTrainConfig = F(SFTTrainConfig(), "optimization")
     eval: SFTEvalConfig = F(SFTEvalConfig(), "held-out evaluation")
-    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs and AMX CPUs, else fp32")
 
     stage = "sft"
 
@@ -168,7 +167,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     # 2. model, tokenizer, trainer
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, tokenizer, attn=cfg.attn_implementation)
+    model = load_causal_lm(model_path, tokenizer, attn=cfg.attention())
     if cfg.model.random_init:
         from transformers import AutoModelForCausalLM
 

@@ -150,6 +150,13 @@ def test_group_rewards_forwards_each_response_once(sft):
     torch.testing.assert_close(rewards[0].detach(), alone, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_on_cpu_normalizes_exactly(sft, tmp_path):
+    """Under bf16 autocast the forward's scores keep ~3 digits; the folded head still gives the
+    reference set mean 0 (taken from the float64 head product)."""
+    m = run_rm(sft, tmp_path, "bf16", "precision=bf16")
+    assert m.complete and abs(m.metrics["norm/ref_mean"]) < 1e-6
+
+
 def test_plain_transformers_model_gives_normalized_scores(finished_run):
     """The saved directory needs no project code: AutoModelForSequenceClassification and the
     tokenizer's chat template give the same normalized scores as reward_model.scoring.score."""

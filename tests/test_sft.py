@@ -279,6 +279,17 @@ def test_eval_budget_fits_the_longest_demonstration():
     assert longest + 1 <= sft.SFTEvalConfig().max_new_tokens  # + the end-of-turn token
 
 
+def test_bf16_on_cpu(parent_run):
+    """precision=bf16 on a CPU (the AMX lever): the Trainer's autocast and the stage's accelerator
+    agree, and the loss is the fp32 run's within bf16's rounding."""
+    parent = f"parent={parent_run / 'base' / 'pretrain'}"
+    fp32 = _sft(parent_run, "run_name=fp32", parent, "precision=no")
+    bf16 = _sft(parent_run, "run_name=bf16", parent, "precision=bf16")
+    assert bf16.complete and bf16.config["precision"] == "bf16"
+    assert bf16.metrics["train/loss"] == pytest.approx(fp32.metrics["train/loss"], rel=2e-2)
+    assert bf16.metrics["train/loss"] != fp32.metrics["train/loss"]  # it did run in bf16
+
+
 def test_resume_matches_unbroken_run(parent_run):
     extra = [f"parent={parent_run / 'base' / 'pretrain'}", "train.steps=6", "save_every=3"]
     full = _sft(parent_run, "run_name=full", *extra)

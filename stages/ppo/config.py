@@ -129,7 +129,6 @@ class PPOConfig(StageConfig):
     epochs: int = F(2, "passes over each rollout batch")
     minibatch_size: int = F(32, "episodes per optimizer step, all processes together")
     micro_batch_size: int = F(32, "episodes per process per forward/backward")
-    precision: Literal["auto", "no", "bf16", "fp16"] = F("auto", "mixed precision; auto = bf16 on GPUs and AMX CPUs, else fp32")
 
     stage = "ppo"
 

@@ -147,7 +147,7 @@ def load_models(cfg, sources: Sources, device) -> PPOModels:
     reference and reward model load in bf16 on GPUs (`frozen_dtype`), the trained ones in fp32."""
     tokenizer = load_tokenizer(sources.policy_dir)
     reward_tokenizer = load_tokenizer(sources.reward_dir)
-    attn, frozen = cfg.attn_implementation, frozen_dtype(device)
+    attn, frozen = cfg.attention(), frozen_dtype(device)
     policy = disable_dropout(load_causal_lm(sources.policy_dir, tokenizer, attn=attn))
     lora = cfg.policy.lora.enabled
     ref = None
