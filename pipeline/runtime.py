@@ -96,7 +96,7 @@ def _promote_to_fsdp(accelerator, plugin) -> None:
 
 def resolve_precision(precision: str) -> str:
     """'auto' -> bf16 on a GPU that supports it, else fp32 ('no'). Mixed precision: weights,
-    optimizer state and the PPO math stay fp32, matmuls run in bf16 (docs/ppo.md §27).
+    optimizer state and the PPO math stay fp32, matmuls run in bf16 (docs/ppo.md §30).
 
     On CPUs that multiply bf16 in hardware (Intel AMX), `bf16` is worth asking for by hand on
     models larger than the tiny preset: a training step of 256 hidden x 6 layers takes 0.68 s

@@ -67,13 +67,13 @@ def ppo_cfg(tiny, runs_dir, *overrides):
 
 
 def trainer_for(cfg, ptx=False):
-    from pipeline.runtime import make_accelerator
+    from pipeline.runtime import make_accelerator, resolve_precision
     from pipeline.world import World
     from stages.ppo.data import load_ptx
     from stages.ppo.loop import make_trainer
     from stages.ppo.models import load_models, resolve_sources
 
-    acc = make_accelerator()
+    acc = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
     torch.manual_seed(cfg.seed)
     models = load_models(cfg, resolve_sources(cfg), acc.device)
     data = load_ptx(cfg, World(cfg.world), models.tokenizer) if ptx else None
@@ -119,6 +119,23 @@ def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
                 "ppo/value_loss", "ppo/explained_variance", "rollout/eos_rate", "rollout/length",
                 "perf/episodes_per_s", "perf/time_generate", "perf/time_score", "perf/time_update"):
         assert math.isfinite(metrics[key]), key
+
+
+def test_bf16_on_cpu_ratio_is_one_within_rounding(tiny, tmp_path):
+    """precision=bf16 on a CPU (eager attention, autocast): the old log-probs and the training
+    forward still agree to bf16's rounding (docs/ppo.md §18), and the models trained."""
+    from stages.ppo.loop import iteration_step
+
+    fp32 = fixed_rollout(trainer_for(ppo_cfg(tiny, tmp_path)))  # one live accelerator at a time
+    cfg = ppo_cfg(tiny, tmp_path, "precision=bf16")
+    t = trainer_for(cfg)
+    assert cfg.attention() == "eager" and t.accelerator.mixed_precision == "bf16"
+    bf16, m = fixed_rollout(t), fp32.response_mask
+    assert not torch.equal(bf16.logprobs[m], fp32.logprobs[m])  # the forwards did run in bf16
+    torch.testing.assert_close(bf16.logprobs[m], fp32.logprobs[m], atol=5e-2, rtol=0)
+    metrics, _ = iteration_step(t, 0, PROMPTS)
+    assert metrics["ppo/ratio_first"] == pytest.approx(1.0, abs=1e-2) and metrics["ppo/approxkl_first"] < 1e-4
+    assert metrics["ppo/approxkl"] > 1e-6 and math.isfinite(metrics["ppo/value_loss"])
 
 
 def with_dropout(family: str, vocab: int, p: float = 0.3):
