@@ -10,6 +10,7 @@ same batches; every option it takes (--hidden-size, --batch-size, ...) can be gi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import StageConfig
 from pipeline.launch import launch_command
 from pipeline.models import attn_implementation
 from pipeline.runtime import adamw, configure_threads, resolve_precision
@@ -86,13 +88,15 @@ def sft_batches(tok, cfg: dict, n: int) -> tuple[list, list, list]:
     return batches, masks, labels
 
 
-def bench_train(steps: int = 60, threads: int = 1) -> list[tuple[str, float, float]]:
+def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) -> list[tuple[str, float, float]]:
+    """(stage, stage tokens/s, bare loop tokens/s) for pretrain and SFT; `overrides` (key=value,
+    e.g. precision=bf16) go to both stages, and the bare loops follow their precision."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)
-        m = _stage("pretrain", runs_dir, [f"steps={steps}", "eval_every=0", f"threads={threads}"])
+        m = _stage("pretrain", runs_dir, [f"steps={steps}", "eval_every=0", f"threads={threads}", *overrides])
         model_dir = runs_dir / "bench" / "pretrain" / "model"
         tok = AutoTokenizer.from_pretrained(model_dir)
         cfg = m["config"]
@@ -107,7 +111,7 @@ def bench_train(steps: int = 60, threads: int = 1) -> list[tuple[str, float, flo
         rows.append(("pretrain", m["metrics"]["perf/tokens_per_s"], bare))
 
         s = _stage("sft", runs_dir, [f"train.steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2",
-                                     f"threads={threads}"])
+                                     f"threads={threads}", *overrides])
         tok = AutoTokenizer.from_pretrained(runs_dir / "bench" / "sft" / "model")
         batches, masks, labels = sft_batches(tok, s["config"], steps // 2 + 3)
         precision = resolve_precision(s["config"]["precision"])
@@ -118,9 +122,18 @@ def bench_train(steps: int = 60, threads: int = 1) -> list[tuple[str, float, flo
     return rows
 
 
+def stage_overrides(args: list[str]) -> list[str]:
+    """The key=value items of `args` whose key every stage has (StageConfig: precision,
+    attn_implementation, world.*, ...): the PPO bench takes them all, pretrain and SFT these."""
+    every_stage = {f.name for f in dataclasses.fields(StageConfig)}
+    return [a for a in args if "=" in a and not a.startswith("-") and a.split("=")[0].split(".")[0] in every_stage]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`[train|ppo|all] [--threads N] [--steps N] [PPO bench options ...]`: anything else is passed
-    to `python -m stages.ppo.bench` (e.g. --hidden-size 128 --batch-size 64)."""
+    """`[train|ppo|all] [--threads N] [--steps N] [PPO bench options ...] [key=value ...]`: options
+    are passed to `python -m stages.ppo.bench` (e.g. --hidden-size 128 --batch-size 64); key=value
+    overrides that every stage has (precision=bf16, attn_implementation=eager) go to the pretrain
+    and SFT stages as well."""
     argv = list(sys.argv[1:] if argv is None else argv)
     what = argv.pop(0) if argv and argv[0] in ("train", "ppo", "all") else "all"
     threads, steps, rest = 1, 60, []
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmarks on {threads} threads, torch {torch.__version__}, "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
     if what in ("train", "all"):
-        rows = bench_train(steps, threads)
+        rows = bench_train(steps, threads, stage_overrides(rest))
         print(f"\n{'stage':<10} {'stage tok/s':>12} {'bare loop tok/s':>16} {'ratio':>7}")
         for name, stage_rate, bare in rows:
             print(f"{name:<10} {stage_rate:>12.0f} {bare:>16.0f} {stage_rate / bare:>7.2f}")

@@ -61,3 +61,10 @@ def test_update_flops_against_a_hand_count():
     tied = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": True}))
     assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
     assert ppo_bench.update_flops(tied, critic, B, P, T, epochs) == expected
+
+
+def test_stage_overrides_reach_pretrain_and_sft_only_when_every_stage_has_the_key():
+    from pipeline.bench import stage_overrides
+
+    args = ["--batch-size", "64", "precision=bf16", "rollout.temperature=1.0", "world.num_people=20", "kl.coef=0.1"]
+    assert stage_overrides(args) == ["precision=bf16", "world.num_people=20"]
