@@ -8,7 +8,6 @@ from typing import Iterator
 
 import torch
 
-
 # Llama-architecture presets. `tiny` trains on 2 CPU cores in minutes; the rest are for GPUs.
 PRESETS = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
