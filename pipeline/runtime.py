@@ -98,11 +98,11 @@ def resolve_precision(precision: str) -> str:
     """'auto' -> bf16 on a GPU that supports it, else fp32 ('no'). Mixed precision: weights,
     optimizer state and the PPO math stay fp32, matmuls run in bf16 (docs/ppo.md §30).
 
-    On CPUs that multiply bf16 in hardware (Intel AMX), `bf16` is worth asking for by hand on
-    models larger than the tiny preset: a training step of 256 hidden x 6 layers takes 0.68 s
-    instead of 1.37 s on one thread. At the tiny preset decoding does not gain (the tiny pipeline
-    took 417 s instead of 466 s at seed 0, its quality across seeds unverified), so auto stays
-    fp32 on CPUs."""
+    On CPUs that multiply bf16 in hardware (Intel AMX), `bf16` can be asked for by hand: a
+    training step of 256 hidden x 6 layers takes 0.68 s instead of 1.37 s on one thread. auto
+    stays fp32 on CPUs: decoding does not gain (the tiny pipeline took 417 s instead of 466 s),
+    and the tiny models do not come out equal (SFT accuracy 48% instead of 80% at one seed of
+    three; README, Multi-GPU section)."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
