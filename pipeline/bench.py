@@ -88,10 +88,20 @@ def sft_batches(tok, cfg: dict, n: int) -> tuple[list, list, list]:
     return batches, masks, labels
 
 
+def _as_the_stage_ran_it(model_dir: Path, cfg: dict):
+    """(the stage's saved model with the attention kernel it trained with, its resolved precision),
+    from the stage's resolved config (`manifest.json`'s "config")."""
+    from transformers import AutoModelForCausalLM
+
+    precision = resolve_precision(cfg["precision"])
+    attn = attn_implementation(cfg["attn_implementation"], precision)
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn), precision
+
+
 def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) -> list[tuple[str, float, float]]:
     """(stage, stage tokens/s, bare loop tokens/s) for pretrain and SFT; `overrides` (key=value,
     e.g. precision=bf16) go to both stages, and the bare loops follow their precision."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,9 +113,7 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
         seq, micro = cfg["model"]["seq_len"], cfg["micro_batch_size"]
         gen = torch.Generator().manual_seed(0)
         batches = [torch.randint(8, len(tok), (micro, seq), generator=gen) for _ in range(steps // 3 + 3)]
-        precision = resolve_precision(cfg["precision"])
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn_implementation(
-            cfg["attn_implementation"], precision))
+        model, precision = _as_the_stage_ran_it(model_dir, cfg)
         bare = bare_loop_tokens_per_s(model, batches, [torch.ones_like(b, dtype=torch.bool) for b in batches],
                                       cfg["optim"]["lr"], precision=precision)
         rows.append(("pretrain", m["metrics"]["perf/tokens_per_s"], bare))
@@ -114,9 +122,7 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
                                      f"threads={threads}", *overrides])
         tok = AutoTokenizer.from_pretrained(runs_dir / "bench" / "sft" / "model")
         batches, masks, labels = sft_batches(tok, s["config"], steps // 2 + 3)
-        precision = resolve_precision(s["config"]["precision"])
-        model = AutoModelForCausalLM.from_pretrained(runs_dir / "bench" / "sft" / "model", attn_implementation=(
-            attn_implementation(s["config"]["attn_implementation"], precision)))
+        model, precision = _as_the_stage_ran_it(runs_dir / "bench" / "sft" / "model", s["config"])
         bare = bare_loop_tokens_per_s(model, batches, masks, s["config"]["train"]["lr"], labels, precision=precision)
         rows.append(("sft", s["metrics"].get("perf/tokens_per_s", float("nan")), bare))
     return rows

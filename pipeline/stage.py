@@ -42,15 +42,15 @@ def stage_main(cfg_cls: type, run: Callable, argv: list[str] | None = None) -> i
     return 0
 
 
-def run_stage(cfg, body: Callable, precision: str = "auto") -> runs.Manifest:
-    """The common start of every stage: threads, accelerator, seeds, the stage directory; then
-    `body(cfg, sr, accelerator, threads)`. An exception after `sr.begin` marks the manifest failed.
-    `precision` is the stage's key: a Trainer the stage builds later shares this accelerator's
-    state, so it must ask for the same mixed precision."""
+def run_stage(cfg, body: Callable) -> runs.Manifest:
+    """The common start of every stage: threads, accelerator (at `cfg.precision`), seeds, the stage
+    directory; then `body(cfg, sr, accelerator, threads)`. An exception after `sr.begin` marks the
+    manifest failed. A Trainer the stage builds later shares this accelerator's state, so it must
+    ask for the same mixed precision."""
     from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
 
     threads = configure_threads(cfg.threads)
-    accelerator = make_accelerator(mixed_precision=resolve_precision(precision))
+    accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
     seed_everything(cfg.seed)
     sr = StageRun(cfg, accelerator.is_main_process)
     try:

@@ -166,7 +166,7 @@ def prepare_tokenizer(cfg: PretrainConfig, sr: StageRun, accelerator, texts: lis
 
 
 def run(cfg: PretrainConfig) -> runs.Manifest:
-    return run_stage(cfg, _run, cfg.precision)
+    return run_stage(cfg, _run)
 
 
 def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:

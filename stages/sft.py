@@ -142,7 +142,7 @@ def _stop_after_callback(cfg):
 
 
 def run(cfg: SFTConfig) -> runs.Manifest:
-    return run_stage(cfg, _run, cfg.precision)
+    return run_stage(cfg, _run)
 
 
 def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:

@@ -31,7 +31,7 @@ from stages.ppo.models import export_policy, load_models, resolve_sources
 
 
 def run(cfg: PPOConfig) -> runs.Manifest:
-    return run_stage(cfg, _run, cfg.precision)
+    return run_stage(cfg, _run)
 
 
 def check_sizes(cfg: PPOConfig, world: int) -> int:
