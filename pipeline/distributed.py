@@ -13,6 +13,7 @@ With DDP or one process each is the plain operation on the unwrapped model.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -88,10 +89,12 @@ def plain_copy(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     return copy.to(accelerator.device).train(unwrapped.training)
 
 
-def save_model(accelerator, model: torch.nn.Module, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+def save_model(accelerator, model: torch.nn.Module, tokenizer, out_dir: Path, state_dict: dict | None = None,
+               copies: dict[str, Path] | None = None) -> None:
     """Write `out_dir` as a plain `save_pretrained` directory (safetensors + tokenizer), atomically,
     from rank 0, whatever the launcher. The saved config keeps `use_cache: true` so that a user's
-    `generate` uses the KV cache. Every rank must call this (the gather is a collective)."""
+    `generate` uses the KV cache. `copies`: subdirectory name -> a directory copied into it whole,
+    in the same atomic write. Every rank must call this (the gather is a collective)."""
     state_dict = full_state_dict(accelerator, model) if state_dict is None else state_dict
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -101,6 +104,8 @@ def save_model(accelerator, model: torch.nn.Module, tokenizer, out_dir: Path, st
         with runs.atomic_dir(out_dir) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
+            for name, source in (copies or {}).items():
+                shutil.copytree(source, Path(tmp) / name)
     accelerator.wait_for_everyone()
 
 

@@ -45,6 +45,10 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
     if rm and norm.get("enabled"):
         purpose += (f" Its score is normalised to mean 0{' and std 1' if norm.get('std') else ''} over SFT samples, "
                     "folded into the head.")
+    likelihood = rm and (model_dir / "likelihood" / "config.json").exists()  # reward_model/likelihood.py
+    if likelihood:
+        purpose += (" Its score adds a likelihood term: the classifier's logit plus `coef` times the log-likelihood "
+                    "of the response under the frozen SFT model in `likelihood/` (`config.reward_likelihood`).")
     chat = (f"make chat RUN={m.run_name} STAGE={m.stage}{' ARGS=--ema' if ema else ''}" if cfg.get("runs_dir") == "runs"
             else f"python -m pipeline chat {m.run_name} --stage {m.stage} --runs-dir {cfg.get('runs_dir')}"
                  f"{' --ema' if ema else ''}")
@@ -71,8 +75,21 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
                   'messages = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "Answer: 7."}]',
                   "text = tokenizer.apply_chat_template(messages, tokenize=False)",
                   f'text = text[: text.rindex("{eot}") + len("{eot}")]  # the score is read at the end of the turn',
-                  'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")',
-                  "print(model(**inputs).logits[0, 0].item())", "```", ""]
+                  'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")']
+        if likelihood:
+            lines += ["score = model(**inputs).logits[0, 0].item()",
+                      "# the likelihood term: coef * log p(response | prompt) under the frozen SFT model in likelihood/",
+                      "import torch", "from transformers import AutoModelForCausalLM", "",
+                      'lm = AutoModelForCausalLM.from_pretrained(path + "/likelihood")',
+                      "prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)",
+                      'start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # first response token',
+                      'ids = inputs["input_ids"][0]',
+                      "with torch.no_grad():",
+                      "    logp = torch.log_softmax(lm(**inputs).logits[0, :-1].float(), -1)",
+                      "log_lik = logp.gather(-1, ids[1:, None])[start - 1:].sum().item()",
+                      'print(score + model.config.reward_likelihood["coef"] * log_lik)', "```", ""]
+        else:
+            lines += ["print(model(**inputs).logits[0, 0].item())", "```", ""]
     elif m.stage == "pretrain":
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",

@@ -224,10 +224,21 @@ def _rm_text(m: runs.Manifest) -> list[str]:
     out += ["", "A `different_finish` pair can be ranked by the missing end token alone (a truncation cue); "
             "`correctness_same_finish` pairs differ only in whether the answer is right, so their accuracy shows "
             "whether the RM judges answers. 95% Wilson intervals, which treat the pairs of one prompt as independent.",
-            "", "| pair kind | meaning | pairs | accuracy |", "|---|---|---|---|"]
+            ""]
+    parts = m.extra.get("eval_accuracy_of_parts", {})  # a reward model with a likelihood term
+    if parts:
+        out[-1:] = ["", f"The score is the classifier head plus {mt.get('likelihood/coef', float('nan')):.3g} × the "
+                    "log-likelihood of the response under the frozen SFT model (docs/ppo.md §13); each part alone "
+                    f"ranks {_acc(parts['head']['overall'])} (head) and {_acc(parts['likelihood']['overall'])} "
+                    "(likelihood) of the pairs.", ""]
+    out += ["| pair kind | meaning | pairs | accuracy |" + (" head alone | likelihood alone |" if parts else ""),
+            "|---|---|---|---|" + ("---|---|" if parts else "")]
     for kind, meaning in RM_PAIR_KINDS.items():
         if kind in by_kind:  # only kinds with pairs are recorded
-            out.append(f"| {kind} | {meaning} | {by_kind[kind]['pairs']} | {_acc(by_kind[kind])} |")
+            row = f"| {kind} | {meaning} | {by_kind[kind]['pairs']} | {_acc(by_kind[kind])} |"
+            for name in ("head", "likelihood") if parts else ():
+                row += f" {_acc(parts[name]['by_kind'][kind])} |"
+            out.append(row)
     if "eval/different_finish_fraction" in mt:
         out += ["", f"{mt['eval/different_finish_fraction']:.1%} of held-out pairs differ in finishing."]
     return out + [""]

@@ -64,6 +64,26 @@ def accuracy_by_correctness(rankings: list[list[int]], rewards: list[list[float]
     return {k: _rate(c, n) for k, (c, n) in sorted(hits.items())}
 
 
+def per_comparison(comparisons: list, flat: list[float]) -> list[list[float]]:
+    """Values of every response in comparison order (`flat`) -> one list per comparison."""
+    out, i = [], 0
+    for c in comparisons:
+        out.append(flat[i: i + len(c.responses)])
+        i += len(c.responses)
+    return out
+
+
+def accuracy_by_part(comparisons: list, scores: list[float]) -> dict:
+    """Held-out accuracy of one part of a score (e.g. the likelihood term alone), flat `scores`
+    in comparison order -> {"overall": {accuracy, pairs, low, high}, "by_kind": accuracy_by_correctness}."""
+    per_comp = per_comparison(comparisons, scores)
+    rankings = [c.ranking for c in comparisons]
+    overall = pairwise_accuracy(rankings, per_comp)
+    overall.pop("by_group")
+    return {"overall": overall, "by_kind": accuracy_by_correctness(rankings, per_comp, [c.correct for c in comparisons],
+                                                                   [c.finished for c in comparisons])}
+
+
 def chosen_rejected(rankings: list[list[int]], rewards: list[list[float]]) -> tuple[list[float], list[float]]:
     """Rewards of the preferred and the dispreferred response of every ranked pair."""
     chosen, rejected = [], []
@@ -111,16 +131,14 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 
 def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]], batch_size: int = 64,
-                         accelerator=None) -> tuple[dict, dict, list[list]]:
-    """Score every response of the held-out comparisons (`seqs` = their rendered ids, in order)
+                         accelerator=None, starts: list[int] | None = None) -> tuple[dict, dict, list[list]]:
+    """Score every response of the held-out comparisons (`seqs` = their rendered ids, in order;
+    `starts` = their response starts, which a reward model with a likelihood term needs)
     -> (metrics, manifest extra, sample-table rows). Metrics: pairwise accuracy overall and per
     skill (ties excluded), mean reward of chosen / rejected responses, reward-length correlation
     (and the labeler's own, when gold scores are known). Extra: accuracy by skill, histograms."""
-    scores = score_ids(model, seqs, tokenizer.pad_token_id, batch_size, accelerator)[0].tolist()
-    per_comp, i = [], 0
-    for c in held_out:
-        per_comp.append(scores[i: i + len(c.responses)])
-        i += len(c.responses)
+    scores = score_ids(model, seqs, tokenizer.pad_token_id, batch_size, accelerator, starts=starts)[0].tolist()
+    per_comp = per_comparison(held_out, scores)
     rankings = [c.ranking for c in held_out]
     acc = pairwise_accuracy(rankings, per_comp, [c.skill for c in held_out])
     chosen, rejected = chosen_rejected(rankings, per_comp)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.models import attn_implementation, disable_dropout, whole_on_every_rank
+from reward_model.likelihood import attach, load_likelihood
 
 
 @contextlib.contextmanager
@@ -40,7 +41,8 @@ def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.fl
     """Load `path` (an SFT causal LM or a saved reward model) as a scalar reward model.
 
     Sets `config.pad_token_id` from `tokenizer` (refusing pad == eos), turns dropout off, grows
-    the embeddings if the tokenizer gained tokens, and gives a new head (absent from an SFT
+    the embeddings if the tokenizer gained tokens, attaches the likelihood term a saved reward
+    model declares (`reward_model.likelihood`), and gives a new head (absent from an SFT
     checkpoint) the N(0, 1/sqrt(d+1)) init of Stiennon et al. 2020, so initial scores are ~N(0, 1).
     """
     from transformers import AutoModelForSequenceClassification
@@ -58,7 +60,8 @@ def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.fl
         d = model.score.in_features
         with torch.no_grad():
             model.score.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
-    return model
+    # a saved reward model with a likelihood term scores with it (reward_model/likelihood.py)
+    return attach(model, load_likelihood(path, dtype, attn, model.device))
 
 
 # ------------------------------------------------------------------------------------------
@@ -106,8 +109,10 @@ def normalized_head(weight: Tensor, direction: Tensor, mean: float | Tensor, std
     return (shifted / std).to(weight.device, weight.dtype)
 
 
-def folded_head(weight: Tensor, hidden: Tensor, scores: Tensor, use_std: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """The normalized head for reference hidden states [N, d] and their scores [N] (= w·hidden):
+def folded_head(weight: Tensor, hidden: Tensor, scores: Tensor, use_std: bool = True,
+                offset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The normalized head for reference hidden states [N, d] and their scores [N] (= w·hidden,
+    plus `offset` [N], the part of each score that is not the head's: the likelihood term):
     -> (new weight with `weight`'s device and dtype, μ, σ as float64 0-dim tensors on `hidden`'s
     device). Statistics are computed in float64 where `hidden` lives (score_ids returns it on the
     CPU), whatever device and dtype the head has; σ is measured on the shift-folded scores, with
@@ -119,13 +124,15 @@ def folded_head(weight: Tensor, hidden: Tensor, scores: Tensor, use_std: bool = 
     std = torch.ones((), dtype=torch.float64, device=h.device)
     if use_std:
         shifted = h @ normalized_head(w, direction, mean, 1.0).double()[0]
+        if offset is not None:
+            shifted = shifted + offset.to(h.device, torch.float64)
         std = shifted.std(unbiased=False)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
     return normalized_head(w, direction, mean, std).to(weight.device), mean, std
 
 
 @torch.no_grad()
-def fold_normalization(model, hidden: Tensor, scores: Tensor, use_std: bool = True) -> dict:
+def fold_normalization(model, hidden: Tensor, scores: Tensor, use_std: bool = True, offset: Tensor | None = None) -> dict:
     """Normalize `model`'s scores in place from a reference set: hidden [N, d] final hidden
     states at the scored token and scores [N] (= w·hidden), on any device (usually the CPU,
     as `score_ids` returns them). Afterwards the reference scores have mean exactly 0 and (with
@@ -133,7 +140,7 @@ def fold_normalization(model, hidden: Tensor, scores: Tensor, use_std: bool = Tr
     applied; they are also written to `config.reward_normalization` so the model directory
     describes itself."""
     w = model.score.weight
-    new, mean, std = folded_head(w, hidden, scores, use_std)
+    new, mean, std = folded_head(w, hidden, scores, use_std, offset)
     w.copy_(new.to(w.device, w.dtype))
     stats = {"mean": mean.item(), "std": std.item(), "reference_size": int(scores.numel())}
     model.config.reward_normalization = stats
@@ -153,9 +160,12 @@ def shift_deviation(weight_before: Tensor, weight_after: Tensor, hidden: Tensor,
 
 
 def normalize_on_reference(model, ref_seqs: list[list[int]], heldout_seqs: list[list[int]], pad_id: int,
-                           use_std: bool = True, batch_size: int = 64, accelerator=None) -> dict:
+                           use_std: bool = True, batch_size: int = 64, accelerator=None,
+                           ref_offset: Tensor | None = None) -> dict:
     """Fold the normalization measured on `ref_seqs` (rendered SFT samples) into `model`, and
     measure on `heldout_seqs` how far the folded head is from the exact map (s − μ)/σ.
+    `ref_offset` [N]: the rest of each reference score besides the head (the likelihood term,
+    already weighted); the caller divides that term's coefficient by the returned `raw_std`.
     -> {raw_mean, raw_std, ref_mean, ref_std, heldout_max_abs_dev, heldout_mean_abs_dev, reference_size}."""
     from reward_model.scoring import score_ids
 
@@ -165,9 +175,14 @@ def normalize_on_reference(model, ref_seqs: list[list[int]], heldout_seqs: list[
     # the scores as the head computes them, in float64: under bf16 autocast the forward's own
     # are rounded to ~3 digits, and the folded mean would miss 0 by as much
     ref_scores = ref_hidden.double() @ w_before.to(ref_hidden.device, torch.float64)[0]
-    stats = fold_normalization(model, ref_hidden, ref_scores, use_std)
+    offset = None if ref_offset is None else ref_offset.to(ref_hidden.device, torch.float64)
+    if offset is not None:
+        ref_scores = ref_scores + offset
+    stats = fold_normalization(model, ref_hidden, ref_scores, use_std, offset=offset)
     w_after = model.score.weight.detach()
     after = ref_hidden.double() @ w_after.to(ref_hidden.device, torch.float64)[0]  # where the hidden states are
+    if offset is not None:
+        after = after + offset / stats["std"]
     dev = shift_deviation(w_before, w_after, heldout_hidden, stats["mean"], stats["std"])
     return {"raw_mean": stats["mean"], "raw_std": stats["std"], "ref_mean": after.mean().item(),
             "ref_std": after.std(unbiased=False).item(), "heldout_max_abs_dev": dev["max_abs_dev"],

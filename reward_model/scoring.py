@@ -12,6 +12,7 @@ from torch import Tensor
 
 from pipeline.evaluation import gather, shard
 from pipeline.tokenizer import assistant_token_mask, chat_ids, end_of_turn_id
+from reward_model.likelihood import response_log_likelihoods, term_of
 
 
 def as_messages(prompt: str | list[dict]) -> list[dict]:
@@ -32,12 +33,19 @@ def render(tokenizer, prompt: str | list[dict], response: str, finished: bool = 
     An unfinished response (cut off at the length limit) keeps no end-of-turn token, so the RM sees
     the same evidence the labeler saw: the score is then read at its last real token.
     """
+    return render_span(tokenizer, prompt, response, finished)[0]
+
+
+def render_span(tokenizer, prompt: str | list[dict], response: str, finished: bool = True) -> tuple[list[int], int]:
+    """`render`'s ids and the index of the response's first token (where the assistant's
+    content starts): the likelihood term (reward_model.likelihood) sums over the tokens from there."""
     messages = as_messages(prompt) + [{"role": "assistant", "content": response}]
     ids, mask = assistant_token_mask(tokenizer, messages, first=len(messages) - 1)
     end = max((i + 1 for i, m in enumerate(mask) if m), default=len(ids))
     if not finished and end > 0 and ids[end - 1] == end_of_turn_id(tokenizer):
         end -= 1
-    return ids[:end]
+    start = next((i for i, m in enumerate(mask) if m), end)
+    return ids[:end], max(1, min(start, end))
 
 
 def right_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -52,11 +60,23 @@ def right_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "
     return ids.to(device), mask.to(device)
 
 
-def forward_rewards(model, seqs: list[list[int]], pad_id: int) -> Tensor:
+def forward_rewards(model, seqs: list[list[int]], pad_id: int, starts: list[int] | None = None) -> Tensor:
     """One forward of a right-padded batch -> rewards [B] float32 on the model's device (with grad
-    if enabled), whatever the model's dtype."""
+    if enabled), whatever the model's dtype. A reward model with a likelihood term
+    (reward_model.likelihood) adds it, which needs each sequence's response start (`render_span`)."""
     ids, mask = right_pad(seqs, pad_id, next(model.parameters()).device)
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
+    rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
+    term = term_of(model)
+    if term is not None:
+        if starts is None or len(starts) != len(seqs):
+            raise ValueError("this reward model has a likelihood term: pass each sequence's response start "
+                             "(reward_model.scoring.render_span)")
+        with torch.no_grad():
+            device = next(term.model.parameters()).device
+            log_lik = response_log_likelihoods(term.model, ids.to(device), mask.to(device),
+                                               torch.tensor(starts, device=device))
+        rewards = rewards + term.coef * log_lik.to(rewards.device)
+    return rewards
 
 
 def group_rewards(model, groups: list[list[list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -76,11 +96,37 @@ def group_rewards(model, groups: list[list[list[int]]], pad_id: int) -> tuple[Te
     return out, valid_mask
 
 
+def _in_length_batches(seqs: list[list[int]], batch_size: int, accelerator, fn) -> tuple[list[list[int]], list]:
+    """Run `fn(indices)` over length-sorted batches of `seqs` (less padding), the batches split
+    over ranks -> (batches, results): every rank gets every batch's result, in `batches`' order."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches, gather([fn(idx) for idx in shard(batches, accelerator)], accelerator)
+
+
+@torch.no_grad()
+def log_likelihood_ids(lm, seqs: list[list[int]], starts: list[int], pad_id: int, batch_size: int = 64,
+                       accelerator=None) -> Tensor:
+    """Sum of the response tokens' log-probabilities under the causal LM `lm`, for rendered
+    sequences and their response starts (`render_span`) -> [N] float32 on the CPU."""
+    device = next(lm.parameters()).device
+
+    def one(idx: list[int]):
+        ids, mask = right_pad([seqs[i] for i in idx], pad_id, device)
+        return response_log_likelihoods(lm, ids, mask, torch.tensor([starts[i] for i in idx], device=device)).cpu()
+
+    out = torch.empty(len(seqs), device="cpu")
+    for idx, values in zip(*_in_length_batches(seqs, batch_size, accelerator, one)):
+        out[idx] = values
+    return out
+
+
 @torch.no_grad()
 def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, accelerator=None,
-              with_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+              with_hidden: bool = False, starts: list[int] | None = None) -> tuple[Tensor, Tensor | None]:
     """Rewards [N] of rendered sequences (and the final hidden state at the scored token,
     [N, d], when `with_hidden`), both float32 on the CPU whatever the model's device and dtype.
+    `starts`: each sequence's response start, needed by a reward model with a likelihood term.
     Batches are length-sorted to cut padding; with an accelerator the batches are split over
     ranks and every rank gets all results, in input order."""
     if model.config.pad_token_id != pad_id:
@@ -91,27 +137,26 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, a
                 torch.zeros(0, model.score.in_features, device="cpu") if with_hidden else None)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     captured: list[Tensor] = []
     hook = model.score.register_forward_hook(lambda m, inp, out: captured.append(inp[0])) if with_hidden else None
-    results = []
+
+    def one(idx: list[int]):
+        batch = [seqs[i] for i in idx]
+        rewards = forward_rewards(model, batch, pad_id, None if starts is None else [starts[i] for i in idx]).cpu()
+        hidden = None
+        if with_hidden:
+            # the same token transformers pools: the last one that is not pad
+            h = captured.pop()
+            last = torch.tensor([len(s) - 1 for s in batch], device=h.device)
+            hidden = h[torch.arange(len(batch), device=h.device), last].float().cpu()
+        return rewards, hidden
+
     try:
-        for idx in shard(batches, accelerator):
-            batch = [seqs[i] for i in idx]
-            rewards = forward_rewards(model, batch, pad_id).cpu()  # results are gathered on the CPU
-            hidden = None
-            if with_hidden:
-                # the same token transformers pools: the last one that is not pad
-                h = captured.pop()
-                last = torch.tensor([len(s) - 1 for s in batch], device=h.device)
-                hidden = h[torch.arange(len(batch), device=h.device), last].float().cpu()
-            results.append((rewards, hidden))
+        batches, results = _in_length_batches(seqs, batch_size, accelerator, one)
     finally:
         if hook is not None:
             hook.remove()
         model.train(was_training)
-    results = gather(results, accelerator)
     scores = torch.empty(len(seqs), device="cpu")
     hidden_all = torch.empty(len(seqs), model.score.in_features, device="cpu") if with_hidden else None
     for idx, (rewards, hidden) in zip(batches, results):
@@ -132,5 +177,6 @@ def score(model, tokenizer, prompts: list, responses: list[str], finished: list[
     if len(prompts) != len(responses):
         raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
     finished = finished if finished is not None else [True] * len(responses)
-    seqs = [render(tokenizer, p, r, f) for p, r, f in zip(prompts, responses, finished)]
-    return score_ids(model, seqs, tokenizer.pad_token_id, batch_size, accelerator)[0]
+    spans = [render_span(tokenizer, p, r, f) for p, r, f in zip(prompts, responses, finished)]
+    return score_ids(model, [ids for ids, _ in spans], tokenizer.pad_token_id, batch_size, accelerator,
+                     starts=[start for _, start in spans])[0]

@@ -34,9 +34,10 @@ from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.losses import kwise_loss
-from reward_model.metrics import evaluate_comparisons
+from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_coef
+from reward_model.metrics import accuracy_by_part, evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
-from reward_model.scoring import group_rewards, render
+from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
 from reward_model.trl_pairwise import last_hf_checkpoint, train_pairwise
 from stages.pretrain import global_batch_indices
 
@@ -96,6 +97,10 @@ class RMConfig(StageConfig):
     micro_batch_size: int = F(8, "at most this many prompts or pairs per process per forward/backward (lowered to "
                                  "divide the per-process batch)")
     center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)")
+    likelihood_term: bool = F(True, "score = head + c·log p_SFT(response | prompt): add the frozen parent's "
+                                    "log-likelihood of the response, c fitted on the training comparisons "
+                                    "(reward_model/likelihood.py); the RM directory then holds a copy of the parent "
+                                    "model. false = a plain classifier")
     eval_batch_size: int = F(64, "sequences per scoring forward")
     sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons")
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
@@ -136,6 +141,7 @@ class Prepared:
     comparisons: list      # all sampled/imported training comparisons (saved for world runs)
     train: list            # those with >= 1 ranked pair and within max_length
     train_seqs: list       # per comparison, the rendered token ids of each response
+    train_starts: list     # per comparison, each response's first token index in its rendered ids
     held_out: list         # Comparison for evaluation
     reference: list        # (prompt, response, finished) SFT samples for normalization
     fingerprint: str
@@ -171,15 +177,18 @@ def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
     resuming = sr.latest_checkpoint() is not None or last_hf_checkpoint(sr) is not None
     comparisons, held_out, reference = _comparisons(cfg, sr, accelerator, parent, tokenizer, resuming, log)
     train = [c for c in comparisons if c.pairs()]  # all-tie comparisons carry no signal
-    train_seqs = [[render(tokenizer, c.prompt, r, f) for r, f in zip(c.responses, c.finished)] for c in train]
-    keep = [i for i, g in enumerate(train_seqs) if max(map(len, g)) <= cfg.data.max_length]
+    spans = [[render_span(tokenizer, c.prompt, r, f) for r, f in zip(c.responses, c.finished)] for c in train]
+    keep = [i for i, g in enumerate(spans) if max(len(ids) for ids, _ in g) <= cfg.data.max_length]
     if len(keep) < len(train):
         log(f"dropped {len(train) - len(keep)} comparisons longer than data.max_length={cfg.data.max_length} tokens")
-    train, train_seqs = [train[i] for i in keep], [train_seqs[i] for i in keep]
+    train = [train[i] for i in keep]
+    train_seqs = [[ids for ids, _ in spans[i]] for i in keep]
+    train_starts = [[start for _, start in spans[i]] for i in keep]
     if not train:
         raise DataError("no training comparison has a ranked pair (all ties, or longer than data.max_length)")
     fingerprint = runs.data_fingerprint([c.record() for c in train])
-    return Prepared(parent, tokenizer, comparisons, train, train_seqs, held_out, reference, fingerprint, resuming)
+    return Prepared(parent, tokenizer, comparisons, train, train_seqs, train_starts, held_out, reference, fingerprint,
+                    resuming)
 
 
 def _logger(accelerator):
@@ -214,34 +223,66 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         tracker.finish()
         return sr.manifest
 
-    # 3. normalize: SFT samples score mean 0 (std 1), stored in the weights
-    eval_seqs = [render(tokenizer, c.prompt, r, f) for c in held_out for r, f in zip(c.responses, c.finished)]
+    # 3. the likelihood term's coefficient, fitted on the training comparisons
+    term, extra = None, {}
+    if cfg.likelihood_term:
+        term = _fit_likelihood(cfg, prep, accelerator, model)
+        extra["likelihood_coef_fitted"] = term.coef
+        if term.coef > 0:
+            log(f"likelihood term: score = head + {term.coef:.4g} * log p_SFT(response), fitted on the training comparisons")
+        else:
+            log("likelihood term: the fitted coefficient is 0 (the parent's likelihood does not help rank the training "
+                "comparisons); the reward model is a plain classifier")
+            term = None
+
+    # 4. normalize: SFT samples score mean 0 (std 1), stored in the weights
+    eval_spans = [render_span(tokenizer, c.prompt, r, f) for c in held_out for r, f in zip(c.responses, c.finished)]
+    eval_seqs, eval_starts = [ids for ids, _ in eval_spans], [start for _, start in eval_spans]
     finished = [f for c in prep.comparisons for f in c.finished]
     metrics = {**{f"train/{k}": v for k, v in last.items()}, "data/comparisons": len(prep.comparisons),
                "data/ranked_pairs": n_pairs,
                "data/all_tie_fraction": sum(not c.pairs() for c in prep.comparisons) / len(prep.comparisons),
                "data/finished_rate": sum(finished) / max(1, len(finished))}
-    extra: dict = {}
     if cfg.normalize.enabled:
-        ref_seqs = [render(tokenizer, p, r, f) for p, r, f in prep.reference]
+        ref_spans = [render_span(tokenizer, p, r, f) for p, r, f in prep.reference]
+        ref_seqs = [ids for ids, _ in ref_spans]
+        offset = None if term is None else term.coef * log_likelihood_ids(
+            term.model, ref_seqs, [start for _, start in ref_spans], tokenizer.pad_token_id, cfg.eval_batch_size,
+            accelerator)
         stats = normalize_on_reference(model, ref_seqs, eval_seqs, tokenizer.pad_token_id, cfg.normalize.std,
-                                       cfg.eval_batch_size, accelerator)
+                                       cfg.eval_batch_size, accelerator, ref_offset=offset)
+        if term is not None:
+            term.coef /= stats["raw_std"]  # the whole score is divided by σ, the term with the head
         metrics.update({f"norm/{k}": v for k, v in stats.items()})
         extra["normalization"] = stats
+    if term is not None:
+        # each part alone on the held-out comparisons: what the head and the likelihood rank right
+        pad, bs = tokenizer.pad_token_id, cfg.eval_batch_size
+        parts = {"head": score_ids(model, eval_seqs, pad, bs, accelerator)[0].tolist(),
+                 "likelihood": log_likelihood_ids(term.model, eval_seqs, eval_starts, pad, bs, accelerator).tolist()}
+        extra["eval_accuracy_of_parts"] = {name: accuracy_by_part(held_out, v) for name, v in parts.items()}
+        attach(model, term)
+        metrics["likelihood/coef"] = term.coef
 
-    # 4. evaluate on held-out comparisons
+    # 5. evaluate on held-out comparisons (with the likelihood term: also each part alone)
     eval_metrics, eval_extra, rows = evaluate_comparisons(model, tokenizer, held_out, eval_seqs, cfg.eval_batch_size,
-                                                          accelerator)
+                                                          accelerator, starts=eval_starts)
     metrics.update(eval_metrics)
     extra.update(eval_extra)
+    for name, v in extra.get("eval_accuracy_of_parts", {}).items():
+        metrics[f"eval/pairwise_accuracy/{name}_only"] = v["overall"]["accuracy"]
+        if "correctness" in v["by_kind"]:
+            metrics[f"eval/pairwise_accuracy/{name}_only_correctness_pairs"] = v["by_kind"]["correctness"]["accuracy"]
     tracker.log(metrics, step)
     tracker.table("eval/samples", ["prompt", "skill", "response", "finished", "rank", "gold_score", "reward"],
                   stratified(rows, 1, 200), step)
     tracker.summary(metrics)
 
-    # 5. hand off: a plain save_pretrained directory with normalized scores
+    # 6. hand off: a plain save_pretrained directory with normalized scores (and the likelihood
+    # term's frozen model, an exact copy of the parent's files)
     model_dir = sr.dir / "model"
-    save_model(accelerator, model, tokenizer, model_dir)
+    save_model(accelerator, model, tokenizer, model_dir,
+               copies={SUBDIR: prep.parent.model_dir} if term is not None else None)
     headline = {"pairwise_acc": metrics["eval/pairwise_accuracy"],
                 "chosen_minus_rejected": metrics["eval/reward_chosen_mean"] - metrics["eval/reward_rejected_mean"]}
     if "norm/heldout_max_abs_dev" in metrics:
@@ -251,6 +292,24 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     if is_main:
         _report(manifest, metrics, extra, model_dir)
     return manifest
+
+
+def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model) -> LikelihoodTerm:
+    """The frozen parent and the coefficient c that best ranks the training comparisons as
+    head + c·log p_parent(response) (the head as trained, unnormalized)."""
+    lm = _sampling_policy(cfg, prep.parent, prep.tokenizer, accelerator).eval().requires_grad_(False)
+    pad, bs = prep.tokenizer.pad_token_id, cfg.eval_batch_size
+    flat = [s for g in prep.train_seqs for s in g]
+    starts = [s for g in prep.train_starts for s in g]
+    head = score_ids(model, flat, pad, bs, accelerator)[0]
+    log_lik = log_likelihood_ids(lm, flat, starts, pad, bs, accelerator)
+    k_max = max(len(g) for g in prep.train_seqs)
+    lengths = torch.tensor([len(g) for g in prep.train_seqs])
+    valid = torch.arange(k_max) < lengths[:, None]
+    grid = lambda v: torch.zeros(len(lengths), k_max, dtype=v.dtype).masked_scatter(valid, v)  # noqa: E731
+    ranks = torch.stack([torch.nn.functional.pad(torch.tensor(c.ranking), (0, k_max - len(c.ranking)), value=k_max)
+                         for c in prep.train])
+    return LikelihoodTerm(lm, fit_coef(grid(head), grid(log_lik), ranks, valid))
 
 
 def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, resuming: bool, log):
@@ -407,6 +466,10 @@ def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
         if kind in by_kind:
             v, label = by_kind[kind], ("  " if kind.startswith("correctness_") else "") + kind + " pairs"
             print(f"    {label:<36} {_fmt(v['accuracy'], v['low'], v['high'])}  ({v['pairs']} pairs: {what})")
+    for name, v in extra.get("eval_accuracy_of_parts", {}).items():
+        correct = v["by_kind"].get("correctness")
+        print(f"    {name + ' alone':<36} {_fmt(v['overall']['accuracy'], v['overall']['low'], v['overall']['high'])}"
+              + (f"  (correctness pairs {_fmt(correct['accuracy'], correct['low'], correct['high'])})" if correct else ""))
     if metrics["eval/pairs"]:
         share = metrics["eval/different_finish_fraction"]
         print(f"  {share:.1%} of held-out pairs differ in finishing (finished rate of the training responses "

@@ -234,7 +234,7 @@ def test_normalize_on_reference_mixes_cpu_statistics_with_a_gpu_head(monkeypatch
                                 config=SimpleNamespace())
         monkeypatch.setattr(scoring, "score_ids", lambda m, seqs, *a, **k: (torch.randn(len(seqs)),
                                                                              torch.randn(len(seqs), 8)))
-        monkeypatch.setattr(rm_model, "fold_normalization", lambda m, hidden, scores, use_std=True: {
+        monkeypatch.setattr(rm_model, "fold_normalization", lambda m, hidden, scores, use_std=True, offset=None: {
             "mean": scores.double().mean().item(), "std": 1.0, "reference_size": scores.numel()})
         stats = normalize_on_reference(model, [[1]] * 20, [[1]] * 10, pad_id=0)
         assert set(stats) >= {"ref_mean", "ref_std", "heldout_max_abs_dev", "heldout_mean_abs_dev"}

@@ -82,7 +82,7 @@ def test_card_snippets_run_and_agree_with_the_project(chain, monkeypatch):
     from pipeline.evaluation import generate
     from pipeline.models import load_causal_lm, load_tokenizer
     from reward_model.model import load_reward_model
-    from reward_model.scoring import forward_rewards, prompt_ids, render
+    from reward_model.scoring import forward_rewards, prompt_ids, render_span
 
     from pipeline.tokenizer import end_of_turn_id
 
@@ -96,7 +96,8 @@ def test_card_snippets_run_and_agree_with_the_project(chain, monkeypatch):
         printed[d] = out.getvalue().strip()
     tok = load_tokenizer(chain / "rm" / "model")
     rm = load_reward_model(chain / "rm" / "model", tok)
-    expected = forward_rewards(rm, [render(tok, "What is 3 + 4?", "Answer: 7.")], tok.pad_token_id).item()
+    ids, start = render_span(tok, "What is 3 + 4?", "Answer: 7.")
+    expected = forward_rewards(rm, [ids], tok.pad_token_id, [start]).item()
     assert float(printed["rm/model"]) == pytest.approx(expected, abs=1e-5)
     for d in ("sft/model", "ppo/model", "ppo/model_ema"):
         tok = load_tokenizer(chain / d)

@@ -41,6 +41,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.runtime import adamw, configure_threads, make_accelerator, quiet_libraries, resolve_precision, seed_everything
 from pipeline.world import World
+from reward_model.likelihood import term_of
 from reward_model.scoring import render, right_pad
 from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts
@@ -171,6 +172,8 @@ def floor_score(models, r, batch_size: int, reward_seqs: list[list[int]]) -> Non
         models.value_model(ids, mask, pos)
         rm_ids, rm_mask = right_pad(reward_seqs[i: i + batch_size], models.reward_tokenizer.pad_token_id, device)
         models.reward(input_ids=rm_ids, attention_mask=rm_mask)
+        if (term := term_of(models.reward)) is not None:  # the RM's likelihood term: one more forward
+            term.model(input_ids=rm_ids, attention_mask=rm_mask, use_cache=False)
 
 
 def floor_update(policy, value_model, opt_policy, opt_critic, r, cfg, temperature: float) -> None:

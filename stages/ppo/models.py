@@ -20,6 +20,7 @@ import torch
 from pipeline import runs
 from pipeline.models import (attn_implementation, disable_dropout, enable_gradient_checkpointing, frozen_dtype,
                              load_causal_lm, load_tokenizer, whole_on_every_rank)
+from reward_model.likelihood import attach, load_likelihood
 from stages.ppo.functional import ema_update
 
 
@@ -156,6 +157,7 @@ def load_models(cfg, sources: Sources, device) -> PPOModels:
     else:
         ref = _frozen(disable_dropout(load_causal_lm(sources.policy_dir, tokenizer, frozen, attn))).to(device)
     reward = _frozen(load_sequence_classifier(sources.reward_dir, reward_tokenizer, frozen, attn)).to(device)
+    attach(reward, load_likelihood(sources.reward_dir, frozen, attn, device))  # the RM's likelihood term, if it has one
     critic, critic_source = load_critic(sources, tokenizer, reward_tokenizer, attn)
     if lora and cfg.policy.lora.critic:
         critic = _lora(critic, cfg.policy.lora, "SEQ_CLS")

@@ -1,0 +1,113 @@
+"""The reward model's likelihood term: score(x, y) = head(x, y) + c · log p_SFT(y | x).
+
+A scalar head read at the last token learns a small model's cues of form quickly and its
+judgement of correctness slowly, while the SFT policy the reward model starts from already tells
+many right answers from wrong ones by how likely it finds them (docs/ppo.md §13: on the built-in
+world's held-out pairs that only correctness decides, the SFT log-likelihood ranks 82-84% of pairs
+right, the trained head 62-67%). The term adds that judgement, as a generative verifier reads a
+language model's probabilities (Zhang et al. 2024, arXiv 2408.15240): the log-likelihood of the
+response tokens (the end-of-turn token included) under the frozen SFT model, weighted by `c`.
+
+`c` is one number, fitted after the head is trained, by maximum likelihood of the training
+comparisons under the same ranking model the head was trained with (the K-wise Bradley-Terry loss,
+convex in `c`), so no held-out comparison takes part in it. Normalization then scales `c` with the
+head. The reward model directory keeps the frozen model in `likelihood/` and the coefficient in
+`config.reward_likelihood`; `reward_model.scoring` adds the term wherever the RM scores.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from reward_model.losses import kwise_loss
+
+SUBDIR = "likelihood"
+
+
+@dataclass
+class LikelihoodTerm:
+    """A frozen causal LM that reads the RM's token ids, and its weight in the score."""
+
+    model: torch.nn.Module
+    coef: float
+
+    def describe(self) -> dict:
+        """What `config.reward_likelihood` stores (the model is saved in `SUBDIR`)."""
+        return {"coef": self.coef, "model": SUBDIR,
+                "score": "classifier logit + coef * sum of log p(response tokens | prompt) under the model in "
+                         f"{SUBDIR}/ (the SFT policy the reward model was trained from)"}
+
+
+def response_log_likelihoods(lm: torch.nn.Module, ids: Tensor, mask: Tensor, starts: Tensor) -> Tensor:
+    """Sum of log p(token | earlier tokens) over each row's response tokens -> [B] float32.
+
+    ids, mask [B, L] right-padded (mask True = real token); starts [B]: index of each row's first
+    response token (>= 1). The response runs from `start` to the row's last real token."""
+    logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    token_lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    pos = torch.arange(1, ids.shape[1], device=ids.device)[None]
+    in_response = (pos >= starts.to(ids.device)[:, None]) & mask[:, 1:]
+    return (token_lp * in_response).sum(1)
+
+
+def fit_coef(head: Tensor, log_lik: Tensor, ranks: Tensor, valid_mask: Tensor, steps: int = 50) -> float:
+    """The coefficient c >= 0 that minimises the K-wise ranking loss of head + c·log_lik on the
+    training comparisons (rewards, ranks and valid_mask as `kwise_loss` takes them, [N, K]).
+    The loss is convex in c: projected Newton steps from c = 0, in float64."""
+    head, log_lik = head.double(), log_lik.double()
+    c = torch.zeros((), dtype=torch.float64, device=head.device)
+    for _ in range(steps):
+        x = c.clone().requires_grad_(True)
+        loss = kwise_loss(head + x * log_lik, ranks, valid_mask)[0].double()
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        (h,) = torch.autograd.grad(g, x)
+        if not torch.isfinite(h) or h <= 0:
+            break
+        new = (c - g.detach() / h).clamp(min=0.0)
+        if (new - c).abs() < 1e-9:
+            c = new
+            break
+        c = new
+    return float(c)
+
+
+def load_likelihood(rm_dir: str | Path, dtype: torch.dtype = torch.float32, attn: str = "auto",
+                    device: torch.device | str | None = None) -> LikelihoodTerm | None:
+    """The likelihood term a saved reward model declares (None for a plain classifier), frozen,
+    dropout off, on `device`."""
+    from pipeline.models import disable_dropout, load_causal_lm
+
+    config = json.loads((Path(rm_dir) / "config.json").read_text())
+    spec = config.get("reward_likelihood")
+    if not spec:
+        return None
+    where = Path(rm_dir) / spec["model"]
+    if not (where / "config.json").exists():
+        raise FileNotFoundError(f"{rm_dir}/config.json declares a likelihood term whose model should be in {where}, "
+                                "which is missing: copy the reward model directory whole")
+    lm = disable_dropout(load_causal_lm(where, None, dtype, attn)).eval().requires_grad_(False)
+    vocab = config.get("vocab_size") or 0
+    if vocab > lm.get_input_embeddings().weight.shape[0]:  # the RM's tokenizer gained tokens (a pad)
+        lm.resize_token_embeddings(vocab)
+    if device is not None:
+        lm = lm.to(device)
+    return LikelihoodTerm(lm, float(spec["coef"]))
+
+
+def attach(model: torch.nn.Module, term: LikelihoodTerm | None) -> torch.nn.Module:
+    """Give a reward model its likelihood term, read by `reward_model.scoring` (a plain attribute,
+    not a submodule: the term is neither trained nor part of the classifier's weights)."""
+    model.__dict__["reward_likelihood"] = term
+    if term is None:
+        model.config.__dict__.pop("reward_likelihood", None)
+    else:
+        model.config.reward_likelihood = term.describe()
+    return model
+
+
+def term_of(model: torch.nn.Module) -> LikelihoodTerm | None:
+    return model.__dict__.get("reward_likelihood")

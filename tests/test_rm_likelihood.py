@@ -1,0 +1,182 @@
+"""The reward model's likelihood term (reward_model/likelihood.py): score = head + c·log p_SFT(y | x).
+
+The log-likelihood and the coefficient's fit against hand computations; the rm stage fitting,
+normalizing and saving the term; PPO's rewards adding it."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from reward_model.likelihood import fit_coef, response_log_likelihoods
+from tests.test_rm import run_rm, sft  # noqa: F401  (sft: the shared fixture)
+
+
+def _hand_log_lik(lm, ids: list[int], start: int) -> float:
+    """Sum of log p(ids[t] | ids[:t]) for t >= start, one unpadded forward."""
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+
+
+def test_response_log_likelihood_by_hand(sft):  # noqa: F811
+    """Right-padded rows of different lengths give each row's own sum over its response tokens;
+    prompt tokens and padding do not count."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from reward_model.scoring import log_likelihood_ids, render_span, right_pad
+
+    tok = load_tokenizer(sft / "model")
+    lm = load_causal_lm(sft / "model", tok).eval()
+    spans = [render_span(tok, "What is 1 + 2?", "Answer: 3."), render_span(tok, "What is the first word? cat dog", "dog"),
+             render_span(tok, "What is 4 + 4?", "Answer: 8. Hope this helps!", finished=False)]
+    hand = [_hand_log_lik(lm, ids, start) for ids, start in spans]
+    assert all(start > 3 for _, start in spans) and len({len(ids) for ids, _ in spans}) == 3
+    ids, mask = right_pad([s for s, _ in spans], tok.pad_token_id)
+    with torch.no_grad():
+        batched = response_log_likelihoods(lm, ids, mask, torch.tensor([start for _, start in spans]))
+    torch.testing.assert_close(batched.double(), torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-5)
+    chunked = log_likelihood_ids(lm, [s for s, _ in spans], [start for _, start in spans], tok.pad_token_id, batch_size=2)
+    torch.testing.assert_close(chunked.double(), torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-5)
+
+
+def test_fit_coef_by_hand():
+    """Two prompts of two responses each, the first better: head differences (2, -1), likelihood
+    differences (-1, 1). The loss -log σ(2 - c) - log σ(c - 1) is least where 2 - c = c - 1, c = 1.5.
+    A likelihood that only ever disagrees with the ranking gets c = 0 (the term is dropped)."""
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    ranks = torch.tensor([[0, 1], [0, 1]])
+    head = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    log_lik = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    assert fit_coef(head, log_lik, ranks, valid) == pytest.approx(1.5, abs=1e-6)
+    assert fit_coef(head, torch.tensor([[-1.0, 0.0], [-2.0, 0.0]]), ranks, valid) == 0.0
+    # padding slots (valid False) do not count: a third, padded response changes nothing
+    pad_valid = torch.tensor([[True, True, False], [True, True, False]])
+    padded = fit_coef(torch.nn.functional.pad(head, (0, 1), value=9.0), torch.nn.functional.pad(log_lik, (0, 1), value=-9.0),
+                      torch.tensor([[0, 1, 3], [0, 1, 3]]), pad_valid)
+    assert padded == pytest.approx(1.5, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def likelihood_run(sft, tmp_path_factory):  # noqa: F811
+    """An rm run on imported pairs whose preferred response is the one the parent finds more
+    likely: the head cannot learn that in two steps, the likelihood term ranks every pair."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from reward_model.scoring import render_span
+
+    tok = load_tokenizer(sft / "model")
+    lm = load_causal_lm(sft / "model", tok).eval()
+    prompts = [f"What is {a} + {b}?" for a in range(4) for b in range(4)]
+    answers = ["Answer: 3.", "Sure! Answer: 4.", "Answer: 7. Hope this helps!", "dog", "Answer: cat.", "Of course!"]
+    records = []
+    for i, p in enumerate(prompts):
+        x, y = answers[i % len(answers)], answers[(i + 1 + i // len(answers)) % len(answers)]
+        lx, ly = (_hand_log_lik(lm, *render_span(tok, p, r)) for r in (x, y))
+        records.append({"prompt": p, "chosen": x if lx > ly else y, "rejected": y if lx > ly else x})
+    tmp = tmp_path_factory.mktemp("lik")
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    m = run_rm(sft, tmp, "lik", "data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]", "data.valid_fraction=0.25",
+               "max_steps=2")
+    return tmp / "lik" / "rm", m, records
+
+
+def test_rm_stage_fits_normalizes_and_saves_the_term(sft, likelihood_run):  # noqa: F811
+    """The coefficient is positive, the saved directory holds the parent's files unchanged, and a
+    loaded reward model scores head + c·log-likelihood, computed here by hand from the saved parts."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipeline.models import load_tokenizer
+    from reward_model.model import load_reward_model
+    from reward_model.scoring import render_span, score
+
+    stage, m, records = likelihood_run
+    assert m.complete
+    coef = m.metrics["likelihood/coef"]
+    config = json.loads((stage / "model" / "config.json").read_text())
+    assert coef > 0 and config["reward_likelihood"]["coef"] == pytest.approx(coef)
+    assert m.extra["likelihood_coef_fitted"] == pytest.approx(coef * m.metrics["norm/raw_std"])
+    assert (stage / "model" / "likelihood" / "model.safetensors").read_bytes() == (sft / "model" / "model.safetensors").read_bytes()
+    parts = m.extra["eval_accuracy_of_parts"]
+    assert parts["likelihood"]["overall"]["accuracy"] == 1.0  # held-out pairs are ranked by the parent's likelihood
+    assert m.metrics["eval/pairwise_accuracy/likelihood_only"] == 1.0 and "eval/pairwise_accuracy/head_only" in m.metrics
+    assert abs(m.metrics["norm/ref_mean"]) < 1e-5 and abs(m.metrics["norm/ref_std"] - 1) < 1e-4
+
+    tok = load_tokenizer(stage / "model")
+    head = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
+    lm = AutoModelForCausalLM.from_pretrained(stage / "model" / "likelihood").eval()
+    prompts = [r["prompt"] for r in records[:4] for _ in range(2)]
+    responses = [x for r in records[:4] for x in (r["chosen"], r["rejected"])]
+    hand = []
+    for p, r in zip(prompts, responses):
+        ids, start = render_span(tok, p, r)
+        with torch.no_grad():
+            logit = head(input_ids=torch.tensor([ids])).logits[0, 0].item()
+        hand.append(logit + coef * _hand_log_lik(lm, ids, start))
+    rm = load_reward_model(stage / "model", tok)
+    torch.testing.assert_close(score(rm, tok, prompts, responses, batch_size=3).double(),
+                               torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+
+
+def test_scoring_refuses_to_drop_the_term(likelihood_run):
+    """A reward model with a likelihood term scored without response starts would silently lose
+    the term: refused."""
+    from pipeline.models import load_tokenizer
+    from reward_model.model import load_reward_model
+    from reward_model.scoring import forward_rewards, render
+
+    stage = likelihood_run[0]
+    tok = load_tokenizer(stage / "model")
+    rm = load_reward_model(stage / "model", tok)
+    with pytest.raises(ValueError, match="likelihood term: pass each sequence's response start"):
+        forward_rewards(rm, [render(tok, "What is 1 + 1?", "Answer: 2.")], tok.pad_token_id)
+
+
+def test_a_copied_reward_model_without_its_likelihood_model_fails_clearly(likelihood_run, tmp_path):
+    from pipeline.models import load_tokenizer
+    from reward_model.model import load_reward_model
+
+    copy = tmp_path / "rm"
+    shutil.copytree(likelihood_run[0] / "model", copy, ignore=shutil.ignore_patterns("likelihood"))
+    with pytest.raises(FileNotFoundError, match="copy the reward model directory whole"):
+        load_reward_model(copy, load_tokenizer(copy))
+
+
+def test_ppo_rewards_add_the_term(tmp_path):
+    """PPO loads the term with the reward model: each rollout score is the classifier's logit plus
+    c·log p(response) under the likelihood model, recomputed by hand from the rendered text."""
+    from transformers import AutoModelForCausalLM
+
+    from reward_model.scoring import render_span
+    from stages.ppo import bench as ppo_bench
+    from stages.ppo.loop import iteration_step, make_trainer
+    from tests.test_ppo_sampler import random_ppo
+
+    real = ppo_bench.random_models
+
+    def with_term(root, *a, **k):  # the random reward model gets the random policy as its likelihood model
+        policy, reward = real(root, *a, **k)
+        shutil.copytree(policy, f"{reward}/likelihood")
+        config = json.loads(open(f"{reward}/config.json").read())
+        config["reward_likelihood"] = {"coef": 0.25, "model": "likelihood"}
+        open(f"{reward}/config.json", "w").write(json.dumps(config))
+        return policy, reward
+
+    ppo_bench.random_models = with_term
+    try:
+        cfg, accelerator, models, prompts = random_ppo(tmp_path)
+    finally:
+        ppo_bench.random_models = real
+    _, rollout = iteration_step(make_trainer(cfg, models, accelerator), 0, prompts)
+    lm = AutoModelForCausalLM.from_pretrained(f"{cfg.reward.name_or_path}/likelihood").eval()
+    tok = models.reward_tokenizer
+    hand = []
+    for p, text, done in zip(rollout.prompts, rollout.texts, rollout.has_stop.tolist()):
+        ids, start = render_span(tok, p, text, done)
+        with torch.no_grad():
+            logit = models.reward(input_ids=torch.tensor([ids])).logits[0, 0].item()
+        hand.append(logit + 0.25 * _hand_log_lik(lm, ids, start))
+    assert not math.isclose(hand[0], models.reward(input_ids=torch.tensor([render_span(tok, rollout.prompts[0],
+                            rollout.texts[0], bool(rollout.has_stop[0]))[0]])).logits[0, 0].item(), abs_tol=1e-3)
+    torch.testing.assert_close(rollout.scores.double(), torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    seqs = ppo_bench.reward_inputs(models, rollout)
+    ppo_bench.floor_score(models, rollout, 3, seqs)  # the bench floor runs the term's forward too
