@@ -48,7 +48,8 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
     likelihood = rm and (model_dir / "likelihood" / "config.json").exists()  # reward_model/likelihood.py
     if likelihood:
         purpose += (" Its score adds a likelihood term: the classifier's logit plus `coef` times the log-likelihood "
-                    "of the response under the frozen SFT model in `likelihood/` (`config.reward_likelihood`).")
+                    "of the response under the frozen SFT model in `likelihood/`, less `center` "
+                    "(`config.reward_likelihood`).")
     chat = (f"make chat RUN={m.run_name} STAGE={m.stage}{' ARGS=--ema' if ema else ''}" if cfg.get("runs_dir") == "runs"
             else f"python -m pipeline chat {m.run_name} --stage {m.stage} --runs-dir {cfg.get('runs_dir')}"
                  f"{' --ema' if ema else ''}")
@@ -78,7 +79,7 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
                   'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")']
         if likelihood:
             lines += ["score = model(**inputs).logits[0, 0].item()",
-                      "# the likelihood term: coef * log p(response | prompt) under the frozen SFT model in likelihood/",
+                      "# the likelihood term: coef * (log p(response | prompt) - center), the frozen SFT model in likelihood/",
                       "import torch", "from transformers import AutoModelForCausalLM", "",
                       'lm = AutoModelForCausalLM.from_pretrained(path + "/likelihood")',
                       "prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)",
@@ -87,7 +88,8 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
                       "with torch.no_grad():",
                       "    logp = torch.log_softmax(lm(**inputs).logits[0, :-1].float(), -1)",
                       "log_lik = logp.gather(-1, ids[1:, None])[start - 1:].sum().item()",
-                      'print(score + model.config.reward_likelihood["coef"] * log_lik)', "```", ""]
+                      "term = model.config.reward_likelihood",
+                      'print(score + term["coef"] * (log_lik - term["center"]))', "```", ""]
         else:
             lines += ["print(model(**inputs).logits[0, 0].item())", "```", ""]
     elif m.stage == "pretrain":

@@ -1,4 +1,4 @@
-"""The reward model's likelihood term: score(x, y) = head(x, y) + c · log p_SFT(y | x).
+"""The reward model's likelihood term: score(x, y) = head(x, y) + c · (log p_SFT(y | x) − m).
 
 A scalar head read at the last token learns a small model's cues of form quickly and its
 judgement of correctness slowly, while the SFT policy the reward model starts from already tells
@@ -8,10 +8,13 @@ right, the trained head 62-67%). The term adds that judgement, as a generative v
 language model's probabilities (Zhang et al. 2024, arXiv 2408.15240): the log-likelihood of the
 response tokens (the end-of-turn token included) under the frozen SFT model, weighted by `c`.
 
-`c` is one number, fitted after the head is trained, by maximum likelihood of the training
-comparisons under the same ranking model the head was trained with (the K-wise Bradley-Terry loss,
-convex in `c`), so no held-out comparison takes part in it. Normalization then scales `c` with the
-head. The reward model directory keeps the frozen model in `likelihood/` and the coefficient in
+`c` is one number, fitted after the head is trained, by maximum likelihood of comparisons the
+head did not train on (a calibration share of the training comparisons; on its own training pairs
+the head looks better than it is, and `c` would come out too small) under the same ranking model
+the head was trained with (the K-wise Bradley-Terry loss, convex in `c`). No evaluation comparison
+takes part in it. `m`, the mean log-likelihood of the normalization's reference samples, keeps the
+term centred, so the shift folded into the head stays small; normalization scales `c` with the
+head. The reward model directory keeps the frozen model in `likelihood/` and `c`, `m` in
 `config.reward_likelihood`; `reward_model.scoring` adds the term wherever the RM scores.
 """
 from __future__ import annotations
@@ -34,12 +37,17 @@ class LikelihoodTerm:
 
     model: torch.nn.Module
     coef: float
+    center: float = 0.0
+
+    def __call__(self, log_lik: Tensor) -> Tensor:
+        """The term's contribution to the score, from the response log-likelihoods."""
+        return self.coef * (log_lik - self.center)
 
     def describe(self) -> dict:
         """What `config.reward_likelihood` stores (the model is saved in `SUBDIR`)."""
-        return {"coef": self.coef, "model": SUBDIR,
-                "score": "classifier logit + coef * sum of log p(response tokens | prompt) under the model in "
-                         f"{SUBDIR}/ (the SFT policy the reward model was trained from)"}
+        return {"coef": self.coef, "center": self.center, "model": SUBDIR,
+                "score": "classifier logit + coef * (sum of log p(response tokens | prompt) - center), under the model "
+                         f"in {SUBDIR}/ (the SFT policy the reward model was trained from)"}
 
 
 def response_log_likelihoods(lm: torch.nn.Module, ids: Tensor, mask: Tensor, starts: Tensor) -> Tensor:
@@ -95,7 +103,7 @@ def load_likelihood(rm_dir: str | Path, dtype: torch.dtype = torch.float32, attn
         lm.resize_token_embeddings(vocab)
     if device is not None:
         lm = lm.to(device)
-    return LikelihoodTerm(lm, float(spec["coef"]))
+    return LikelihoodTerm(lm, float(spec["coef"]), float(spec.get("center", 0.0)))
 
 
 def attach(model: torch.nn.Module, term: LikelihoodTerm | None) -> torch.nn.Module:

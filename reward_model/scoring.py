@@ -75,7 +75,7 @@ def forward_rewards(model, seqs: list[list[int]], pad_id: int, starts: list[int]
             device = next(term.model.parameters()).device
             log_lik = response_log_likelihoods(term.model, ids.to(device), mask.to(device),
                                                torch.tensor(starts, device=device))
-        rewards = rewards + term.coef * log_lik.to(rewards.device)
+        rewards = rewards + term(log_lik).to(rewards.device)
     return rewards
 
 

@@ -97,10 +97,11 @@ class RMConfig(StageConfig):
     micro_batch_size: int = F(8, "at most this many prompts or pairs per process per forward/backward (lowered to "
                                  "divide the per-process batch)")
     center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)")
-    likelihood_term: bool = F(True, "score = head + c·log p_SFT(response | prompt): add the frozen parent's "
-                                    "log-likelihood of the response, c fitted on the training comparisons "
-                                    "(reward_model/likelihood.py); the RM directory then holds a copy of the parent "
-                                    "model. false = a plain classifier")
+    likelihood_term: bool = F(True, "score = head + c·(log p_SFT(response | prompt) - m): add the frozen parent's "
+                                    "log-likelihood of the response (reward_model/likelihood.py); the RM directory then "
+                                    "holds a copy of the parent model. false = a plain classifier")
+    likelihood_calibration: float = F(0.1, "share of the training comparisons held out from the head's training to fit "
+                                           "the likelihood term's c on (0 = fit on the head's own training comparisons)")
     eval_batch_size: int = F(64, "sequences per scoring forward")
     sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons")
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
@@ -123,6 +124,8 @@ class RMConfig(StageConfig):
             p.append("data.eval_k: must be >= 2 (or 0 = data.k)")
         if not 0.0 <= d.label_noise <= 1.0:
             p.append("data.label_noise: must be a probability in [0, 1]")
+        if not 0.0 <= self.likelihood_calibration < 1.0:
+            p.append("likelihood_calibration: must be in [0, 1)")
         if not 0.0 <= d.valid_fraction < 1.0:
             p.append("data.valid_fraction: must be in [0, 1)")
         if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
@@ -142,6 +145,9 @@ class Prepared:
     train: list            # those with >= 1 ranked pair and within max_length
     train_seqs: list       # per comparison, the rendered token ids of each response
     train_starts: list     # per comparison, each response's first token index in its rendered ids
+    calibration: list      # comparisons held out from the head's training to fit the likelihood term on
+    calibration_seqs: list
+    calibration_starts: list
     held_out: list         # Comparison for evaluation
     reference: list        # (prompt, response, finished) SFT samples for normalization
     fingerprint: str
@@ -181,14 +187,18 @@ def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
     keep = [i for i, g in enumerate(spans) if max(len(ids) for ids, _ in g) <= cfg.data.max_length]
     if len(keep) < len(train):
         log(f"dropped {len(train) - len(keep)} comparisons longer than data.max_length={cfg.data.max_length} tokens")
-    train = [train[i] for i in keep]
-    train_seqs = [[ids for ids, _ in spans[i]] for i in keep]
-    train_starts = [[start for _, start in spans[i]] for i in keep]
-    if not train:
+    if not keep:
         raise DataError("no training comparison has a ranked pair (all ties, or longer than data.max_length)")
-    fingerprint = runs.data_fingerprint([c.record() for c in train])
-    return Prepared(parent, tokenizer, comparisons, train, train_seqs, train_starts, held_out, reference, fingerprint,
-                    resuming)
+    fingerprint = runs.data_fingerprint([train[i].record() for i in keep])
+    calibrate = set()
+    if cfg.likelihood_term and cfg.likelihood_calibration > 0:  # seeded: the same split on resume
+        n = int(len(keep) * cfg.likelihood_calibration)
+        calibrate = set(random.Random(cfg.seed + 4).sample(keep, n)) if n < len(keep) else set()
+    head, calib = [i for i in keep if i not in calibrate], sorted(calibrate)
+    return Prepared(parent, tokenizer, comparisons, [train[i] for i in head],
+                    [[ids for ids, _ in spans[i]] for i in head], [[start for _, start in spans[i]] for i in head],
+                    [train[i] for i in calib], [[ids for ids, _ in spans[i]] for i in calib],
+                    [[start for _, start in spans[i]] for i in calib], held_out, reference, fingerprint, resuming)
 
 
 def _logger(accelerator):
@@ -213,7 +223,8 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     model = load_reward_model(prep.parent.model_dir, tokenizer, attn=cfg.attention())
     n_pairs = sum(len(c.pairs()) for c in train)
     log(f"{count_parameters(model) / 1e6:.2f}M parameters | {len(train)} comparisons, {n_pairs} ranked pairs, "
-        f"{len(held_out)} held out | trainer {'trl RewardTrainer' if use_trl else 'K-wise'} | {threads} threads/proc")
+        f"{len(prep.calibration)} for the likelihood term, {len(held_out)} held out | "
+        f"trainer {'trl RewardTrainer' if use_trl else 'K-wise'} | {threads} threads/proc")
     if use_trl:
         model, step, done, last, tracker = train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train, log)
     else:
@@ -226,10 +237,10 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     # 3. the likelihood term's coefficient, fitted on the training comparisons
     term, extra = None, {}
     if cfg.likelihood_term:
-        term = _fit_likelihood(cfg, prep, accelerator, model)
+        term, where = _fit_likelihood(cfg, prep, accelerator, model)
         extra["likelihood_coef_fitted"] = term.coef
         if term.coef > 0:
-            log(f"likelihood term: score = head + {term.coef:.4g} * log p_SFT(response), fitted on the training comparisons")
+            log(f"likelihood term: score = head + {term.coef:.4g} * log p_SFT(response), c fitted on {where}")
         else:
             log("likelihood term: the fitted coefficient is 0 (the parent's likelihood does not help rank the training "
                 "comparisons); the reward model is a plain classifier")
@@ -246,9 +257,12 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     if cfg.normalize.enabled:
         ref_spans = [render_span(tokenizer, p, r, f) for p, r, f in prep.reference]
         ref_seqs = [ids for ids, _ in ref_spans]
-        offset = None if term is None else term.coef * log_likelihood_ids(
-            term.model, ref_seqs, [start for _, start in ref_spans], tokenizer.pad_token_id, cfg.eval_batch_size,
-            accelerator)
+        offset = None
+        if term is not None:  # the term centred on the reference: the shift folded into the head stays small
+            ref_log_lik = log_likelihood_ids(term.model, ref_seqs, [start for _, start in ref_spans],
+                                             tokenizer.pad_token_id, cfg.eval_batch_size, accelerator)
+            term.center = ref_log_lik.double().mean().item()
+            offset = term(ref_log_lik.double())
         stats = normalize_on_reference(model, ref_seqs, eval_seqs, tokenizer.pad_token_id, cfg.normalize.std,
                                        cfg.eval_batch_size, accelerator, ref_offset=offset)
         if term is not None:
@@ -294,22 +308,26 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     return manifest
 
 
-def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model) -> LikelihoodTerm:
-    """The frozen parent and the coefficient c that best ranks the training comparisons as
-    head + c·log p_parent(response) (the head as trained, unnormalized)."""
+def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model) -> tuple[LikelihoodTerm, str]:
+    """The frozen parent and the coefficient c that best ranks the calibration comparisons (the
+    head's training comparisons when there are none) as head + c·log p_parent(response), the head
+    as trained, unnormalized -> (term, which comparisons c was fitted on)."""
     lm = _sampling_policy(cfg, prep.parent, prep.tokenizer, accelerator).eval().requires_grad_(False)
+    comps, seqs, starts = ((prep.calibration, prep.calibration_seqs, prep.calibration_starts) if prep.calibration
+                           else (prep.train, prep.train_seqs, prep.train_starts))
     pad, bs = prep.tokenizer.pad_token_id, cfg.eval_batch_size
-    flat = [s for g in prep.train_seqs for s in g]
-    starts = [s for g in prep.train_starts for s in g]
+    flat = [s for g in seqs for s in g]
     head = score_ids(model, flat, pad, bs, accelerator)[0]
-    log_lik = log_likelihood_ids(lm, flat, starts, pad, bs, accelerator)
-    k_max = max(len(g) for g in prep.train_seqs)
-    lengths = torch.tensor([len(g) for g in prep.train_seqs])
+    log_lik = log_likelihood_ids(lm, flat, [s for g in starts for s in g], pad, bs, accelerator)
+    k_max = max(len(g) for g in seqs)
+    lengths = torch.tensor([len(g) for g in seqs])
     valid = torch.arange(k_max) < lengths[:, None]
     grid = lambda v: torch.zeros(len(lengths), k_max, dtype=v.dtype).masked_scatter(valid, v)  # noqa: E731
     ranks = torch.stack([torch.nn.functional.pad(torch.tensor(c.ranking), (0, k_max - len(c.ranking)), value=k_max)
-                         for c in prep.train])
-    return LikelihoodTerm(lm, fit_coef(grid(head), grid(log_lik), ranks, valid))
+                         for c in comps])
+    where = (f"{len(comps)} calibration comparisons held out from the head" if prep.calibration
+             else "the head's own training comparisons")
+    return LikelihoodTerm(lm, fit_coef(grid(head), grid(log_lik), ranks, valid)), where
 
 
 def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, resuming: bool, log):

@@ -94,6 +94,7 @@ def test_rm_stage_fits_normalizes_and_saves_the_term(sft, likelihood_run):  # no
     coef = m.metrics["likelihood/coef"]
     config = json.loads((stage / "model" / "config.json").read_text())
     assert coef > 0 and config["reward_likelihood"]["coef"] == pytest.approx(coef)
+    assert config["reward_likelihood"]["center"] < 0  # the reference samples' mean log-likelihood
     assert m.extra["likelihood_coef_fitted"] == pytest.approx(coef * m.metrics["norm/raw_std"])
     assert (stage / "model" / "likelihood" / "model.safetensors").read_bytes() == (sft / "model" / "model.safetensors").read_bytes()
     parts = m.extra["eval_accuracy_of_parts"]
@@ -111,10 +112,31 @@ def test_rm_stage_fits_normalizes_and_saves_the_term(sft, likelihood_run):  # no
         ids, start = render_span(tok, p, r)
         with torch.no_grad():
             logit = head(input_ids=torch.tensor([ids])).logits[0, 0].item()
-        hand.append(logit + coef * _hand_log_lik(lm, ids, start))
+        hand.append(logit + coef * (_hand_log_lik(lm, ids, start) - config["reward_likelihood"]["center"]))
     rm = load_reward_model(stage / "model", tok)
     torch.testing.assert_close(score(rm, tok, prompts, responses, batch_size=3).double(),
                                torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+
+
+def test_model_card_snippet_adds_the_term(likelihood_run):
+    """The card's code, run as written with transformers alone, prints the score the project gives."""
+    import contextlib
+    import io
+    import re
+
+    from pipeline.models import load_tokenizer
+    from reward_model.model import load_reward_model
+    from reward_model.scoring import score
+
+    stage = likelihood_run[0]
+    card = (stage / "model" / "README.md").read_text()
+    assert "likelihood/" in card and "reward_likelihood" in card
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), {})
+    tok = load_tokenizer(stage / "model")
+    expected = score(load_reward_model(stage / "model", tok), tok, ["What is 3 + 4?"], ["Answer: 7."]).item()
+    assert float(out.getvalue().strip()) == pytest.approx(expected, abs=1e-4)
 
 
 def test_scoring_refuses_to_drop_the_term(likelihood_run):
@@ -157,7 +179,7 @@ def test_ppo_rewards_add_the_term(tmp_path):
         policy, reward = real(root, *a, **k)
         shutil.copytree(policy, f"{reward}/likelihood")
         config = json.loads(open(f"{reward}/config.json").read())
-        config["reward_likelihood"] = {"coef": 0.25, "model": "likelihood"}
+        config["reward_likelihood"] = {"coef": 0.25, "center": -3.0, "model": "likelihood"}
         open(f"{reward}/config.json", "w").write(json.dumps(config))
         return policy, reward
 
@@ -174,7 +196,7 @@ def test_ppo_rewards_add_the_term(tmp_path):
         ids, start = render_span(tok, p, text, done)
         with torch.no_grad():
             logit = models.reward(input_ids=torch.tensor([ids])).logits[0, 0].item()
-        hand.append(logit + 0.25 * _hand_log_lik(lm, ids, start))
+        hand.append(logit + 0.25 * (_hand_log_lik(lm, ids, start) + 3.0))
     assert not math.isclose(hand[0], models.reward(input_ids=torch.tensor([render_span(tok, rollout.prompts[0],
                             rollout.texts[0], bool(rollout.has_stop[0]))[0]])).logits[0, 0].item(), abs_tol=1e-3)
     torch.testing.assert_close(rollout.scores.double(), torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-4)
