@@ -3,8 +3,8 @@
 A scalar head read at the last token learns a small model's cues of form quickly and its
 judgement of correctness slowly, while the SFT policy the reward model starts from already tells
 many right answers from wrong ones by how likely it finds them (docs/ppo.md §13: on the built-in
-world's held-out pairs that only correctness decides, the SFT log-likelihood ranks 82-84% of pairs
-right, the trained head 62-67%). The term adds that judgement, as a generative verifier reads a
+world's held-out pairs that only correctness decides, the SFT log-likelihood ranks 79-84% of pairs
+right, the trained head 62-69%). The term adds that judgement, as a generative verifier reads a
 language model's probabilities (Zhang et al. 2024, arXiv 2408.15240): the log-likelihood of the
 response tokens (the end-of-turn token included) under the frozen SFT model, weighted by `c`.
 
