@@ -116,7 +116,8 @@ def full_parameters(accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Mo
 
     FSDP2: every FSDP unit is all-gathered once and kept (no reshard after each forward), so a
     rank whose samples all stopped early does not leave the others waiting in an all-gather.
-    ZeRO-3: the parameters are gathered the way TRL's `unwrap_model_for_generation` does.
+    ZeRO-3: the parameters are gathered and the engine's hooks removed meanwhile, the way TRL's
+    `unwrap_model_for_generation` does.
     Otherwise nothing is gathered."""
     kind = model_kind(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
@@ -140,9 +141,17 @@ def full_parameters(accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Mo
                 m.reshard()
     elif kind == "zero3":
         import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
 
+        # With its hooks in place the engine would release and re-gather parameters around every
+        # forward: a collective per decoding step, so ranks whose samples stop at different
+        # lengths would call different collectives. Without them each rank decodes on its own.
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            yield unwrapped
+            remove_hooks(model)
+            try:
+                yield unwrapped
+            finally:
+                add_hooks(model)
     else:
         yield unwrapped
 
