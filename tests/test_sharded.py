@@ -100,3 +100,34 @@ def test_every_stage_with_default_batch_sizes_on_two_processes(tmp_path, accel):
     rm = _manifest(root, run, "rm")
     assert abs(rm.metrics["norm/ref_mean"]) < 1e-4, "the folded normalization is lost in the export"
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accel", [pytest.param("fsdp", id="fsdp2"),
+                                   pytest.param("zero3", marks=pytest.mark.skipif(not DEEPSPEED,
+                                                                                  reason="deepspeed not installed"))])
+def test_ppo_when_ranks_stop_decoding_at_different_steps(tmp_path, accel):
+    """A policy that often ends its turn: each rank's samples stop after their own number of
+    decoding steps, and every rank decodes on its own (no collective per step). Random models that
+    never stop early cannot show a per-step collective; this one does."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import WorldConfig
+    from pipeline.world import World
+    from stages.ppo import bench as ppo_bench
+
+    # embeddings above ZeRO-3's persistence threshold (1e5 elements): gathered around each forward
+    shape = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    policy, reward = ppo_bench.random_models(tmp_path, World(WorldConfig()), "tiny", shape, vocab_size=1000)
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    with torch.no_grad():  # the end-of-turn logit swings with the hidden state: stops at varied steps
+        model.get_output_embeddings().weight[model.config.eos_token_id] *= 40
+    model.save_pretrained(policy)
+    out = _launch("ppo", accel, 2, f"runs_dir={tmp_path}", "run_name=stops", f"policy.name_or_path={policy}",
+                  f"reward.name_or_path={reward}", "wandb.mode=disabled", "iterations=2", "rollout_batch_size=8",
+                  "minibatch_size=8", "micro_batch_size=4", "rollout.max_new_tokens=24", "eval.every=1", "eval.num_prompts=6",
+                  "eval.best_of=[2]", "save_every=0")
+    m = _manifest(tmp_path, "stops", "ppo")
+    assert m.status == "complete", out.stderr[-2000:]
+    rows = [r for r in runs.read_metrics(tmp_path / "stops" / "ppo" / "metrics.jsonl") if "rollout/eos_rate" in r]
+    assert rows and all(0 < r["rollout/eos_rate"] and r["rollout/length"] < 24 for r in rows)  # samples stopped early
