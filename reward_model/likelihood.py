@@ -83,6 +83,21 @@ def fit_coef(head: Tensor, log_lik: Tensor, ranks: Tensor, valid_mask: Tensor, s
     return float(c)
 
 
+def fit_on_comparisons(head: Tensor, log_lik: Tensor, comparisons: list) -> float:
+    """`fit_coef` for flat per-response values [sum of K] of `comparisons` (their responses in
+    order), laid out per prompt with padding slots as the K-wise loss takes them."""
+    sizes = torch.tensor([len(c.responses) for c in comparisons])
+    k_max = int(sizes.max())
+    valid = torch.arange(k_max) < sizes[:, None]
+
+    def grid(v: Tensor) -> Tensor:
+        return torch.zeros(len(sizes), k_max, dtype=v.dtype).masked_scatter(valid, v.cpu())
+
+    ranks = torch.stack([torch.nn.functional.pad(torch.tensor(c.ranking), (0, k_max - len(c.ranking)), value=k_max)
+                         for c in comparisons])
+    return fit_coef(grid(head), grid(log_lik), ranks, valid)
+
+
 def load_likelihood(rm_dir: str | Path, dtype: torch.dtype = torch.float32, attn: str = "auto",
                     device: torch.device | str | None = None) -> LikelihoodTerm | None:
     """The likelihood term a saved reward model declares (None for a plain classifier), frozen,

@@ -34,7 +34,7 @@ from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.losses import kwise_loss
-from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_coef
+from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons
 from reward_model.metrics import accuracy_by_part, evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
@@ -319,15 +319,9 @@ def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model) -> tuple[
     flat = [s for g in seqs for s in g]
     head = score_ids(model, flat, pad, bs, accelerator)[0]
     log_lik = log_likelihood_ids(lm, flat, [s for g in starts for s in g], pad, bs, accelerator)
-    k_max = max(len(g) for g in seqs)
-    lengths = torch.tensor([len(g) for g in seqs])
-    valid = torch.arange(k_max) < lengths[:, None]
-    grid = lambda v: torch.zeros(len(lengths), k_max, dtype=v.dtype).masked_scatter(valid, v)  # noqa: E731
-    ranks = torch.stack([torch.nn.functional.pad(torch.tensor(c.ranking), (0, k_max - len(c.ranking)), value=k_max)
-                         for c in comps])
     where = (f"{len(comps)} calibration comparisons held out from the head" if prep.calibration
              else "the head's own training comparisons")
-    return LikelihoodTerm(lm, fit_coef(grid(head), grid(log_lik), ranks, valid)), where
+    return LikelihoodTerm(lm, fit_on_comparisons(head, log_lik, comps)), where
 
 
 def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, resuming: bool, log):

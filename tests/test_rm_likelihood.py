@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from reward_model.likelihood import fit_coef, response_log_likelihoods
+from pipeline.records import parse_comparison
+from reward_model.likelihood import fit_coef, fit_on_comparisons, response_log_likelihoods
 from tests.test_rm import run_rm, sft  # noqa: F401  (sft: the shared fixture)
 
 
@@ -55,6 +56,13 @@ def test_fit_coef_by_hand():
     padded = fit_coef(torch.nn.functional.pad(head, (0, 1), value=9.0), torch.nn.functional.pad(log_lik, (0, 1), value=-9.0),
                       torch.tensor([[0, 1, 3], [0, 1, 3]]), pad_valid)
     assert padded == pytest.approx(1.5, abs=1e-6)
+    # the same from comparison records and flat per-response values, as the stage calls it. The
+    # second prompt has K = 3: d best, c and e tied below it; its two pairs have head differences
+    # -1 and likelihood differences +1, and its loss is their mean, -log σ(c - 1): c = 1.5 again.
+    comps = [parse_comparison("t", {"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]}),
+             parse_comparison("t", {"prompt": "q", "responses": ["c", "d", "e"], "ranking": [1, 0, 1]})]
+    flat = fit_on_comparisons(torch.tensor([2.0, 0.0, 1.0, 0.0, 1.0]), torch.tensor([-1.0, 0.0, 0.0, 1.0, 0.0]), comps)
+    assert flat == pytest.approx(1.5, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
