@@ -143,15 +143,21 @@ def full_parameters(accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Mo
         import deepspeed
         from trl.models.utils import add_hooks, remove_hooks
 
-        # With its hooks in place the engine would release and re-gather parameters around every
-        # forward: a collective per decoding step, so ranks whose samples stop at different
-        # lengths would call different collectives. Without them each rank decodes on its own.
+        # With its hooks in place the engine runs collectives around every forward (parameter
+        # fetches; the root module's pre-hook checks the step count across ranks), one per decoding
+        # step, so ranks whose samples stop at different lengths would call different collectives.
+        # Without them each rank decodes on its own.
+        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             remove_hooks(model)
+            offload.fwd_pre_hook.remove()
             try:
                 yield unwrapped
             finally:
                 add_hooks(model)
+                # the root pre-hook as DeepSpeed's setup_zero_stage3_hooks registers it
+                offload.fwd_pre_hook = offload.module.register_forward_pre_hook(
+                    lambda module, *args: offload.get_param_coordinator().reset_step())
     else:
         yield unwrapped
 

@@ -131,13 +131,16 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 
 def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]], batch_size: int = 64,
-                         accelerator=None, starts: list[int] | None = None) -> tuple[dict, dict, list[list]]:
+                         accelerator=None, starts: list[int] | None = None,
+                         scores: list[float] | None = None) -> tuple[dict, dict, list[list]]:
     """Score every response of the held-out comparisons (`seqs` = their rendered ids, in order;
-    `starts` = their response starts, which a reward model with a likelihood term needs)
+    `starts` = their response starts, which a reward model with a likelihood term needs; `scores`:
+    the model's scores of them when the caller already has them)
     -> (metrics, manifest extra, sample-table rows). Metrics: pairwise accuracy overall and per
     skill (ties excluded), mean reward of chosen / rejected responses, reward-length correlation
     (and the labeler's own, when gold scores are known). Extra: accuracy by skill, histograms."""
-    scores = score_ids(model, seqs, tokenizer.pad_token_id, batch_size, accelerator, starts=starts)[0].tolist()
+    if scores is None:
+        scores = score_ids(model, seqs, tokenizer.pad_token_id, batch_size, accelerator, starts=starts)[0].tolist()
     per_comp = per_comparison(held_out, scores)
     rankings = [c.ranking for c in held_out]
     acc = pairwise_accuracy(rankings, per_comp, [c.skill for c in held_out])

@@ -234,7 +234,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         tracker.finish()
         return sr.manifest
 
-    # 3. the likelihood term's coefficient, fitted on the training comparisons
+    # 3. the likelihood term's coefficient, fitted on comparisons the head did not train on
     term, extra = None, {}
     if cfg.likelihood_term:
         term, where = _fit_likelihood(cfg, prep, accelerator, model)
@@ -269,18 +269,21 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
             term.coef /= stats["raw_std"]  # the whole score is divided by σ, the term with the head
         metrics.update({f"norm/{k}": v for k, v in stats.items()})
         extra["normalization"] = stats
+    scores = None
     if term is not None:
         # each part alone on the held-out comparisons: what the head and the likelihood rank right
         pad, bs = tokenizer.pad_token_id, cfg.eval_batch_size
-        parts = {"head": score_ids(model, eval_seqs, pad, bs, accelerator)[0].tolist(),
-                 "likelihood": log_likelihood_ids(term.model, eval_seqs, eval_starts, pad, bs, accelerator).tolist()}
+        head = score_ids(model, eval_seqs, pad, bs, accelerator)[0]
+        log_lik = log_likelihood_ids(term.model, eval_seqs, eval_starts, pad, bs, accelerator)
+        parts = {"head": head.tolist(), "likelihood": log_lik.tolist()}
         extra["eval_accuracy_of_parts"] = {name: accuracy_by_part(held_out, v) for name, v in parts.items()}
+        scores = (head + term(log_lik)).tolist()  # what scoring with the attached term gives
         attach(model, term)
         metrics["likelihood/coef"] = term.coef
 
     # 5. evaluate on held-out comparisons (with the likelihood term: also each part alone)
     eval_metrics, eval_extra, rows = evaluate_comparisons(model, tokenizer, held_out, eval_seqs, cfg.eval_batch_size,
-                                                          accelerator, starts=eval_starts)
+                                                          accelerator, starts=eval_starts, scores=scores)
     metrics.update(eval_metrics)
     extra.update(eval_extra)
     for name, v in extra.get("eval_accuracy_of_parts", {}).items():
