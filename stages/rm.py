@@ -144,10 +144,7 @@ class Prepared:
     comparisons: list      # all sampled/imported training comparisons (saved for world runs)
     train: list            # those with >= 1 ranked pair and within max_length
     train_seqs: list       # per comparison, the rendered token ids of each response
-    train_starts: list     # per comparison, each response's first token index in its rendered ids
     calibration: list      # comparisons held out from the head's training to fit the likelihood term on
-    calibration_seqs: list
-    calibration_starts: list
     held_out: list         # Comparison for evaluation
     reference: list        # (prompt, response, finished) SFT samples for normalization
     fingerprint: str
@@ -194,11 +191,9 @@ def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
     if cfg.likelihood_term and cfg.likelihood_calibration > 0:  # seeded: the same split on resume
         n = int(len(keep) * cfg.likelihood_calibration)
         calibrate = set(random.Random(cfg.seed + 4).sample(keep, n)) if n < len(keep) else set()
-    head, calib = [i for i in keep if i not in calibrate], sorted(calibrate)
-    return Prepared(parent, tokenizer, comparisons, [train[i] for i in head],
-                    [[ids for ids, _ in spans[i]] for i in head], [[start for _, start in spans[i]] for i in head],
-                    [train[i] for i in calib], [[ids for ids, _ in spans[i]] for i in calib],
-                    [[start for _, start in spans[i]] for i in calib], held_out, reference, fingerprint, resuming)
+    head = [i for i in keep if i not in calibrate]
+    return Prepared(parent, tokenizer, comparisons, [train[i] for i in head], [[ids for ids, _ in spans[i]] for i in head],
+                    [train[i] for i in sorted(calibrate)], held_out, reference, fingerprint, resuming)
 
 
 def _logger(accelerator):
@@ -316,12 +311,12 @@ def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model) -> tuple[
     head's training comparisons when there are none) as head + c·log p_parent(response), the head
     as trained, unnormalized -> (term, which comparisons c was fitted on)."""
     lm = _sampling_policy(cfg, prep.parent, prep.tokenizer, accelerator).eval().requires_grad_(False)
-    comps, seqs, starts = ((prep.calibration, prep.calibration_seqs, prep.calibration_starts) if prep.calibration
-                           else (prep.train, prep.train_seqs, prep.train_starts))
+    comps = prep.calibration or prep.train
+    spans = [render_span(prep.tokenizer, c.prompt, r, f) for c in comps for r, f in zip(c.responses, c.finished)]
     pad, bs = prep.tokenizer.pad_token_id, cfg.eval_batch_size
-    flat = [s for g in seqs for s in g]
+    flat = [ids for ids, _ in spans]
     head = score_ids(model, flat, pad, bs, accelerator)[0]
-    log_lik = log_likelihood_ids(lm, flat, [s for g in starts for s in g], pad, bs, accelerator)
+    log_lik = log_likelihood_ids(lm, flat, [start for _, start in spans], pad, bs, accelerator)
     where = (f"{len(comps)} calibration comparisons held out from the head" if prep.calibration
              else "the head's own training comparisons")
     return LikelihoodTerm(lm, fit_on_comparisons(head, log_lik, comps)), where
