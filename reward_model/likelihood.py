@@ -4,7 +4,7 @@ A scalar head read at the last token learns a small model's cues of form quickly
 judgement of correctness slowly, while the SFT policy the reward model starts from already tells
 many right answers from wrong ones by how likely it finds them (docs/ppo.md §13: on the built-in
 world's held-out pairs that only correctness decides, the SFT log-likelihood ranks 79-84% of pairs
-right, the trained head 62-69%). The term adds that judgement, as a generative verifier reads a
+right, a head trained alone 62-69%). The term adds that judgement, as a generative verifier reads a
 language model's probabilities (Zhang et al. 2024, arXiv 2408.15240): the log-likelihood of the
 response tokens (the end-of-turn token included) under the frozen SFT model, weighted by `c`.
 
@@ -16,6 +16,11 @@ takes part in it. `m`, the mean log-likelihood of the normalization's reference 
 term centred, so the shift folded into the head stays small; normalization scales `c` with the
 head. The reward model directory keeps the frozen model in `likelihood/` and `c`, `m` in
 `config.reward_likelihood`; `reward_model.scoring` adds the term wherever the RM scores.
+
+The head trains as the residual over r · log p_SFT (`likelihood_residual`, the training score is
+head + r · (log p_SFT − mean)), so it learns what the likelihood misjudges, chiefly the form it
+prefers and the labeler does not, rather than a form cue whose margin would outweigh the
+likelihood's judgement of correctness wherever the better-formed answer is the wrong one.
 """
 from __future__ import annotations
 
@@ -96,6 +101,15 @@ def fit_on_comparisons(head: Tensor, log_lik: Tensor, comparisons: list) -> floa
     ranks = torch.stack([torch.nn.functional.pad(torch.tensor(c.ranking), (0, k_max - len(c.ranking)), value=k_max)
                          for c in comparisons])
     return fit_coef(grid(head), grid(log_lik), ranks, valid)
+
+
+def residual_offsets(log_lik: Tensor, sizes: list[int], coef: float) -> list[Tensor]:
+    """The fixed part of the training score when the head trains as the residual over the
+    likelihood: coef · (log_lik − its mean), flat [sum of sizes] -> one [K] tensor per comparison.
+    (The K-wise loss is shift-invariant within a prompt; centring keeps the scores that the optional
+    centering penalty sees near zero.)"""
+    flat = coef * (log_lik.double() - log_lik.double().mean())
+    return [part.float() for part in torch.split(flat.cpu(), sizes)]
 
 
 def load_likelihood(rm_dir: str | Path, dtype: torch.dtype = torch.float32, attn: str = "auto",

@@ -34,7 +34,7 @@ from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.losses import kwise_loss
-from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons
+from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons, residual_offsets
 from reward_model.metrics import accuracy_by_part, evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
@@ -91,7 +91,8 @@ class RMConfig(StageConfig):
     optim: RMOptimConfig = F(RMOptimConfig(), "optimizer and schedule")
     normalize: NormalizeConfig = F(NormalizeConfig(), "reward normalization after training")
     trainer: Literal["auto", "kwise", "trl"] = F(
-        "auto", "auto = TRL RewardTrainer when every comparison is one pair, else the K-wise loop")
+        "auto", "auto = TRL RewardTrainer when every comparison is one pair and no likelihood residual is trained, "
+                "else the K-wise loop")
     epochs: float = F(3.0, "passes over the training comparisons")
     global_batch_size: int = F(32, "prompts (K-wise) or pairs (trl) per optimizer step, all processes together")
     micro_batch_size: int = F(8, "at most this many prompts or pairs per process per forward/backward (lowered to "
@@ -100,6 +101,9 @@ class RMConfig(StageConfig):
     likelihood_term: bool = F(True, "score = head + c·(log p_SFT(response | prompt) - m): add the frozen parent's "
                                     "log-likelihood of the response (reward_model/likelihood.py); the RM directory then "
                                     "holds a copy of the parent model. false = a plain classifier")
+    likelihood_residual: float = F(6.0, "the head trains as the residual over this x log p_SFT(response): it learns the "
+                                        "form the likelihood misjudges instead of a form cue that outweighs the "
+                                        "likelihood's judgement of correctness (docs/ppo.md §13); 0 = the head alone")
     likelihood_calibration: float = F(0.1, "share of the training comparisons held out from the head's training to fit "
                                            "the likelihood term's c on (0 = fit on the head's own training comparisons)")
     eval_batch_size: int = F(64, "sequences per scoring forward")
@@ -126,6 +130,11 @@ class RMConfig(StageConfig):
             p.append("data.label_noise: must be a probability in [0, 1]")
         if not 0.0 <= self.likelihood_calibration < 1.0:
             p.append("likelihood_calibration: must be in [0, 1)")
+        if self.likelihood_residual < 0:
+            p.append("likelihood_residual: must be >= 0")
+        if self.trainer == "trl" and self.likelihood_term and self.likelihood_residual > 0:
+            p.append("trainer=trl: TRL's RewardTrainer cannot train the head over the likelihood residual; use "
+                     "trainer=kwise (the same Bradley-Terry loss for pairs) or likelihood_residual=0")
         if not 0.0 <= d.valid_fraction < 1.0:
             p.append("data.valid_fraction: must be in [0, 1)")
         if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
@@ -205,7 +214,8 @@ def _logger(accelerator):
 def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared) -> runs.Manifest:
     is_main, log = accelerator.is_main_process, _logger(accelerator)
     tokenizer, train, train_seqs, held_out = prep.tokenizer, prep.train, prep.train_seqs, prep.held_out
-    use_trl = cfg.trainer == "trl" or (cfg.trainer == "auto" and all(len(c.responses) == 2 for c in train))
+    residual = cfg.likelihood_residual if cfg.likelihood_term else 0.0
+    use_trl = cfg.trainer == "trl" or (cfg.trainer == "auto" and not residual and all(len(c.responses) == 2 for c in train))
     if is_main and not prep.resuming and sr.ckpt_dir.exists():
         shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
     accelerator.wait_for_everyone()
@@ -220,11 +230,19 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     log(f"{count_parameters(model) / 1e6:.2f}M parameters | {len(train)} comparisons, {n_pairs} ranked pairs, "
         f"{len(prep.calibration)} for the likelihood term, {len(held_out)} held out | "
         f"trainer {'trl RewardTrainer' if use_trl else 'K-wise'} | {threads} threads/proc")
+    lm, offsets = None, None
+    if residual:  # the frozen parent's judgement, added to every training score (recomputed on resume)
+        lm = _sampling_policy(cfg, prep.parent, tokenizer, accelerator).eval().requires_grad_(False)
+        starts = [render_span(tokenizer, c.prompt, r, f)[1] for c in train for r, f in zip(c.responses, c.finished)]
+        log_lik = log_likelihood_ids(lm, [ids for g in train_seqs for ids in g], starts, tokenizer.pad_token_id,
+                                     cfg.eval_batch_size, accelerator)
+        offsets = residual_offsets(log_lik, [len(c.responses) for c in train], residual)
+        log(f"the head trains as the residual over {residual:g} x log p_SFT(response) (likelihood_residual)")
     if use_trl:
         model, step, done, last, tracker = train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train, log)
     else:
         model, step, done, last, tracker = _train_kwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train,
-                                                        prep.fingerprint, log)
+                                                        prep.fingerprint, log, offsets)
     if not done:
         tracker.finish()
         return sr.manifest
@@ -232,8 +250,9 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     # 3. the likelihood term's coefficient, fitted on comparisons the head did not train on
     term, extra = None, {}
     if cfg.likelihood_term:
-        term, where = _fit_likelihood(cfg, prep, accelerator, model)
+        term, where = _fit_likelihood(cfg, prep, accelerator, model, lm)
         extra["likelihood_coef_fitted"] = term.coef
+        extra["likelihood_residual"] = residual
         if term.coef > 0:
             log(f"likelihood term: score = head + {term.coef:.4g} * log p_SFT(response), c fitted on {where}")
         else:
@@ -306,11 +325,11 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     return manifest
 
 
-def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model) -> tuple[LikelihoodTerm, str]:
+def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model, lm=None) -> tuple[LikelihoodTerm, str]:
     """The frozen parent and the coefficient c that best ranks the calibration comparisons (the
     head's training comparisons when there are none) as head + c·log p_parent(response), the head
-    as trained, unnormalized -> (term, which comparisons c was fitted on)."""
-    lm = _sampling_policy(cfg, prep.parent, prep.tokenizer, accelerator).eval().requires_grad_(False)
+    as trained, unnormalized -> (term, which comparisons c was fitted on). `lm`: the parent, if loaded."""
+    lm = lm or _sampling_policy(cfg, prep.parent, prep.tokenizer, accelerator).eval().requires_grad_(False)
     comps = prep.calibration or prep.train
     spans = [render_span(prep.tokenizer, c.prompt, r, f) for c in comps for r, f in zip(c.responses, c.finished)]
     pad, bs = prep.tokenizer.pad_token_id, cfg.eval_batch_size
@@ -390,10 +409,12 @@ def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None
     sr.manifest.extra = {"export": str(path)}
 
 
-def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, train_seqs, train, fingerprint, log):
+def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, train_seqs, train, fingerprint, log,
+                 offsets: list | None = None):
     """The K-wise loop: each step takes `global_batch_size` prompts; every response is forwarded
-    once and all ranked pairs of a prompt enter one loss term. Returns (unwrapped model, step,
-    finished?, last metrics, tracker)."""
+    once and all ranked pairs of a prompt enter one loss term. `offsets`: per comparison, fixed
+    [K] terms added to the head's scores in the loss (the likelihood residual). Returns
+    (unwrapped model, step, finished?, last metrics, tracker)."""
     ranks = [torch.tensor(c.ranking) for c in train]
     total = math.ceil(cfg.epochs * len(train) / cfg.global_batch_size)
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
@@ -434,6 +455,9 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
             with sync:
                 rewards, valid_mask = group_rewards(model, [train_seqs[i] for i in items], pad)
                 k_max = rewards.shape[1]
+                if offsets is not None:
+                    rewards = rewards + torch.stack([torch.nn.functional.pad(offsets[i], (0, k_max - len(offsets[i])))
+                                                     for i in items]).to(rewards.device, rewards.dtype)
                 batch_ranks = torch.stack([torch.nn.functional.pad(ranks[i], (0, k_max - len(ranks[i])), value=k_max)
                                            for i in items]).to(rewards.device)
                 loss, stats = kwise_loss(rewards, batch_ranks, valid_mask, cfg.center_coef)

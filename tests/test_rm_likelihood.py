@@ -210,3 +210,55 @@ def test_ppo_rewards_add_the_term(tmp_path):
     torch.testing.assert_close(rollout.scores.double(), torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-4)
     seqs = ppo_bench.reward_inputs(models, rollout)
     ppo_bench.floor_score(models, rollout, 3, seqs)  # the bench floor runs the term's forward too
+
+
+@pytest.mark.parametrize("residual", [0.0, 3.0])
+def test_head_trains_over_the_likelihood_residual(sft, likelihood_run, monkeypatch, residual):  # noqa: F811
+    """With the head's scores zeroed, the first step's loss is the residual's alone: log 2 for a
+    head alone, and for the pairs (each preferring the response the parent finds more likely, by
+    a margin d) the mean of -log σ(r·d) over the batch, so between its values at the largest and
+    the smallest margin, computed here by hand."""
+    import stages.rm
+    from pipeline import runs
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from reward_model.scoring import render_span
+
+    stage, _, records = likelihood_run
+    real = stages.rm.group_rewards
+    monkeypatch.setattr(stages.rm, "group_rewards", lambda *a: (lambda r, m: (r * 0, m))(*real(*a)))
+    tmp = stage.parent.parent
+    m = run_rm(sft, tmp, f"residual{residual:g}", "data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]",
+               "data.valid_fraction=0.25", "max_steps=1", "global_batch_size=64", "micro_batch_size=64",
+               "optim.lr=0", "trainer=kwise", f"likelihood_residual={residual}")
+    loss = next(r["train/loss"] for r in runs.read_metrics(tmp / f"residual{residual:g}" / "rm" / "metrics.jsonl")
+                if "train/loss" in r)
+    assert m.extra["likelihood_residual"] == residual
+    if residual == 0:
+        assert loss == pytest.approx(math.log(2), abs=1e-6)
+        return
+    tok = load_tokenizer(sft / "model")
+    lm = load_causal_lm(sft / "model", tok).eval()
+    margins = [_hand_log_lik(lm, *render_span(tok, r["prompt"], r["chosen"]))
+               - _hand_log_lik(lm, *render_span(tok, r["prompt"], r["rejected"])) for r in records]
+    assert min(margins) > 0
+    worst, best = (-math.log(1 / (1 + math.exp(-residual * d))) for d in (min(margins), max(margins)))
+    assert best - 1e-5 <= loss <= worst + 1e-5 and loss < math.log(2) - 0.05
+
+
+def test_pairs_train_with_trl_reward_trainer_only_without_the_residual(sft, likelihood_run, capsys):  # noqa: F811
+    """TRL's RewardTrainer cannot add the residual: `auto` trains pairs with it only when the
+    residual is off, and asking for it with the residual on is a configuration error."""
+    from pipeline.config import ConfigError, load_config
+    from stages.rm import RMConfig
+
+    stage, _, _ = likelihood_run
+    tmp = stage.parent.parent
+    files = ["data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]", "data.valid_fraction=0.25", "max_steps=1"]
+    assert run_rm(sft, tmp, "auto_off", *files, "likelihood_residual=0").complete
+    assert "trainer trl RewardTrainer" in capsys.readouterr().err
+    assert run_rm(sft, tmp, "auto_on", *files).complete
+    err = capsys.readouterr().err
+    assert "trainer K-wise" in err and "the head trains as the residual over 6 x log p_SFT" in err
+    with pytest.raises(ConfigError, match="trainer=trl: TRL's RewardTrainer cannot"):
+        load_config(RMConfig, ["trainer=trl"])
+    load_config(RMConfig, ["trainer=trl", "likelihood_residual=0"])
