@@ -73,9 +73,10 @@ def ptx_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> lis
         return None
     coef = float(m.config.get("ptx", {}).get("coef", 0.0))
     rm_dir = runs.stage_dir(runs_dir, run_name, "rm")
-    # No best-of-n: it samples the same SFT policy and ranks with the same RM as the run's own.
+    # No best-of-n: it samples the same SFT policy and ranks with the same RM as the run's own. No
+    # valid-curve points between the first and the last: the report reads only its test figures.
     return [f"run_name={ablation_run(run_name)}", f"runs_dir={runs_dir}", *stage_overrides(overrides, "ppo"),
-            f"parent={rm_dir}", "eval.best_of=[]", f"ptx.coef={0.0 if coef > 0 else PTX_ABLATION_COEF}"]
+            f"parent={rm_dir}", "eval.best_of=[]", "eval.every=0", f"ptx.coef={0.0 if coef > 0 else PTX_ABLATION_COEF}"]
 
 
 def _ptx_ablation(run_name: str, runs_dir: str, forced: bool, overrides: list[str]) -> int:

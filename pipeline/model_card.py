@@ -50,6 +50,9 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
         purpose += (" Its score adds a likelihood term: the classifier's logit plus `coef` times the log-likelihood "
                     "of the response under the frozen SFT model in `likelihood/`, less `center` "
                     "(`config.reward_likelihood`).")
+        if (m.extra or {}).get("likelihood_residual"):
+            purpose += (" The classifier alone is not the reward: it was trained over the likelihood term and offsets "
+                        "its preferences.")
     chat = (f"make chat RUN={m.run_name} STAGE={m.stage}{' ARGS=--ema' if ema else ''}" if cfg.get("runs_dir") == "runs"
             else f"python -m pipeline chat {m.run_name} --stage {m.stage} --runs-dir {cfg.get('runs_dir')}"
                  f"{' --ema' if ema else ''}")

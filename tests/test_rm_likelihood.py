@@ -139,6 +139,7 @@ def test_model_card_snippet_adds_the_term(likelihood_run):
     stage = likelihood_run[0]
     card = (stage / "model" / "README.md").read_text()
     assert "likelihood/" in card and "reward_likelihood" in card
+    assert "The classifier alone is not the reward" in card  # its head trained over the likelihood residual
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), {})

@@ -167,6 +167,7 @@ def test_ptx_ablation_flips_the_runs_ptx_setting(tmp_path):
     assert args[0] == "run_name=r-ptx-ablation" and args[-1] == "ptx.coef=0.0"
     assert f"parent={runs.stage_dir(tmp_path, 'r', 'rm')}" in args
     assert load_config(PPOConfig, args).eval.best_of == []  # the run's own best-of-n is the baseline
+    assert load_config(PPOConfig, args).eval.every == 0  # only its test figures are read
     assert "seed=1" in args and "iterations=3" in args and not any("steps" in a for a in args)
     ppo_manifest(0.0)
     assert ptx_ablation_args("r", str(tmp_path), [])[-1] == f"ptx.coef={PTX_ABLATION_COEF}"
