@@ -257,7 +257,9 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
             log(f"likelihood term: score = head + {term.coef:.4g} * log p_SFT(response), c fitted on {where}")
         else:
             log("likelihood term: the fitted coefficient is 0 (the parent's likelihood does not help rank the training "
-                "comparisons); the reward model is a plain classifier")
+                "comparisons); the reward model is a plain classifier"
+                + ("; warning: its head trained over the likelihood residual, so re-run with likelihood_residual=0 for "
+                   "a classifier trained alone" if residual else ""))
             term = None
 
     # 4. normalize: SFT samples score mean 0 (std 1), stored in the weights
