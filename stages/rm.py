@@ -153,6 +153,7 @@ class Prepared:
     comparisons: list      # all sampled/imported training comparisons (saved for world runs)
     train: list            # those with >= 1 ranked pair and within max_length
     train_seqs: list       # per comparison, the rendered token ids of each response
+    train_starts: list     # per comparison, each response's first token index in its rendered ids
     calibration: list      # comparisons held out from the head's training to fit the likelihood term on
     held_out: list         # Comparison for evaluation
     reference: list        # (prompt, response, finished) SFT samples for normalization
@@ -202,7 +203,8 @@ def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
         calibrate = set(random.Random(cfg.seed + 4).sample(keep, n)) if n < len(keep) else set()
     head = [i for i in keep if i not in calibrate]
     return Prepared(parent, tokenizer, comparisons, [train[i] for i in head], [[ids for ids, _ in spans[i]] for i in head],
-                    [train[i] for i in sorted(calibrate)], held_out, reference, fingerprint, resuming)
+                    [[start for _, start in spans[i]] for i in head], [train[i] for i in sorted(calibrate)], held_out,
+                    reference, fingerprint, resuming)
 
 
 def _logger(accelerator):
@@ -233,9 +235,8 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     lm, offsets = None, None
     if residual:  # the frozen parent's judgement, added to every training score (recomputed on resume)
         lm = _sampling_policy(cfg, prep.parent, tokenizer, accelerator).eval().requires_grad_(False)
-        starts = [render_span(tokenizer, c.prompt, r, f)[1] for c in train for r, f in zip(c.responses, c.finished)]
-        log_lik = log_likelihood_ids(lm, [ids for g in train_seqs for ids in g], starts, tokenizer.pad_token_id,
-                                     cfg.eval_batch_size, accelerator)
+        log_lik = log_likelihood_ids(lm, [ids for g in train_seqs for ids in g], [s for g in prep.train_starts for s in g],
+                                     tokenizer.pad_token_id, cfg.eval_batch_size, accelerator)
         offsets = residual_offsets(log_lik, [len(c.responses) for c in train], residual)
         log(f"the head trains as the residual over {residual:g} x log p_SFT(response) (likelihood_residual)")
     if use_trl:
