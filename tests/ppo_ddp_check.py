@@ -7,7 +7,7 @@ and response width T, as after real generation), whitens advantages with global 
 runs the optimiser: 2 epochs x 2 minibatches x 2 micro-batches, with PPO-ptx. It returns the
 globally reduced numbers and a parameter fingerprint. tests/test_ppo.py compares one process with two:
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-        tests/ppo_ddp_check.py POLICY_DIR REWARD_DIR OUT.json
+        tests/ppo_ddp_check.py POLICY_DIR REWARD_DIR OUT.json [key=value ...]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def fixed_batch(tokenizer) -> tuple[list[str], torch.Tensor]:
     return prompts, sampled
 
 
-def compute(policy_dir: str, reward_dir: str, accelerator) -> dict:
+def compute(policy_dir: str, reward_dir: str, accelerator, overrides: tuple[str, ...] = ()) -> dict:
     from pipeline.config import load_config
     from pipeline.evaluation import shard
     from pipeline.world import World
@@ -54,7 +54,7 @@ def compute(policy_dir: str, reward_dir: str, accelerator) -> dict:
     cfg = load_config(PPOConfig, [f"policy.name_or_path={policy_dir}", f"reward.name_or_path={reward_dir}", *WORLD,
                                   f"rollout_batch_size={GLOBAL_BATCH}", "minibatch_size=4", "micro_batch_size=2",
                                   "epochs=2", "optim.policy_lr=1e-3", "optim.critic_lr=1e-3", "objective.kl_coef=0.1",
-                                  "ptx.coef=0.5", "ptx.batch_size=4"])
+                                  "ptx.coef=0.5", "ptx.batch_size=4", *overrides])
     torch.manual_seed(0)
     models = load_models(cfg, resolve_sources(cfg), accelerator.device)
     ptx = load_ptx(cfg, World(cfg.world), models.tokenizer)
@@ -85,7 +85,7 @@ if __name__ == "__main__":
     from pipeline.runtime import make_accelerator
 
     acc = make_accelerator()
-    result = compute(sys.argv[1], sys.argv[2], acc)
+    result = compute(sys.argv[1], sys.argv[2], acc, tuple(sys.argv[4:]))
     if acc.is_main_process:
         Path(sys.argv[3]).write_text(json.dumps(result))
     acc.wait_for_everyone()

@@ -121,6 +121,43 @@ def test_ratio_is_one_on_first_minibatch(tiny, tmp_path):
         assert math.isfinite(metrics[key]), key
 
 
+def test_compile_gives_the_eager_iteration(tiny, tmp_path):
+    """compile=true: scoring and update forwards go through torch.compile wrappers of the prepared
+    models, generation stays eager, and one iteration gives the eager run's numbers: the same
+    tokens, log-probs, values and updated weights within float rounding, the first ratio 1."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from stages.ppo.loop import iteration_step
+
+    runs = {}
+    for flag in ("false", "true"):
+        t = trainer_for(ppo_cfg(tiny, tmp_path / flag, f"compile={flag}", "epochs=1"))
+        assert isinstance(t.policy_forward, OptimizedModule) == (flag == "true")
+        assert isinstance(t.value_forward, OptimizedModule) == (flag == "true")
+        assert not isinstance(t.policy, OptimizedModule)  # what is saved and sampled from is the plain model
+        before = params(t.policy)
+        torch.manual_seed(3)
+        metrics, r = iteration_step(t, 0, PROMPTS)
+        runs[flag] = metrics, r, params(t.policy)
+        assert any(not torch.equal(before[n], runs[flag][2][n]) for n in before)  # the update moved the policy
+    (m0, r0, p0), (m1, r1, p1) = runs["false"], runs["true"]
+    assert torch.equal(r0.response_ids, r1.response_ids)
+    torch.testing.assert_close(r1.logprobs, r0.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r1.values, r0.values, atol=1e-5, rtol=0)
+    assert m1["ppo/ratio_first"] == pytest.approx(1.0, abs=1e-5)
+    for name in p0:
+        torch.testing.assert_close(p1[name], p0[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_compile_refused_under_sharded_launchers(tiny, tmp_path):
+    from pipeline.config import ConfigError
+    from stages.ppo.loop import compiled_forwards
+
+    cfg = ppo_cfg(tiny, tmp_path, "compile=true")
+    with pytest.raises(ConfigError, match="compile: not supported under fsdp2"):
+        compiled_forwards(cfg, SimpleNamespace(is_fsdp2=True), None)
+
+
 def test_bf16_on_cpu_ratio_is_one_within_rounding(tiny, tmp_path):
     """precision=bf16 on a CPU (eager attention, autocast): the old log-probs and the training
     forward still agree to bf16's rounding (docs/ppo.md §18), and the models trained."""
@@ -270,22 +307,24 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("compile=true",)], ids=["eager", "compiled"])
+def test_two_processes_match_one(tiny, tmp_path, extra):
     """2 epochs x 2 minibatches x 2 micro-batches with PPO-ptx: the minibatches are drawn from one
     global permutation and split over processes, so 2 processes make the same run as 1 even though
-    each holds only its own shard of episodes (different prompt and response widths)."""
+    each holds only its own shard of episodes (different prompt and response widths). With
+    compile, the DDP model is compiled whole and its gradient sync still holds."""
     sys.path.insert(0, str(ROOT / "tests"))
     from ppo_ddp_check import compute
 
     from pipeline.runtime import make_accelerator
 
-    one = json.loads(json.dumps(compute(tiny.policy, tiny.reward, make_accelerator())))
+    one = json.loads(json.dumps(compute(tiny.policy, tiny.reward, make_accelerator(), extra)))
     out = tmp_path / "two.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(ROOT / "tests" / "ppo_ddp_check.py"),
-           tiny.policy, tiny.reward, str(out)]
+           tiny.policy, tiny.reward, str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(out.read_text())
     assert one["world"] == 1 and two["world"] == 2

@@ -228,7 +228,7 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
     keys = ("generate", "score", "update")
     ours = dict.fromkeys(keys, 0.0)
     bare = dict.fromkeys(keys, 0.0)
-    tokens, wall, query_len, flops = 0.0, 0.0, 0.0, 0.0
+    tokens, wall, query_len, flops, warm = 0.0, 0.0, 0.0, 0.0, 0.0
     for it in range(warmup + iterations):
         idx = batch_indices(it, len(prompts), cfg.rollout_batch_size, cfg.seed)
         mine = [prompts[i] for i in idx][accelerator.process_index:: accelerator.num_processes]
@@ -248,6 +248,7 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
                 f["update"] = _timed(device, floor_update, f_policy, f_value, *f_opts, rollout, cfg,
                                      cfg.rollout.temperature)
         if it < warmup:
+            warm += t1 - t0
             continue
         wall += t1 - t0
         tokens += metrics["rollout/generated_tokens"]
@@ -265,7 +266,7 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
            "floor_episodes_per_s": n * cfg.rollout_batch_size / sum(bare.values()),
            "query_tokens": query_len / n, "peak_memory_mb": peak_memory_mb(device), "device": str(device),
            "processes": accelerator.num_processes, "threads": threads,
-           "update_flops_per_s": flops / max(ours["update"], 1e-9)}
+           "update_flops_per_s": flops / max(ours["update"], 1e-9), "warmup_s": warm}
     peak = peak_flops(device)
     out["update_mfu"] = out["update_flops_per_s"] / peak if peak else float("nan")
     out["ratio_total"] = out["episodes_per_s"] / out["floor_episodes_per_s"]
@@ -274,7 +275,8 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
               f"{cfg.rollout_batch_size // cfg.minibatch_size} minibatches of {cfg.minibatch_size} (micro "
               f"{cfg.micro_batch_size}), query {out['query_tokens']:.0f} tokens, max_new_tokens "
               f"{cfg.rollout.max_new_tokens} | {out['device']} x {out['processes']} proc, {threads} threads")
-        print(f"  episodes/s          {out['episodes_per_s']:.1f}   ({out['s_per_iteration']:.2f} s/iteration)")
+        print(f"  episodes/s          {out['episodes_per_s']:.1f}   ({out['s_per_iteration']:.2f} s/iteration; "
+              f"{warmup} warm-up iteration(s) before: {warm:.1f} s{', compilation included' if cfg.compile else ''})")
         print(f"  generated tokens/s  {out['generated_tokens_per_s']:.0f}   (while generating)")
         kind = "GPU allocated" if out["device"].startswith("cuda") else "max RSS"
         print(f"  peak memory         {out['peak_memory_mb']:.0f} MiB ({kind})")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters
+from pipeline.config import ConfigError
+from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, launcher_kind
 from pipeline.runtime import adamw
 from stages.ppo.data import PtxData
 from stages.ppo.functional import (
@@ -53,6 +54,15 @@ class Trainer:
     ema: PolicyEMA | None = None
     ptx: PtxData | None = None
     sampler: object = None  # rollout generation (`rollout.TransformersSampler` or an engine with its interface)
+    # What the teacher-forced forwards (scoring and update) call: the prepared models, or with
+    # `compile` their torch.compile wrappers. Backward, no_sync, clipping and checkpoints always
+    # go through `models`, and generation through the unwrapped eager module.
+    policy_forward: object = None
+    value_forward: object = None
+
+    def __post_init__(self):
+        self.policy_forward = self.models.policy if self.policy_forward is None else self.policy_forward
+        self.value_forward = self.models.value_model if self.value_forward is None else self.value_forward
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, "sum")
@@ -91,8 +101,27 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
             accelerator.register_for_checkpointing(thing)
     sampler = sampler or TransformersSampler(models.tokenizer, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
                                              cfg.rollout.forward_batch_size)
+    # Train mode throughout (dropout is off, docs/ppo.md §23): scoring and update forwards then run
+    # the same module state, so a compiled forward is not compiled again for another mode.
+    models.policy.train()
+    models.value_model.train()
+    policy_forward, value_forward = compiled_forwards(cfg, accelerator, models)
     return Trainer(cfg, accelerator, models, opt_policy, opt_critic, sched_policy, sched_critic, kl_ctl, ema, ptx,
-                   sampler)
+                   sampler, policy_forward, value_forward)
+
+
+def compiled_forwards(cfg, accelerator, models: PPOModels) -> tuple:
+    """(policy, critic) modules for the teacher-forced forwards: the prepared models themselves, or
+    with `compile` torch.compile wrappers of them (inductor; a DDP model is compiled whole, so
+    its gradient hooks stay in place). Shapes are static at first and dynamic after the first
+    change of sequence length (torch's automatic dynamic shapes), so a run compiles each model
+    about four times: without and with gradients, static and dynamic."""
+    if not cfg.compile:
+        return models.policy, models.value_model
+    kind = launcher_kind(accelerator)
+    if kind != "plain":
+        raise ConfigError([f"compile: not supported under {kind} (one process or DDP only); set compile=false"])
+    return torch.compile(models.policy), torch.compile(models.value_model)
 
 
 # ----------------------------------------------------------------------------- 3. advantages
@@ -221,9 +250,9 @@ def _micro_batch(t: Trainer, mu: Rollout, n_tokens: torch.Tensor, sync: bool) ->
             stack.enter_context(acc.no_sync(value_model))
         inputs = sequence_inputs(mu.query_ids, mu.query_mask, mu.response_ids, mu.response_mask)
         with acc.autocast():
-            logprobs, entropy = token_logprobs(policy, *inputs, mu.response_ids, temperature,
+            logprobs, entropy = token_logprobs(t.policy_forward, *inputs, mu.response_ids, temperature,
                                                entropy="grad" if obj.entropy_coef else "detached")
-            values = token_values(value_model, *inputs, mu.response_ids.shape[1])
+            values = token_values(t.value_forward, *inputs, mu.response_ids.shape[1])
         pg, pg_stats = policy_loss(logprobs, mu.logprobs, mu.advantages, mu.response_mask, obj.clip_eps, n_tokens)
         vf, vf_stats = value_loss(values, mu.values, mu.returns, mu.response_mask, obj.value_clip_eps, n_tokens)
         entropy_sum = masked_sum(entropy, mu.response_mask)
@@ -275,7 +304,7 @@ def iteration_step(t: Trainer, iteration: int, prompts: list[str]) -> tuple[dict
     t1 = time.perf_counter()
     # 2. score
     rollout = build_rollout(models, acc, prompts, query_ids, query_mask, sampled, cfg.rollout.temperature,
-                            cfg.rollout.forward_batch_size)
+                            cfg.rollout.forward_batch_size, t.policy_forward, t.value_forward)
     t2 = time.perf_counter()
     # 3. advantages
     rollout, stats = compute_advantages(rollout, t.kl_ctl.value, cfg.objective, t.all_reduce)

@@ -243,9 +243,13 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 
 @torch.no_grad()
 def build_rollout(models, accelerator, prompts: list[str], query_ids, query_mask, sampled: torch.Tensor,
-                  temperature: float, batch_size: int) -> Rollout:
+                  temperature: float, batch_size: int, policy=None, value_model=None) -> Rollout:
     """Truncate sampled tokens at the stop token (the template's end of turn), then teacher-force
-    (policy, reference, critic) and score them. All tensors on `accelerator.device`."""
+    (policy, reference, critic) and score them. All tensors on `accelerator.device`. `policy` and
+    `value_model`: what the policy and critic forwards call (default `models.policy` /
+    `models.value_model`; the trainer passes its compiled wrappers with `compile`)."""
+    policy = models.policy if policy is None else policy
+    value_model = models.value_model if value_model is None else value_model
     tok = models.tokenizer
     response_ids, response_mask, last_index, has_stop = truncate_at_stop(sampled, end_of_turn_id(tok), tok.pad_token_id)
     # Drop columns that are padding in every row: less compute, same numbers.
@@ -256,10 +260,10 @@ def build_rollout(models, accelerator, prompts: list[str], query_ids, query_mask
         sl = slice(i, i + batch_size)
         inputs = sequence_inputs(query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
         with accelerator.autocast():
-            logprobs.append(token_logprobs(models.policy, *inputs, response_ids[sl], temperature))
+            logprobs.append(token_logprobs(policy, *inputs, response_ids[sl], temperature))
             with reference_context(models):
                 ref_logprobs.append(token_logprobs(reference_model(models), *inputs, response_ids[sl], temperature))
-            values.append(token_values(models.value_model, *inputs, T))
+            values.append(token_values(value_model, *inputs, T))
     texts = decode_responses(tok, response_ids, response_mask)
     finished = has_stop.tolist()
     scores = torch.cat([score_responses(models.reward, models.reward_tokenizer, prompts[i: i + batch_size],
