@@ -94,6 +94,9 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         f"| minibatch {cfg.minibatch_size} = {cfg.micro_batches(accelerator.num_processes)[0]} micro "
         f"x {accelerator.num_processes} procs x {accum} accum "
         f"| {len(prompts)} prompts | {threads} threads/proc")
+    if cfg.compile:
+        log("compile: the first iterations compile the policy's and critic's forwards (a minute or two on a CPU), "
+            "and again once when the response width first changes")
 
     # 2. the SFT baseline on the valid prompts (gold labeler available only in the built-in world)
     gold = cfg.data.source == "world"
