@@ -29,12 +29,21 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["wandb.mode=disabled", "save_every=0", "resume=false"]
 
 
-def _stage(stage: str, runs_dir: Path, args: list[str]) -> dict:
-    cmd = launch_command(stage, [f"runs_dir={runs_dir}", "run_name=bench", *COMMON, *args], nproc=1, accel="cpu")
+def _stage(stage: str, runs_dir: Path, args: list[str], run_name: str = "bench") -> dict:
+    cmd = launch_command(stage, [f"runs_dir={runs_dir}", f"run_name={run_name}", *COMMON, *args], nproc=1, accel="cpu")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"bench: stage {stage} failed:\n{proc.stderr[-3000:]}")
-    return json.loads((runs_dir / "bench" / stage / "manifest.json").read_text())
+    return json.loads((runs_dir / run_name / stage / "manifest.json").read_text())
+
+
+def _abba(stage_rate, bare_rate) -> tuple[float, float]:
+    """(stage, bare loop) rates, each the mean of two runs ordered stage, bare, bare, stage: a
+    machine whose speed drifts steadily during the measurement slows or speeds both sides alike
+    (on shared machines it drifts 10-30% within minutes)."""
+    first = stage_rate(1)
+    bare = [bare_rate(), bare_rate()]
+    return (first + stage_rate(2)) / 2, sum(bare) / 2
 
 
 def bare_loop_tokens_per_s(model, batches: list[torch.Tensor], masks: list[torch.Tensor], lr: float,
@@ -99,32 +108,50 @@ def _as_the_stage_ran_it(model_dir: Path, cfg: dict):
 
 
 def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) -> list[tuple[str, float, float]]:
-    """(stage, stage tokens/s, bare loop tokens/s) for pretrain and SFT; `overrides` (key=value,
-    e.g. precision=bf16) go to both stages, and the bare loops follow their precision."""
+    """(stage, stage tokens/s, bare loop tokens/s) for pretrain and SFT, each side the mean of two
+    runs (`_abba`); `overrides` (key=value, e.g. precision=bf16) go to both stages, and the bare
+    loops follow their precision."""
     from transformers import AutoTokenizer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)
-        m = _stage("pretrain", runs_dir, [f"steps={steps}", "eval_every=0", f"threads={threads}", *overrides])
-        model_dir = runs_dir / "bench" / "pretrain" / "model"
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        cfg = m["config"]
-        seq, micro = cfg["model"]["seq_len"], cfg["micro_batch_size"]
-        gen = torch.Generator().manual_seed(0)
-        batches = [torch.randint(8, len(tok), (micro, seq), generator=gen) for _ in range(steps // 3 + 3)]
-        model, precision = _as_the_stage_ran_it(model_dir, cfg)
-        bare = bare_loop_tokens_per_s(model, batches, [torch.ones_like(b, dtype=torch.bool) for b in batches],
-                                      cfg["optim"]["lr"], precision=precision)
-        rows.append(("pretrain", m["metrics"]["perf/tokens_per_s"], bare))
+        args = [f"steps={steps}", "eval_every=0", f"threads={threads}", *overrides]
+        runs = {}
 
-        s = _stage("sft", runs_dir, [f"train.steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2",
-                                     f"threads={threads}", *overrides])
-        tok = AutoTokenizer.from_pretrained(runs_dir / "bench" / "sft" / "model")
-        batches, masks, labels = sft_batches(tok, s["config"], steps // 2 + 3)
-        model, precision = _as_the_stage_ran_it(runs_dir / "bench" / "sft" / "model", s["config"])
-        bare = bare_loop_tokens_per_s(model, batches, masks, s["config"]["train"]["lr"], labels, precision=precision)
-        rows.append(("sft", s["metrics"].get("perf/tokens_per_s", float("nan")), bare))
+        def pretrain(n: int) -> float:
+            runs[n] = _stage("pretrain", runs_dir, args, run_name=f"bench{n}")
+            return runs[n]["metrics"]["perf/tokens_per_s"]
+
+        def pretrain_bare() -> float:
+            model_dir = runs_dir / "bench1" / "pretrain" / "model"
+            cfg = runs[1]["config"]
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            gen = torch.Generator().manual_seed(0)
+            shape = (cfg["micro_batch_size"], cfg["model"]["seq_len"])
+            batches = [torch.randint(8, len(tok), shape, generator=gen) for _ in range(steps // 3 + 3)]
+            model, precision = _as_the_stage_ran_it(model_dir, cfg)
+            return bare_loop_tokens_per_s(model, batches, [torch.ones_like(b, dtype=torch.bool) for b in batches],
+                                          cfg["optim"]["lr"], precision=precision)
+
+        rows.append(("pretrain", *_abba(pretrain, pretrain_bare)))
+
+        sft_args = [f"train.steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2", f"threads={threads}",
+                    *overrides]
+
+        def sft(n: int) -> float:
+            runs[n] = _stage("sft", runs_dir, sft_args, run_name=f"bench{n}")  # parent: that run's pretrain
+            return runs[n]["metrics"].get("perf/tokens_per_s", float("nan"))
+
+        def sft_bare() -> float:
+            model_dir = runs_dir / "bench1" / "sft" / "model"
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            batches, masks, labels = sft_batches(tok, runs[1]["config"], steps // 2 + 3)
+            model, precision = _as_the_stage_ran_it(model_dir, runs[1]["config"])
+            return bare_loop_tokens_per_s(model, batches, masks, runs[1]["config"]["train"]["lr"], labels,
+                                          precision=precision)
+
+        rows.append(("sft", *_abba(sft, sft_bare)))
     return rows
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -229,7 +228,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     # 3. train
     progress = Progress("pretrain", cfg.steps, start=step, every=cfg.log_every, enabled=accelerator.is_main_process)
     model.train()
-    last_loss = float("nan")
+    last_loss, rate = float("nan"), float("nan")
     while step < cfg.steps:
         idx = global_batch_indices(step, len(train_blocks), cfg.global_batch_size, cfg.seed)
         step_loss = torch.zeros((), device=accelerator.device)
@@ -264,7 +263,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)
     metrics = {"train/loss": last_loss, "eval/loss": vloss, "eval/perplexity": math.exp(vloss),
                "eval/unigram_perplexity": unigram_perplexity(train_blocks, valid_blocks, len(tokenizer)),
-               "perf/tokens_per_s": progress.count / max(time.time() - progress.t0, 1e-9)}
+               "perf/tokens_per_s": rate}  # the training loop's, without the final evaluation
     if world is not None:
         with full_parameters(accelerator, model) as full:
             acc, samples = fact_cloze_accuracy(full, tokenizer, world.fact_cloze(), accelerator)

@@ -68,3 +68,21 @@ def test_stage_overrides_reach_pretrain_and_sft_only_when_every_stage_has_the_ke
 
     args = ["--batch-size", "64", "precision=bf16", "rollout.temperature=1.0", "world.num_people=20", "kl.coef=0.1"]
     assert stage_overrides(args) == ["precision=bf16", "world.num_people=20"]
+
+
+def test_abba_orders_the_runs_and_averages_each_side():
+    """stage, bare, bare, stage: a steady drift of the machine's speed moves both means alike."""
+    from pipeline.bench import _abba
+
+    calls = []
+
+    def stage(n):
+        calls.append(f"stage{n}")
+        return {1: 100.0, 2: 80.0}[n]
+
+    def bare():
+        calls.append("bare")
+        return 95.0 if calls.count("bare") == 1 else 85.0
+
+    assert _abba(stage, bare) == (90.0, 90.0)
+    assert calls == ["stage1", "bare", "bare", "stage2"]

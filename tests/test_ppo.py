@@ -140,7 +140,7 @@ def test_compile_gives_the_eager_iteration(tiny, tmp_path):
         metrics, r = iteration_step(t, 0, PROMPTS)
         runs[flag] = metrics, r, params(t.policy)
         assert any(not torch.equal(before[n], runs[flag][2][n]) for n in before)  # the update moved the policy
-    (m0, r0, p0), (m1, r1, p1) = runs["false"], runs["true"]
+    (_, r0, p0), (m1, r1, p1) = runs["false"], runs["true"]
     assert torch.equal(r0.response_ids, r1.response_ids)
     torch.testing.assert_close(r1.logprobs, r0.logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(r1.values, r0.values, atol=1e-5, rtol=0)
