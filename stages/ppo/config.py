@@ -130,9 +130,9 @@ class PPOConfig(StageConfig):
     minibatch_size: int = F(32, "episodes per optimizer step, all processes together")
     micro_batch_size: int = F(32, "episodes per process per forward/backward")
     compile: bool = F(False, "torch.compile the teacher-forced forwards of policy and critic (scoring and update; "
-                             "generation stays eager). Pays on a CPU from 256 hidden x 6 layers (updates 1.2x "
-                             "faster) after 1-2 minutes of compilation, more once when the sequence length first "
-                             "changes; slower at the tiny preset. One process or DDP (README, PPO)")
+                             "generation stays eager). On a CPU: updates 1.2x faster at 256 hidden x 6 layers after "
+                             "1-2 minutes of compilation, more once when the sequence length first changes; no "
+                             "faster in the tiny pipeline's PPO. One process or DDP (README, PPO)")
 
     stage = "ppo"
 
