@@ -11,6 +11,7 @@ same batches; every option it takes (--hidden-size, --batch-size, ...) can be gi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -123,7 +124,8 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
             runs[n] = _stage("pretrain", runs_dir, args, run_name=f"bench{n}")
             return runs[n]["metrics"]["perf/tokens_per_s"]
 
-        def pretrain_bare() -> float:
+        @functools.cache
+        def pretrain_inputs() -> tuple:  # loaded once, for both bare runs
             model_dir = runs_dir / "bench1" / "pretrain" / "model"
             cfg = runs[1]["config"]
             tok = AutoTokenizer.from_pretrained(model_dir)
@@ -131,8 +133,11 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
             shape = (cfg["micro_batch_size"], cfg["model"]["seq_len"])
             batches = [torch.randint(8, len(tok), shape, generator=gen) for _ in range(steps // 3 + 3)]
             model, precision = _as_the_stage_ran_it(model_dir, cfg)
-            return bare_loop_tokens_per_s(model, batches, [torch.ones_like(b, dtype=torch.bool) for b in batches],
-                                          cfg["optim"]["lr"], precision=precision)
+            return model, batches, [torch.ones_like(b, dtype=torch.bool) for b in batches], cfg["optim"]["lr"], precision
+
+        def pretrain_bare() -> float:
+            model, batches, masks, lr, precision = pretrain_inputs()
+            return bare_loop_tokens_per_s(model, batches, masks, lr, precision=precision)
 
         rows.append(("pretrain", *_abba(pretrain, pretrain_bare)))
 
@@ -143,13 +148,17 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
             runs[n] = _stage("sft", runs_dir, sft_args, run_name=f"bench{n}")  # parent: that run's pretrain
             return runs[n]["metrics"].get("perf/tokens_per_s", float("nan"))
 
-        def sft_bare() -> float:
+        @functools.cache
+        def sft_inputs() -> tuple:  # loaded once, for both bare runs
             model_dir = runs_dir / "bench1" / "sft" / "model"
             tok = AutoTokenizer.from_pretrained(model_dir)
             batches, masks, labels = sft_batches(tok, runs[1]["config"], steps // 2 + 3)
             model, precision = _as_the_stage_ran_it(model_dir, runs[1]["config"])
-            return bare_loop_tokens_per_s(model, batches, masks, runs[1]["config"]["train"]["lr"], labels,
-                                          precision=precision)
+            return model, batches, masks, runs[1]["config"]["train"]["lr"], labels, precision
+
+        def sft_bare() -> float:
+            model, batches, masks, lr, labels, precision = sft_inputs()
+            return bare_loop_tokens_per_s(model, batches, masks, lr, labels, precision=precision)
 
         rows.append(("sft", *_abba(sft, sft_bare)))
     return rows
