@@ -11,6 +11,7 @@ server (fastapi, uvicorn and openai, which the project does not install), and it
 """
 from __future__ import annotations
 
+import secrets
 import sys
 from pathlib import Path
 from typing import Callable
@@ -43,6 +44,7 @@ class Chat:
         self.max_new_tokens, self.temperature, self.system = max_new_tokens, temperature, system
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.history: list[dict] = []
+        self.stream, self.turns = f"chat/{secrets.token_hex(8)}", 0  # a fresh random stream per session
 
     def reset(self) -> None:
         self.history = []
@@ -64,7 +66,9 @@ class Chat:
         while self.context and len(ids) + self.max_new_tokens > self.context and len(messages) > 1:
             messages = messages[2:]
             ids = self.prompt_ids(messages)
-        [(out, finished)] = generate(self.model, self.tokenizer, [ids], self.max_new_tokens, self.temperature)
+        [(out, finished)] = generate(self.model, self.tokenizer, [ids], self.max_new_tokens, self.temperature,
+                                     stream=self.stream, rows=[self.turns])
+        self.turns += 1
         answer = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         self.history = messages + [{"role": "assistant", "content": answer}]
         return answer, finished

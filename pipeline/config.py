@@ -21,7 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user (configuration, data, parent stages, launcher files, model
+    directories): a stage ends with its message as one line. Any other exception is a bug and
+    keeps its traceback (`pipeline.stage.stage_main`)."""
+
+
+class ConfigError(InputError):
     """All problems found in one configuration, one per line."""
 
     def __init__(self, problems: list[str]):

@@ -21,28 +21,31 @@ def left_pad(seqs: list[list[int]], pad_id: int,
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             batch_size: int = 64, stop_token_id: int | None = None) -> list[tuple[list[int], bool]]:
+             batch_size: int = 64, stop_token_id: int | None = None, stream: str | None = None,
+             rows: list[int] | None = None) -> list[tuple[list[int], bool]]:
     """Complete tokenized prompts; returns (response ids without the stop token, finished) each.
     The stop token is the chat template's end of turn (`pipeline.tokenizer.end_of_turn_id`) unless
     `stop_token_id` says otherwise; "finished" means it was produced.
 
-    temperature 0 = greedy; otherwise pure temperature sampling (top_k=0, top_p=1), overriding
-    whatever the checkpoint's generation_config says. Uses the KV cache.
-
-    Sampling draws from the global random state of the model's device (HF `generate` calls
-    `torch.multinomial` without a generator): seed it with `torch.manual_seed`, which seeds the
-    CPU and every CUDA device, inside `torch.random.fork_rng(devices=[...])` to keep it local.
+    temperature 0 = greedy; otherwise pure temperature sampling (`KeyedSampling`) from the named
+    random `stream`, prompt i drawing as row `rows[i]` of it (default: i). A row's draw depends on
+    its key alone, not on the batch it shares or the process it runs on. Uses the KV cache.
     """
     from pipeline.tokenizer import end_of_turn_id
 
+    if temperature > 0 and stream is None:
+        raise ValueError("sampling needs a named random stream (stream=...)")
+    rows = list(range(len(prompts))) if rows is None else rows
     stop = end_of_turn_id(tokenizer) if stop_token_id is None else stop_token_id
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    config = generation_config(stop, tokenizer.pad_token_id, max_new_tokens)
     out = []
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[i: i + batch_size], tokenizer.pad_token_id, device)
-        gen = generate_ids(model, ids, mask, generation_config(stop, tokenizer.pad_token_id, temperature, max_new_tokens))
+        sampling = KeyedSampling(row_keys(stream, rows[i: i + batch_size]), temperature) if temperature > 0 else None
+        gen = generate_ids(model, ids, mask, config, sampling)
         for row in gen[:, ids.shape[1]:].tolist():
             if stop in row:
                 out.append((row[: row.index(stop)], True))
@@ -52,27 +55,85 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     return out
 
 
-def generation_config(stop_token_id: int, pad_token_id: int, temperature: float, max_new_tokens: int):
-    """A fresh GenerationConfig, so the checkpoint's own sampling settings cannot leak in:
-    temperature 0 = greedy, else pure temperature sampling (no top-k / top-p truncation), so the
-    sampling policy is exactly softmax(z/τ)."""
+def generation_config(stop_token_id: int, pad_token_id: int, max_new_tokens: int):
+    """A fresh GenerationConfig, so the checkpoint's own sampling settings cannot leak in: the
+    decoding rule is argmax over the scores, which `KeyedSampling` turns into pure temperature
+    sampling (no top-k / top-p truncation), so the sampling policy is exactly softmax(z/τ)."""
     from transformers import GenerationConfig
 
-    kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=stop_token_id,
-                  pad_token_id=pad_token_id, use_cache=True)
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-    return GenerationConfig(**kwargs)
+    return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_token_id,
+                            pad_token_id=pad_token_id, use_cache=True)
 
 
-def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config) -> torch.Tensor:
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config,
+                 sampling: "KeyedSampling | None" = None) -> torch.Tensor:
     """The one call into `model.generate` (prompt + new tokens [B, P+N]); every sampler of the
-    project goes through it. The model holds its full parameters (`pipeline.distributed.
-    full_parameters`), so each process decodes on its own: `synced_gpus=False`, which transformers
-    would otherwise switch on under ZeRO-3 and FSDP and deadlock ranks with unequal batch counts."""
+    project goes through it. Greedy, or sampling with `sampling`'s keyed noise. The model holds
+    its full parameters (`pipeline.distributed.full_parameters`), so each process decodes on its
+    own: `synced_gpus=False`, which transformers would otherwise switch on under ZeRO-3 and FSDP
+    and deadlock ranks with unequal batch counts."""
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList([sampling] if sampling is not None else [])
     with _without_checkpoint_generation_config(model):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask.long(), generation_config=config,
-                              synced_gpus=False)
+                              logits_processor=processors, synced_gpus=False)
+
+
+# ------------------------------------------------------------------------------ keyed sampling
+# splitmix64 (Steele et al. 2014) on int64 tensors, whose arithmetic wraps like uint64's.
+_GOLDEN, _MUL1, _MUL2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    return (x >> k) & ((1 << (64 - k)) - 1)  # logical, not arithmetic, shift
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser: a bijection of int64 whose outputs look independent."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MUL1
+    x = (x ^ _shift_right(x, 27)) * _MUL2
+    return x ^ _shift_right(x, 31)
+
+
+def stream_key(name: str) -> int:
+    """The 63-bit key of a named random stream: names say what a stream is for
+    (`"1234/ppo/rollout/7"`), so two purposes never share draws by accident."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+
+
+def row_keys(stream: str, rows) -> torch.Tensor:
+    """[B] int64 keys of rows `rows` (ints) of the named `stream`."""
+    return _mix(torch.as_tensor(list(rows), dtype=torch.long, device="cpu") + stream_key(stream))
+
+
+class KeyedSampling:
+    """A logits processor that turns greedy decoding into pure temperature sampling by the
+    Gumbel-max trick: argmax_v(z_v / τ + G_v) with G_v ~ Gumbel(0, 1) is a draw from softmax(z/τ)
+    (Gumbel 1954; Maddison et al. 2014). The noise of row b at step t for token v is a hash of
+    (key_b, t, v), so a row's sample depends only on its key and its own logits: the same episode
+    draws the same tokens in any batch, on any number of processes, on CPU or GPU, and a named
+    stream's rows are independent of every other stream's."""
+
+    def __init__(self, keys: torch.Tensor, temperature: float):
+        self.keys, self.temperature, self.start = keys, temperature, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]  # the first call sees the (padded) prompt only
+        return scores.float() / self.temperature + gumbel_noise(self.keys.to(scores.device),
+                                                                 input_ids.shape[1] - self.start, scores.shape[-1])
+
+
+def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """[B, vocab] float32 Gumbel(0, 1) noise, a pure function of (keys [B], step, token id)."""
+    step_keys = _mix(keys ^ _mix(torch.tensor(step, dtype=torch.long, device=keys.device)))
+    bits = _mix(step_keys[:, None] + torch.arange(vocab, device=keys.device)[None])
+    u = (_shift_right(bits, 40).float() + 0.5) * 2.0**-24  # 24 random bits, strictly inside (0, 1)
+    return -torch.log(-torch.log(u))
 
 
 @contextlib.contextmanager
@@ -97,21 +158,32 @@ def _without_checkpoint_generation_config(model):
 
 
 def shard(items: list, accelerator) -> list:
+    """This process's share of `items`: item i goes to process i % world. Shares differ by one
+    item when the count does not divide by the process count; `gather` undoes it either way."""
     return items[accelerator.process_index:: accelerator.num_processes] if accelerator else items
 
 
 def gather(items: list, accelerator) -> list:
-    """Inverse of `shard`: all ranks get the full list back in the original order."""
+    """Inverse of `shard`: every process gets the full list back in the original order. `items`
+    holds one entry per item of this process's share (a result with several parts per item goes
+    as one list per item), so process r's j-th entry is item j * world + r, whatever the count."""
     if accelerator is None or accelerator.num_processes == 1:
         return items
     from accelerate.utils import gather_object
 
     parts = gather_object([items])
-    n = sum(len(p) for p in parts)
-    out = [None] * n
-    for r, p in enumerate(parts):
-        out[r:: accelerator.num_processes] = p
-    return out
+    return interleave(parts)
+
+
+def interleave(parts: list[list]) -> list:
+    """The original order of items dealt round-robin into `parts` (part r holds items r, r + n, ...):
+    shares may differ by one item; any larger difference means they were not dealt by `shard`."""
+    n = len(parts)
+    longest = max((len(p) for p in parts), default=0)
+    if any(len(p) not in (longest, longest - 1) for p in parts) or any(
+            len(parts[r]) > len(parts[r - 1]) for r in range(1, n)):
+        raise RuntimeError(f"gather: shares of sizes {[len(p) for p in parts]} were not dealt by shard()")
+    return [parts[r][j] for j in range(longest) for r in range(n) if j < len(parts[r])]
 
 
 def fact_cloze_accuracy(model, tokenizer, cloze: list[tuple[str, str]], accelerator=None):

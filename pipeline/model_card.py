@@ -45,11 +45,15 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
     if rm and norm.get("enabled"):
         purpose += (f" Its score is normalised to mean 0{' and std 1' if norm.get('std') else ''} over SFT samples, "
                     "folded into the head.")
-    likelihood = rm and (model_dir / "likelihood" / "config.json").exists()  # reward_model/likelihood.py
+    spec = _likelihood_spec(model_dir) if rm else None  # reward_model/likelihood.py
+    likelihood = spec is not None
     if likelihood:
+        inside = spec["model"] == "likelihood"
         purpose += (" Its score adds a likelihood term: the classifier's logit plus `coef` times the log-likelihood "
-                    "of the response under the frozen SFT model in `likelihood/`, less `center` "
-                    "(`config.reward_likelihood`).")
+                    "of the response under the frozen SFT model "
+                    + ("copied into `likelihood/`" if inside else
+                       f"at `{spec['model']}` (relative to this directory; `model_abs` if moved apart), not copied")
+                    + ", less `center` (`config.reward_likelihood`, with the SFT weights' `fingerprint`).")
         if (m.extra or {}).get("likelihood_residual"):
             purpose += (" The classifier alone is not the reward: it was trained over the likelihood term and offsets "
                         "its preferences.")
@@ -82,16 +86,19 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
                   'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")']
         if likelihood:
             lines += ["score = model(**inputs).logits[0, 0].item()",
-                      "# the likelihood term: coef * (log p(response | prompt) - center), the frozen SFT model in likelihood/",
-                      "import torch", "from transformers import AutoModelForCausalLM", "",
-                      'lm = AutoModelForCausalLM.from_pretrained(path + "/likelihood")',
+                      "# the likelihood term: coef * (log p(response | prompt) - center) under the frozen SFT model",
+                      "import os", "import torch", "from transformers import AutoModelForCausalLM", "",
+                      "term = model.config.reward_likelihood",
+                      'lm_dir = os.path.join(path, term["model"])  # relative to the reward model',
+                      'if not os.path.isdir(lm_dir):',
+                      '    lm_dir = term["model_abs"]',
+                      "lm = AutoModelForCausalLM.from_pretrained(lm_dir)",
                       "prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)",
                       'start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # first response token',
                       'ids = inputs["input_ids"][0]',
                       "with torch.no_grad():",
                       "    logp = torch.log_softmax(lm(**inputs).logits[0, :-1].float(), -1)",
                       "log_lik = logp.gather(-1, ids[1:, None])[start - 1:].sum().item()",
-                      "term = model.config.reward_likelihood",
                       'print(score + term["coef"] * (log_lik - term["center"]))', "```", ""]
         else:
             lines += ["print(model(**inputs).logits[0, 0].item())", "```", ""]
@@ -120,6 +127,14 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
                      + ("The score is read at that token." if rm else
                         f"Generation stops there. To talk to the model: `{chat}`."))
     return "\n".join(lines) + "\n"
+
+
+def _likelihood_spec(model_dir: Path) -> dict | None:
+    """The reward model's likelihood term as its config records it, or None."""
+    import json
+
+    config = model_dir / "config.json"
+    return json.loads(config.read_text()).get("reward_likelihood") if config.exists() else None
 
 
 def _end_of_turn(model_dir: Path) -> str:

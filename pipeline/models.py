@@ -8,6 +8,8 @@ from typing import Iterator
 
 import torch
 
+from pipeline.config import InputError
+
 # Llama-architecture presets. `tiny` trains on 2 CPU cores in minutes; the rest are for GPUs.
 PRESETS = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
@@ -59,7 +61,7 @@ def llama_from_preset(preset: str, tokenizer, max_position_embeddings: int, drop
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if preset not in PRESETS:
-        raise ValueError(f"model.preset={preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        raise InputError(f"model.preset={preset!r} is not a preset; choose one of {', '.join(PRESETS)}")
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,

@@ -83,6 +83,25 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """Hash of a model directory's weight files (names and bytes): equal fingerprints are equal
+    weights, so two stages can share one copy without assuming it."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise HandoffError(f"{model_dir}: no weight files found (expected *.safetensors)")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def tokenizer_fingerprint(model_dir: str | Path) -> str:
     """Hash of the tokenizer's vocabulary and special tokens as saved in a model directory."""
     model_dir = Path(model_dir)

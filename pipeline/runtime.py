@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 
+from pipeline.config import InputError
+
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -88,7 +90,7 @@ def _promote_to_fsdp(accelerator, plugin) -> None:
     from accelerate.utils import DistributedType
 
     if plugin.fsdp_version != 2:
-        raise ValueError("FSDP on CPU processes needs fsdp_version: 2 in the launcher file (configs/accelerate/fsdp.yaml)")
+        raise InputError("FSDP on CPU processes needs fsdp_version: 2 in the launcher file (configs/accelerate/fsdp.yaml)")
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -127,7 +129,7 @@ def batch_split(global_batch: int, micro_max: int, world_size: int, what: str = 
     size <= micro_max that divides the per-process batch, so the default configs run unchanged on
     any process count that divides the global batch. Derived here only, never configured."""
     if global_batch % world_size:
-        raise ValueError(f"{what}={global_batch} is not divisible by {world_size} processes; "
+        raise InputError(f"{what}={global_batch} is not divisible by {world_size} processes; "
                          f"use a multiple of {world_size}")
     per_process = global_batch // world_size
     micro = max(m for m in range(1, min(micro_max, per_process) + 1) if per_process % m == 0)

@@ -3,6 +3,7 @@ checkpoints. A stage's `run(cfg)` does its own work between `StageRun.begin` and
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -12,11 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import runs
-from pipeline.config import ConfigError, help_text, load_config, to_dict, to_yaml
+from pipeline.config import ConfigError, InputError, help_text, load_config, to_dict, to_yaml
 from pipeline.model_card import model_card
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A bad input record or file: the message names the file, line/row and field."""
 
 
@@ -36,10 +37,30 @@ def stage_main(cfg_cls: type, run: Callable, argv: list[str] | None = None) -> i
         return 2
     try:
         run(cfg)
-    except (runs.HandoffError, DataError, ValueError, FileNotFoundError) as e:
+    except (runs.HandoffError, InputError, FileNotFoundError) as e:
         print(f"error in stage '{cfg_cls.stage}': {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug, not the user's input: keep the traceback
+        where = _save_traceback(cfg, e)
+        traceback.print_exc()
+        print(f"internal error in stage '{cfg_cls.stage}': {type(e).__name__}: {e}\n"
+              f"  this is a bug in the pipeline, not a problem with your input; the traceback is above"
+              + (f" and in {where}" if where else ""), file=sys.stderr)
+        return 1
     return 0
+
+
+def _save_traceback(cfg, exc: BaseException) -> Path | None:
+    """Write the traceback to `<stage dir>/error-rank<R>.log` if the stage directory exists."""
+    stage_dir = runs.stage_dir(cfg.runs_dir, cfg.run_name, cfg.stage)
+    if not stage_dir.is_dir():
+        return None
+    path = stage_dir / f"error-rank{os.environ.get('RANK', '0')}.log"
+    try:
+        path.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    except OSError:
+        return None
+    return path
 
 
 def run_stage(cfg, body: Callable) -> runs.Manifest:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import weakref
 from typing import Iterable
 
+from pipeline.config import InputError
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
@@ -59,7 +61,7 @@ def ensure_chat_ready(tokenizer):
     (for the log)."""
     changes = []
     if tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has no eos token; the stages need one to stop generation")
+        raise InputError("the tokenizer has no eos token; the stages need one to stop generation")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD})
         changes.append(f"added pad token {PAD!r} distinct from eos")
@@ -183,7 +185,7 @@ def assistant_token_mask(tokenizer, messages: list[dict], first: int = 0) -> tup
         head = chat_ids(tokenizer, fitted[:i], add_generation_prompt=True)
         turn = ids if i == len(fitted) - 1 else chat_ids(tokenizer, fitted[: i + 1])
         if turn[: len(head)] != head or ids[: len(turn)] != turn:
-            raise ValueError(f"the chat template does not render message {i} as a prefix of the conversation "
+            raise InputError(f"the chat template does not render message {i} as a prefix of the conversation "
                              f"(roles {[x['role'] for x in fitted]}), so its assistant tokens cannot be located; "
                              f"use a template that renders earlier turns the same way whatever follows")
         own = turn[len(head):]

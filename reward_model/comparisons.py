@@ -37,17 +37,16 @@ def sample_responses(policy, tokenizer, prompts: list, k: int, max_new_tokens: i
                      seed: int, accelerator=None, batch_size: int = 64,
                      skills: list[str | None] | None = None) -> list[Comparison]:
     """K responses per prompt from `policy` (chat-template prompts, pure temperature sampling),
-    as unlabeled comparisons. Batches are split over ranks; each batch draws from its own seeded
-    random stream, so the samples do not depend on the number of processes."""
+    as unlabeled comparisons. Response j of prompt i is row i * k + j of the random stream
+    `{seed}/rm/responses`, so the samples depend neither on the batch size nor on the number of
+    processes; batches are split over processes."""
     flat = [ids for p in prompts for ids in [prompt_ids(tokenizer, p)] * k]
-    batches = list(enumerate(range(0, len(flat), batch_size)))
-    device = next(policy.parameters()).device
+    starts = list(range(0, len(flat), batch_size))
     out = []
-    for b, start in shard(batches, accelerator):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed * 100003 + b)
-            res = generate(policy, tokenizer, flat[start: start + batch_size], max_new_tokens,
-                           temperature=temperature, batch_size=batch_size)
+    for start in shard(starts, accelerator):
+        res = generate(policy, tokenizer, flat[start: start + batch_size], max_new_tokens, temperature=temperature,
+                       batch_size=batch_size, stream=f"{seed}/rm/responses",
+                       rows=list(range(start, min(start + batch_size, len(flat)))))
         out.append([(tokenizer.decode(ids, skip_special_tokens=True), done) for ids, done in res])
     flat_res = [r for part in gather(out, accelerator) for r in part]
     skills = skills or [None] * len(prompts)

@@ -25,34 +25,76 @@ likelihood's judgement of correctness wherever the better-formed answer is the w
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from pipeline.logprobs import selective_log_softmax
 from reward_model.losses import kwise_loss
 
-SUBDIR = "likelihood"
+SUBDIR = "likelihood"  # where `likelihood_copy=true` puts a copy of the model inside the reward model
 
 
 @dataclass
 class LikelihoodTerm:
-    """A frozen causal LM that reads the RM's token ids, and its weight in the score."""
+    """A frozen causal LM that reads the RM's token ids, and its weight in the score. `source`:
+    where the model lives, as `config.reward_likelihood` records it (`source_for`)."""
 
     model: torch.nn.Module
     coef: float
     center: float = 0.0
+    source: dict = field(default_factory=dict)
 
     def __call__(self, log_lik: Tensor) -> Tensor:
         """The term's contribution to the score, from the response log-likelihoods."""
         return self.coef * (log_lik - self.center)
 
     def describe(self) -> dict:
-        """What `config.reward_likelihood` stores (the model is saved in `SUBDIR`)."""
-        return {"coef": self.coef, "center": self.center, "model": SUBDIR,
+        """What `config.reward_likelihood` stores."""
+        return {"coef": self.coef, "center": self.center, **self.source,
                 "score": "classifier logit + coef * (sum of log p(response tokens | prompt) - center), under the model "
-                         f"in {SUBDIR}/ (the SFT policy the reward model was trained from)"}
+                         "in `model` (a path relative to this directory; `model_abs` if the two were moved apart), the "
+                         "SFT policy the reward model was trained from, checked by `fingerprint`"}
+
+
+def source_for(rm_model_dir: str | Path, lm_dir: str | Path) -> dict:
+    """Where a reward model saved in `rm_model_dir` finds its likelihood model `lm_dir`: a path
+    relative to the reward model (a run directory moved whole keeps working), the absolute path,
+    and the weights' fingerprint (`pipeline.runs.weights_fingerprint`), recorded as parents are."""
+    from pipeline.runs import weights_fingerprint
+
+    lm_dir = Path(lm_dir).resolve()
+    return {"model": os.path.relpath(lm_dir, Path(rm_model_dir).resolve()), "model_abs": str(lm_dir),
+            "fingerprint": weights_fingerprint(lm_dir)}
+
+
+def likelihood_spec(rm_dir: str | Path) -> dict | None:
+    """The likelihood term a saved reward model declares in its config (None for a plain classifier)."""
+    return json.loads((Path(rm_dir) / "config.json").read_text()).get("reward_likelihood") or None
+
+
+def likelihood_model_dir(rm_dir: str | Path, spec: dict) -> Path:
+    """The directory of the term's model: `model` relative to the reward model, else `model_abs`,
+    the first whose weights have the recorded fingerprint (reward models saved before fingerprints
+    were recorded: the first that exists)."""
+    from pipeline.runs import HandoffError, weights_fingerprint
+
+    candidates = [Path(rm_dir) / spec["model"]] + ([Path(spec["model_abs"])] if spec.get("model_abs") else [])
+    found = [c for c in candidates if (c / "config.json").exists()]
+    for where in found:
+        if not spec.get("fingerprint") or weights_fingerprint(where) == spec["fingerprint"]:
+            return where
+    looked = ", ".join(str(c) for c in candidates)
+    if found:
+        raise HandoffError(f"{rm_dir}: the likelihood term's model ({looked}) has other weights than the reward model "
+                           f"was fitted with (fingerprint {spec['fingerprint']}); restore the SFT model, or re-run the rm "
+                           "stage")
+    raise FileNotFoundError(f"{rm_dir}/config.json declares a likelihood term whose model should be at {looked}, which "
+                            "is missing: keep the run directory whole (the rm stage records its parent SFT model), or "
+                            "re-run rm with likelihood_copy=true for a self-contained reward model")
 
 
 def response_log_likelihoods(lm: torch.nn.Module, ids: Tensor, mask: Tensor, starts: Tensor) -> Tensor:
@@ -60,11 +102,14 @@ def response_log_likelihoods(lm: torch.nn.Module, ids: Tensor, mask: Tensor, sta
 
     ids, mask [B, L] right-padded (mask True = real token); starts [B]: index of each row's first
     response token (>= 1). The response runs from `start` to the row's last real token."""
-    logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    token_lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-    pos = torch.arange(1, ids.shape[1], device=ids.device)[None]
-    in_response = (pos >= starts.to(ids.device)[:, None]) & mask[:, 1:]
-    return (token_lp * in_response).sum(1)
+    # The LM head runs from the earliest response start on (`logits_to_keep`), and only the
+    # chosen tokens' log-probs are formed (`pipeline.logprobs`): no [B, L, V] float32 tensor.
+    first = max(1, int(starts.min()))
+    logits = lm(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=ids.shape[1] - first + 1).logits
+    token_lp = selective_log_softmax(logits[:, :-1], ids[:, first:])
+    pos = torch.arange(first, ids.shape[1], device=ids.device)[None]
+    in_response = (pos >= starts.to(ids.device)[:, None]) & mask[:, first:]
+    return torch.where(in_response, token_lp, 0.0).sum(1)
 
 
 def fit_coef(head: Tensor, log_lik: Tensor, ranks: Tensor, valid_mask: Tensor, steps: int = 50) -> float:
@@ -114,25 +159,26 @@ def residual_offsets(log_lik: Tensor, sizes: list[int], coef: float) -> list[Ten
 
 def load_likelihood(rm_dir: str | Path, dtype: torch.dtype = torch.float32, attn: str = "auto",
                     device: torch.device | str | None = None) -> LikelihoodTerm | None:
-    """The likelihood term a saved reward model declares (None for a plain classifier), frozen,
-    dropout off, on `device`."""
+    """The likelihood term a saved reward model declares (None for a plain classifier), its model
+    loaded frozen, dropout off, on `device`."""
     from pipeline.models import disable_dropout, load_causal_lm
 
-    config = json.loads((Path(rm_dir) / "config.json").read_text())
-    spec = config.get("reward_likelihood")
+    spec = likelihood_spec(rm_dir)
     if not spec:
         return None
-    where = Path(rm_dir) / spec["model"]
-    if not (where / "config.json").exists():
-        raise FileNotFoundError(f"{rm_dir}/config.json declares a likelihood term whose model should be in {where}, "
-                                "which is missing: copy the reward model directory whole")
-    lm = disable_dropout(load_causal_lm(where, None, dtype, attn)).eval().requires_grad_(False)
-    vocab = config.get("vocab_size") or 0
+    lm = disable_dropout(load_causal_lm(likelihood_model_dir(rm_dir, spec), None, dtype, attn)).eval().requires_grad_(False)
+    vocab = json.loads((Path(rm_dir) / "config.json").read_text()).get("vocab_size") or 0
     if vocab > lm.get_input_embeddings().weight.shape[0]:  # the RM's tokenizer gained tokens (a pad)
         lm.resize_token_embeddings(vocab)
     if device is not None:
         lm = lm.to(device)
-    return LikelihoodTerm(lm, float(spec["coef"]), float(spec.get("center", 0.0)))
+    return term_from_spec(lm, spec)
+
+
+def term_from_spec(model, spec: dict) -> LikelihoodTerm:
+    """A `LikelihoodTerm` with the coefficient and source recorded in `spec`, computed by `model`."""
+    source = {k: spec[k] for k in ("model", "model_abs", "fingerprint") if k in spec}
+    return LikelihoodTerm(model, float(spec["coef"]), float(spec.get("center", 0.0)), source)
 
 
 def attach(model: torch.nn.Module, term: LikelihoodTerm | None) -> torch.nn.Module:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pipeline.config import InputError
 from pipeline.models import attn_implementation, disable_dropout, whole_on_every_rank
 from reward_model.likelihood import attach, load_likelihood
 
@@ -48,7 +49,7 @@ def load_reward_model(path: str | Path, tokenizer, dtype: torch.dtype = torch.fl
     from transformers import AutoModelForSequenceClassification
 
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError("the reward model needs a pad token distinct from eos (pipeline.tokenizer.ensure_chat_ready adds one)")
+        raise InputError("the reward model needs a pad token distinct from eos (pipeline.tokenizer.ensure_chat_ready adds one)")
     with _quiet_transformers(), whole_on_every_rank():
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=1, dtype=dtype, output_loading_info=True, attn_implementation=attn_implementation(attn))

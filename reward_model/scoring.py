@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.config import InputError
 from pipeline.evaluation import gather, shard
 from pipeline.tokenizer import assistant_token_mask, chat_ids, end_of_turn_id
 from reward_model.likelihood import response_log_likelihoods, term_of
@@ -60,10 +61,13 @@ def right_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "
     return ids.to(device), mask.to(device)
 
 
-def forward_rewards(model, seqs: list[list[int]], pad_id: int, starts: list[int] | None = None) -> Tensor:
+def forward_rewards(model, seqs: list[list[int]], pad_id: int, starts: list[int] | None = None,
+                    log_likelihoods: list[float | None] | None = None) -> Tensor:
     """One forward of a right-padded batch -> rewards [B] float32 on the model's device (with grad
     if enabled), whatever the model's dtype. A reward model with a likelihood term
-    (reward_model.likelihood) adds it, which needs each sequence's response start (`render_span`)."""
+    (reward_model.likelihood) adds it, which needs each sequence's response start (`render_span`);
+    `log_likelihoods` gives the term's log-likelihood of the rows already computed elsewhere
+    (None: compute it here)."""
     ids, mask = right_pad(seqs, pad_id, next(model.parameters()).device)
     rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
     term = term_of(model)
@@ -71,11 +75,16 @@ def forward_rewards(model, seqs: list[list[int]], pad_id: int, starts: list[int]
         if starts is None or len(starts) != len(seqs):
             raise ValueError("this reward model has a likelihood term: pass each sequence's response start "
                              "(reward_model.scoring.render_span)")
-        with torch.no_grad():
-            device = next(term.model.parameters()).device
-            log_lik = response_log_likelihoods(term.model, ids.to(device), mask.to(device),
-                                               torch.tensor(starts, device=device))
-        rewards = rewards + term(log_lik).to(rewards.device)
+        known = log_likelihoods or [None] * len(seqs)
+        log_lik = torch.tensor([float("nan") if v is None else v for v in known], dtype=torch.float32, device="cpu")
+        todo = [i for i, v in enumerate(known) if v is None]
+        if todo:
+            with torch.no_grad():
+                device = next(term.model.parameters()).device
+                part = torch.tensor(todo, device=ids.device)
+                log_lik[todo] = response_log_likelihoods(term.model, ids[part].to(device), mask[part].to(device),
+                                                         torch.tensor([starts[i] for i in todo], device=device)).cpu()
+        rewards = rewards + term(log_lik.to(rewards.device))
     return rewards
 
 
@@ -123,14 +132,16 @@ def log_likelihood_ids(lm, seqs: list[list[int]], starts: list[int], pad_id: int
 
 @torch.no_grad()
 def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, accelerator=None,
-              with_hidden: bool = False, starts: list[int] | None = None) -> tuple[Tensor, Tensor | None]:
+              with_hidden: bool = False, starts: list[int] | None = None,
+              log_likelihoods: list[float | None] | None = None) -> tuple[Tensor, Tensor | None]:
     """Rewards [N] of rendered sequences (and the final hidden state at the scored token,
     [N, d], when `with_hidden`), both float32 on the CPU whatever the model's device and dtype.
-    `starts`: each sequence's response start, needed by a reward model with a likelihood term.
+    `starts`: each sequence's response start, needed by a reward model with a likelihood term;
+    `log_likelihoods`: the term's values already known (`forward_rewards`).
     Batches are length-sorted to cut padding; with an accelerator the batches are split over
     ranks and every rank gets all results, in input order."""
     if model.config.pad_token_id != pad_id:
-        raise ValueError(f"model.config.pad_token_id={model.config.pad_token_id} but the tokenizer pads with {pad_id}; "
+        raise InputError(f"model.config.pad_token_id={model.config.pad_token_id} but the tokenizer pads with {pad_id}; "
                          "the score would be read at the wrong token")
     if not seqs:
         return (torch.zeros(0, device="cpu"),
@@ -142,7 +153,8 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, a
 
     def one(idx: list[int]):
         batch = [seqs[i] for i in idx]
-        rewards = forward_rewards(model, batch, pad_id, None if starts is None else [starts[i] for i in idx]).cpu()
+        rewards = forward_rewards(model, batch, pad_id, None if starts is None else [starts[i] for i in idx],
+                                  None if log_likelihoods is None else [log_likelihoods[i] for i in idx]).cpu()
         hidden = None
         if with_hidden:
             # the same token transformers pools: the last one that is not pad
@@ -167,16 +179,22 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, a
 
 
 def score(model, tokenizer, prompts: list, responses: list[str], finished: list[bool] | None = None,
-          batch_size: int = 64, accelerator=None) -> Tensor:
+          batch_size: int = 64, accelerator=None, known: list[tuple[list[int], float]] | None = None) -> Tensor:
     """Rewards [N] (float32, on the CPU) for `(prompt, response)` pairs, rendered with the RM's
     own `tokenizer`; `model` is a plain (unwrapped) reward model.
 
     prompts: strings (one user turn) or messages lists; responses: plain text (decoded, without
-    special tokens); finished: False for responses cut off before their stop token.
+    special tokens); finished: False for responses cut off before their stop token. `known`: per
+    pair, (response token ids, their log-likelihood under the likelihood term's model), computed
+    by the caller; used where the rendered response is exactly those ids, else computed here.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
     finished = finished if finished is not None else [True] * len(responses)
     spans = [render_span(tokenizer, p, r, f) for p, r, f in zip(prompts, responses, finished)]
+    log_likelihoods = None
+    if known is not None:
+        log_likelihoods = [value if ids[start:] == response else None
+                           for (ids, start), (response, value) in zip(spans, known)]
     return score_ids(model, [ids for ids, _ in spans], tokenizer.pad_token_id, batch_size, accelerator,
-                     starts=[start for _, start in spans])[0]
+                     starts=[start for _, start in spans], log_likelihoods=log_likelihoods)[0]

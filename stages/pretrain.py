@@ -22,6 +22,7 @@ from pipeline.config import F, StageConfig
 from pipeline.records import read_text_documents
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, save_model
 from pipeline.evaluation import fact_cloze_accuracy
+from pipeline.logprobs import token_nll_sum
 from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,
                              load_tokenizer)
 from pipeline.runtime import adamw, batch_split, warmup_cosine
@@ -130,6 +131,13 @@ def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab: int) -> 
     return math.exp(-logp[valid.flatten()].mean().item())
 
 
+def next_token_loss(model, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of the blocks `x` [B, L] (no padding), without the
+    [B, L, V] float32 tensor that `labels=` would make (`pipeline.logprobs`)."""
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+    return token_nll_sum(logits, x[:, 1:]) / (x.numel() - x.shape[0])
+
+
 @torch.no_grad()
 def evaluate_loss(model, blocks: torch.Tensor, accelerator, micro: int) -> float:
     """Mean next-token loss over `blocks`, split across ranks and reduced globally."""
@@ -139,7 +147,7 @@ def evaluate_loss(model, blocks: torch.Tensor, accelerator, micro: int) -> float
     with full_parameters(accelerator, model) as full:  # ranks may hold different numbers of blocks
         for i in range(0, len(shard), micro):
             x = shard[i: i + micro].to(accelerator.device)
-            loss = full(input_ids=x, labels=x).loss
+            loss = next_token_loss(full, x)
             n = x.numel() - x.shape[0]
             total += torch.stack([loss.float() * n, torch.tensor(float(n), device=accelerator.device)])
     total = accelerator.reduce(total, "sum")
@@ -238,7 +246,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
             x = train_blocks[idx[lo: lo + micro]].to(accelerator.device)
             sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(model)
             with sync:
-                loss = model(input_ids=x, labels=x).loss
+                loss = next_token_loss(model, x)
                 backward(accelerator, model, loss / accum, boundary=a == accum - 1)
             step_loss += loss.detach().float() / accum
         grad_norm = clip_grad_norm(accelerator, model, cfg.optim.max_grad_norm)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from pipeline import runs
-from pipeline.config import F, StageConfig
+from pipeline.config import F, InputError, StageConfig
 from pipeline.records import load_comparisons, load_prompt_records
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_dtype, load_causal_lm, load_tokenizer
@@ -34,7 +34,7 @@ from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.losses import kwise_loss
-from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons, residual_offsets
+from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons, residual_offsets, source_for
 from reward_model.metrics import accuracy_by_part, evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
@@ -99,8 +99,10 @@ class RMConfig(StageConfig):
                                  "divide the per-process batch)")
     center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)")
     likelihood_term: bool = F(True, "score = head + c·(log p_SFT(response | prompt) - m): add the frozen parent's "
-                                    "log-likelihood of the response (reward_model/likelihood.py); the RM directory then "
-                                    "holds a copy of the parent model. false = a plain classifier")
+                                    "log-likelihood of the response (reward_model/likelihood.py); the RM records where "
+                                    "the parent model is (path and fingerprint). false = a plain classifier")
+    likelihood_copy: bool = F(False, "with the likelihood term, copy the parent SFT model into the reward model's "
+                                     "likelihood/ directory: a self-contained reward model (one more copy of the weights)")
     likelihood_residual: float = F(6.0, "the head trains as the residual over this x log p_SFT(response): it learns the "
                                         "form the likelihood misjudges instead of a form cue that outweighs the "
                                         "likelihood's judgement of correctness (docs/ppo.md §13); 0 = the head alone")
@@ -315,8 +317,13 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     # 6. hand off: a plain save_pretrained directory with normalized scores (and the likelihood
     # term's frozen model, an exact copy of the parent's files)
     model_dir = sr.dir / "model"
-    save_model(accelerator, model, tokenizer, model_dir,
-               copies={SUBDIR: prep.parent.model_dir} if term is not None else None)
+    copy = term is not None and cfg.likelihood_copy
+    if term is not None:  # where PPO and the model card find the term's model
+        term.source = source_for(model_dir, prep.parent.model_dir)
+        if copy:  # the copy inside, nothing outside
+            term.source = {"model": SUBDIR, "fingerprint": term.source["fingerprint"]}
+        attach(model, term)
+    save_model(accelerator, model, tokenizer, model_dir, copies={SUBDIR: prep.parent.model_dir} if copy else None)
     headline = {"pairwise_acc": metrics["eval/pairwise_accuracy"],
                 "chosen_minus_rejected": metrics["eval/reward_chosen_mean"] - metrics["eval/reward_rejected_mean"]}
     if "norm/heldout_max_abs_dev" in metrics:
@@ -439,7 +446,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
     if resume_from:
         state = sr.load_checkpoint(accelerator, resume_from)
         if state.get("data_fingerprint") != fingerprint:
-            raise ValueError(f"{resume_from} was trained on other comparisons; re-run with resume=false to start afresh")
+            raise InputError(f"{resume_from} was trained on other comparisons; re-run with resume=false to start afresh")
         step = state["step"]
         log(f"resumed from {resume_from} at step {step}")
     tracker = make_tracker(accelerator.is_main_process, sr.dir, "rm", cfg.run_name, sr.manifest.config, cfg.wandb,

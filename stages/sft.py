@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import runs
-from pipeline.config import F, StageConfig
+from pipeline.config import F, InputError, StageConfig
 from pipeline.distributed import full_parameters, launcher_kind, save_model, trainer_launch_args
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
@@ -176,7 +176,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     micro, accum = batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, accelerator.num_processes,
                                "train.global_batch_size")
     if cfg.lora.enabled and launcher_kind(accelerator) in ("fsdp2", "zero3"):
-        raise ValueError("lora.enabled with a sharded launcher (fsdp, zero3) is not supported: the adapter is merged "
+        raise InputError("lora.enabled with a sharded launcher (fsdp, zero3) is not supported: the adapter is merged "
                          "into full weights at the end; use ACCEL=ddp or zero2 for LoRA")
     precision = resolve_precision(cfg.precision)
     args = TRLSFTConfig(
@@ -267,12 +267,14 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 def _plain_head(trainer_class):
     """TRL's SFTTrainer with the loss from the model's plain LM head. TRL's fused head projects in
     tiles and also computes every token's entropy for its logs; for the small vocabularies and
-    batches of this project's CPU runs the plain head with one cross-entropy is cheaper (`make
-    bench` compares the stage with a bare loop). The loss is TRL's own: the sum of the assistant
+    batches of this project's CPU runs the plain head is cheaper (`make bench` compares the stage
+    with a bare loop); its log-softmax runs a slice at a time (`pipeline.logprobs`). The loss is TRL's own: the sum of the assistant
     tokens' negative log-likelihoods over `num_items_in_batch` (the step's tokens on all processes),
     times the process count under `average_tokens_across_devices`. Token accuracy is still logged.
     Everything else (label smoothing, other loss types, MoE aux loss, eval outputs) goes to TRL."""
     import torch
+
+    from pipeline.logprobs import token_nll_sum
 
     class PlainHeadSFTTrainer(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -282,14 +284,12 @@ def _plain_head(trainer_class):
             labels = inputs["labels"][:, 1:]
             logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits[:, :-1]
             mask = labels != -100
-            z = logits[mask].float()
-            target = labels[mask]
-            loss = torch.nn.functional.cross_entropy(z, target, reduction="sum")
+            loss = token_nll_sum(logits, labels)  # no [B, L, V] float32 tensor (pipeline.logprobs)
             num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = loss / torch.as_tensor(num_tokens).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            stats = torch.stack([mask.sum(), (z.argmax(-1) == target).sum(),
+            stats = torch.stack([mask.sum(), ((logits.detach().argmax(-1) == labels) & mask).sum(),
                                  inputs["attention_mask"].sum() if "attention_mask" in inputs
                                  else torch.tensor(inputs["position_ids"].size(1), device=mask.device)])
             valid, correct, tokens = self.accelerator.gather_for_metrics(stats[None]).sum(0).tolist()
@@ -333,10 +333,10 @@ def _check_world(cfg: SFTConfig, parent: runs.Parent) -> None:
     pw = parent.manifest.config.get("world")
     pdata = parent.manifest.config.get("data", {}).get("source")
     if cfg.data.source == "world" and pdata == "world" and pw and pw.get("seed") != cfg.world.seed:
-        raise ValueError(f"world.seed={cfg.world.seed} but the parent {parent.manifest_path} was trained on "
+        raise InputError(f"world.seed={cfg.world.seed} but the parent {parent.manifest_path} was trained on "
                          f"world.seed={pw.get('seed')}; use the same world in every stage")
     if cfg.data.source == "world" and pw and pw.get("num_people") != cfg.world.num_people:
-        raise ValueError(f"world.num_people={cfg.world.num_people} differs from the parent's ({pw.get('num_people')})")
+        raise InputError(f"world.num_people={cfg.world.num_people} differs from the parent's ({pw.get('num_people')})")
 
 
 def _print_report(manifest: runs.Manifest, metrics: dict, evaluation: dict | None) -> None:

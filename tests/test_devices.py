@@ -346,7 +346,7 @@ def test_folding_the_normalization_into_a_model(tiny, dtype):
 
 # ----------------------------------------------------------------------------- sampling, rollouts
 def test_sampling_and_rollouts_create_nothing_on_the_default_device(tiny):
-    from pipeline.evaluation import generate, left_pad
+    from pipeline.evaluation import generate, left_pad, row_keys
     from reward_model.comparisons import sample_responses
     from stages.ppo.data import PtxData, batch_indices
     from stages.ppo.evaluate import sequence_kl
@@ -355,12 +355,13 @@ def test_sampling_and_rollouts_create_nothing_on_the_default_device(tiny):
 
     tok = tiny.tok
     models = SimpleNamespace(policy=tiny.policy, ref=copy.deepcopy(tiny.policy), value_model=ValueModel(tiny.rm),
-                             reward=tiny.rm, tokenizer=tok, reward_tokenizer=tok)
+                             reward=tiny.rm, tokenizer=tok, reward_tokenizer=tok, likelihood_shared=False)
     accelerator = SimpleNamespace(device=CPU, autocast=contextlib.nullcontext, process_index=0, num_processes=1)
 
     def run():
         q, qm = queries(tok, PROMPTS, CPU)
-        sampled = sample(tiny.policy, tok, q, qm, temperature=1.0, max_new_tokens=5, batch_size=2)
+        sampled = sample(tiny.policy, tok, q, qm, temperature=1.0, max_new_tokens=5, batch_size=2,
+                         keys=row_keys("test", range(len(PROMPTS))))
         sampled[0, 1] = tok.eos_token_id  # one response stops early
         rollout = build_rollout(models, accelerator, PROMPTS, q, qm, sampled, temperature=1.0, batch_size=2)
         ids = [row[m].tolist() for row, m in zip(rollout.response_ids, rollout.response_mask)]

@@ -282,11 +282,11 @@ def test_sampling_is_pure_temperature_whatever_the_checkpoint_says(checkpoints, 
     end-of-turn token."""
     from transformers import GenerationConfig
 
-    from pipeline.evaluation import generate_ids
+    from pipeline.evaluation import KeyedSampling, generate_ids, generation_config, gumbel_noise, row_keys
     from pipeline.models import load_causal_lm
     from pipeline.tokenizer import end_of_turn_id
     from stages.ppo.functional import truncate_at_stop
-    from stages.ppo.rollout import queries, sampling_config, sequence_inputs, token_logprobs
+    from stages.ppo.rollout import queries, sequence_inputs, token_logprobs
 
     tok = tokenizer_of(checkpoints, "llama3")
     eot = end_of_turn_id(tok)
@@ -301,13 +301,15 @@ def test_sampling_is_pure_temperature_whatever_the_checkpoint_says(checkpoints, 
     prompts = ["What is the last word? red fox", "What is 3 + 4?", "Write in capitals: sun cat", "What is 2 + 2?"] * 4
     q, qm = queries(tok, prompts, "cpu")
     T, tau = 12, 0.7
-    config = sampling_config(tok, tau, T)
+    config = generation_config(eot, tok.pad_token_id, T)
     config.output_scores, config.return_dict_in_generate = True, True  # scores: after every logits processor
-    torch.manual_seed(0)
-    gen = generate_ids(model, q, qm, config)
+    keys = row_keys("test/families", range(len(prompts)))
+    gen = generate_ids(model, q, qm, config, KeyedSampling(keys, tau))
     assert model.generation_config is not None and model.generation_config.min_p == 0.2  # restored after the call
     sampled = gen.sequences[:, q.shape[1]:]
-    behaviour = torch.log_softmax(torch.stack(gen.scores, 1).float(), -1).gather(-1, sampled[..., None])[..., 0]
+    # the scores are z/τ + Gumbel noise (argmax = the sample); without the noise, what was sampled from
+    noise = torch.stack([gumbel_noise(keys, t, s.shape[-1]) for t, s in enumerate(gen.scores)], 1)
+    behaviour = torch.log_softmax(torch.stack(gen.scores, 1).float() - noise, -1).gather(-1, sampled[..., None])[..., 0]
     ids, mask, _, has_stop = truncate_at_stop(sampled, eot, tok.pad_token_id)
     with torch.no_grad():
         teacher = token_logprobs(model, *sequence_inputs(q, qm, ids, mask), ids, tau)

@@ -150,7 +150,7 @@ def test_chat_prompts_carry_the_history_until_reset(chain, monkeypatch):
     tok = load_tokenizer(chain / "ppo" / "model")
     asked = []
 
-    def generate(model, tokenizer, prompts, max_new_tokens, temperature):
+    def generate(model, tokenizer, prompts, max_new_tokens, temperature, **kw):
         asked.append(tokenizer.decode(prompts[0]))
         return [(tokenizer("Answer: ok.", add_special_tokens=False)["input_ids"], True)]
 

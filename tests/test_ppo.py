@@ -245,17 +245,17 @@ def test_load_models_turns_dropout_off_in_all_four(tiny, tmp_path):
 def test_sampling_distribution_is_the_teacher_forced_policy(tiny, tmp_path):
     """Left-padded generation with the KV cache samples from exactly the softmax(z/τ) that the
     teacher-forced forward (explicit position ids) scores: no position or padding mismatch."""
-    from stages.ppo.rollout import build_rollout, queries, sampling_config
+    from pipeline.evaluation import KeyedSampling, generate_ids, generation_config, row_keys
+    from pipeline.tokenizer import end_of_turn_id
+    from stages.ppo.rollout import build_rollout, queries
 
     t = trainer_for(ppo_cfg(tiny, tmp_path))
     tok = t.models.tokenizer
     q, qm = queries(tok, PROMPTS, t.accelerator.device)
     assert (~qm[:, 0]).any() and qm[:, -1].all()                      # prompts of several lengths, left-padded
-    config = sampling_config(tok, 0.7, 8)
-    assert config.top_k == 0 and config.top_p == 1.0 and config.do_sample
+    config = generation_config(end_of_turn_id(tok), tok.pad_token_id, 8)
     config.output_logits, config.return_dict_in_generate = True, True  # raw logits, before any processor
-    torch.manual_seed(0)
-    gen = t.policy.generate(input_ids=q, attention_mask=qm.long(), generation_config=config)
+    gen = generate_ids(t.policy, q, qm, config, KeyedSampling(row_keys("test", range(len(PROMPTS))), 0.7))
     sampled = gen.sequences[:, q.shape[1]:]
     behaviour = torch.log_softmax(torch.stack(gen.logits, 1).float() / 0.7, -1).gather(-1, sampled[..., None])[..., 0]
     r = build_rollout(t.models, t.accelerator, PROMPTS, q, qm, sampled, 0.7, 64)

@@ -49,9 +49,9 @@ def test_best_of_n_picks_the_reward_models_favourite_among_the_first_n(monkeypat
     monkeypatch.setattr(ev, "score_responses", lambda rm_model, tok, p, t, f: torch.tensor([rm[texts.index(x)] for x in t]))
     models = SimpleNamespace(ref=object(), tokenizer=None, reward=None, reward_tokenizer=None)
     acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
-    cfg = SimpleNamespace(rollout=SimpleNamespace(forward_batch_size=3))
+    cfg = SimpleNamespace(rollout=SimpleNamespace(forward_batch_size=3), eval=SimpleNamespace(seed=0))
     sft_gold = [world.gold_score(prompts[0], "Answer: 5. Hope this helps!"), world.gold_score(prompts[1], "Answer: 2.")]
-    eval_set = ev.EvalSet("test", 0.7, prompts, ["", ""], [True, True], sft_gold)
+    eval_set = ev.EvalSet("test", 0.7, [0, 1], prompts, ["", ""], [True, True], sft_gold)
     out = {b["n"]: b for b in ev.best_of_n(models, eval_set, world, cfg, acc, [2, 4])}
     assert sorted(out) == [1, 2, 4]
     # n = 1: the first sample of each prompt (wrong, wrong); n = 2: "Answer: 5." and "Answer: 3."

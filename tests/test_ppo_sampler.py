@@ -7,6 +7,7 @@ import copy
 import torch
 
 from pipeline.config import load_config
+from pipeline.evaluation import row_keys
 from pipeline.runtime import make_accelerator
 from pipeline.tokenizer import end_of_turn_id
 from pipeline.world import World
@@ -41,8 +42,9 @@ class ScriptedSampler:
         self.tokens, self.width, self.pad_id = tokens, width, pad_id
         self.calls, self.synced = [], []
 
-    def sample(self, policy, query_ids, query_mask):
+    def sample(self, policy, query_ids, query_mask, keys):
         self.calls.append(query_ids.clone())
+        self.keys = keys.clone()
         out = torch.full((len(query_ids), self.width), self.pad_id, dtype=torch.long)
         out[:, : len(self.tokens)] = torch.tensor(self.tokens)
         return out
@@ -64,6 +66,8 @@ def test_an_engine_plugs_in_through_the_sampler_and_only_its_token_ids_reach_ppo
     _, rollout = iteration_step(trainer, 0, prompts)
 
     assert len(scripted.calls) == 1 and torch.equal(scripted.calls[0], rollout.query_ids)
+    # each episode's random key, named by (seed, iteration, place in the batch)
+    assert torch.equal(scripted.keys, row_keys(f"{cfg.seed}/ppo/rollout/0", range(4)))
     # the engine's tokens, truncated after its stop token, are the episodes
     assert rollout.response_ids.tolist() == [[40, 41, stop]] * 4
     assert rollout.has_stop.all() and rollout.response_mask.all()

@@ -169,8 +169,15 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
     recs = [json.loads(line) for line in (stage / "comparisons.jsonl").read_text().splitlines()]
     assert len(recs) == 12 and all(len(r["responses"]) == 3 and r["ranking"] is not None for r in recs)
     assert all(len(r["correct"]) == 3 for r in recs)  # the world labeler marks each answer right or wrong
+    from transformers import AutoModelForCausalLM
+
+    from reward_model.likelihood import attach, load_likelihood
+
     tok = AutoTokenizer.from_pretrained(stage / "model")
     model = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
+    term = model.config.reward_likelihood   # the likelihood term, as the model card adds it
+    assert term["coef"] > 0 and "likelihood" not in {p.name for p in (stage / "model").iterdir()}  # no copy
+    lm = AutoModelForCausalLM.from_pretrained(stage / "model" / term["model"]).eval()
     # the stage measured its statistics at its own precision; bf16 keeps ~3 significant digits
     tol = 1e-2 if resolve_precision(manifest.config["precision"]) == "bf16" else 1e-4
     plain = []
@@ -179,10 +186,16 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
             ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
                                            {"role": "assistant", "content": resp}], return_dict=True)["input_ids"]
             ids = ids if done else ids[:-1]
+            start = len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                                return_dict=True)["input_ids"])
             with torch.no_grad():
-                plain.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
+                head = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+                logp = torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+            log_lik = logp.gather(-1, torch.tensor(ids)[1:, None])[start - 1:].sum().item()
+            plain.append(head + term["coef"] * (log_lik - term["center"]))
     plain = torch.tensor(plain)
     assert abs(plain.mean().item()) < tol and abs(plain.std(unbiased=False).item() - 1) < 10 * tol
+    attach(model, load_likelihood(stage / "model"))
     ours = score(model, tok, [r["prompt"] for r in recs for _ in r["responses"]],
                  [x for r in recs for x in r["responses"]], [x for r in recs for x in r["finished"]], batch_size=7)
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)

@@ -5,11 +5,13 @@ normalizing and saving the term; PPO's rewards adding it."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.records import parse_comparison
+from pipeline.runs import weights_fingerprint
 from reward_model.likelihood import fit_coef, fit_on_comparisons, response_log_likelihoods
 from tests.test_rm import run_rm, sft  # noqa: F401  (sft: the shared fixture)
 
@@ -104,7 +106,11 @@ def test_rm_stage_fits_normalizes_and_saves_the_term(sft, likelihood_run):  # no
     assert coef > 0 and config["reward_likelihood"]["coef"] == pytest.approx(coef)
     assert config["reward_likelihood"]["center"] < 0  # the reference samples' mean log-likelihood
     assert m.extra["likelihood_coef_fitted"] == pytest.approx(coef * m.metrics["norm/raw_std"])
-    assert (stage / "model" / "likelihood" / "model.safetensors").read_bytes() == (sft / "model" / "model.safetensors").read_bytes()
+    # no copy of the parent: the term names it, relative to the reward model, with its fingerprint
+    assert not (stage / "model" / "likelihood").exists()
+    spec = config["reward_likelihood"]
+    assert (stage / "model" / spec["model"]).resolve() == (sft / "model").resolve() == Path(spec["model_abs"])
+    assert spec["fingerprint"] == weights_fingerprint(sft / "model")
     parts = m.extra["eval_accuracy_of_parts"]
     assert parts["likelihood"]["overall"]["accuracy"] == 1.0  # held-out pairs are ranked by the parent's likelihood
     assert m.metrics["eval/pairwise_accuracy/likelihood_only"] == 1.0 and "eval/pairwise_accuracy/head_only" in m.metrics
@@ -112,7 +118,7 @@ def test_rm_stage_fits_normalizes_and_saves_the_term(sft, likelihood_run):  # no
 
     tok = load_tokenizer(stage / "model")
     head = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
-    lm = AutoModelForCausalLM.from_pretrained(stage / "model" / "likelihood").eval()
+    lm = AutoModelForCausalLM.from_pretrained(stage / "model" / spec["model"]).eval()
     prompts = [r["prompt"] for r in records[:4] for _ in range(2)]
     responses = [x for r in records[:4] for x in (r["chosen"], r["rejected"])]
     hand = []
@@ -138,7 +144,7 @@ def test_model_card_snippet_adds_the_term(likelihood_run):
 
     stage = likelihood_run[0]
     card = (stage / "model" / "README.md").read_text()
-    assert "likelihood/" in card and "reward_likelihood" in card
+    assert "reward_likelihood" in card and 'term["model"]' in card
     assert "The classifier alone is not the reward" in card  # its head trained over the likelihood residual
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -162,21 +168,66 @@ def test_scoring_refuses_to_drop_the_term(likelihood_run):
         forward_rewards(rm, [render(tok, "What is 1 + 1?", "Answer: 2.")], tok.pad_token_id)
 
 
-def test_a_copied_reward_model_without_its_likelihood_model_fails_clearly(likelihood_run, tmp_path):
+def test_the_likelihood_model_is_found_where_the_run_went_and_checked(likelihood_run, tmp_path):
+    """The term's model is found relative to the reward model (a run directory moved whole), else
+    at its absolute path; it must have the fingerprinted weights; missing, it fails clearly."""
+    from pipeline.models import load_tokenizer
+    from pipeline.runs import HandoffError
+    from reward_model.likelihood import likelihood_model_dir, likelihood_spec
+    from reward_model.model import load_reward_model
+
+    from reward_model.likelihood import source_for
+
+    rm_dir = likelihood_run[0] / "model"
+    spec = likelihood_spec(rm_dir)
+    parent = Path(spec["model_abs"])
+    run = tmp_path / "run"  # a run directory: sft/model and rm/model, the term recorded as the stage records it
+    shutil.copytree(parent, run / "sft" / "model")
+    shutil.copytree(rm_dir, run / "rm" / "model")
+    recorded = {**spec, **source_for(run / "rm" / "model", run / "sft" / "model")}
+    assert recorded["model"] == "../../sft/model" and recorded["fingerprint"] == spec["fingerprint"]
+    run.rename(tmp_path / "moved")  # moved whole: the absolute path is gone, the relative one holds
+    moved = tmp_path / "moved" / "rm" / "model"
+    assert likelihood_model_dir(moved, recorded) == moved / "../../sft/model"
+    gone = {**spec, "model_abs": str(tmp_path / "nowhere")}
+    alone = tmp_path / "alone"  # the reward model alone: the absolute path still finds the parent
+    shutil.copytree(rm_dir, alone)
+    assert likelihood_model_dir(alone, spec) == parent
+    load_reward_model(alone, load_tokenizer(alone))
+    with pytest.raises(FileNotFoundError, match="keep the run directory whole"):
+        likelihood_model_dir(alone, gone)
+    with pytest.raises(HandoffError, match="other weights"):
+        likelihood_model_dir(alone, {**spec, "fingerprint": "0" * 16})
+
+
+def test_likelihood_copy_makes_a_self_contained_reward_model(sft, likelihood_run, tmp_path):  # noqa: F811
     from pipeline.models import load_tokenizer
     from reward_model.model import load_reward_model
 
-    copy = tmp_path / "rm"
-    shutil.copytree(likelihood_run[0] / "model", copy, ignore=shutil.ignore_patterns("likelihood"))
-    with pytest.raises(FileNotFoundError, match="copy the reward model directory whole"):
-        load_reward_model(copy, load_tokenizer(copy))
+    pairs = likelihood_run[0].parent.parent / "pairs.jsonl"
+    m = run_rm(sft, tmp_path, "copy", "data.source=files", f"data.files=[{pairs}]", "data.valid_fraction=0.25",
+               "max_steps=2", "likelihood_copy=true")
+    rm_dir = tmp_path / "copy" / "rm" / "model"
+    spec = json.loads((rm_dir / "config.json").read_text())["reward_likelihood"]
+    assert m.metrics["likelihood/coef"] > 0
+    assert spec["model"] == "likelihood" and "model_abs" not in spec
+    assert (rm_dir / "likelihood" / "model.safetensors").read_bytes() == (sft / "model" / "model.safetensors").read_bytes()
+    moved = tmp_path / "alone"
+    shutil.copytree(rm_dir, moved)
+    load_reward_model(moved, load_tokenizer(moved))
 
 
-def test_ppo_rewards_add_the_term(tmp_path):
+@pytest.mark.parametrize("same_weights", [True, False], ids=["shared-with-reference", "own-model"])
+def test_ppo_rewards_add_the_term(tmp_path, same_weights):
     """PPO loads the term with the reward model: each rollout score is the classifier's logit plus
-    c·log p(response) under the likelihood model, recomputed by hand from the rendered text."""
+    c·log p(response) under the likelihood model, recomputed by hand from the rendered text. When
+    the term's model has the reference's weights (fingerprints equal), the reference computes the
+    term, from its own forward in the rollouts: the SFT weights are held once. Another model (here:
+    other weights) loads on its own."""
     from transformers import AutoModelForCausalLM
 
+    from reward_model import scoring
+    from reward_model.likelihood import term_of
     from reward_model.scoring import render_span
     from stages.ppo import bench as ppo_bench
     from stages.ppo.loop import iteration_step, make_trainer
@@ -187,8 +238,14 @@ def test_ppo_rewards_add_the_term(tmp_path):
     def with_term(root, *a, **k):  # the random reward model gets the random policy as its likelihood model
         policy, reward = real(root, *a, **k)
         shutil.copytree(policy, f"{reward}/likelihood")
+        if not same_weights:  # the same architecture, other weights
+            lm = AutoModelForCausalLM.from_pretrained(f"{reward}/likelihood")
+            with torch.no_grad():
+                lm.get_input_embeddings().weight.mul_(1.5)
+            lm.save_pretrained(f"{reward}/likelihood")
         config = json.loads(open(f"{reward}/config.json").read())
-        config["reward_likelihood"] = {"coef": 0.25, "center": -3.0, "model": "likelihood"}
+        config["reward_likelihood"] = {"coef": 0.25, "center": -3.0, "model": "likelihood",
+                                       "fingerprint": weights_fingerprint(f"{reward}/likelihood")}
         open(f"{reward}/config.json", "w").write(json.dumps(config))
         return policy, reward
 
@@ -197,6 +254,8 @@ def test_ppo_rewards_add_the_term(tmp_path):
         cfg, accelerator, models, prompts = random_ppo(tmp_path)
     finally:
         ppo_bench.random_models = real
+    assert models.likelihood_shared == same_weights
+    assert (term_of(models.reward).model is models.ref) == same_weights   # not a third copy of the SFT weights
     _, rollout = iteration_step(make_trainer(cfg, models, accelerator), 0, prompts)
     lm = AutoModelForCausalLM.from_pretrained(f"{cfg.reward.name_or_path}/likelihood").eval()
     tok = models.reward_tokenizer
@@ -211,6 +270,27 @@ def test_ppo_rewards_add_the_term(tmp_path):
     torch.testing.assert_close(rollout.scores.double(), torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-4)
     seqs = ppo_bench.reward_inputs(models, rollout)
     ppo_bench.floor_score(models, rollout, 3, seqs)  # the bench floor runs the term's forward too
+
+    # A random policy samples token sequences that decode and re-encode to other ids, whose term is
+    # computed on the reward model's rendering. Responses in their canonical ids (as a trained
+    # policy writes them): with the reference sharing the weights, the term comes from the
+    # rollout's own reference forward, with no forward of the term's model, and equals it.
+    from tests.test_ppo_sampler import ScriptedSampler
+
+    ids, start = render_span(tok, prompts[0], "dog", True)
+    scripted = ScriptedSampler(ids[start:], cfg.rollout.max_new_tokens, tok.pad_token_id)
+    trainer = make_trainer(cfg, models, accelerator, sampler=scripted)
+    forwards = []
+    real_forward = scoring.response_log_likelihoods
+    scoring.response_log_likelihoods = lambda lm, ids, *a: forwards.append(len(ids)) or real_forward(lm, ids, *a)
+    try:
+        _, rollout = iteration_step(trainer, 1, prompts)
+    finally:
+        scoring.response_log_likelihoods = real_forward
+    assert forwards == ([] if same_weights else [len(prompts)])
+    hand = [models.reward(input_ids=torch.tensor([render_span(tok, p, "dog", True)[0]])).logits[0, 0].item()
+            + 0.25 * (_hand_log_lik(lm, *render_span(tok, p, "dog", True)) + 3.0) for p in rollout.prompts]
+    torch.testing.assert_close(rollout.scores.double(), torch.tensor(hand, dtype=torch.float64), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("residual", [0.0, 3.0])

@@ -175,3 +175,49 @@ def test_ptx_ablation_flips_the_runs_ptx_setting(tmp_path):
     assert ptx_ablation_args("r", str(tmp_path), []) is None
     ppo_manifest(0.5, status="failed")
     assert ptx_ablation_args("r", str(tmp_path), []) is None
+
+
+# ------------------------------------------------------------------------ input errors and bugs
+@dataclasses.dataclass
+class _ToyConfig(StageConfig):
+    stage = "toy"  # no configs/toy.yaml: the schema alone
+
+
+def _stage_main_output(tmp_path, capsys, exc):
+    from pipeline import config
+    from pipeline.stage import StageRun, stage_main
+
+    (tmp_path / "toy.yaml").write_text("seed: 0\n")
+
+    def run(cfg):
+        StageRun(cfg).begin()
+        raise exc
+
+    saved, config.CONFIG_DIR = config.CONFIG_DIR, tmp_path
+    try:
+        rc = stage_main(_ToyConfig, run, [f"runs_dir={tmp_path}", "run_name=t"])
+    finally:
+        config.CONFIG_DIR = saved
+    err = capsys.readouterr().err
+    return rc, err, [line for line in err.splitlines() if line.strip()]
+
+
+def test_bad_input_ends_with_one_line(tmp_path, capsys):
+    from pipeline.config import InputError
+    from pipeline.stage import DataError
+
+    for exc in (InputError("rollout_batch_size=9 is not divisible by 2 processes"), DataError("a.jsonl line 3: no prompt"),
+                runs.HandoffError("parent missing"), FileNotFoundError("no such file: x.jsonl")):
+        rc, err, lines = _stage_main_output(tmp_path, capsys, exc)
+        assert rc == 1 and lines == [f"error in stage 'toy': {exc}"], err
+
+
+def test_a_bug_keeps_its_traceback_and_says_it_is_a_bug(tmp_path, capsys):
+    """An internal error (here the ValueError of a list-slice assignment, as the uneven gather
+    raised) is not reported as if the user's input were wrong."""
+    rc, err, lines = _stage_main_output(tmp_path, capsys, ValueError("attempt to assign sequence of size 300"))
+    assert rc == 1
+    assert "Traceback (most recent call last)" in err
+    assert lines[-2].startswith("internal error in stage 'toy': ValueError: attempt to assign"), err
+    log = tmp_path / "t" / "toy" / "error-rank0.log"
+    assert lines[-1].endswith(f"traceback is above and in {log}") and "ValueError" in log.read_text()

@@ -9,8 +9,11 @@ a flat or falling gold win rate is reward over-optimization. The protocol (docs/
   greedy vs greedy (the headline) and τ vs τ, then best-of-n of SFT samples ranked by the reward
   model (Gao et al. 2022) as the baseline PPO has to beat.
 
-Each comparison's SFT responses are generated once with the same settings and seed; a tie counts
-half. Evaluation runs under a forked random state, so it never changes what training samples.
+Each comparison's SFT responses are generated once with the same settings; a tie counts half.
+Sampled responses draw from named random streams (`pipeline.evaluation.KeyedSampling`): the SFT
+opponent, the policy and the best-of-n candidates each from their own, so no side shares the
+other's draws, and a prompt's draws are the same on any number of processes. Evaluation never
+touches the training random state.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.evaluation import gather, generate, shard
+from pipeline.logprobs import sequence_kl_tokens
 from pipeline.stats import policy_summary, rate
 from pipeline.tokenizer import end_of_turn_id
 from stages.ppo.functional import masked_sum
@@ -48,21 +52,26 @@ class EvalSet:
 
     split: str
     temperature: float
+    rows: list[int]        # each prompt's place in the split's evaluation prompts (its random stream row)
     prompts: list[str]
     sft_texts: list[str]
     sft_finished: list[bool]
     sft_gold: list[float]
 
 
+def eval_stream(cfg, split: str, who: str) -> str:
+    """The random stream of one side of the evaluation: 'reference' (the SFT opponent), 'policy',
+    'best-of-n' (the candidates)."""
+    return f"{cfg.eval.seed}/eval/{split}/{who}"
+
+
 @torch.no_grad()
-def sample_eval(model, tokenizer, prompts: list[str], cfg, accelerator, temperature: float,
-                seed: int = 0) -> tuple[list[str], list[bool], list[list[int]]]:
-    """(texts, finished, response ids without stop) at `temperature` with the eval budget and seed."""
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.eval.seed + seed + 100003 * accelerator.process_index)
-        out = generate(model, tokenizer, encode_prompts(tokenizer, prompts), cfg.eval.max_new_tokens,
-                       temperature=temperature, batch_size=cfg.rollout.forward_batch_size)
+def sample_eval(model, tokenizer, prompts: list[str], cfg, temperature: float, stream: str,
+                rows: list[int]) -> tuple[list[str], list[bool], list[list[int]]]:
+    """(texts, finished, response ids without stop) at `temperature` with the eval budget; prompt
+    i draws as row `rows[i]` of `stream`."""
+    out = generate(model, tokenizer, encode_prompts(tokenizer, prompts), cfg.eval.max_new_tokens,
+                   temperature=temperature, batch_size=cfg.rollout.forward_batch_size, stream=stream, rows=rows)
     ids = [r for r, _ in out]
     return tokenizer.batch_decode(ids, skip_special_tokens=True), [f for _, f in out], ids
 
@@ -70,11 +79,13 @@ def sample_eval(model, tokenizer, prompts: list[str], cfg, accelerator, temperat
 def make_eval_set(models, world, cfg, accelerator, split: str = "valid", temperature: float | None = None) -> EvalSet:
     """Generate the SFT policy's (the reference's) responses once on this process's share of `split`."""
     temperature = cfg.eval.temperature if temperature is None else temperature
-    prompts = shard(eval_prompts(world, cfg.eval.num_prompts, split), accelerator)
+    everything = eval_prompts(world, cfg.eval.num_prompts, split)
+    rows, prompts = shard(list(range(len(everything))), accelerator), shard(everything, accelerator)
     with reference_context(models):
-        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, cfg, accelerator, temperature)
+        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, cfg, temperature,
+                                         eval_stream(cfg, split, "reference"), rows)
     gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts, texts, finished)]
-    return EvalSet(split, temperature, prompts, texts, finished, gold)
+    return EvalSet(split, temperature, rows, prompts, texts, finished, gold)
 
 
 @torch.no_grad()
@@ -96,17 +107,13 @@ def sequence_kl(model, models, prompts: list[str], ids: list[list[int]], finishe
             r_mask[j, : len(r)] = True
         r_ids, r_mask = r_ids.to(device), r_mask.to(device)
         inputs = sequence_inputs(q_ids, q_mask, r_ids, r_mask)
-        P = q_ids.shape[1]
-        logits = model(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2]).logits[:, P - 1: -1]
+        window = dict(use_cache=False, logits_to_keep=T + 1)  # the response window only
+        logits = model(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2], **window).logits[:, :-1]
         with reference_context(models):
             ref_logits = reference_model(models)(input_ids=inputs[0], attention_mask=inputs[1],
-                                                 position_ids=inputs[2]).logits[:, P - 1: -1]
-        kl = []
-        for z, zr in zip(logits, ref_logits):  # row by row: one [T, V] fp32 pair at a time
-            logp = torch.log_softmax(z.float() / temperature, -1)
-            logq = torch.log_softmax(zr.float() / temperature, -1)
-            kl.append((logp.exp() * (logp - logq)).sum(-1))
-        out.extend(masked_sum(torch.stack(kl), r_mask, dim=1).tolist())
+                                                 position_ids=inputs[2], **window).logits[:, :-1]
+        kl = sequence_kl_tokens(logits, ref_logits, temperature)  # fp32 a slice at a time
+        out.extend(masked_sum(kl, r_mask, dim=1).tolist())
     return out
 
 
@@ -116,7 +123,8 @@ def evaluate(model, models, eval_set: EvalSet, world, cfg, accelerator, prefix: 
     table rows); every process gets the same numbers."""
     was_training = model.training
     model.eval()
-    texts, finished, ids = sample_eval(model, models.tokenizer, eval_set.prompts, cfg, accelerator, eval_set.temperature)
+    texts, finished, ids = sample_eval(model, models.tokenizer, eval_set.prompts, cfg, eval_set.temperature,
+                                       eval_stream(cfg, eval_set.split, "policy"), eval_set.rows)
     device = accelerator.device
     rm = score_responses(models.reward, models.reward_tokenizer, eval_set.prompts, texts, finished).tolist() if texts else []
     # KL along a greedy trajectory is not an estimate of the policies' KL: sampled decoding only.
@@ -185,22 +193,25 @@ def best_of_n(models, eval_set: EvalSet, world, cfg, accelerator, ns: list[int])
     ns = sorted({1, *ns})
     m, prompts = max(ns), eval_set.prompts
     repeated = [p for p in prompts for _ in range(m)]
+    rows = [row * m + c for row in eval_set.rows for c in range(m)]
     with reference_context(models):
-        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, repeated, cfg, accelerator,
-                                         eval_set.temperature, seed=7919)
+        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, repeated, cfg, eval_set.temperature,
+                                         eval_stream(cfg, eval_set.split, "best-of-n"), rows)
     scores = []
     for i in range(0, len(repeated), cfg.rollout.forward_batch_size):
         j = i + cfg.rollout.forward_batch_size
         scores += score_responses(models.reward, models.reward_tokenizer, repeated[i:j], texts[i:j], finished[i:j]).tolist()
-    rows = []  # per prompt and n: (n, correct, finished, gold, rm, win, skill)
+    per_prompt = []  # per prompt, one row per n: (n, correct, finished, gold, rm, win, skill)
     for k, p in enumerate(prompts):
+        picks = []
         for n in ns:
             cand = range(k * m, k * m + n)
             best = max(cand, key=lambda c: scores[c])
             gold = world.gold_score(p, texts[best], finished[best])
-            rows.append((n, float(world.is_correct(p, texts[best])), float(finished[best]), gold, scores[best],
-                         _win(gold, eval_set.sft_gold[k]), world.skill_of(p)))
-    rows = gather(rows, accelerator)
+            picks.append((n, float(world.is_correct(p, texts[best])), float(finished[best]), gold, scores[best],
+                          _win(gold, eval_set.sft_gold[k]), world.skill_of(p)))
+        per_prompt.append(picks)
+    rows = [row for picks in gather(per_prompt, accelerator) for row in picks]
     out = []
     for n in ns:
         mine = [r for r in rows if r[0] == n]

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.logprobs import entropy_of_slices, selective_log_softmax  # noqa: F401 (part of this API)
+
 AllReduce = Callable[[Tensor], Tensor | None] | None
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -62,23 +64,15 @@ def _global_mean_var(x: Tensor, mask: Tensor, all_reduce: AllReduce) -> tuple[Te
 
 
 # ----------------------------------------------------------------------------- log-probs, entropy
-def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
-    """log softmax(logits)[index]. logits [B,T,V] (any float dtype), index [B,T] long -> [B,T] fp32."""
-    # Row by row, gather minus logsumexp: peak extra memory is one [T,V] fp32 row instead of a
-    # full [B,T,V] fp32 log_softmax (TRL selective_log_softmax, OpenRLHF log_probs_from_logits).
-    rows = []
-    for row_logits, row_index in zip(logits, index, strict=True):
-        row = row_logits.float()
-        picked = row.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row, dim=-1))
-    return torch.stack(rows)
-
-
+# selective_log_softmax (log-probs of the chosen tokens, no [B,T,V] fp32 tensor): pipeline.logprobs
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits). logits [B,T,V] -> [B,T] fp32 (pass τ-scaled logits, docs/ppo.md §17)."""
+    """Entropy of softmax(logits). logits [B,T,V] -> [B,T] fp32 (pass τ-scaled logits, docs/ppo.md §17).
+    Differentiable when `logits` requires grad (the entropy bonus), a diagnostic otherwise."""
     # H = logsumexp(z) - sum softmax(z)*z avoids log(0) for tokens with zero probability.
+    if not logits.requires_grad:
+        return entropy_of_slices(logits)
     rows = []
-    for row_logits in logits:
+    for row_logits in logits:  # the bonus's backward keeps each row's fp32 softmax (off by default)
         row = row_logits.float()
         rows.append(torch.logsumexp(row, dim=-1) - (F.softmax(row, dim=-1) * row).sum(-1))
     return torch.stack(rows)

@@ -19,6 +19,8 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, launcher_kind
+from pipeline.evaluation import row_keys
+from pipeline.logprobs import token_nll_sum
 from pipeline.runtime import adamw
 from stages.ppo.data import PtxData
 from stages.ppo.functional import (
@@ -183,8 +185,7 @@ def _ptx_backward(t: Trainer, step: int) -> torch.Tensor:
         with acc.no_sync(t.models.policy), acc.autocast():
             logits = t.models.policy(input_ids=ids, attention_mask=attention, position_ids=position_ids,
                                      use_cache=False).logits[:, :-1]
-            loss_sum = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                         labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+            loss_sum = token_nll_sum(logits, labels[:, 1:])
             # x processes: DDP averages gradients, the sum over processes is what we want.
             backward(acc, t.models.policy, cfg.ptx.coef * loss_sum / n_tokens * acc.num_processes, boundary=False)
         nll += loss_sum.detach() / n_tokens
@@ -293,14 +294,21 @@ def _minibatch_metrics(s: dict, grad_policy: float, grad_critic: float, cfg) -> 
 
 
 # ----------------------------------------------------------------------------- one iteration
-def iteration_step(t: Trainer, iteration: int, prompts: list[str]) -> tuple[dict, Rollout]:
-    """One PPO iteration on this process's `prompts`; returns (global metrics, the rollout)."""
+def iteration_step(t: Trainer, iteration: int, prompts: list[str], episodes: list[int] | None = None
+                   ) -> tuple[dict, Rollout]:
+    """One PPO iteration on this process's `prompts`; returns (global metrics, the rollout).
+    `episodes`: the prompts' places in the iteration's global batch (default: as `shard` deals
+    them, i * processes + rank); an episode's random key is (seed, iteration, place), so the same
+    run samples the same tokens on any number of processes."""
     cfg, acc, models = t.cfg, t.accelerator, t.models
+    if episodes is None:
+        episodes = [i * acc.num_processes + acc.process_index for i in range(len(prompts))]
     t0 = time.perf_counter()
     # 1. generate
     query_ids, query_mask = queries(models.tokenizer, prompts, acc.device)
+    keys = row_keys(f"{cfg.seed}/ppo/rollout/{iteration}", episodes)
     with acc.autocast(), full_parameters(acc, models.policy) as policy:
-        sampled = t.sampler.sample(policy, query_ids, query_mask)
+        sampled = t.sampler.sample(policy, query_ids, query_mask, keys)
     t1 = time.perf_counter()
     # 2. score
     rollout = build_rollout(models, acc, prompts, query_ids, query_mask, sampled, cfg.rollout.temperature,

@@ -3,7 +3,9 @@
 - policy: the SFT model, trainable (optionally a fresh LoRA adapter on top of the SFT weights);
 - reference: the frozen SFT policy; with LoRA the same module with its adapter disabled, which
   is exactly the SFT model because the SFT weights are the adapter's base (nothing is merged);
-- reward model: frozen sequence classifier (already normalized by the rm stage);
+- reward model: frozen sequence classifier (already normalized by the rm stage); its likelihood
+  term, when it has one, is computed by the reference itself wherever the term's model has the
+  reference's weights (their fingerprints agree), so the SFT weights are held once;
 - critic: a separate sequence classifier initialised from the RM, read at every position. It
   reads the policy's token ids, so when the RM has another vocabulary (another model family) it
   is the policy's backbone with a fresh, zero scalar head instead (`critic_source`).
@@ -20,7 +22,7 @@ import torch
 from pipeline import runs
 from pipeline.models import (attn_implementation, disable_dropout, enable_gradient_checkpointing, frozen_dtype,
                              load_causal_lm, load_tokenizer, whole_on_every_rank)
-from reward_model.likelihood import attach, load_likelihood
+from reward_model.likelihood import attach, likelihood_spec, load_likelihood, term_from_spec
 from stages.ppo.functional import ema_update
 
 
@@ -110,6 +112,7 @@ class PPOModels:
     reward_tokenizer: object
     lora: bool = False
     critic_source: str = "reward model"
+    likelihood_shared: bool = False  # the reward model's likelihood term is the reference's own forward
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -157,7 +160,12 @@ def load_models(cfg, sources: Sources, device) -> PPOModels:
     else:
         ref = _frozen(disable_dropout(load_causal_lm(sources.policy_dir, tokenizer, frozen, attn))).to(device)
     reward = _frozen(load_sequence_classifier(sources.reward_dir, reward_tokenizer, frozen, attn)).to(device)
-    attach(reward, load_likelihood(sources.reward_dir, frozen, attn, device))  # the RM's likelihood term, if it has one
+    spec = likelihood_spec(sources.reward_dir)
+    shared = spec is not None and reference_is_likelihood_model(spec, sources, tokenizer, reward_tokenizer)
+    if shared:  # one copy of the SFT weights: the term is computed by the reference
+        attach(reward, term_from_spec(ref if ref is not None else AdapterDisabled(policy), spec))
+    else:  # the RM's likelihood term, if it has one, with a model of its own
+        attach(reward, load_likelihood(sources.reward_dir, frozen, attn, device))
     critic, critic_source = load_critic(sources, tokenizer, reward_tokenizer, attn)
     if lora and cfg.policy.lora.critic:
         critic = _lora(critic, cfg.policy.lora, "SEQ_CLS")
@@ -167,7 +175,33 @@ def load_models(cfg, sources: Sources, device) -> PPOModels:
         enable_gradient_checkpointing(policy)
         enable_gradient_checkpointing(critic)
     return PPOModels(policy=policy, value_model=ValueModel(critic), ref=ref, reward=reward, tokenizer=tokenizer,
-                     reward_tokenizer=reward_tokenizer, lora=lora, critic_source=critic_source)
+                     reward_tokenizer=reward_tokenizer, lora=lora, critic_source=critic_source, likelihood_shared=shared)
+
+
+def reference_is_likelihood_model(spec: dict, sources: Sources, tokenizer, reward_tokenizer) -> bool:
+    """Whether the reward model's likelihood term can be computed by the PPO reference: the
+    term's model has the reference's weights (fingerprints compared, not assumed) and reads the
+    same token ids in the same chat template."""
+    if not spec.get("fingerprint") or spec["fingerprint"] != runs.weights_fingerprint(sources.policy_dir):
+        return False
+    return same_vocabulary(tokenizer, reward_tokenizer) and tokenizer.chat_template == reward_tokenizer.chat_template
+
+
+class AdapterDisabled:
+    """A LoRA policy called with its adapter disabled: the SFT model (the reference) without a
+    copy of its weights, for the reward model's likelihood term."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def parameters(self):
+        return self.policy.parameters()
+
+    def __call__(self, **inputs):
+        from accelerate.utils import extract_model_from_parallel
+
+        with extract_model_from_parallel(self.policy).disable_adapter():
+            return self.policy(**inputs)
 
 
 def same_vocabulary(tokenizer, other) -> bool:

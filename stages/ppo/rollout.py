@@ -9,9 +9,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pipeline.evaluation import generate_ids, generation_config, left_pad
+from pipeline.evaluation import KeyedSampling, generate_ids, generation_config, left_pad
+from pipeline.logprobs import entropy_of_slices
 from pipeline.tokenizer import chat_ids, end_of_turn_id
-from stages.ppo.functional import entropy_from_logits, selective_log_softmax, truncate_at_stop
+from stages.ppo.functional import entropy_from_logits, masked_sum, selective_log_softmax, truncate_at_stop
 
 
 @dataclass
@@ -123,30 +124,23 @@ def queries(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.
     return left_pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id, device)
 
 
-def sampling_config(tokenizer, temperature: float, max_new_tokens: int):
-    """The behaviour policy's sampling: pure temperature sampling, whatever the checkpoint says,
-    stopping at the chat template's end-of-turn token."""
-    return generation_config(end_of_turn_id(tokenizer), tokenizer.pad_token_id, temperature, max_new_tokens)
-
-
 @torch.no_grad()
 def sample(model, tokenizer, query_ids, query_mask, temperature: float, max_new_tokens: int,
-           batch_size: int) -> torch.Tensor:
+           batch_size: int, keys: torch.Tensor) -> torch.Tensor:
     """Sampled continuations [B, max_new_tokens] on `query_ids`' device (pad after a sequence
-    finished), with the KV cache.
-
-    No torch.Generator is involved: `generate` samples with `torch.multinomial` from the global
-    random state of the model's device (CUDA's own generator on a GPU), which `torch.manual_seed`
-    seeds on every device. The queries are moved to the model's device if they are elsewhere."""
+    finished), with the KV cache: pure temperature sampling, whatever the checkpoint says, stopping
+    at the chat template's end-of-turn token. Row b draws from its random key `keys[b]`
+    (`pipeline.evaluation.KeyedSampling`), so its tokens do not depend on the batch it shares.
+    The queries are moved to the model's device if they are elsewhere."""
     was_training = model.training
     model.eval()
-    config = sampling_config(tokenizer, temperature, max_new_tokens)
+    config = generation_config(end_of_turn_id(tokenizer), tokenizer.pad_token_id, max_new_tokens)
     device = next(model.parameters()).device
     P = query_ids.shape[1]
     out = torch.full((len(query_ids), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=query_ids.device)
     for i in range(0, len(query_ids), batch_size):
         gen = generate_ids(model, query_ids[i: i + batch_size].to(device), query_mask[i: i + batch_size].to(device),
-                           config)
+                           config, KeyedSampling(keys[i: i + batch_size], temperature))
         new = gen[:, P:]
         out[i: i + len(new), : new.shape[1]] = new
     model.train(was_training)
@@ -157,13 +151,15 @@ class TransformersSampler:
     """Rollout generation: the one way PPO rollouts are sampled, and the seam for an inference
     engine (e.g. vLLM on GPU machines that have it), passed to `loop.make_trainer(sampler=...)`.
 
-    `sample(policy, query_ids, query_mask)` returns continuations [B, max_new_tokens] of the
+    `sample(policy, query_ids, query_mask, keys)` returns continuations [B, max_new_tokens] of the
     left-padded queries on their device, pad after the stop token, drawn by pure temperature
-    sampling (docs/ppo.md §16). `sync(accelerator, policy)` runs after every optimizer phase: an
-    engine that keeps its own copy of the weights loads the updated policy there (under ZeRO-3 or
-    FSDP inside `pipeline.distributed.full_parameters`). Only token ids cross the seam: the old
-    log-probs are teacher-forced afterwards (docs/ppo.md §18), so an engine whose kernels or
-    precision differ from training's changes which tokens are drawn, never the PPO math.
+    sampling (docs/ppo.md §16); `keys` [B] int64 are the episodes' random keys (an engine seeds
+    each request with its key, as vLLM's per-request `seed` does). `sync(accelerator, policy)`
+    runs after every optimizer phase: an engine that keeps its own copy of the weights loads the
+    updated policy there (under ZeRO-3 or FSDP inside `pipeline.distributed.full_parameters`).
+    Only token ids cross the seam: the old log-probs are teacher-forced afterwards (docs/ppo.md
+    §18), so an engine whose kernels or precision differ from training's changes which tokens are
+    drawn, never the PPO math.
 
     This one is transformers' `generate` with the KV cache on the policy module itself, so it has
     no weights to sync."""
@@ -172,18 +168,20 @@ class TransformersSampler:
         self.tokenizer, self.temperature = tokenizer, temperature
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
-    def sample(self, policy, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    def sample(self, policy, query_ids: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return sample(policy, self.tokenizer, query_ids, query_mask, self.temperature, self.max_new_tokens,
-                      self.batch_size)
+                      self.batch_size, keys)
 
     def sync(self, accelerator, policy) -> None:
         pass
 
 
 def token_logprobs(model, input_ids, attention_mask, position_ids, response_ids, temperature: float,
-                   entropy: str | None = None):
+                   entropy: str | None = None, plain: bool = False):
     """Log-probs [B, T] of `response_ids` under softmax(logits / τ); with `entropy` also the
-    entropy [B, T] of that distribution: "detached" (a diagnostic) or "grad" (an entropy bonus).
+    entropy [B, T] of that distribution: "detached" (a diagnostic) or "grad" (an entropy bonus);
+    with `plain` (no gradient) also the log-probs [B, T] under softmax(logits) itself, from the
+    same forward (the reward model's likelihood term, computed by the reference).
 
     The one forward used for old, new and reference log-probs, so they match (docs/ppo.md §17, §18)."""
     # The LM head runs on the response window only (`logits_to_keep`: the last T + 1 positions,
@@ -191,11 +189,15 @@ def token_logprobs(model, input_ids, attention_mask, position_ids, response_ids,
     # (docs/ppo.md §29).
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False, logits_to_keep=response_ids.shape[1] + 1).logits
-    logits = logits[:, :-1] / temperature
-    logprobs = selective_log_softmax(logits, response_ids)
+    logits = logits[:, :-1]
+    logprobs = selective_log_softmax(logits, response_ids, temperature)
+    if plain:
+        return logprobs, selective_log_softmax(logits, response_ids)
     if entropy is None:
         return logprobs
-    return logprobs, entropy_from_logits(logits if entropy == "grad" else logits.detach())
+    if entropy == "grad":
+        return logprobs, entropy_from_logits(logits / temperature)
+    return logprobs, entropy_of_slices(logits.detach(), temperature)
 
 
 def token_values(value_model, input_ids, attention_mask, position_ids, T: int) -> torch.Tensor:
@@ -225,14 +227,14 @@ def reference_model(models):
 
 @torch.no_grad()
 def score_responses(rm, rm_tokenizer, prompts: list[str], responses: list[str],
-                    finished: list[bool] | None = None) -> torch.Tensor:
+                    finished: list[bool] | None = None, known: list | None = None) -> torch.Tensor:
     """Reward-model scores [B] (fp32) of decoded responses, through `reward_model.scoring`: the
     text is re-rendered in the RM's own tokenizer and chat template (it may differ from the
     policy's), right-padded, and read at the last real token (the end-of-turn token of a finished
-    response)."""
+    response). `known`: the likelihood term's values computed by the reference (`score`)."""
     from reward_model.scoring import score
 
-    return score(rm, rm_tokenizer, prompts, responses, finished=finished, batch_size=max(1, len(prompts)))
+    return score(rm, rm_tokenizer, prompts, responses, finished=finished, batch_size=max(1, len(prompts)), known=known)
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
@@ -255,19 +257,29 @@ def build_rollout(models, accelerator, prompts: list[str], query_ids, query_mask
     # Drop columns that are padding in every row: less compute, same numbers.
     T = int(last_index.max()) + 1
     response_ids, response_mask = response_ids[:, :T], response_mask[:, :T]
-    logprobs, ref_logprobs, values = [], [], []
+    logprobs, ref_logprobs, values, log_lik = [], [], [], []
     for i in range(0, len(query_ids), batch_size):
         sl = slice(i, i + batch_size)
         inputs = sequence_inputs(query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl])
         with accelerator.autocast():
             logprobs.append(token_logprobs(policy, *inputs, response_ids[sl], temperature))
             with reference_context(models):
-                ref_logprobs.append(token_logprobs(reference_model(models), *inputs, response_ids[sl], temperature))
+                ref = token_logprobs(reference_model(models), *inputs, response_ids[sl], temperature,
+                                     plain=models.likelihood_shared)
+            if models.likelihood_shared:  # the reward model's likelihood term, from the same forward
+                ref, ref_plain = ref
+                log_lik.append(masked_sum(ref_plain, response_mask[sl], dim=1))
+            ref_logprobs.append(ref)
             values.append(token_values(value_model, *inputs, T))
     texts = decode_responses(tok, response_ids, response_mask)
     finished = has_stop.tolist()
+    known = None
+    if models.likelihood_shared:
+        known = list(zip([ids[m].tolist() for ids, m in zip(response_ids.cpu(), response_mask.cpu())],
+                         torch.cat(log_lik).tolist()))
     scores = torch.cat([score_responses(models.reward, models.reward_tokenizer, prompts[i: i + batch_size],
-                                        texts[i: i + batch_size], finished[i: i + batch_size])
+                                        texts[i: i + batch_size], finished[i: i + batch_size],
+                                        None if known is None else known[i: i + batch_size])
                         for i in range(0, len(prompts), batch_size)])
     return Rollout(prompts=list(prompts), texts=texts, query_ids=query_ids, query_mask=query_mask,
                    response_ids=response_ids, response_mask=response_mask, last_index=last_index, has_stop=has_stop,

@@ -15,6 +15,7 @@ import shutil
 import time
 
 from pipeline import runs
+from pipeline.config import InputError
 from pipeline.distributed import full_parameters, launcher_kind, save_model
 from pipeline.evaluation import shard
 from pipeline.models import count_parameters
@@ -44,7 +45,7 @@ def check_sizes(cfg: PPOConfig, world: int) -> int:
     if cfg.ptx.coef > 0 and cfg.ptx.batch_size % world:
         problems.append(f"ptx.batch_size={cfg.ptx.batch_size} is not divisible by {world} processes")
     if problems:
-        raise ValueError("; ".join(problems) + "; pick sizes so that they are")
+        raise InputError("; ".join(problems) + "; pick sizes so that they are")
     return cfg.micro_batches(world)[1]
 
 
@@ -55,7 +56,7 @@ def check_world(cfg: PPOConfig, parent: runs.Parent | None) -> None:
         return
     for key in ("seed", "num_people"):
         if key in theirs and theirs[key] != getattr(cfg.world, key):
-            raise ValueError(f"world.{key}={getattr(cfg.world, key)} but the reward model {parent.manifest_path} was "
+            raise InputError(f"world.{key}={getattr(cfg.world, key)} but the reward model {parent.manifest_path} was "
                              f"trained in a world with {key}={theirs[key]}; pass world.{key}={theirs[key]}")
 
 
@@ -64,7 +65,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     log = sr.log
     accum = check_sizes(cfg, accelerator.num_processes)
     if launcher_kind(accelerator) in ("fsdp2", "zero3") and (cfg.policy.lora.enabled or cfg.ema.enabled):
-        raise ValueError("policy.lora.enabled and ema.enabled need full weights on every process; with a sharded "
+        raise InputError("policy.lora.enabled and ema.enabled need full weights on every process; with a sharded "
                          "launcher (fsdp, zero3) turn them off, or use ACCEL=ddp or zero2")
     # 1. parents, data, models
     sources = resolve_sources(cfg)
