@@ -1,7 +1,8 @@
 # Every target sets up .venv on first use (a fast no-op afterwards) and launches one module.
 # RUN=<name> picks the run (runs/<name>/), NPROC=<n> the processes, ACCEL=<file in
 # configs/accelerate> the launcher, ARGS="key=value ..." per-stage overrides, FROM=<stage> restarts,
-# STAGE=<stage> whose model `make chat` talks to (ARGS="--temperature 0.7" there).
+# STAGE=<stage> whose model `make chat` talks to (ARGS="--temperature 0.7" there) or `make plan` plans
+# (NPROC, ACCEL and GPU_MEM=<GiB> there: the GPUs to plan for, default 8 under fsdp with 80 GiB).
 PY      := .venv/bin/python
 SETUP   := python3 -m pipeline.bootstrap
 RUN     ?= default
@@ -9,7 +10,7 @@ ARGS    ?=
 FROM    ?=
 STAGE   ?= ppo
 
-.PHONY: setup pretrain sft rm ppo pipeline status chat test test-all bench bench-ppo gpu-smoke clean
+.PHONY: setup pretrain sft rm ppo pipeline plan status chat test test-all bench bench-ppo gpu-smoke clean
 
 setup:
 	@$(SETUP)
@@ -19,6 +20,9 @@ pretrain sft rm ppo: setup
 
 pipeline: setup
 	$(PY) -m pipeline run --run $(RUN) $(if $(FROM),--from $(FROM)) $(ARGS)
+
+plan: setup
+	$(PY) -m pipeline plan $(STAGE) run_name=$(RUN) $(ARGS) --launcher $(or $(ACCEL),fsdp) --nproc $(or $(NPROC),8) $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))
 
 status: setup
 	$(PY) -m pipeline status $(RUN)

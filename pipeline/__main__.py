@@ -1,5 +1,6 @@
 """`python -m pipeline status [RUN]`, `python -m pipeline report [RUN]`,
-`python -m pipeline chat [RUN] [--stage ppo]` and
+`python -m pipeline chat [RUN] [--stage ppo]`,
+`python -m pipeline plan STAGE [key=value ...] [--launcher L --nproc N --gpu-mem GiB]` and
 `python -m pipeline run [--run RUN] [--from STAGE] [key=value ...]`."""
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ from pipeline import runs
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own parser: the stage's key=value settings pass through
+        from pipeline.plan import main as plan
+
+        return plan(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("plan", help="what each GPU will hold for a stage, before launching (see --help of it)")
     st = sub.add_parser("status", help="print a run's stages, status and headline metrics")
     st.add_argument("run", nargs="?", default="default")
     st.add_argument("--runs-dir", default="runs")

@@ -99,6 +99,8 @@ class StageConfig:
         "auto", "attention kernel of every model the stage loads: auto = flash_attention_2 on a GPU with the flash-attn "
                 "package installed, eager for bf16 on a CPU, else sdpa")
     gradient_checkpointing: bool = F(False, "recompute activations in the backward pass of trained models (less memory, ~30% slower)")
+    memory_check: bool = F(True, "on a GPU, stop at start when the memory plan (`python -m pipeline plan`) says the run "
+                                 "does not fit; false = go ahead anyway")
     world: WorldConfig = F(WorldConfig(), "the built-in world (used when data source is 'world')")
     wandb: WandbConfig = F(WandbConfig(), "Weights & Biases logging")
 

@@ -51,6 +51,38 @@ def model_kind(accelerator, model: torch.nn.Module) -> str:
     return kind
 
 
+def shard_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen (inference-only) model sharded over the processes like the trained ones, so its
+    memory per GPU divides by the process count: FSDP2 `fully_shard` per decoder layer under fsdp,
+    a ZeRO-3 inference engine under zero3 (TRL's `prepare_deepspeed`; the module is returned, its
+    hooks gather each layer in its forward). Elsewhere the model stays whole. A sharded model's
+    forwards are collectives: every process must make the same calls (`lockstep`)."""
+    kind = launcher_kind(accelerator)
+    if accelerator.num_processes == 1 or kind not in ("fsdp2", "zero3"):
+        return model
+    if kind == "fsdp2":
+        from pipeline.memory import fully_shard_model
+
+        # reshard_after_forward given (not None): the root reshards too, which FSDP2 skips by default
+        # for a trained root whose backward follows at once; a frozen one has no backward.
+        return fully_shard_model(model, None, reshard_after_forward=True)
+    from trl.models.utils import prepare_deepspeed
+
+    engine = prepare_deepspeed(model, accelerator)
+    engine.module.__dict__["_inference_engine"] = engine  # keep the engine (and its hooks) alive
+    return engine.module
+
+
+def is_sharded(model) -> bool:
+    """Whether `model`'s parameters are split over processes (FSDP2 units or ZeRO-3 partitions):
+    its forwards are then collectives, which every process must call alike."""
+    if not isinstance(model, torch.nn.Module):
+        model = getattr(model, "policy", model)  # an adapter-disabled view of a policy
+    if _fsdp_modules(model):
+        return True
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def full_state_dict(accelerator, model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The unsharded state dict of a prepared model, complete on rank 0 (on the CPU; other ranks
     may get an empty dict), or on every rank's device with `everywhere`. Call it on every rank:

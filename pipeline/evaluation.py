@@ -22,7 +22,7 @@ def left_pad(seqs: list[list[int]], pad_id: int,
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              batch_size: int = 64, stop_token_id: int | None = None, stream: str | None = None,
-             rows: list[int] | None = None) -> list[tuple[list[int], bool]]:
+             rows: list[int] | None = None, lockstep: bool = False) -> list[tuple[list[int], bool]]:
     """Complete tokenized prompts; returns (response ids without the stop token, finished) each.
     The stop token is the chat template's end of turn (`pipeline.tokenizer.end_of_turn_id`) unless
     `stop_token_id` says otherwise; "finished" means it was produced.
@@ -30,6 +30,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     temperature 0 = greedy; otherwise pure temperature sampling (`KeyedSampling`) from the named
     random `stream`, prompt i drawing as row `rows[i]` of it (default: i). A row's draw depends on
     its key alone, not on the batch it shares or the process it runs on. Uses the KV cache.
+    `lockstep`: the model is sharded over the processes, which all call this with as many
+    prompts: each decoding step runs on every process until all are done (transformers'
+    `synced_gpus`).
     """
     from pipeline.tokenizer import end_of_turn_id
 
@@ -45,7 +48,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[i: i + batch_size], tokenizer.pad_token_id, device)
         sampling = KeyedSampling(row_keys(stream, rows[i: i + batch_size]), temperature) if temperature > 0 else None
-        gen = generate_ids(model, ids, mask, config, sampling)
+        gen = generate_ids(model, ids, mask, config, sampling, lockstep)
         for row in gen[:, ids.shape[1]:].tolist():
             if stop in row:
                 out.append((row[: row.index(stop)], True))
@@ -66,18 +69,18 @@ def generation_config(stop_token_id: int, pad_token_id: int, max_new_tokens: int
 
 
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config,
-                 sampling: "KeyedSampling | None" = None) -> torch.Tensor:
+                 sampling: "KeyedSampling | None" = None, lockstep: bool = False) -> torch.Tensor:
     """The one call into `model.generate` (prompt + new tokens [B, P+N]); every sampler of the
-    project goes through it. Greedy, or sampling with `sampling`'s keyed noise. The model holds
-    its full parameters (`pipeline.distributed.full_parameters`), so each process decodes on its
+    project goes through it. Greedy, or sampling with `sampling`'s keyed noise. A model that holds
+    its full parameters (`pipeline.distributed.full_parameters`) decodes on each process on its
     own: `synced_gpus=False`, which transformers would otherwise switch on under ZeRO-3 and FSDP
-    and deadlock ranks with unequal batch counts."""
+    and deadlock ranks with unequal batch counts; a sharded frozen model decodes in `lockstep`."""
     from transformers import LogitsProcessorList
 
     processors = LogitsProcessorList([sampling] if sampling is not None else [])
     with _without_checkpoint_generation_config(model):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask.long(), generation_config=config,
-                              logits_processor=processors, synced_gpus=False)
+                              logits_processor=processors, synced_gpus=lockstep)
 
 
 # ------------------------------------------------------------------------------ keyed sampling
@@ -161,6 +164,17 @@ def shard(items: list, accelerator) -> list:
     """This process's share of `items`: item i goes to process i % world. Shares differ by one
     item when the count does not divide by the process count; `gather` undoes it either way."""
     return items[accelerator.process_index:: accelerator.num_processes] if accelerator else items
+
+
+def shard_even(items: list, accelerator) -> tuple[list, int]:
+    """(this process's share, padded to the longest share by repeating an item; how many of it
+    are real): every process then makes the same number of forward calls, as models sharded over
+    the processes need (`pipeline.distributed.is_sharded`). Gather the real entries only."""
+    mine = shard(items, accelerator)
+    if accelerator is None or accelerator.num_processes == 1 or not items:
+        return mine, len(mine)
+    longest = -(-len(items) // accelerator.num_processes)
+    return mine + (mine[:1] or items[:1]) * (longest - len(mine)), len(mine)
 
 
 def gather(items: list, accelerator) -> list:

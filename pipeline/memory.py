@@ -1,4 +1,9 @@
-"""Measuring the memory a piece of code allocates, on any device including the CPU.
+"""Memory: what a stage will hold per GPU (the plan), and what code really allocates (the probe).
+
+The plan (`Plan`, built by each stage's `memory_plan` and printed by `python -m pipeline plan`)
+builds the stage's models on the meta device, shards them as the launcher will (FSDP2 for real
+over torch's fake process group; DeepSpeed's own estimators for ZeRO) and adds the activations,
+KV cache and gathered parameters of the stage's largest phase. docs/memory.md has the formulas.
 
 `TensorProbe` watches every tensor an operator creates inside its block (a `TorchDispatchMode`):
 the peak of the bytes they hold at once, and the largest float32 tensor among them. The
@@ -9,7 +14,11 @@ object is gone (a view that outlives its base is not counted).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import weakref
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,3 +58,307 @@ class TensorProbe(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self.live -= self._held.pop(key, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# The memory plan: what each GPU holds for a stage, before anything is loaded (docs/memory.md)
+# ------------------------------------------------------------------------------------------
+GiB = 2**30
+LAUNCHERS = ("plain", "ddp", "fsdp", "zero2", "zero3")
+
+
+@dataclass
+class PlannedModel:
+    """One model a stage holds, as the stage loads it. `config`: its transformers config;
+    `lora`: the LoRA section when adapters train on a frozen base; `shared_with`: the role whose
+    weights compute it (held once, nothing of its own); `sharded_frozen`: whether the stage
+    shards it when frozen under fsdp/zero3."""
+
+    role: str
+    config: Any
+    classifier: bool = False
+    dtype: torch.dtype = torch.float32
+    trained: bool = False
+    lora: Any = None
+    shared_with: str | None = None
+    sharded_frozen: bool = True
+
+
+@dataclass
+class Row:
+    role: str
+    params: int
+    weights: int
+    grads: int
+    optimizer: int
+    trained: bool
+    sharded: bool
+    note: str = ""
+    shared: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+
+@dataclass
+class Phase:
+    """Memory a phase of the stage needs on top of the models' states (activations, KV cache,
+    gathered parameters), per process."""
+
+    name: str
+    bytes: int
+    note: str
+
+
+@dataclass
+class Plan:
+    stage: str
+    launcher: str
+    nproc: int
+    rows: list[Row]
+    phases: list[Phase]
+    gpu_mem_gib: float | None = None
+
+    @property
+    def static(self) -> int:
+        return sum(r.total for r in self.rows)
+
+    @property
+    def peak(self) -> int:
+        return self.static + max((p.bytes for p in self.phases), default=0)
+
+    def fits(self) -> bool:
+        return self.gpu_mem_gib is None or self.peak <= self.gpu_mem_gib * GiB
+
+    def table(self) -> str:
+        """The plan as the `plan` command prints it (GiB, or MiB for a plan under 1 GiB)."""
+        unit, size = ("GiB", GiB) if self.peak >= GiB else ("MiB", 2**20)
+        g = lambda b: f"{b / size:8.2f}"  # noqa: E731
+        lines = [f"memory plan: {self.stage} on {self.nproc} process{'es' if self.nproc > 1 else ''} under "
+                 f"{self.launcher} ({unit} per process)",
+                 f"  {'model':<16}{'params':>9} {'weights':>8} {'grads':>8} {'optim':>8} {'total':>8}  how",
+                 *(f"  {r.role:<16}{_count(r.params):>9} {g(r.weights)} {g(r.grads)} {g(r.optimizer)} {g(r.total)}  "
+                   f"{'trained' if r.trained else 'frozen'}, "
+                   f"{'shared' if r.shared else 'sharded' if r.sharded else 'whole'}"
+                   + (f"; {r.note}" if r.note else "") for r in self.rows),
+                 f"  {'models':<16}{'':>9} {'':>8} {'':>8} {'':>8} {g(self.static)}",
+                 *(f"  + {p.name:<14}{'':>9} {'':>8} {'':>8} {'':>8} {g(p.bytes)}  {p.note}" for p in self.phases),
+                 f"  {'peak':<16}{'':>9} {'':>8} {'':>8} {'':>8} {g(self.peak)}  = models + the largest phase"]
+        if self.gpu_mem_gib is not None:
+            verdict = "fits" if self.fits() else "does NOT fit"
+            lines.append(f"  {verdict} in {self.gpu_mem_gib:g} GiB per GPU ({self.peak / GiB:.1f} GiB planned)")
+        return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def check_fits(cfg, accelerator, memory_plan, prompt_len: int = 256) -> None:
+    """On a GPU, stop before loading anything large when the stage's plan (`memory_plan`, as
+    `python -m pipeline plan` prints it) does not fit the GPU's memory; `memory_check=false` goes
+    ahead anyway. Every process computes the same plan and stops alike."""
+    if accelerator.device.type != "cuda" or not cfg.memory_check:
+        return
+    from pipeline.config import InputError
+    from pipeline.distributed import launcher_kind
+
+    n = accelerator.num_processes
+    kind = {"fsdp2": "fsdp", "zero2": "zero2", "zero3": "zero3"}.get(launcher_kind(accelerator), "ddp" if n > 1 else "plain")
+    with fake_process_group(n if kind == "fsdp" else 1) as mesh:
+        plan = memory_plan(cfg, kind, n, accelerator.device, prompt_len, mesh)
+    plan.gpu_mem_gib = torch.cuda.get_device_properties(accelerator.device).total_memory / GiB
+    if not plan.fits():
+        raise InputError(f"this run does not fit in GPU memory:\n{plan.table()}\n`python -m pipeline plan "
+                         f"{cfg.stage} ...` names the cheapest change that fits; memory_check=false goes ahead anyway")
+
+
+def meta_model(pm: PlannedModel) -> torch.nn.Module:
+    """`pm` built on the meta device (shapes, no memory), LoRA adapters included."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        if pm.classifier:
+            config = copy.deepcopy(pm.config)
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config, dtype=pm.dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(pm.config, dtype=pm.dtype)
+        if pm.lora is not None:
+            import warnings
+
+            from peft import LoraConfig, get_peft_model
+
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            targets = "all-linear" if list(pm.lora.target_modules) == ["all-linear"] else list(pm.lora.target_modules)
+            model = get_peft_model(model, LoraConfig(r=pm.lora.r, lora_alpha=pm.lora.alpha, target_modules=targets,
+                                                     task_type="SEQ_CLS" if pm.classifier else "CAUSAL_LM"))
+    if pm.lora is None:
+        model.requires_grad_(pm.trained)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (its `_no_split_modules` classes): the units FSDP shards one by
+    one, as accelerate's TRANSFORMER_BASED_WRAP does."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def fully_shard_model(model: torch.nn.Module, mesh, **kwargs) -> torch.nn.Module:
+    """FSDP2 over `mesh`: each decoder layer a unit, then the root (the stages' frozen models, and
+    the plan's measure of what accelerate does to trained ones)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+def _local_bytes(params) -> tuple[int, int]:
+    """(elements, bytes) this process holds of `params` (DTensor shards or plain tensors)."""
+    n = b = 0
+    for p in params:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        n += local.numel()
+        b += local.numel() * local.element_size()
+    return n, b
+
+
+def model_row(pm: PlannedModel, launcher: str, nproc: int, mesh=None) -> Row:
+    """What one process holds of `pm` under `launcher`: weights as loaded (trained ones stay in
+    their dtype, fp32, and are computed in bf16 under autocast), float32 gradients and AdamW's two
+    float32 moments for trainable parameters. fsdp: sharded by FSDP2 over `mesh` (a real or fake
+    process group of `nproc`), the figures read off the shards; zero2/zero3: DeepSpeed's own
+    estimators (`estimate_zero{2,3}_model_states_mem_needs`) for trained models, frozen ones
+    sharded by ZeRO-3's inference engine."""
+    model = meta_model(pm)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad] if pm.trained else []
+    n_train = sum(p.numel() for p in trainable)
+    if pm.shared_with:
+        return Row(pm.role, params, 0, 0, 0, False, False, f"computed by the {pm.shared_with}: no copy", shared=True)
+    whole_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    sharded = nproc > 1 and (launcher == "fsdp" or (launcher == "zero3" and pm.sharded_frozen) or
+                             (launcher == "zero3" and pm.trained))
+    if launcher == "fsdp" and not pm.trained and not pm.sharded_frozen:
+        sharded = False
+    if not pm.trained:
+        if not sharded:
+            return Row(pm.role, params, whole_bytes, 0, 0, False, False)
+        if launcher == "fsdp":
+            _, local = _local_bytes(fully_shard_model(model, mesh).parameters())
+            return Row(pm.role, params, local, 0, 0, False, True)
+        return Row(pm.role, params, -(-whole_bytes // nproc), 0, 0, False, True, "ZeRO-3 inference engine")
+    if launcher == "fsdp" and nproc > 1:
+        fully_shard_model(model, mesh)
+        _, local = _local_bytes(model.parameters())
+        n_local, _ = _local_bytes(p for p in model.parameters() if p.requires_grad)
+        return Row(pm.role, params, local, 4 * n_local, 8 * n_local, True, True)
+    if launcher in ("zero2", "zero3") and nproc > 1:
+        # DeepSpeed's estimators: 16-bit params 2 bytes (whole under ZeRO-2, sharded under ZeRO-3),
+        # + 18 bytes per parameter over the GPUs: fp32 master 4, 16-bit and fp32 grads 2 + 4, Adam 8.
+        shard = lambda x: -(-x // nproc)  # noqa: E731
+        frozen_bytes = whole_bytes - sum(p.numel() * p.element_size() for p in trainable)
+        weights = (2 * n_train if launcher == "zero2" else shard(2 * n_train)) + shard(4 * n_train) + frozen_bytes
+        note = ""
+        if launcher == "zero3":
+            largest = max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)), default=0)
+            weights += 4 * largest
+            note = "incl. one gathered layer"
+        return Row(pm.role, params, weights, shard(6 * n_train), shard(8 * n_train), True, True, note)
+    return Row(pm.role, params, whole_bytes, 4 * n_train, 8 * n_train, True, False,
+               "LoRA: adapters trained" if pm.lora is not None else "")
+
+
+# --------------------------------------------------------------------- activations and caches
+def _dims(config) -> tuple[int, int, int, int, int]:
+    """(hidden, intermediate, key/value width, layers, vocab) of a decoder config."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    return h, inter, kv, config.num_hidden_layers, config.vocab_size
+
+
+def training_activation_bytes(config, tokens: int, checkpointing: bool, act_bytes: int, logits_tokens: int | None = None,
+                              lm_head: bool = True) -> int:
+    """Activations kept for the backward pass of one micro-batch of `tokens` tokens: per layer and
+    token 10·h + 2·kv + 4·intermediate values (norm inputs, q/k/v, attention output, MLP inputs
+    and products; the attention matrix is not stored by sdpa/flash kernels; after Korthikanti et
+    al. 2022); with activation checkpointing each layer keeps its input only and one layer is
+    recomputed at a time. Plus the LM head's logits over `logits_tokens` and their gradient."""
+    h, inter, kv, layers, vocab = _dims(config)
+    layer = tokens * act_bytes * (10 * h + 2 * kv + 4 * inter)
+    body = layers * tokens * act_bytes * h + layer if checkpointing else layers * layer
+    head = 2 * (tokens if logits_tokens is None else logits_tokens) * vocab * act_bytes if lm_head else 0
+    return body + head
+
+
+def kv_cache_bytes(config, sequences: int, length: int, act_bytes: int) -> int:
+    """Keys and values of every layer for `sequences` sequences of `length` tokens."""
+    _, _, kv, layers, _ = _dims(config)
+    return 2 * layers * kv * length * sequences * act_bytes
+
+
+def gathered_bytes(pm: PlannedModel, dtype_bytes: int) -> int:
+    """The whole of `pm`'s parameters at `dtype_bytes` each (gathered for generation)."""
+    return sum(p.numel() for p in meta_model(pm).parameters()) * dtype_bytes
+
+
+# ------------------------------------------------------------------------------ process groups
+@contextlib.contextmanager
+def fake_process_group(nproc: int):
+    """A mesh of `nproc` processes on torch's fake process group (no communication), so FSDP2
+    shards meta models exactly as on `nproc` GPUs; the real group where one is running."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if nproc <= 1:
+        yield None
+        return
+    if dist.is_initialized():
+        if dist.get_world_size() != nproc:
+            raise ValueError(f"a process group of {dist.get_world_size()} is running; cannot plan for {nproc}")
+        yield init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (nproc,))
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=nproc)
+    try:
+        yield init_device_mesh("cpu", (nproc,))
+    finally:
+        dist.destroy_process_group()
+
+
+def cheaper_settings(cfg, launcher: str, nproc: int, knobs: dict) -> list[tuple[str, list[str], str, int]]:
+    """Changes that lower a stage's plan, cheapest first: (what, key=value overrides, launcher,
+    processes). `knobs`: the stage's config keys of its micro batch ("micro") and, if it has LoRA,
+    the switches that turn it on ("lora")."""
+    def get(key):
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    out, ckpt, micro_key = [], ["gradient_checkpointing=true"], knobs["micro"]
+    if not cfg.gradient_checkpointing:
+        out.append(("gradient_checkpointing=true", ckpt, launcher, nproc))
+    micro = get(micro_key)
+    while micro > 1:
+        micro //= 2
+        out.append((f"{micro_key}={micro} with gradient checkpointing", [f"{micro_key}={micro}", *ckpt], launcher, nproc))
+    for other in ("fsdp", "zero3"):
+        if launcher != other:
+            out.append((f"ACCEL={other} with gradient checkpointing and {micro_key}=1",
+                        [*ckpt, f"{micro_key}=1"], other, nproc))
+    if "lora" in knobs and not get(knobs["lora"][0]):
+        keys = [f"{k}=true" for k in knobs["lora"]]
+        out.append((f"LoRA ({', '.join(keys)}) under ACCEL=ddp", [*keys, *ckpt, f"{micro_key}=1"], "ddp", nproc))
+    for more in (2, 4, 8):
+        out.append((f"{nproc * more} GPUs under ACCEL=fsdp", [*ckpt, f"{micro_key}=1"], "fsdp", nproc * more))
+    return out

@@ -50,8 +50,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
 def frozen_dtype(device: torch.device) -> torch.dtype:
     """Inference-only models (PPO's reference and reward model, the policy that samples RM data):
     bf16 on GPUs that support it, where it halves memory and time; fp32 on CPUs, where bf16 is slower."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device.type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16  # (no CUDA here: a memory plan for GPUs, which support bf16 since Ampere)
     return torch.float32
 
 

@@ -47,6 +47,7 @@ class LikelihoodTerm:
     coef: float
     center: float = 0.0
     source: dict = field(default_factory=dict)
+    lockstep: bool = False  # the model is sharded over processes: every process forwards every time
 
     def __call__(self, log_lik: Tensor) -> Tensor:
         """The term's contribution to the score, from the response log-likelihoods."""

@@ -78,12 +78,15 @@ def forward_rewards(model, seqs: list[list[int]], pad_id: int, starts: list[int]
         known = log_likelihoods or [None] * len(seqs)
         log_lik = torch.tensor([float("nan") if v is None else v for v in known], dtype=torch.float32, device="cpu")
         todo = [i for i, v in enumerate(known) if v is None]
-        if todo:
+        rows = todo or ([0] if term.lockstep else [])  # a sharded model forwards on every process, needed or not
+        if rows:
             with torch.no_grad():
                 device = next(term.model.parameters()).device
-                part = torch.tensor(todo, device=ids.device)
-                log_lik[todo] = response_log_likelihoods(term.model, ids[part].to(device), mask[part].to(device),
-                                                         torch.tensor([starts[i] for i in todo], device=device)).cpu()
+                part = torch.tensor(rows, device=ids.device)
+                values = response_log_likelihoods(term.model, ids[part].to(device), mask[part].to(device),
+                                                  torch.tensor([starts[i] for i in rows], device=device)).cpu()
+            if todo:
+                log_lik[todo] = values
         rewards = rewards + term(log_lik.to(rewards.device))
     return rewards
 

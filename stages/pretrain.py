@@ -23,6 +23,7 @@ from pipeline.records import read_text_documents
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, save_model
 from pipeline.evaluation import fact_cloze_accuracy
 from pipeline.logprobs import token_nll_sum
+from pipeline.memory import check_fits
 from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,
                              load_tokenizer)
 from pipeline.runtime import adamw, batch_split, warmup_cosine
@@ -84,6 +85,31 @@ class PretrainConfig(StageConfig):
         if self.steps <= 0:
             p.append("steps: must be > 0")
         return p
+
+
+def memory_plan(cfg: PretrainConfig, launcher: str, nproc: int, device, prompt_len: int = 0, mesh=None):
+    """What each of `nproc` processes holds while pretraining (`pipeline.memory.Plan`): the model
+    in fp32 with gradients and AdamW state, and a micro-batch's activations."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from pipeline.memory import Phase, Plan, PlannedModel, model_row, training_activation_bytes
+    from pipeline.runtime import resolve_precision
+
+    if cfg.model.name_or_path:
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path)
+    else:
+        config = LlamaConfig(vocab_size=cfg.model.vocab_size, max_position_embeddings=cfg.model.seq_len,
+                             tie_word_embeddings=True, **PRESETS[cfg.model.preset])
+    act = 2 if resolve_precision(cfg.precision) in ("bf16", "fp16") or device.type == "cuda" else 4
+    micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
+    update = training_activation_bytes(config, micro * cfg.model.seq_len, cfg.gradient_checkpointing, act)
+    return Plan("pretrain", launcher, nproc, [model_row(PlannedModel("model", config, trained=True), launcher, nproc, mesh)],
+                [Phase("update", update, f"activations for a micro-batch of {micro} x {cfg.model.seq_len} tokens"
+                       + (" (checkpointed)" if cfg.gradient_checkpointing else ""))])
+
+
+# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS = {"micro": "micro_batch_size"}
 
 
 def pack(docs: list[list[int]], bos: int | None, eos: int, seq_len: int) -> torch.Tensor:
@@ -178,6 +204,7 @@ def run(cfg: PretrainConfig) -> runs.Manifest:
 
 def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
     log = sr.log
+    check_fits(cfg, accelerator, memory_plan)  # on a GPU: a run that cannot fit stops here
     # 1. data and tokenizer
     world = World(cfg.world) if cfg.data.source == "world" else None
     if world is not None:

@@ -24,6 +24,7 @@ from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
 from pipeline.records import load_comparisons, load_prompt_records
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model
+from pipeline.memory import check_fits
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_dtype, load_causal_lm, load_tokenizer
 from pipeline.runtime import (adamw, batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
                               warmup_cosine)
@@ -170,6 +171,7 @@ def run(cfg: RMConfig) -> runs.Manifest:
     sr = StageRun(cfg, accelerator.is_main_process)
     # Outside the try: a bad parent or a bad record must leave every earlier output as it was,
     # including the manifest of a previous rm run (sr.fail would overwrite it).
+    check_fits(cfg, accelerator, memory_plan, cfg.data.max_length)
     prep = prepare(cfg, sr, accelerator)
     if prep is None:
         return sr.manifest  # export_only
@@ -333,6 +335,37 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     if is_main:
         _report(manifest, metrics, extra, model_dir)
     return manifest
+
+
+def memory_plan(cfg: RMConfig, launcher: str, nproc: int, device, prompt_len: int = 256, mesh=None):
+    """What each of `nproc` processes holds while the reward model trains (`pipeline.memory.Plan`):
+    the classifier with gradients and AdamW state, the parent SFT model whole in its inference
+    dtype while the likelihood term is on (it scores every training response), and the larger of
+    sampling (KV cache) and a K-wise micro-batch's activations."""
+    from transformers import AutoConfig
+
+    from pipeline.memory import Phase, Plan, PlannedModel, kv_cache_bytes, model_row, training_activation_bytes
+    from pipeline.runtime import resolve_precision
+
+    config = AutoConfig.from_pretrained(str(runs.resolve_parent("rm", cfg.runs_dir, cfg.run_name, cfg.parent).model_dir))
+    planned = [PlannedModel("reward model", config, classifier=True, trained=True)]
+    if cfg.likelihood_term:
+        planned.append(PlannedModel("SFT (likelihood)", config, dtype=frozen_dtype(device), sharded_frozen=False))
+    act = 2 if resolve_precision(cfg.precision) in ("bf16", "fp16") or device.type == "cuda" else 4
+    micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
+    seqs = micro * max(cfg.data.k, cfg.data.eval_k or cfg.data.k)
+    update = training_activation_bytes(config, seqs * cfg.data.max_length, cfg.gradient_checkpointing, act, lm_head=False)
+    sample = kv_cache_bytes(config, cfg.sample_batch_size, prompt_len + cfg.data.max_new_tokens, act)
+    return Plan("rm", launcher, nproc, [model_row(pm, launcher, nproc, mesh) for pm in planned],
+                [Phase("sample", sample, f"KV cache of {cfg.sample_batch_size} x {prompt_len + cfg.data.max_new_tokens} "
+                                         "tokens (the SFT model samples the comparisons)"),
+                 Phase("update", update, f"activations for {micro} prompts x {cfg.data.k} responses x "
+                                         f"{cfg.data.max_length} tokens" + (" (checkpointed)" if cfg.gradient_checkpointing
+                                                                           else ""))])
+
+
+# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS = {"micro": "micro_batch_size"}
 
 
 def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model, lm=None) -> tuple[LikelihoodTerm, str]:

@@ -18,6 +18,7 @@ from typing import Literal
 from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
 from pipeline.distributed import full_parameters, launcher_kind, save_model, trainer_launch_args
+from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
 from pipeline.records import load_sft_records
@@ -150,6 +151,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     from trl import SFTTrainer
 
     log = sr.log
+    check_fits(cfg, accelerator, memory_plan)  # on a GPU: a run that cannot fit stops here
     # 1. parent and data (validated before anything is written)
     parent = None
     if cfg.model.name_or_path:
@@ -262,6 +264,31 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     if accelerator.is_main_process:
         _print_report(manifest, metrics, extra.get("evaluation"))
     return manifest
+
+
+def memory_plan(cfg: SFTConfig, launcher: str, nproc: int, device, prompt_len: int = 0, mesh=None):
+    """What each of `nproc` processes holds while SFT trains (`pipeline.memory.Plan`): the policy
+    in fp32 with its gradients and AdamW state (LoRA: the adapters' only), and the activations of a
+    micro-batch of `data.max_length` tokens. `prompt_len` is unused (SFT's length is max_length)."""
+    from transformers import AutoConfig
+
+    from pipeline.memory import Phase, Plan, PlannedModel, model_row, training_activation_bytes
+    from pipeline.runtime import resolve_precision
+
+    path = cfg.model.name_or_path or str(runs.resolve_parent("sft", cfg.runs_dir, cfg.run_name, cfg.parent).model_dir)
+    config = AutoConfig.from_pretrained(path)
+    policy = PlannedModel("policy", config, trained=True, lora=cfg.lora if cfg.lora.enabled else None)
+    act = 2 if resolve_precision(cfg.precision) in ("bf16", "fp16") or device.type == "cuda" else 4
+    micro = batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, nproc, "train.global_batch_size")[0]
+    tokens = micro * cfg.data.max_length
+    update = training_activation_bytes(config, tokens, cfg.gradient_checkpointing, act)
+    return Plan("sft", launcher, nproc, [model_row(policy, launcher, nproc, mesh)],
+                [Phase("update", update, f"activations for a micro-batch of {micro} x {cfg.data.max_length} tokens"
+                       + (" (checkpointed)" if cfg.gradient_checkpointing else ""))])
+
+
+# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS = {"micro": "train.micro_batch_size", "lora": ["lora.enabled"]}
 
 
 def _plain_head(trainer_class):

@@ -110,7 +110,8 @@ def test_ppo_when_ranks_stop_decoding_at_different_steps(tmp_path, accel):
     """A policy that often ends its turn: each rank's samples stop after their own number of
     decoding steps, and every rank decodes on its own (no collective per step). Random models that
     never stop early cannot show a per-step collective; this one does (a mismatch crashes, or hangs
-    until the launch times out)."""
+    until the launch times out). The frozen reference and reward model are sharded too: the SFT
+    side of the evaluation decodes in lockstep, on 5 prompts that 2 processes share unevenly."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import WorldConfig
@@ -129,7 +130,7 @@ def test_ppo_when_ranks_stop_decoding_at_different_steps(tmp_path, accel):
     model.save_pretrained(policy)
     out = _launch("ppo", accel, 2, f"runs_dir={tmp_path}", "run_name=stops", f"policy.name_or_path={policy}",
                   f"reward.name_or_path={reward}", "wandb.mode=disabled", "iterations=2", "rollout_batch_size=8",
-                  "minibatch_size=8", "micro_batch_size=4", "rollout.max_new_tokens=24", "eval.every=1", "eval.num_prompts=6",
+                  "minibatch_size=8", "micro_batch_size=4", "rollout.max_new_tokens=24", "eval.every=1", "eval.num_prompts=5",
                   "eval.best_of=[2]", "save_every=0")
     m = _manifest(tmp_path, "stops", "ppo")
     assert m.status == "complete", out.stderr[-2000:]

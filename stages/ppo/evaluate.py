@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.evaluation import gather, generate, shard
+from pipeline.distributed import is_sharded
+from pipeline.evaluation import gather, generate, shard_even
 from pipeline.logprobs import sequence_kl_tokens
 from pipeline.stats import policy_summary, rate
 from pipeline.tokenizer import end_of_turn_id
@@ -48,7 +49,9 @@ def eval_prompts(world, n: int = 0, split: str = "valid") -> list[str]:
 @dataclass
 class EvalSet:
     """This process's share of one split's prompts and the SFT policy's responses to them under
-    one decoding (temperature 0 = greedy)."""
+    one decoding (temperature 0 = greedy). Every process holds as many prompts (`shard_even`):
+    the first `n_real` are its own, the rest repeat one so that models sharded over the processes
+    run the same forwards everywhere; only the real ones are judged."""
 
     split: str
     temperature: float
@@ -57,6 +60,11 @@ class EvalSet:
     sft_texts: list[str]
     sft_finished: list[bool]
     sft_gold: list[float]
+    n_real: int = -1
+
+    def __post_init__(self):
+        if self.n_real < 0:
+            self.n_real = len(self.prompts)
 
 
 def eval_stream(cfg, split: str, who: str) -> str:
@@ -71,7 +79,8 @@ def sample_eval(model, tokenizer, prompts: list[str], cfg, temperature: float, s
     """(texts, finished, response ids without stop) at `temperature` with the eval budget; prompt
     i draws as row `rows[i]` of `stream`."""
     out = generate(model, tokenizer, encode_prompts(tokenizer, prompts), cfg.eval.max_new_tokens,
-                   temperature=temperature, batch_size=cfg.rollout.forward_batch_size, stream=stream, rows=rows)
+                   temperature=temperature, batch_size=cfg.rollout.forward_batch_size, stream=stream, rows=rows,
+                   lockstep=is_sharded(model))
     ids = [r for r, _ in out]
     return tokenizer.batch_decode(ids, skip_special_tokens=True), [f for _, f in out], ids
 
@@ -80,12 +89,13 @@ def make_eval_set(models, world, cfg, accelerator, split: str = "valid", tempera
     """Generate the SFT policy's (the reference's) responses once on this process's share of `split`."""
     temperature = cfg.eval.temperature if temperature is None else temperature
     everything = eval_prompts(world, cfg.eval.num_prompts, split)
-    rows, prompts = shard(list(range(len(everything))), accelerator), shard(everything, accelerator)
+    rows, n_real = shard_even(list(range(len(everything))), accelerator)
+    prompts = [everything[i] for i in rows]
     with reference_context(models):
         texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, cfg, temperature,
                                          eval_stream(cfg, split, "reference"), rows)
     gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts, texts, finished)]
-    return EvalSet(split, temperature, rows, prompts, texts, finished, gold)
+    return EvalSet(split, temperature, rows, prompts, texts, finished, gold, n_real)
 
 
 @torch.no_grad()
@@ -131,7 +141,7 @@ def evaluate(model, models, eval_set: EvalSet, world, cfg, accelerator, prefix: 
     kl = sequence_kl(model, models, eval_set.prompts, ids, finished, cfg.rollout.temperature,
                      cfg.rollout.forward_batch_size, device) if texts and eval_set.temperature > 0 else [float("nan")] * len(texts)
     rows = []
-    for i, (p, t, f) in enumerate(zip(eval_set.prompts, texts, finished)):
+    for i, (p, t, f) in enumerate(zip(eval_set.prompts[: eval_set.n_real], texts, finished)):
         gold, sft_gold = world.gold_score(p, t, f), eval_set.sft_gold[i]
         rows.append([p, eval_set.sft_texts[i], t, sft_gold, gold, rm[i], kl[i], _win(gold, sft_gold),
                      float(world.is_correct(p, t)), float(f), len(ids[i]) + int(f), world.skill_of(p),
@@ -202,7 +212,7 @@ def best_of_n(models, eval_set: EvalSet, world, cfg, accelerator, ns: list[int])
         j = i + cfg.rollout.forward_batch_size
         scores += score_responses(models.reward, models.reward_tokenizer, repeated[i:j], texts[i:j], finished[i:j]).tolist()
     per_prompt = []  # per prompt, one row per n: (n, correct, finished, gold, rm, win, skill)
-    for k, p in enumerate(prompts):
+    for k, p in enumerate(prompts[: eval_set.n_real]):
         picks = []
         for n in ns:
             cand = range(k * m, k * m + n)

@@ -18,10 +18,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, launcher_kind
+from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed, full_parameters, is_sharded,
+                                  launcher_kind, shard_frozen)
 from pipeline.evaluation import row_keys
 from pipeline.logprobs import token_nll_sum
 from pipeline.runtime import adamw
+from reward_model.likelihood import term_of
 from stages.ppo.data import PtxData
 from stages.ppo.functional import (
     AdaptiveKLController,
@@ -94,6 +96,7 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
     configure_deepspeed(accelerator, *cfg.micro_batches(accelerator.num_processes), o.max_grad_norm)
     models.policy, opt_policy = accelerator.prepare(models.policy, opt_policy)
     models.value_model, opt_critic = accelerator.prepare(models.value_model, opt_critic)
+    shard_frozen_models(models, accelerator)
     obj = cfg.objective
     kl_ctl = (AdaptiveKLController(obj.kl_coef, obj.kl_target, obj.kl_horizon) if obj.adaptive_kl
               else FixedKLController(obj.kl_coef))
@@ -110,6 +113,23 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
     policy_forward, value_forward = compiled_forwards(cfg, accelerator, models)
     return Trainer(cfg, accelerator, models, opt_policy, opt_critic, sched_policy, sched_critic, kl_ctl, ema, ptx,
                    sampler, policy_forward, value_forward)
+
+
+def shard_frozen_models(models: PPOModels, accelerator) -> None:
+    """The reference, the reward model and a likelihood model of its own, sharded over the
+    processes under fsdp and zero3 like the trained models (`pipeline.distributed.shard_frozen`):
+    their memory per GPU divides by the process count. Their forwards then run in lockstep:
+    rollouts hold as many episodes on every process, evaluation pads its shares."""
+    if models.ref is not None:
+        models.ref = shard_frozen(accelerator, models.ref)
+    term = term_of(models.reward)
+    models.reward = shard_frozen(accelerator, models.reward)
+    if term is not None:
+        if models.likelihood_shared:
+            term.model = models.ref if models.ref is not None else term.model
+        else:
+            term.model = shard_frozen(accelerator, term.model)
+        term.lockstep = is_sharded(term.model)
 
 
 def compiled_forwards(cfg, accelerator, models: PPOModels) -> tuple:

@@ -187,6 +187,46 @@ def reference_is_likelihood_model(spec: dict, sources: Sources, tokenizer, rewar
     return same_vocabulary(tokenizer, reward_tokenizer) and tokenizer.chat_template == reward_tokenizer.chat_template
 
 
+def planned_models(cfg, sources: Sources, device) -> list:
+    """The models `load_models` holds, as `pipeline.memory.PlannedModel`s (configs only: model
+    directories, or directories with only a `config.json`, as for a model not downloaded yet).
+    With no reward model (`sources.reward_dir` None): the one the rm stage makes from this policy,
+    a classifier of its shape whose likelihood term is the policy itself."""
+    from transformers import AutoConfig
+
+    from pipeline.memory import PlannedModel
+
+    policy = AutoConfig.from_pretrained(sources.policy_dir)
+    reward = AutoConfig.from_pretrained(sources.reward_dir) if sources.reward_dir else policy
+    frozen = frozen_dtype(device)
+    lora = cfg.policy.lora if cfg.policy.lora.enabled else None
+    same_vocab = policy.vocab_size == reward.vocab_size
+    out = [PlannedModel("policy", policy, trained=True, lora=lora),
+           PlannedModel("critic", reward if same_vocab else policy, classifier=True, trained=True,
+                        lora=lora if lora is not None and cfg.policy.lora.critic else None)]
+    if lora is None:
+        out.append(PlannedModel("reference", policy, dtype=frozen))
+    out.append(PlannedModel("reward model", reward, classifier=True, dtype=frozen))
+    spec = likelihood_spec(sources.reward_dir) if sources.reward_dir else {"model": sources.policy_dir}
+    if spec is not None and not sources.reward_dir:
+        out.append(PlannedModel("likelihood LM", policy, dtype=frozen,
+                                shared_with="reference" if lora is None else "policy, adapter off"))
+    elif spec is not None:
+        from reward_model.likelihood import likelihood_model_dir
+
+        try:
+            where = likelihood_model_dir(sources.reward_dir, spec)
+        except (FileNotFoundError, runs.HandoffError):
+            where = Path(sources.reward_dir) / spec["model"]
+        has_weights = any(p.suffix in runs.WEIGHT_SUFFIXES for p in Path(sources.policy_dir).iterdir())
+        shared = (spec.get("fingerprint") == runs.weights_fingerprint(sources.policy_dir) if has_weights
+                  else where.resolve() == Path(sources.policy_dir).resolve())
+        out.append(PlannedModel("likelihood LM", AutoConfig.from_pretrained(where) if where.exists() else policy,
+                                dtype=frozen, shared_with=("reference" if lora is None else "policy, adapter off")
+                                if shared else None))
+    return out
+
+
 class AdapterDisabled:
     """A LoRA policy called with its adapter disabled: the SFT model (the reference) without a
     copy of its weights, for the reward model's likelihood term."""

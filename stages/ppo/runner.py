@@ -18,6 +18,7 @@ from pipeline import runs
 from pipeline.config import InputError
 from pipeline.distributed import full_parameters, launcher_kind, save_model
 from pipeline.evaluation import shard
+from pipeline.memory import check_fits
 from pipeline.models import count_parameters
 from pipeline.runtime import seed_everything
 from pipeline.stats import fmt_rate
@@ -28,7 +29,7 @@ from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts, load_ptx
 from stages.ppo.evaluate import SKILL, TABLE_COLUMNS, evaluate, make_eval_set, test_evaluation
 from stages.ppo.loop import Trainer, iteration_step, make_trainer
-from stages.ppo.models import export_policy, load_models, resolve_sources
+from stages.ppo.models import Sources, export_policy, load_models, resolve_sources
 
 
 def run(cfg: PPOConfig) -> runs.Manifest:
@@ -47,6 +48,48 @@ def check_sizes(cfg: PPOConfig, world: int) -> int:
     if problems:
         raise InputError("; ".join(problems) + "; pick sizes so that they are")
     return cfg.micro_batches(world)[1]
+
+
+def memory_plan(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: int = 256, mesh=None):
+    """What each of `nproc` processes holds (`pipeline.memory.Plan`): the models of `load_models`
+    and the largest of the iteration's phases at the configured batch sizes, for prompts of
+    `prompt_len` tokens and responses of `rollout.max_new_tokens`."""
+    from pipeline.memory import (Phase, Plan, gathered_bytes, kv_cache_bytes, model_row, training_activation_bytes)
+    from pipeline.runtime import resolve_precision
+    from stages.ppo.models import planned_models
+
+    try:
+        sources = resolve_sources(cfg)
+    except runs.HandoffError:
+        if not cfg.policy.name_or_path:
+            raise
+        sources = Sources(cfg.policy.name_or_path, None)  # no reward model yet: the rm stage's from this policy
+    models = planned_models(cfg, sources, device)
+    act = 2 if resolve_precision(cfg.precision) in ("bf16", "fp16") or device.type == "cuda" else 4
+    rows = [model_row(pm, launcher, nproc, mesh) for pm in models]
+    policy = next(pm for pm in models if pm.role == "policy")
+    critic = next(pm for pm in models if pm.role == "critic")
+    T, L = cfg.rollout.max_new_tokens, prompt_len + cfg.rollout.max_new_tokens
+    local = max(1, cfg.rollout_batch_size // nproc)
+    rows_fwd = min(cfg.rollout.forward_batch_size, local)
+    micro = cfg.micro_batches(nproc)[0] if cfg.minibatch_size >= nproc else 1
+    gather = launcher in ("fsdp", "zero3") and nproc > 1
+    generate = kv_cache_bytes(policy.config, rows_fwd, L, act) + rows_fwd * policy.config.vocab_size * 4
+    generate += gathered_bytes(policy, act) if gather else 0
+    score = rows_fwd * (T + 1) * policy.config.vocab_size * act + training_activation_bytes(
+        policy.config, rows_fwd * L, True, act, lm_head=False) // max(1, policy.config.num_hidden_layers)
+    update = (training_activation_bytes(policy.config, micro * L, cfg.gradient_checkpointing, act, micro * (T + 1))
+              + training_activation_bytes(critic.config, micro * L, cfg.gradient_checkpointing, act, lm_head=False))
+    phases = [Phase("generate", generate, f"KV cache of {rows_fwd} x {L} tokens"
+                    + (", the policy gathered whole" if gather else "")),
+              Phase("score", score, f"no-grad forwards of {rows_fwd} sequences, logits over {T + 1} positions"),
+              Phase("update", update, f"activations of policy and critic for a micro-batch of {micro} x {L} tokens"
+                    + (" (checkpointed)" if cfg.gradient_checkpointing else ""))]
+    return Plan("ppo", launcher, nproc, rows, phases)
+
+
+# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS = {"micro": "micro_batch_size", "lora": ["policy.lora.enabled", "policy.lora.critic"]}
 
 
 def check_world(cfg: PPOConfig, parent: runs.Parent | None) -> None:
@@ -69,6 +112,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                          "launcher (fsdp, zero3) turn them off, or use ACCEL=ddp or zero2")
     # 1. parents, data, models
     sources = resolve_sources(cfg)
+    check_fits(cfg, accelerator, memory_plan)
     check_world(cfg, sources.parent)
     world = World(cfg.world)
     prompts = load_prompts(cfg, world)
