@@ -42,6 +42,8 @@ def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, em
         source += f"; fingerprint `{m.data_fingerprint}`"
     purpose = PURPOSE["ppo-ema" if ema else m.stage]
     norm = cfg.get("normalize") or {}
+    if rm and (m.extra or {}).get("reward_model"):
+        purpose += f" It is a {m.extra['reward_model']}."
     if rm and norm.get("enabled"):
         purpose += (f" Its score is normalised to mean 0{' and std 1' if norm.get('std') else ''} over SFT samples, "
                     "folded into the head.")

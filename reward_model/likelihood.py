@@ -14,11 +14,13 @@ the head looks better than it is, and `c` would come out too small) under the sa
 the head was trained with (the K-wise Bradley-Terry loss, convex in `c`). No evaluation comparison
 takes part in it. `m`, the mean log-likelihood of the normalization's reference samples, keeps the
 term centred, so the shift folded into the head stays small; normalization scales `c` with the
-head. The reward model directory keeps the frozen model in `likelihood/` and `c`, `m` in
-`config.reward_likelihood`; `reward_model.scoring` adds the term wherever the RM scores.
+head. The reward model records where the frozen model is (`source_for`: a relative and an
+absolute path and the weights' fingerprint; `likelihood/` when the rm stage copies it) and `c`,
+`m` in `config.reward_likelihood`; `reward_model.scoring` adds the term wherever the RM scores.
 
 The head trains as the residual over r · log p_SFT (`likelihood_residual`, the training score is
-head + r · (log p_SFT − mean)), so it learns what the likelihood misjudges, chiefly the form it
+head + r · (log p_SFT − mean) / sd, standardized so that its size does not depend on the responses'
+length), so it learns what the likelihood misjudges, chiefly the form it
 prefers and the labeler does not, rather than a form cue whose margin would outweigh the
 likelihood's judgement of correctness wherever the better-formed answer is the wrong one.
 """
@@ -149,13 +151,18 @@ def fit_on_comparisons(head: Tensor, log_lik: Tensor, comparisons: list) -> floa
     return fit_coef(grid(head), grid(log_lik), ranks, valid)
 
 
-def residual_offsets(log_lik: Tensor, sizes: list[int], coef: float) -> list[Tensor]:
+def residual_offsets(log_lik: Tensor, sizes: list[int], coef: float) -> tuple[list[Tensor], float]:
     """The fixed part of the training score when the head trains as the residual over the
-    likelihood: coef · (log_lik − its mean), flat [sum of sizes] -> one [K] tensor per comparison.
-    (The K-wise loss is shift-invariant within a prompt; centring keeps the scores that the optional
+    likelihood: coef · (log_lik − mean) / sd, flat [sum of sizes] -> (one [K] tensor per comparison,
+    sd). Standardized, the offsets have the same size for 13-token answers as for 300-token ones,
+    whose summed log-likelihoods differ by tens of nats and would saturate the ranking loss. (The
+    K-wise loss is shift-invariant within a prompt; centring keeps the scores that the optional
     centering penalty sees near zero.)"""
-    flat = coef * (log_lik.double() - log_lik.double().mean())
-    return [part.float() for part in torch.split(flat.cpu(), sizes)]
+    x = log_lik.double()
+    sd = float(x.std()) if len(x) > 1 else 1.0
+    sd = sd if sd > 1e-6 else 1.0
+    flat = coef * (x - x.mean()) / sd
+    return [part.float() for part in torch.split(flat.cpu(), sizes)], sd
 
 
 def load_likelihood(rm_dir: str | Path, dtype: torch.dtype = torch.float32, attn: str = "auto",

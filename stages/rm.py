@@ -104,9 +104,13 @@ class RMConfig(StageConfig):
                                     "the parent model is (path and fingerprint). false = a plain classifier")
     likelihood_copy: bool = F(False, "with the likelihood term, copy the parent SFT model into the reward model's "
                                      "likelihood/ directory: a self-contained reward model (one more copy of the weights)")
-    likelihood_residual: float = F(6.0, "the head trains as the residual over this x log p_SFT(response): it learns the "
-                                        "form the likelihood misjudges instead of a form cue that outweighs the "
-                                        "likelihood's judgement of correctness (docs/ppo.md §13); 0 = the head alone")
+    likelihood_residual: float | None = F(None, "the head trains as the residual over this x log p_SFT(response), "
+                                              "standardized over the training responses (so any response length gives "
+                                              "offsets of the same size): it learns the form the likelihood misjudges "
+                                              "instead of a form cue that outweighs its judgement of correctness "
+                                              "(docs/ppo.md §13); 0 = the head alone; unset = 8 on the built-in world "
+                                              "(chosen on its valid prompts), 0 on files (the term then joins only if "
+                                              "the held-out calibration share gives it a weight)")
     likelihood_calibration: float = F(0.1, "share of the training comparisons held out from the head's training to fit "
                                            "the likelihood term's c on (0 = fit on the head's own training comparisons)")
     eval_batch_size: int = F(64, "sequences per scoring forward")
@@ -114,6 +118,14 @@ class RMConfig(StageConfig):
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
 
     stage = "rm"
+
+    def residual_weight(self) -> float:
+        """The likelihood residual's weight in standard deviations (0: the head trains alone)."""
+        if not self.likelihood_term:
+            return 0.0
+        if self.likelihood_residual is not None:
+            return self.likelihood_residual
+        return 8.0 if self.data.source == "world" else 0.0
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -133,9 +145,9 @@ class RMConfig(StageConfig):
             p.append("data.label_noise: must be a probability in [0, 1]")
         if not 0.0 <= self.likelihood_calibration < 1.0:
             p.append("likelihood_calibration: must be in [0, 1)")
-        if self.likelihood_residual < 0:
+        if self.likelihood_residual is not None and self.likelihood_residual < 0:
             p.append("likelihood_residual: must be >= 0")
-        if self.trainer == "trl" and self.likelihood_term and self.likelihood_residual > 0:
+        if self.trainer == "trl" and self.residual_weight() > 0:
             p.append("trainer=trl: TRL's RewardTrainer cannot train the head over the likelihood residual; use "
                      "trainer=kwise (the same Bradley-Terry loss for pairs) or likelihood_residual=0")
         if not 0.0 <= d.valid_fraction < 1.0:
@@ -220,7 +232,7 @@ def _logger(accelerator):
 def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared) -> runs.Manifest:
     is_main, log = accelerator.is_main_process, _logger(accelerator)
     tokenizer, train, train_seqs, held_out = prep.tokenizer, prep.train, prep.train_seqs, prep.held_out
-    residual = cfg.likelihood_residual if cfg.likelihood_term else 0.0
+    residual = cfg.residual_weight()
     use_trl = cfg.trainer == "trl" or (cfg.trainer == "auto" and not residual and all(len(c.responses) == 2 for c in train))
     if is_main and not prep.resuming and sr.ckpt_dir.exists():
         shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
@@ -236,13 +248,14 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     log(f"{count_parameters(model) / 1e6:.2f}M parameters | {len(train)} comparisons, {n_pairs} ranked pairs, "
         f"{len(prep.calibration)} for the likelihood term, {len(held_out)} held out | "
         f"trainer {'trl RewardTrainer' if use_trl else 'K-wise'} | {threads} threads/proc")
-    lm, offsets = None, None
+    lm, offsets, spread = None, None, 1.0
     if residual:  # the frozen parent's judgement, added to every training score (recomputed on resume)
         lm = _sampling_policy(cfg, prep.parent, tokenizer, accelerator).eval().requires_grad_(False)
         log_lik = log_likelihood_ids(lm, [ids for g in train_seqs for ids in g], [s for g in prep.train_starts for s in g],
                                      tokenizer.pad_token_id, cfg.eval_batch_size, accelerator)
-        offsets = residual_offsets(log_lik, [len(c.responses) for c in train], residual)
-        log(f"the head trains as the residual over {residual:g} x log p_SFT(response) (likelihood_residual)")
+        offsets, spread = residual_offsets(log_lik, [len(c.responses) for c in train], residual)
+        log(f"the head trains as the residual over {residual:g} x log p_SFT(response) / {spread:.3g} (its standard "
+            "deviation over the training responses; likelihood_residual)")
     if use_trl:
         model, step, done, last, tracker = train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train, log)
     else:
@@ -258,14 +271,24 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         term, where = _fit_likelihood(cfg, prep, accelerator, model, lm)
         extra["likelihood_coef_fitted"] = term.coef
         extra["likelihood_residual"] = residual
+        if offsets is not None:
+            extra["likelihood_residual_sd"] = spread
         if term.coef > 0:
             log(f"likelihood term: score = head + {term.coef:.4g} * log p_SFT(response), c fitted on {where}")
         else:
-            log("likelihood term: the fitted coefficient is 0 (the parent's likelihood does not help rank the training "
-                "comparisons); the reward model is a plain classifier"
-                + ("; warning: its head trained over the likelihood residual, so re-run with likelihood_residual=0 for "
-                   "a classifier trained alone" if residual else ""))
+            log(f"likelihood term: the coefficient fitted on {where} is 0 (the parent's likelihood does not help rank "
+                "them): the reward model is a classifier alone"
+                + (", so its head trains again without the likelihood residual" if residual else ""))
             term = None
+            if residual:  # a head trained over the residual is not a reward model on its own
+                model = load_reward_model(prep.parent.model_dir, tokenizer, attn=cfg.attention())
+                model, again, _, last, _ = _train_kwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train,
+                                                        prep.fingerprint, log, None, tracker=tracker, checkpoints=False,
+                                                        log_from=step)
+                step += again
+                extra["likelihood_residual"] = 0.0
+    extra["reward_model"] = ("classifier + likelihood term" if term is not None else "classifier trained alone"
+                             + (" (the likelihood term's fitted weight was 0)" if cfg.likelihood_term else ""))
 
     # 4. normalize: SFT samples score mean 0 (std 1), stored in the weights
     eval_spans = [render_span(tokenizer, c.prompt, r, f) for c in held_out for r, f in zip(c.responses, c.finished)]
@@ -453,11 +476,12 @@ def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None
 
 
 def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, train_seqs, train, fingerprint, log,
-                 offsets: list | None = None):
+                 offsets: list | None = None, tracker=None, checkpoints: bool = True, log_from: int = 0):
     """The K-wise loop: each step takes `global_batch_size` prompts; every response is forwarded
     once and all ranked pairs of a prompt enter one loss term. `offsets`: per comparison, fixed
-    [K] terms added to the head's scores in the loss (the likelihood residual). Returns
-    (unwrapped model, step, finished?, last metrics, tracker)."""
+    [K] terms added to the head's scores in the loss (the likelihood residual). A second training
+    in the same stage passes its `tracker`, no `checkpoints` and logs from step `log_from` on.
+    Returns (unwrapped model, step, finished?, last metrics, tracker)."""
     ranks = [torch.tensor(c.ranking) for c in train]
     total = math.ceil(cfg.epochs * len(train) / cfg.global_batch_size)
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
@@ -475,15 +499,15 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
     accelerator.register_for_checkpointing(scheduler)
     log(f"{total} steps x {cfg.global_batch_size} prompts = {micro} micro x {accelerator.num_processes} "
         f"procs x {accum} accum | lr {cfg.optim.lr:g}")
-    step, resume_from = 0, sr.latest_checkpoint()
+    step, resume_from = 0, sr.latest_checkpoint() if checkpoints else None
     if resume_from:
         state = sr.load_checkpoint(accelerator, resume_from)
         if state.get("data_fingerprint") != fingerprint:
             raise InputError(f"{resume_from} was trained on other comparisons; re-run with resume=false to start afresh")
         step = state["step"]
         log(f"resumed from {resume_from} at step {step}")
-    tracker = make_tracker(accelerator.is_main_process, sr.dir, "rm", cfg.run_name, sr.manifest.config, cfg.wandb,
-                           resume_step=step if resume_from else None)
+    tracker = tracker or make_tracker(accelerator.is_main_process, sr.dir, "rm", cfg.run_name, sr.manifest.config,
+                                      cfg.wandb, resume_step=step if resume_from else None)
     progress = Progress("rm", total, start=step, every=cfg.log_every, unit="seq", enabled=accelerator.is_main_process)
     pad, last = tokenizer.pad_token_id, {}
     model.train()
@@ -517,8 +541,9 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
         rate = progress.update(step, g[3].item(), **last)
         if step % cfg.log_every == 0 or step == total:
             tracker.log({"train/loss": last["loss"], "train/accuracy": last["accuracy"], "train/lr": scheduler.get_last_lr()[0],
-                         "train/grad_norm": float(grad_norm), "perf/sequences_per_s": rate}, step)
-        if sr.checkpoint(accelerator, step, total, {"step": step, "loss": last["loss"], "data_fingerprint": fingerprint}):
+                         "train/grad_norm": float(grad_norm), "perf/sequences_per_s": rate}, log_from + step)
+        if checkpoints and sr.checkpoint(accelerator, step, total, {"step": step, "loss": last["loss"],
+                                                                    "data_fingerprint": fingerprint}):
             log(f"stopping after step {step} as configured (stop_after); re-run to resume")
             return accelerator.unwrap_model(model), step, False, last, tracker
     # Normalization writes the head and evaluation runs rank-local forwards: an unsharded copy.
@@ -526,7 +551,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
 
 
 def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
-    print(f"\nrm done in {manifest.wall_time_s:.0f}s")
+    print(f"\nrm done in {manifest.wall_time_s:.0f}s: the reward model is a {extra['reward_model']}")
     data = manifest.config.get("data", {})
     where = f"{data.get('eval_split') or 'test'} split" if data.get("source", "world") == "world" else "held-out files"
     if metrics["eval/pairs"]:
@@ -571,7 +596,7 @@ def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
     if abs(r) > 0.5:
         print(f"  WARNING: length bias: |r| = {abs(r):.2f} > 0.5; PPO may exploit response length. Compare with the "
               "labeler's own correlation before trusting it.")
-    print(f"  model: {model_dir}")
+    print(f"  model: {model_dir} ({extra['reward_model']})")
 
 
 def _fmt(accuracy: float, low: float, high: float) -> str:

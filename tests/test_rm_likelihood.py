@@ -86,7 +86,7 @@ def likelihood_run(sft, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("lik")
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     m = run_rm(sft, tmp, "lik", "data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]", "data.valid_fraction=0.25",
-               "max_steps=2")
+               "max_steps=2", "likelihood_residual=8")
     return tmp / "lik" / "rm", m, records
 
 
@@ -297,8 +297,9 @@ def test_ppo_rewards_add_the_term(tmp_path, same_weights):
 def test_head_trains_over_the_likelihood_residual(sft, likelihood_run, monkeypatch, residual):  # noqa: F811
     """With the head's scores zeroed, the first step's loss is the residual's alone: log 2 for a
     head alone, and for the pairs (each preferring the response the parent finds more likely, by
-    a margin d) the mean of -log σ(r·d) over the batch, so between its values at the largest and
-    the smallest margin, computed here by hand."""
+    a margin d) the mean of -log σ(r·d/sd) over the batch (sd: the log-likelihoods' standard
+    deviation over the training responses), so between its values at the largest and the
+    smallest margin, computed here by hand."""
     import stages.rm
     from pipeline import runs
     from pipeline.models import load_causal_lm, load_tokenizer
@@ -322,7 +323,8 @@ def test_head_trains_over_the_likelihood_residual(sft, likelihood_run, monkeypat
     margins = [_hand_log_lik(lm, *render_span(tok, r["prompt"], r["chosen"]))
                - _hand_log_lik(lm, *render_span(tok, r["prompt"], r["rejected"])) for r in records]
     assert min(margins) > 0
-    worst, best = (-math.log(1 / (1 + math.exp(-residual * d))) for d in (min(margins), max(margins)))
+    sd = m.extra["likelihood_residual_sd"]
+    worst, best = (-math.log(1 / (1 + math.exp(-residual * d / sd))) for d in (min(margins), max(margins)))
     assert best - 1e-5 <= loss <= worst + 1e-5 and loss < math.log(2) - 0.05
 
 
@@ -337,9 +339,64 @@ def test_pairs_train_with_trl_reward_trainer_only_without_the_residual(sft, like
     files = ["data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]", "data.valid_fraction=0.25", "max_steps=1"]
     assert run_rm(sft, tmp, "auto_off", *files, "likelihood_residual=0").complete
     assert "trainer trl RewardTrainer" in capsys.readouterr().err
-    assert run_rm(sft, tmp, "auto_on", *files).complete
+    assert run_rm(sft, tmp, "auto_files", *files).complete   # on files the residual is off unless asked for
+    assert "trainer trl RewardTrainer" in capsys.readouterr().err
+    assert run_rm(sft, tmp, "auto_on", *files, "likelihood_residual=8").complete
     err = capsys.readouterr().err
-    assert "trainer K-wise" in err and "the head trains as the residual over 6 x log p_SFT" in err
+    assert "trainer K-wise" in err and "the head trains as the residual over 8 x log p_SFT(response) /" in err
     with pytest.raises(ConfigError, match="trainer=trl: TRL's RewardTrainer cannot"):
         load_config(RMConfig, ["trainer=trl"])
     load_config(RMConfig, ["trainer=trl", "likelihood_residual=0"])
+
+
+def test_a_zero_weight_ships_a_head_trained_alone_and_says_so(sft, likelihood_run, capsys):  # noqa: F811
+    """Pairs that prefer the response the parent finds LESS likely: the calibration share fits the
+    term's weight at 0, so the head that trained over the residual is trained again alone, and
+    the stage's last lines, the manifest and the model card say which reward model it is."""
+    stage, _, records = likelihood_run
+    tmp = stage.parent.parent
+    flipped = tmp / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in records))
+    m = run_rm(sft, tmp, "flipped", "data.source=files", f"data.files=[{flipped}]", "data.valid_fraction=0.25",
+               "max_steps=2", "likelihood_residual=8", "likelihood_calibration=0.3")
+    out = capsys.readouterr()
+    assert m.complete and m.extra["likelihood_coef_fitted"] == 0.0
+    assert m.extra["likelihood_residual"] == 0.0 and m.extra["reward_model"].startswith("classifier trained alone")
+    assert "its head trains again without the likelihood residual" in out.err
+    assert "the reward model is a classifier trained alone" in out.out
+    config = json.loads((tmp / "flipped" / "rm" / "model" / "config.json").read_text())
+    assert "reward_likelihood" not in config
+    card = (tmp / "flipped" / "rm" / "model" / "README.md").read_text()
+    assert "It is a classifier trained alone" in card and "not the reward" not in card
+
+
+def test_residual_offsets_keep_their_size_on_300_token_responses(sft):  # noqa: F811
+    """Summed log-likelihoods of 300-token responses spread over tens of nats: 6 x their
+    differences would be hundreds of logits, and the ranking loss of a head at zero would be
+    saturated (no gradient where the residual agrees, a constant one where it does not). The
+    standardized offsets stay a few times the weight, and the loss keeps its gradient."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from reward_model.likelihood import residual_offsets
+    from reward_model.losses import kwise_loss
+    from reward_model.scoring import log_likelihood_ids, render_span
+
+    tok = load_tokenizer(sft / "model")
+    lm = load_causal_lm(sft / "model", tok).eval()
+    g = torch.Generator().manual_seed(0)
+    words = ["cat", "dog", "sun", "moon", "tree", "rock", "star", "fish"]
+    responses = [" ".join(words[i] for i in torch.randint(0, 8, (300,), generator=g).tolist()) for _ in range(16)]
+    spans = [render_span(tok, "Tell me a long story.", r) for r in responses]
+    assert min(len(ids) - start for ids, start in spans) >= 300
+    log_lik = log_likelihood_ids(lm, [ids for ids, _ in spans], [s for _, s in spans], tok.pad_token_id, 8)
+    assert float(log_lik.std()) > 10                        # tens of nats apart
+    offsets, sd = residual_offsets(log_lik, [2] * 8, 8.0)
+    flat = torch.cat(offsets)
+    assert sd == pytest.approx(float(log_lik.double().std()), rel=1e-6)
+    assert flat.abs().max() < 8.0 * 4 and abs(float(flat.std()) - 8.0) < 1e-3
+    head = torch.zeros(8, 2, requires_grad=True)
+    ranks, valid = torch.tensor([[0, 1]] * 8), torch.ones(8, 2, dtype=torch.bool)
+    loss, _ = kwise_loss(head + torch.stack(offsets), ranks, valid)
+    (grad,) = torch.autograd.grad(loss, head)
+    raw = 6.0 * (log_lik - log_lik.mean())                  # the unstandardized residual of before
+    assert raw.abs().max() > 50 and grad.abs().mean() > 0.01
