@@ -51,6 +51,23 @@ def model_kind(accelerator, model: torch.nn.Module) -> str:
     return kind
 
 
+def trained_numerics(accelerator) -> str:
+    """How this run's trained models compute, for frozen models to store their weights alike
+    (`pipeline.models.frozen_numerics`, `as_frozen`): 'fp32' without mixed precision; 'bf16' when
+    the launcher computes from 16-bit parameters (FSDP2 with a 16-bit `param_dtype`, DeepSpeed's
+    bf16/fp16 engines); else 'autocast' (fp32 weights under autocast)."""
+    if accelerator.mixed_precision not in ("bf16", "fp16"):
+        return "fp32"
+    kind = launcher_kind(accelerator)
+    if kind == "fsdp2":
+        policy = getattr(accelerator.state.fsdp_plugin, "mixed_precision_policy", None)
+        return "bf16" if getattr(policy, "param_dtype", None) in (torch.bfloat16, torch.float16) else "autocast"
+    if kind.startswith("zero"):
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        return "bf16" if any((ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16")) else "autocast"
+    return "autocast"
+
+
 def shard_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """A frozen (inference-only) model sharded over the processes like the trained ones, so its
     memory per GPU divides by the process count: FSDP2 `fully_shard` per decoder layer under fsdp,

@@ -69,7 +69,8 @@ LAUNCHERS = ("plain", "ddp", "fsdp", "zero2", "zero3")
 
 @dataclass
 class PlannedModel:
-    """One model a stage holds, as the stage loads it. `config`: its transformers config;
+    """One model a stage holds, as the stage loads it. `config`: its transformers config; trained
+    models are fp32, frozen ones stored as `numerics` says (`pipeline.models.frozen_numerics`);
     `lora`: the LoRA section when adapters train on a frozen base; `shared_with`: the role whose
     weights compute it (held once, nothing of its own); `sharded_frozen`: whether the stage
     shards it when frozen under fsdp/zero3."""
@@ -77,7 +78,7 @@ class PlannedModel:
     role: str
     config: Any
     classifier: bool = False
-    dtype: torch.dtype = torch.float32
+    numerics: str = "fp32"
     trained: bool = False
     lora: Any = None
     shared_with: str | None = None
@@ -155,6 +156,21 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+def planned_precision(cfg, device) -> str:
+    """The precision a stage will run at on `device`: `resolve_precision`, but a plan for a GPU
+    made on a CPU machine takes `auto` as the GPU would (bf16)."""
+    from pipeline.runtime import resolve_precision
+
+    if cfg.precision == "auto" and device.type == "cuda":
+        return "bf16"
+    return resolve_precision(cfg.precision)
+
+
+def activation_bytes(precision: str) -> int:
+    """Bytes per activation value: 2 under bf16/fp16 autocast, 4 in fp32."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
 def check_fits(cfg, accelerator, memory_plan, prompt_len: int = 256) -> None:
     """On a GPU, stop before loading anything large when the stage's plan (`memory_plan`, as
     `python -m pipeline plan` prints it) does not fit the GPU's memory; `memory_check=false` goes
@@ -182,9 +198,9 @@ def meta_model(pm: PlannedModel) -> torch.nn.Module:
         if pm.classifier:
             config = copy.deepcopy(pm.config)
             config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_config(config, dtype=pm.dtype)
+            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_config(pm.config, dtype=pm.dtype)
+            model = AutoModelForCausalLM.from_config(pm.config, dtype=torch.float32)
         if pm.lora is not None:
             import warnings
 
@@ -196,6 +212,10 @@ def meta_model(pm: PlannedModel) -> torch.nn.Module:
                                                      task_type="SEQ_CLS" if pm.classifier else "CAUSAL_LM"))
     if pm.lora is None:
         model.requires_grad_(pm.trained)
+    if not pm.trained:
+        from pipeline.models import as_frozen
+
+        as_frozen(model, pm.numerics)
     return model
 
 

@@ -47,6 +47,50 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def frozen_numerics(precision: str, launcher: str = "plain") -> str:
+    """How an inference-only model stores its weights so that it computes exactly as a trained
+    model of the same weights does, for the same weights must give the same log-probabilities
+    (PPO's first KL is 0; docs/ppo.md §30):
+
+    - 'fp32' without mixed precision: everything fp32;
+    - 'autocast' for bf16 autocast over fp32 weights (one process, DDP): the matrices of linear
+      layers in bf16, which autocast rounds them to anyway, embeddings and norms fp32 as the
+      trained model has them (about half of fp32's memory);
+    - 'bf16' where the trained models compute from bf16 parameters (FSDP2's mixed-precision
+      policy, DeepSpeed's bf16 engines): every parameter bf16, buffers (rotary frequencies) fp32.
+    `precision` as `pipeline.runtime.resolve_precision` gives it; `launcher` as
+    `pipeline.distributed.launcher_kind`. This is the rule the memory plan assumes for GPUs; a
+    running stage asks its accelerator (`pipeline.distributed.trained_numerics`)."""
+    if precision not in ("bf16", "fp16"):
+        return "fp32"
+    return "bf16" if launcher in ("fsdp2", "zero2", "zero3") else "autocast"
+
+
+def as_frozen(model: torch.nn.Module, numerics: str, precision: str = "bf16") -> torch.nn.Module:
+    """`model` (loaded in fp32) stored as `frozen_numerics` says; fp16 in place of bf16 when the
+    run's precision is fp16. Tied embeddings stay as the embedding is. An 'autocast' model always
+    computes under autocast, whoever calls it, as the trained model's forward does."""
+    half = torch.float16 if precision == "fp16" else torch.bfloat16
+    if numerics == "bf16":  # parameters only: buffers (rotary frequencies) stay fp32, as the engines keep them
+        for p in model.parameters():
+            p.data = p.data.to(half)
+        return model
+    if numerics == "autocast":
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and id(m.weight) not in embeddings:
+                m.to(half)
+        forward = model.forward
+
+        def autocast_forward(*args, **kwargs):
+            device = next(model.parameters()).device.type
+            with torch.autocast(device_type=device, dtype=half):
+                return forward(*args, **kwargs)
+
+        model.forward = autocast_forward
+    return model
+
+
 def frozen_dtype(device: torch.device) -> torch.dtype:
     """Inference-only models (PPO's reference and reward model, the policy that samples RM data):
     bf16 on GPUs that support it, where it halves memory and time; fp32 on CPUs, where bf16 is slower."""

@@ -37,6 +37,7 @@ def stage_main(cfg_cls: type, run: Callable, argv: list[str] | None = None) -> i
         return 2
     try:
         run(cfg)
+        _end_process_group()
     except (runs.HandoffError, InputError, FileNotFoundError) as e:
         print(f"error in stage '{cfg_cls.stage}': {e}", file=sys.stderr)
         return 1
@@ -48,6 +49,17 @@ def stage_main(cfg_cls: type, run: Callable, argv: list[str] | None = None) -> i
               + (f" and in {where}" if where else ""), file=sys.stderr)
         return 1
     return 0
+
+
+def _end_process_group() -> None:
+    """After a stage that ran on several processes: all arrive, then the process group ends,
+    before the interpreter tears down the communication threads (left running, gloo and
+    DeepSpeed's ones can abort the process at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _save_traceback(cfg, exc: BaseException) -> Path | None:

@@ -92,15 +92,15 @@ def memory_plan(cfg: PretrainConfig, launcher: str, nproc: int, device, prompt_l
     in fp32 with gradients and AdamW state, and a micro-batch's activations."""
     from transformers import AutoConfig, LlamaConfig
 
-    from pipeline.memory import Phase, Plan, PlannedModel, model_row, training_activation_bytes
-    from pipeline.runtime import resolve_precision
+    from pipeline.memory import (Phase, Plan, PlannedModel, activation_bytes, model_row, planned_precision,
+                                 training_activation_bytes)
 
     if cfg.model.name_or_path:
         config = AutoConfig.from_pretrained(cfg.model.name_or_path)
     else:
         config = LlamaConfig(vocab_size=cfg.model.vocab_size, max_position_embeddings=cfg.model.seq_len,
                              tie_word_embeddings=True, **PRESETS[cfg.model.preset])
-    act = 2 if resolve_precision(cfg.precision) in ("bf16", "fp16") or device.type == "cuda" else 4
+    act = activation_bytes(planned_precision(cfg, device))
     micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
     update = training_activation_bytes(config, micro * cfg.model.seq_len, cfg.gradient_checkpointing, act)
     return Plan("pretrain", launcher, nproc, [model_row(PlannedModel("model", config, trained=True), launcher, nproc, mesh)],

@@ -23,9 +23,10 @@ import torch
 from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
 from pipeline.records import load_comparisons, load_prompt_records
-from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model
+from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model, trained_numerics
 from pipeline.memory import check_fits
-from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_dtype, load_causal_lm, load_tokenizer
+from pipeline.models import (as_frozen, count_parameters, enable_gradient_checkpointing, frozen_numerics, load_causal_lm,
+                             load_tokenizer)
 from pipeline.runtime import (adamw, batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
                               warmup_cosine)
 from pipeline.report import RM_PAIR_KINDS
@@ -367,14 +368,16 @@ def memory_plan(cfg: RMConfig, launcher: str, nproc: int, device, prompt_len: in
     sampling (KV cache) and a K-wise micro-batch's activations."""
     from transformers import AutoConfig
 
-    from pipeline.memory import Phase, Plan, PlannedModel, kv_cache_bytes, model_row, training_activation_bytes
-    from pipeline.runtime import resolve_precision
+    from pipeline.memory import (Phase, Plan, PlannedModel, activation_bytes, kv_cache_bytes, model_row,
+                                 planned_precision, training_activation_bytes)
 
     config = AutoConfig.from_pretrained(str(runs.resolve_parent("rm", cfg.runs_dir, cfg.run_name, cfg.parent).model_dir))
     planned = [PlannedModel("reward model", config, classifier=True, trained=True)]
+    precision = planned_precision(cfg, device)
     if cfg.likelihood_term:
-        planned.append(PlannedModel("SFT (likelihood)", config, dtype=frozen_dtype(device), sharded_frozen=False))
-    act = 2 if resolve_precision(cfg.precision) in ("bf16", "fp16") or device.type == "cuda" else 4
+        planned.append(PlannedModel("SFT (likelihood)", config, numerics=frozen_numerics(
+            precision, {"fsdp": "fsdp2"}.get(launcher, launcher)), sharded_frozen=False))
+    act = activation_bytes(precision)
     micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
     seqs = micro * max(cfg.data.k, cfg.data.eval_k or cfg.data.k)
     update = training_activation_bytes(config, seqs * cfg.data.max_length, cfg.gradient_checkpointing, act, lm_head=False)
@@ -451,9 +454,12 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
 
 
 def _sampling_policy(cfg: RMConfig, parent, tokenizer, accelerator):
-    """The parent SFT policy that writes the responses to rank: inference only, so bf16 on GPUs."""
-    return load_causal_lm(parent.model_dir, tokenizer, frozen_dtype(accelerator.device),
-                          cfg.attention()).to(accelerator.device)
+    """The parent SFT policy that writes the responses to rank and scores the likelihood term:
+    inference only, stored as the trained models compute (`frozen_numerics`: bf16 linear layers
+    under bf16 autocast), so the term's values here are those PPO's reference computes."""
+    precision = resolve_precision(cfg.precision)
+    model = load_causal_lm(parent.model_dir, tokenizer, attn=cfg.attention()).eval().requires_grad_(False)
+    return as_frozen(model, trained_numerics(accelerator), precision).to(accelerator.device)
 
 
 def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None:

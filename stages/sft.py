@@ -272,13 +272,13 @@ def memory_plan(cfg: SFTConfig, launcher: str, nproc: int, device, prompt_len: i
     micro-batch of `data.max_length` tokens. `prompt_len` is unused (SFT's length is max_length)."""
     from transformers import AutoConfig
 
-    from pipeline.memory import Phase, Plan, PlannedModel, model_row, training_activation_bytes
-    from pipeline.runtime import resolve_precision
+    from pipeline.memory import (Phase, Plan, PlannedModel, activation_bytes, model_row, planned_precision,
+                                 training_activation_bytes)
 
     path = cfg.model.name_or_path or str(runs.resolve_parent("sft", cfg.runs_dir, cfg.run_name, cfg.parent).model_dir)
     config = AutoConfig.from_pretrained(path)
     policy = PlannedModel("policy", config, trained=True, lora=cfg.lora if cfg.lora.enabled else None)
-    act = 2 if resolve_precision(cfg.precision) in ("bf16", "fp16") or device.type == "cuda" else 4
+    act = activation_bytes(planned_precision(cfg, device))
     micro = batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, nproc, "train.global_batch_size")[0]
     tokens = micro * cfg.data.max_length
     update = training_activation_bytes(config, tokens, cfg.gradient_checkpointing, act)

@@ -33,10 +33,11 @@ def measure(policy_dir: str, reward_dir: str, accelerator) -> dict:
     from stages.ppo import loop
     from stages.ppo.config import PPOConfig
     from stages.ppo.data import load_prompts
+    from pipeline.distributed import trained_numerics
     from stages.ppo.models import load_models, resolve_sources
 
     cfg = load_config(PPOConfig, [f"policy.name_or_path={policy_dir}", f"reward.name_or_path={reward_dir}", *SETTINGS])
-    models = load_models(cfg, resolve_sources(cfg), accelerator.device)
+    models = load_models(cfg, resolve_sources(cfg), accelerator.device, trained_numerics(accelerator))
     trainer = loop.make_trainer(cfg, models, accelerator)
     grads = {}
     real_step = loop._optimizer_step

@@ -47,6 +47,7 @@ def compute(policy_dir: str, reward_dir: str, accelerator, overrides: tuple[str,
     from stages.ppo.config import PPOConfig
     from stages.ppo.data import load_ptx
     from stages.ppo.loop import compute_advantages, make_trainer, optimise
+    from pipeline.distributed import trained_numerics
     from stages.ppo.models import load_models, resolve_sources
     from stages.ppo.rollout import build_rollout, queries
 
@@ -56,7 +57,7 @@ def compute(policy_dir: str, reward_dir: str, accelerator, overrides: tuple[str,
                                   "epochs=2", "optim.policy_lr=1e-3", "optim.critic_lr=1e-3", "objective.kl_coef=0.1",
                                   "ptx.coef=0.5", "ptx.batch_size=4", *overrides])
     torch.manual_seed(0)
-    models = load_models(cfg, resolve_sources(cfg), accelerator.device)
+    models = load_models(cfg, resolve_sources(cfg), accelerator.device, trained_numerics(accelerator))
     ptx = load_ptx(cfg, World(cfg.world), models.tokenizer)
     trainer = make_trainer(cfg, models, accelerator, ptx)
     prompts, sampled = fixed_batch(models.tokenizer)

@@ -487,3 +487,24 @@ def test_policy_is_the_rm_stages_parent(tiny, tmp_path):
     m.save(sft.parent)
     with pytest.raises(runs.HandoffError, match="re-run rm"):
         resolve_sources(cfg)
+
+
+def test_first_kl_is_zero_in_bf16_only_when_the_reference_computes_as_the_policy(tiny, tmp_path):
+    """precision=bf16 (CPU autocast): the reference stores its linear layers in bf16 and computes
+    under autocast, as the policy's fp32 weights do (`frozen_numerics` 'autocast'): every token's
+    log-probability is the policy's, KL 0. A reference all in bf16 (embeddings and norms too)
+    computes otherwise, and the first KL is not 0."""
+    from stages.ppo.loop import iteration_step, make_trainer
+    from stages.ppo.models import load_models, resolve_sources
+
+    cfg = ppo_cfg(tiny, tmp_path, "precision=bf16")
+    metrics, r = iteration_step(trainer_for(cfg), 0, PROMPTS)
+    m = r.response_mask
+    assert torch.equal(r.logprobs[m], r.ref_logprobs[m]) and metrics["ppo/kl"] == 0.0
+    from pipeline.runtime import make_accelerator
+
+    acc = make_accelerator(mixed_precision="bf16")
+    torch.manual_seed(cfg.seed)
+    other = load_models(cfg, resolve_sources(cfg), acc.device, numerics="bf16")
+    metrics, r = iteration_step(make_trainer(cfg, other, acc), 0, PROMPTS)
+    assert abs(metrics["ppo/kl"]) > 1e-4

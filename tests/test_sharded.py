@@ -136,3 +136,27 @@ def test_ppo_when_ranks_stop_decoding_at_different_steps(tmp_path, accel):
     assert m.status == "complete", out.stderr[-2000:]
     rows = [r for r in runs.read_metrics(tmp_path / "stops" / "ppo" / "metrics.jsonl") if "rollout/eos_rate" in r]
     assert rows and all(0 < r["rollout/eos_rate"] and r["rollout/length"] < 24 for r in rows)  # samples stopped early
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accel", ["cpu", "fsdp",
+                                   pytest.param("zero2", marks=pytest.mark.skipif(not DEEPSPEED, reason="no deepspeed")),
+                                   pytest.param("zero3", marks=pytest.mark.skipif(not DEEPSPEED, reason="no deepspeed"))])
+def test_first_kl_is_zero_in_bf16_on_every_launcher(tmp_path, accel):
+    """precision=bf16 on 2 processes: the frozen reference stores its weights as the policy
+    computes from them (`pipeline.models.frozen_numerics`: bf16 linear layers under autocast for
+    DDP, all bf16 under FSDP2's and DeepSpeed's mixed precision), so the first iteration's
+    sampled responses have the same log-probabilities under both: KL 0."""
+    from pipeline.config import WorldConfig
+    from pipeline.world import World
+    from stages.ppo import bench as ppo_bench
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128)
+    policy, reward = ppo_bench.random_models(tmp_path, World(WorldConfig()), "tiny", shape, vocab_size=500)
+    _launch("ppo", accel, 2, f"runs_dir={tmp_path}", "run_name=kl", f"policy.name_or_path={policy}",
+            f"reward.name_or_path={reward}", "wandb.mode=disabled", "precision=bf16", "iterations=1",
+            "rollout_batch_size=8", "minibatch_size=8", "micro_batch_size=4", "rollout.max_new_tokens=8",
+            "eval.every=0", "eval.num_prompts=4", "eval.best_of=[]", "save_every=0")
+    rows = [r for r in runs.read_metrics(tmp_path / "kl" / "ppo" / "metrics.jsonl") if "ppo/kl" in r]
+    assert abs(rows[0]["ppo/kl"]) < 1e-6, rows[0]["ppo/kl"]

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_config
+from pipeline.distributed import trained_numerics
 from pipeline.runtime import adamw, configure_threads, make_accelerator, quiet_libraries, resolve_precision, seed_everything
 from pipeline.world import World
 from reward_model.likelihood import term_of
@@ -212,7 +213,7 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
     device = accelerator.device
     seed_everything(cfg.seed)
     world = World(cfg.world)
-    models = load_models(cfg, resolve_sources(cfg), device)
+    models = load_models(cfg, resolve_sources(cfg), device, trained_numerics(accelerator))
     trainer = make_trainer(cfg, models, accelerator)
     prompts = load_prompts(cfg, world)
     if prompt_len:

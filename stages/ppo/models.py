@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from pipeline import runs
-from pipeline.models import (attn_implementation, disable_dropout, enable_gradient_checkpointing, frozen_dtype,
-                             load_causal_lm, load_tokenizer, whole_on_every_rank)
+from pipeline.models import (as_frozen, attn_implementation, disable_dropout, enable_gradient_checkpointing,
+                             frozen_numerics, load_causal_lm, load_tokenizer, whole_on_every_rank)
+from pipeline.runtime import resolve_precision
 from reward_model.likelihood import attach, likelihood_spec, load_likelihood, term_from_spec
 from stages.ppo.functional import ema_update
 
@@ -146,26 +147,37 @@ def load_sequence_classifier(path: str, tokenizer, dtype: torch.dtype = torch.fl
     return model
 
 
-def load_models(cfg, sources: Sources, device) -> PPOModels:
-    """Load policy, reference, reward model and critic; dropout off everywhere. The frozen
-    reference and reward model load in bf16 on GPUs (`frozen_dtype`), the trained ones in fp32."""
+def load_models(cfg, sources: Sources, device, numerics: str | None = None) -> PPOModels:
+    """Load policy, reference, reward model and critic; dropout off everywhere. The trained ones
+    load in fp32; the frozen ones are stored as `numerics` says (`pipeline.models.frozen_numerics`:
+    default, for one process or DDP at the run's precision), so that the reference computes
+    exactly what the policy computes from the same weights."""
+    precision = resolve_precision(cfg.precision)
+    numerics = numerics or frozen_numerics(precision)
     tokenizer = load_tokenizer(sources.policy_dir)
     reward_tokenizer = load_tokenizer(sources.reward_dir)
-    attn, frozen = cfg.attention(), frozen_dtype(device)
+    attn = cfg.attention()
+
+    def frozen(model):
+        return as_frozen(_frozen(disable_dropout(model)), numerics, precision).to(device)
+
     policy = disable_dropout(load_causal_lm(sources.policy_dir, tokenizer, attn=attn))
     lora = cfg.policy.lora.enabled
     ref = None
     if lora:
         policy = _lora(policy, cfg.policy.lora, "CAUSAL_LM")
     else:
-        ref = _frozen(disable_dropout(load_causal_lm(sources.policy_dir, tokenizer, frozen, attn))).to(device)
-    reward = _frozen(load_sequence_classifier(sources.reward_dir, reward_tokenizer, frozen, attn)).to(device)
+        ref = frozen(load_causal_lm(sources.policy_dir, tokenizer, attn=attn))
+    reward = frozen(load_sequence_classifier(sources.reward_dir, reward_tokenizer, attn=attn))
     spec = likelihood_spec(sources.reward_dir)
     shared = spec is not None and reference_is_likelihood_model(spec, sources, tokenizer, reward_tokenizer)
     if shared:  # one copy of the SFT weights: the term is computed by the reference
         attach(reward, term_from_spec(ref if ref is not None else AdapterDisabled(policy), spec))
     else:  # the RM's likelihood term, if it has one, with a model of its own
-        attach(reward, load_likelihood(sources.reward_dir, frozen, attn, device))
+        term = load_likelihood(sources.reward_dir, attn=attn)
+        if term is not None:
+            term.model = frozen(term.model)
+        attach(reward, term)
     critic, critic_source = load_critic(sources, tokenizer, reward_tokenizer, attn)
     if lora and cfg.policy.lora.critic:
         critic = _lora(critic, cfg.policy.lora, "SEQ_CLS")
@@ -187,7 +199,7 @@ def reference_is_likelihood_model(spec: dict, sources: Sources, tokenizer, rewar
     return same_vocabulary(tokenizer, reward_tokenizer) and tokenizer.chat_template == reward_tokenizer.chat_template
 
 
-def planned_models(cfg, sources: Sources, device) -> list:
+def planned_models(cfg, sources: Sources, precision: str, launcher: str) -> list:
     """The models `load_models` holds, as `pipeline.memory.PlannedModel`s (configs only: model
     directories, or directories with only a `config.json`, as for a model not downloaded yet).
     With no reward model (`sources.reward_dir` None): the one the rm stage makes from this policy,
@@ -198,18 +210,18 @@ def planned_models(cfg, sources: Sources, device) -> list:
 
     policy = AutoConfig.from_pretrained(sources.policy_dir)
     reward = AutoConfig.from_pretrained(sources.reward_dir) if sources.reward_dir else policy
-    frozen = frozen_dtype(device)
+    frozen = frozen_numerics(precision, {"fsdp": "fsdp2"}.get(launcher, launcher))
     lora = cfg.policy.lora if cfg.policy.lora.enabled else None
     same_vocab = policy.vocab_size == reward.vocab_size
     out = [PlannedModel("policy", policy, trained=True, lora=lora),
            PlannedModel("critic", reward if same_vocab else policy, classifier=True, trained=True,
                         lora=lora if lora is not None and cfg.policy.lora.critic else None)]
     if lora is None:
-        out.append(PlannedModel("reference", policy, dtype=frozen))
-    out.append(PlannedModel("reward model", reward, classifier=True, dtype=frozen))
+        out.append(PlannedModel("reference", policy, numerics=frozen))
+    out.append(PlannedModel("reward model", reward, classifier=True, numerics=frozen))
     spec = likelihood_spec(sources.reward_dir) if sources.reward_dir else {"model": sources.policy_dir}
     if spec is not None and not sources.reward_dir:
-        out.append(PlannedModel("likelihood LM", policy, dtype=frozen,
+        out.append(PlannedModel("likelihood LM", policy, numerics=frozen,
                                 shared_with="reference" if lora is None else "policy, adapter off"))
     elif spec is not None:
         from reward_model.likelihood import likelihood_model_dir
@@ -222,7 +234,7 @@ def planned_models(cfg, sources: Sources, device) -> list:
         shared = (spec.get("fingerprint") == runs.weights_fingerprint(sources.policy_dir) if has_weights
                   else where.resolve() == Path(sources.policy_dir).resolve())
         out.append(PlannedModel("likelihood LM", AutoConfig.from_pretrained(where) if where.exists() else policy,
-                                dtype=frozen, shared_with=("reference" if lora is None else "policy, adapter off")
+                                numerics=frozen, shared_with=("reference" if lora is None else "policy, adapter off")
                                 if shared else None))
     return out
 

@@ -16,7 +16,7 @@ import time
 
 from pipeline import runs
 from pipeline.config import InputError
-from pipeline.distributed import full_parameters, launcher_kind, save_model
+from pipeline.distributed import full_parameters, launcher_kind, save_model, trained_numerics
 from pipeline.evaluation import shard
 from pipeline.memory import check_fits
 from pipeline.models import count_parameters
@@ -54,8 +54,8 @@ def memory_plan(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: i
     """What each of `nproc` processes holds (`pipeline.memory.Plan`): the models of `load_models`
     and the largest of the iteration's phases at the configured batch sizes, for prompts of
     `prompt_len` tokens and responses of `rollout.max_new_tokens`."""
-    from pipeline.memory import (Phase, Plan, gathered_bytes, kv_cache_bytes, model_row, training_activation_bytes)
-    from pipeline.runtime import resolve_precision
+    from pipeline.memory import (Phase, Plan, activation_bytes, gathered_bytes, kv_cache_bytes, model_row,
+                                 planned_precision, training_activation_bytes)
     from stages.ppo.models import planned_models
 
     try:
@@ -64,8 +64,9 @@ def memory_plan(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: i
         if not cfg.policy.name_or_path:
             raise
         sources = Sources(cfg.policy.name_or_path, None)  # no reward model yet: the rm stage's from this policy
-    models = planned_models(cfg, sources, device)
-    act = 2 if resolve_precision(cfg.precision) in ("bf16", "fp16") or device.type == "cuda" else 4
+    precision = planned_precision(cfg, device)
+    models = planned_models(cfg, sources, precision, launcher)
+    act = activation_bytes(precision)
     rows = [model_row(pm, launcher, nproc, mesh) for pm in models]
     policy = next(pm for pm in models if pm.role == "policy")
     critic = next(pm for pm in models if pm.role == "critic")
@@ -124,7 +125,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
              data_fingerprint=runs.data_fingerprint([cfg.data.source, cfg.data.files, len(prompts), prompts[:3]]))
     sr.manifest.extra = {"policy_source": sources.policy_dir, "reward_source": sources.reward_dir,
                          "sft_manifest": str(sources.sft_manifest) if sources.sft_manifest else None}
-    models = load_models(cfg, sources, accelerator.device)
+    models = load_models(cfg, sources, accelerator.device, trained_numerics(accelerator))
     ptx = load_ptx(cfg, world, models.tokenizer) if cfg.ptx.coef > 0 else None
     trainer = make_trainer(cfg, models, accelerator, ptx)
     # Same prompt order on every process (explicit generators); different samples per process.

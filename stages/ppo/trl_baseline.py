@@ -103,6 +103,7 @@ def export(cfg: PPOConfig, out: Path) -> list[str]:
 
 def judge(cfg: PPOConfig, policy_dir: str) -> dict:
     """The ppo stage's test evaluation of the policy in `policy_dir` against the run's SFT policy."""
+    from pipeline.distributed import trained_numerics
     from pipeline.models import disable_dropout, load_causal_lm
     from stages.ppo.evaluate import test_evaluation
     from stages.ppo.models import load_models, resolve_sources
@@ -111,7 +112,7 @@ def judge(cfg: PPOConfig, policy_dir: str) -> dict:
     configure_threads(cfg.threads)
     accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
     seed_everything(cfg.seed)
-    models = load_models(cfg, resolve_sources(cfg), accelerator.device)
+    models = load_models(cfg, resolve_sources(cfg), accelerator.device, trained_numerics(accelerator))
     policy = disable_dropout(load_causal_lm(policy_dir, models.tokenizer, attn=cfg.attention())).to(accelerator.device)
     _, evaluation, _ = test_evaluation(policy.eval(), models, World(cfg.world), cfg, accelerator)
     print(f"{policy_dir} against the SFT policy {resolve_sources(cfg).policy_dir}:")
