@@ -32,14 +32,43 @@ class ConfigError(InputError):
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:  # one problem, one line
+            super().__init__(f"invalid configuration: {problems[0]}")
+        else:
+            super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def F(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - `help` reads best at call sites
-    """A dataclass field with a default and its one-line help."""
+def F(default: Any, help: str, ge: float | None = None, gt: float | None = None, le: float | None = None,  # noqa: A002
+      lt: float | None = None, **kw: Any) -> Any:
+    """A dataclass field with a default, its one-line help and, for a number (or a list of them),
+    its bounds: ge (>=), gt (>), le (<=), lt (<), checked for every value however it was set."""
+    metadata = {"help": help, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+                                         if v is not None}}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda d=default: _copy(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: _copy(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_TEST = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b,
+               "lt": lambda v, b: v < b}
+
+
+def bound_problems(cfg: Any, prefix: str = "") -> list[str]:
+    """Every number of `cfg` (nested sections included) outside its field's bounds, one line each."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += bound_problems(value, f"{prefix}{f.name}.")
+            continue
+        bounds = f.metadata.get("bounds") or {}
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                broken = [f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items() if not _BOUND_TEST[k](v, b)]
+                if broken:
+                    problems.append(f"{prefix}{f.name}: must be {' and '.join(broken)}, got {v!r}")
+    return problems
 
 
 def _copy(value: Any) -> Any:
@@ -61,17 +90,17 @@ class WandbConfig:
 
 @dataclass
 class WorldConfig:
-    seed: int = F(1234, "seed of the built-in procedural world (facts, prompts, splits)")
-    num_people: int = F(48, "people in the world; each has a home city and a favourite colour")
-    corpus_docs: int = F(12000, "pretraining documents generated from the world")
-    fact_density: float = F(0.8, "share of corpus sentences that state a fact about a person (the rest: sums, capitalised words, prose)")
-    sft_examples: int = F(5500, "SFT demonstrations (train split)")
-    sft_turns: int = F(1, "question/answer exchanges per SFT conversation")
-    eval_examples: int = F(50, "held-out prompts per skill for evaluation")
-    concise_rate: float = F(0.2, "share of SFT demonstrations written in the concise style the gold labeler prefers")
+    seed: int = F(1234, "seed of the built-in procedural world (facts, prompts, splits)", ge=0)
+    num_people: int = F(48, "people in the world; each has a home city and a favourite colour", gt=0)
+    corpus_docs: int = F(12000, "pretraining documents generated from the world", gt=0)
+    fact_density: float = F(0.8, "share of corpus sentences that state a fact about a person (the rest: sums, capitalised words, prose)", ge=0, le=1)
+    sft_examples: int = F(5500, "SFT demonstrations (train split)", gt=0)
+    sft_turns: int = F(1, "question/answer exchanges per SFT conversation", ge=1)
+    eval_examples: int = F(50, "held-out prompts per skill for evaluation", gt=0)
+    concise_rate: float = F(0.2, "share of SFT demonstrations written in the concise style the gold labeler prefers", ge=0, le=1)
     house_style_rate: float = F(0.7, "share of chatty demonstrations that end with the most common tail (the rest use "
-                                     "the others): with a house style the SFT policy's greedy answer is chatty")
-    preamble_rate: float = F(0.3, "share of chatty demonstrations that also open with a preamble (`Sure!`, ...)")
+                                     "the others): with a house style the SFT policy's greedy answer is chatty", ge=0, le=1)
+    preamble_rate: float = F(0.3, "share of chatty demonstrations that also open with a preamble (`Sure!`, ...)", ge=0, le=1)
     tokenizer_demos: bool = F(False, "also train the BPE on the SFT demonstrations' text: instruction words become whole "
                                      "tokens and SFT sequences ~40% shorter (pretraining data unchanged)")
 
@@ -83,15 +112,15 @@ class StageConfig:
     run_name: str = F("default", "run name: outputs go to <runs_dir>/<run_name>/<stage>/")
     runs_dir: str = F("runs", "root directory of all runs")
     parent: str | None = F(None, "explicit parent: a stage directory or its manifest.json (default: previous stage of this run)")
-    seed: int = F(0, "training seed (data order, init, sampling)")
-    threads: int = F(0, "torch threads per process; 0 = all cores for a lone process, 1 when several run")
+    seed: int = F(0, "training seed (data order, init, sampling)", ge=0)
+    threads: int = F(0, "torch threads per process; 0 = all cores for a lone process, 1 when several run", ge=0)
     resume: bool = F(True, "resume from the latest checkpoint in <stage>/checkpoints if one exists")
-    save_every: int = F(100, "checkpoint every N optimizer steps (0 = only at the end)")
-    keep_checkpoints: int = F(2, "how many periodic checkpoints to keep")
-    log_every: int = F(10, "log metrics every N optimizer steps")
-    max_steps: int = F(-1, "stop after N optimizer steps (-1 = as configured by epochs/steps)")
+    save_every: int = F(100, "checkpoint every N optimizer steps (0 = only at the end)", ge=0)
+    keep_checkpoints: int = F(2, "how many periodic checkpoints to keep", ge=1)
+    log_every: int = F(10, "log metrics every N optimizer steps", ge=1)
+    max_steps: int = F(-1, "stop after N optimizer steps (-1 = as configured by epochs/steps)", ge=-1)
     stop_after: int = F(-1, "end the process right after step N (PPO: iteration N), leaving a checkpoint, as an interruption "
-                            "would; re-running the same command resumes and finishes (-1 = never)")
+                            "would; re-running the same command resumes and finishes (-1 = never)", ge=-1)
     precision: Literal["auto", "no", "bf16", "fp16"] = F(
         "auto", "mixed precision; auto = bf16 on GPUs that support it, else fp32 (on CPUs with AMX, bf16 trains 1.3-2x "
                 "faster and decodes no faster; the tiny preset's results are not equal in it: see the README)")
@@ -99,6 +128,9 @@ class StageConfig:
         "auto", "attention kernel of every model the stage loads: auto = flash_attention_2 on a GPU with the flash-attn "
                 "package installed, eager for bf16 on a CPU, else sdpa")
     gradient_checkpointing: bool = F(False, "recompute activations in the backward pass of trained models (less memory, ~30% slower)")
+    dist_timeout_min: float = F(120.0, "minutes a process waits in a collective before the run fails (rank 0 alone "
+                                       "trains a tokenizer or writes a full checkpoint meanwhile); every launcher", gt=0)
+    tf32: bool = F(True, "on GPUs, fp32 matmuls (paths without autocast) use TF32 tensor cores; false = full fp32")
     memory_check: bool = F(True, "on a GPU, stop at start when the memory plan (`python -m pipeline plan`) says the run "
                                  "does not fit; false = go ahead anyway")
     world: WorldConfig = F(WorldConfig(), "the built-in world (used when data source is 'world')")
@@ -120,8 +152,6 @@ class StageConfig:
     def validate(self) -> list[str]:
         """Cross-field checks; returns problems (empty = fine). Subclasses extend."""
         problems = []
-        if self.threads < 0:
-            problems.append("threads: must be >= 0")
         if not self.run_name or "/" in self.run_name:
             problems.append("run_name: must be a non-empty name without '/'")
         return problems
@@ -339,7 +369,13 @@ def load_config(cls: type, args: list[str] | None = None, base: str | Path | Non
         merged = _merge(merged, data)
     cfg = _build(cls, merged, "", problems, source)
     if not problems:
-        problems.extend(cfg.validate())
+        bounds = bound_problems(cfg)
+        try:
+            checks = cfg.validate()
+        except Exception:  # noqa: BLE001 - a cross-field check tripped on a value already reported
+            checks = []
+        named = {p.split(":")[0] for p in bounds}
+        problems.extend(bounds + [p for p in checks if p.split(":")[0] not in named])
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from pipeline import runs
-from pipeline.models import whole_on_every_rank
+from pipeline.models import fp32_attention, whole_on_every_rank
 
 
 def launcher_kind(accelerator) -> str:
@@ -49,6 +49,38 @@ def model_kind(accelerator, model: torch.nn.Module) -> str:
     if kind.startswith("zero") and not hasattr(model, "zero_optimization_stage"):
         return "plain"
     return kind
+
+
+def check_shared_filesystem(accelerator, directory: str | Path) -> None:
+    """On several nodes rank 0 alone writes tokenizers, checkpoints, exports and manifests, which
+    the other nodes then read: every node must see rank 0's `directory` (a shared filesystem).
+    Checked at a stage's start with a file rank 0 writes; one node missing it stops the run."""
+    import os
+    import socket
+    import uuid
+
+    from accelerate import utils
+
+    from pipeline.config import InputError
+
+    world = accelerator.num_processes
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= world:
+        return  # one node
+    token = [f".shared-check-{uuid.uuid4().hex}" if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / token[0]).write_text("")
+    token = utils.broadcast_object_list(token)
+    accelerator.wait_for_everyone()
+    seen = utils.gather_object([(socket.gethostname(), (Path(directory) / token[0]).exists())])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (Path(directory) / token[0]).unlink(missing_ok=True)
+    blind = sorted({host for host, ok in seen if not ok})
+    if blind:
+        raise InputError(f"runs_dir={directory} is not shared: {', '.join(blind)} cannot see what rank 0 writes there. "
+                         "A run on several nodes needs a filesystem every node mounts at the same path (NFS, Lustre, ...)"
+                         "; pass runs_dir=<that path>")
 
 
 def trained_numerics(accelerator) -> str:
@@ -135,7 +167,7 @@ def plain_copy(accelerator, model: torch.nn.Module) -> torch.nn.Module:
         copy = cls(unwrapped.config)
     copy.load_state_dict(state)
     copy.tie_weights()
-    return copy.to(accelerator.device).train(unwrapped.training)
+    return fp32_attention(copy).to(accelerator.device).train(unwrapped.training)  # fp32, no autocast
 
 
 def save_model(accelerator, model: torch.nn.Module, tokenizer, out_dir: Path, state_dict: dict | None = None,
@@ -251,12 +283,21 @@ def clip_grad_norm(accelerator, model: torch.nn.Module, max_norm: float) -> floa
     return float(accelerator.clip_grad_norm_(params, max_norm))
 
 
-def trainer_launch_args(accelerator) -> dict:
+def trainer_launch_args(accelerator, timeout_min: float = 120.0, accumulation: int = 1,
+                        max_grad_norm: float = 1.0) -> dict:
     """The TrainingArguments (TRL configs) fields that make an HF Trainer run under the stage's
     launcher. It shares the stage's accelerator state (the launcher; FSDP on CPU processes) rather
     than rebuilding its own, except under DeepSpeed: accelerate takes the DeepSpeed plugin only
-    from the first Accelerator, so the trainer builds the state, on gloo when there is no GPU."""
+    from the first Accelerator, so the trainer builds the state, on gloo when there is no GPU,
+    from the launcher's variables, whose accumulation and clipping are set here to the stage's
+    (the launcher file's would disagree with the Trainer's arguments and stop it at
+    `deepspeed_init`)."""
     deepspeed = launcher_kind(accelerator).startswith("zero")
+    if deepspeed:
+        import os
+
+        os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(accumulation)
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(max_grad_norm)
     cpu = accelerator.device.type == "cpu"
     return {"accelerator_config": {"use_configured_state": not deepspeed}, "use_cpu": cpu and not deepspeed,
-            "ddp_backend": "gloo" if deepspeed and cpu else None}
+            "ddp_backend": "gloo" if deepspeed and cpu else None, "ddp_timeout": int(timeout_min * 60)}

@@ -48,6 +48,7 @@ def launch_command(stage: str, args: list[str], nproc: int | None = None, accel:
         raise SystemExit(f"error: ACCEL={accel}: no launcher file {cfg}; choose one of {', '.join(names)}")
     if accel == "gpu" and nproc > 1:  # accelerate would silently run one process
         raise SystemExit(f"error: ACCEL=gpu runs one process; for NPROC={nproc} choose ddp, fsdp, zero2 or zero3")
+    check_gpu(accel, has_gpu)
     module = ["-m", f"stages.{stage}", *args]
     if nproc == 1 and accel in DIRECT:
         return [sys.executable, *module]
@@ -58,6 +59,28 @@ def launch_command(stage: str, args: list[str], nproc: int | None = None, accel:
         # Accelerator(cpu=True) in the stage gives real gloo processes.
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
     return cmd + module
+
+
+def check_gpu(accel: str, has_gpu: bool, torch_cuda: bool | None = None) -> None:
+    """A GPU that was asked for and is missing is an error, not a silent CPU run: ACCEL=gpu on a
+    machine without one, or any launcher but cpu on a GPU machine whose torch cannot use its GPUs
+    (a .venv built on a CPU machine keeps its CPU torch). `torch_cuda`: whether this environment's
+    torch sees a GPU (asked of it when None)."""
+    if accel == "gpu" and not has_gpu:
+        raise SystemExit("error: ACCEL=gpu, but this machine has no GPU (no nvidia-smi); use ACCEL=cpu")
+    if accel == "cpu" or not has_gpu:
+        return
+    if torch_cuda is None:
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available(), torch.__version__)"],
+                               capture_output=True, text=True)
+        torch_cuda, version = (probe.stdout.split() + ["False", "?"])[:2] if probe.returncode == 0 else ("False", "?")
+        torch_cuda = torch_cuda == "True"
+    else:
+        version = "?"
+    if not torch_cuda:
+        raise SystemExit(f"error: ACCEL={accel} on a GPU machine, but this environment's torch ({version}) cannot use the "
+                         "GPU (a CPU build, or one for another CUDA): rebuild it with `rm -rf .venv && make setup` "
+                         "(TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXXX for a given CUDA), or run with ACCEL=cpu")
 
 
 def exit_code(returncode: int) -> int:

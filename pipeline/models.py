@@ -25,17 +25,37 @@ PRESETS = {
 
 def attn_implementation(name: str = "auto", precision: str = "no") -> str:
     """The attention kernel to load models with, for a stage running at (resolved) `precision`:
-    `auto` = flash_attention_2 where it can run (a CUDA GPU and the flash-attn package); eager
-    for bf16 on a CPU, where the backward of PyTorch's CPU flash-attention kernel in bf16 costs
-    more than the matmuls bf16 saves (a training step of the tiny preset on one AMX thread: fp32
-    sdpa 0.32 s, bf16 sdpa 0.35 s, bf16 eager 0.22 s); else PyTorch's sdpa."""
+    `auto` = flash_attention_2 where it can run: a CUDA GPU, 16-bit compute (the kernel refuses
+    fp32 tensors) and a flash-attn package that transformers' own check accepts (one built for
+    another torch would break every load); eager for bf16 on a CPU, where the backward of
+    PyTorch's CPU flash-attention kernel in bf16 costs more than the matmuls bf16 saves (a training
+    step of the tiny preset on one AMX thread: fp32 sdpa 0.32 s, bf16 sdpa 0.35 s, bf16 eager
+    0.22 s); else PyTorch's sdpa. A flash kernel asked for by name needs 16-bit compute too."""
+    flash = name.startswith("flash_attention")
+    if flash and precision not in ("bf16", "fp16"):
+        raise InputError(f"attn_implementation={name} runs on 16-bit tensors only, and precision={precision} computes in "
+                         "fp32: use precision=bf16, or attn_implementation=sdpa")
     if name != "auto":
         return name
-    import importlib.util
-
     if torch.cuda.is_available():
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+        return "flash_attention_2" if precision in ("bf16", "fp16") and flash_attention_available() else "sdpa"
     return "eager" if precision == "bf16" else "sdpa"
+
+
+def flash_attention_available() -> bool:
+    """transformers' own check that the flash-attn package imports and fits this torch."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+def fp32_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """A model that will run in fp32 without autocast (a gathered copy, a merged LoRA) off
+    flash-attention, which refuses fp32 tensors: PyTorch's sdpa instead."""
+    config = getattr(model, "config", None)
+    if config is not None and str(getattr(config, "_attn_implementation", "")).startswith("flash_attention"):
+        model.set_attn_implementation("sdpa")
+    return model
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:

@@ -30,13 +30,19 @@ def quiet_libraries() -> None:
 
 
 def configure_threads(threads: int = 0) -> int:
-    """Set torch's thread count. 0 = all cores for a lone process, 1 when several processes run.
-
-    With two OpenMP threads per process, any other busy process makes each step 10-30x slower
-    (threads spin-wait for a descheduled sibling), so multi-process runs use one thread each.
-    """
+    """Set torch's thread count. 0 = all cores for a lone process; with several CPU processes one
+    each: with two OpenMP threads per process, any other busy process makes each step 10-30x
+    slower (threads spin-wait for a descheduled sibling). On a GPU node the cores are shared out
+    among its processes: the CPU work (tokenisation, fp64 statistics) runs on them."""
     if threads <= 0:
-        threads = 1 if world_size_from_env() > 1 else max(1, os.cpu_count() or 1)
+        cores, world = max(1, os.cpu_count() or 1), world_size_from_env()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # on a GPU node the cores are shared out (tokenisation, statistics run on them); on CPUs
+        # several processes spin-wait on each other's threads unless each has one
+        if torch.cuda.is_available():
+            threads = max(1, cores // local)
+        else:
+            threads = 1 if world > 1 else cores
     torch.set_num_threads(threads)
     quiet_libraries()
     return threads
@@ -48,7 +54,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None):
+def stage_accelerator(cfg):
+    """The accelerator of a stage: its precision, its collective timeout (`dist_timeout_min`) and,
+    on GPUs, TF32 for fp32 matmuls unless `tf32=false`."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return make_accelerator(mixed_precision=resolve_precision(cfg.precision), timeout_min=cfg.dist_timeout_min)
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None,
+                     timeout_min: float = 120.0):
     """An `Accelerator` that works the same on CPU (gloo) and GPU (nccl) launches, FSDP2 included.
 
     A launched stage is its own process, but tests and notebooks run several stages in one, whose
@@ -65,11 +80,17 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
     kwargs = {"cpu": cpu, "gradient_accumulation_steps": gradient_accumulation_steps}
     if mixed_precision:
         kwargs["mixed_precision"] = mixed_precision
-    if deepspeed and not torch.cuda.is_available():
-        from accelerate.utils import InitProcessGroupKwargs
+    from datetime import timedelta
 
-        # gloo named explicitly: with no backend accelerate would count a single process
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # A collective waits `timeout_min` (torch's default, 10 minutes, is shorter than rank 0 alone
+    # training a tokenizer on large files or writing a full checkpoint); gloo named explicitly for
+    # DeepSpeed on CPUs: with no backend accelerate would count a single process.
+    group = {"timeout": timedelta(minutes=timeout_min)}
+    if deepspeed and not torch.cuda.is_available():
+        group["backend"] = "gloo"
+    kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
     fsdp_on_cpu = cpu and world_size_from_env() > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_on_cpu:
         from accelerate.utils import FullyShardedDataParallelPlugin

@@ -80,10 +80,13 @@ def run_stage(cfg, body: Callable) -> runs.Manifest:
     directory; then `body(cfg, sr, accelerator, threads)`. An exception after `sr.begin` marks the
     manifest failed. A Trainer the stage builds later shares this accelerator's state, so it must
     ask for the same mixed precision."""
-    from pipeline.runtime import configure_threads, make_accelerator, resolve_precision, seed_everything
+    from pipeline.runtime import configure_threads, seed_everything, stage_accelerator
+
+    from pipeline.distributed import check_shared_filesystem
 
     threads = configure_threads(cfg.threads)
-    accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
+    accelerator = stage_accelerator(cfg)
+    check_shared_filesystem(accelerator, cfg.runs_dir)
     seed_everything(cfg.seed)
     sr = StageRun(cfg, accelerator.is_main_process)
     try:

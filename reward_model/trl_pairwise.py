@@ -25,21 +25,24 @@ def last_hf_checkpoint(sr) -> str | None:
 def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, train: list, log):
     """Train `model` on every ranked pair of `train` with `trl.RewardTrainer`.
 
-    Returns (model, step, finished?, last train metrics, tracker) like the K-wise loop;
-    finished is False when `stop_after` ended the run early (a checkpoint is left behind).
+    Returns (model, step, finished?, last train metrics, tracker, accelerator) like the K-wise
+    loop; finished is False when `stop_after` ended the run early (a checkpoint is left behind).
+    Under DeepSpeed the Trainer builds its own accelerator state, which replaces the stage's: the
+    stage goes on with the returned one.
     """
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
     rows = [{"chosen_ids": g[i], "rejected_ids": g[j]} for g, c in zip(train_seqs, train) for i, j in c.pairs()]
-    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    procs, is_main = accelerator.num_processes, accelerator.is_main_process  # before the Trainer resets the state
+    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, procs)
     total = math.ceil(cfg.epochs * len(rows) / cfg.global_batch_size)
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
     precision = resolve_precision(cfg.precision)
     # TRL 1.16 defaults are for GPUs and LoRA: bf16 and activation checkpointing on, reporting off.
     args = RewardConfig(
-        **trainer_launch_args(accelerator),
+        **trainer_launch_args(accelerator, cfg.dist_timeout_min, accum, cfg.optim.max_grad_norm),
         output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum, max_steps=total, learning_rate=cfg.optim.lr,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
@@ -53,9 +56,9 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
         center_rewards_coefficient=cfg.center_coef or None, max_length=None, disable_dropout=True)
     resume_from = last_hf_checkpoint(sr)
     step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] if resume_from else 0
-    tracker = make_tracker(accelerator.is_main_process, sr.dir, "rm", cfg.run_name, sr.manifest.config, cfg.wandb,
+    tracker = make_tracker(is_main, sr.dir, "rm", cfg.run_name, sr.manifest.config, cfg.wandb,
                            resume_step=step if resume_from else None)
-    progress = Progress("rm", total, start=step, every=cfg.log_every, unit="seq", enabled=accelerator.is_main_process)
+    progress = Progress("rm", total, start=step, every=cfg.log_every, unit="seq", enabled=is_main)
     names = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "learning_rate": "lr",
              "grad_norm": "grad_norm", "mean_reward": "reward_mean"}
 
@@ -81,7 +84,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
 
     bridge = Bridge()
     log(f"TRL RewardTrainer: {len(rows)} pairs | {total} steps x {cfg.global_batch_size} pairs = {micro} "
-        f"micro x {accelerator.num_processes} procs x {accum} accum | lr {cfg.optim.lr:g}")
+        f"micro x {procs} procs x {accum} accum | lr {cfg.optim.lr:g}")
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                             callbacks=[bridge])
     trainer.remove_callback(PrinterCallback)
@@ -92,6 +95,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     if bridge.stopped:
         log(f"stopping after step {step} as configured (stop_after); re-run to resume")
     if bridge.stopped:
-        return trainer.model, step, False, bridge.last, tracker
+        return trainer.model, step, False, bridge.last, tracker, trainer.accelerator
     # Normalization writes the head and evaluation runs rank-local forwards: an unsharded copy.
-    return plain_copy(trainer.accelerator, trainer.model_wrapped), step, True, bridge.last, tracker
+    return (plain_copy(trainer.accelerator, trainer.model_wrapped), step, True, bridge.last, tracker,
+            trainer.accelerator)

@@ -36,8 +36,8 @@ from pipeline.world import World
 class PretrainModelConfig:
     preset: str = F("tiny", f"size preset for a model from scratch: {', '.join(PRESETS)}")
     name_or_path: str | None = F(None, "continue pretraining this causal-LM checkpoint (local path or hub name) instead")
-    vocab_size: int = F(2048, "BPE vocabulary size when training a tokenizer from scratch")
-    seq_len: int = F(128, "tokens per packed training sequence")
+    vocab_size: int = F(2048, "BPE vocabulary size when training a tokenizer from scratch", gt=0)
+    seq_len: int = F(128, "tokens per packed training sequence", ge=2)
 
 
 @dataclass
@@ -48,17 +48,17 @@ class PretrainDataConfig:
     text_field: str = F("text", "field holding the text in record files and datasets")
     config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
     split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
-    valid_fraction: float = F(0.02, "share of user documents held out for perplexity (with one document: of its blocks)")
+    valid_fraction: float = F(0.02, "share of user documents held out for perplexity (with one document: of its blocks)", ge=0, lt=1)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = F(6e-3, "peak learning rate (AdamW)")
-    weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)")
-    betas: list[float] = F([0.9, 0.95], "AdamW betas")
-    warmup_steps: int = F(30, "linear warm-up steps")
-    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio")
-    max_grad_norm: float = F(1.0, "gradient clipping norm")
+    lr: float = F(6e-3, "peak learning rate (AdamW)", ge=0)
+    weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)", ge=0)
+    betas: list[float] = F([0.9, 0.95], "AdamW betas", ge=0, lt=1)
+    warmup_steps: int = F(30, "linear warm-up steps", ge=0)
+    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
+    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
 
 
 @dataclass
@@ -66,13 +66,13 @@ class PretrainConfig(StageConfig):
     model: PretrainModelConfig = F(PretrainModelConfig(), "model to train")
     data: PretrainDataConfig = F(PretrainDataConfig(), "training text")
     optim: OptimConfig = F(OptimConfig(), "optimizer and schedule")
-    steps: int = F(500, "optimizer steps")
-    global_batch_size: int = F(32, "sequences per optimizer step, all processes together")
+    steps: int = F(500, "optimizer steps", gt=0)
+    global_batch_size: int = F(32, "sequences per optimizer step, all processes together", gt=0)
     micro_batch_size: int = F(32, "at most this many sequences per process per forward/backward (lowered to divide "
-                                  "the per-process batch)")
-    eval_every: int = F(100, "held-out perplexity (`eval/perplexity`) every N steps (0 = only at the end)")
+                                  "the per-process batch)", gt=0)
+    eval_every: int = F(100, "held-out perplexity (`eval/perplexity`) every N steps (0 = only at the end)", ge=0)
     eval_blocks: int = F(256, "held-out sequences used for perplexity (world: validation documents, no sentence of "
-                              "which occurs in training)")
+                              "which occurs in training)", gt=0)
 
     stage = "pretrain"
 
@@ -80,10 +80,6 @@ class PretrainConfig(StageConfig):
         p = super().validate()
         if self.data.source == "files" and not self.data.files:
             p.append("data.files: required when data.source is 'files'")
-        if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
-            p.append("global_batch_size and micro_batch_size: must be > 0")
-        if self.steps <= 0:
-            p.append("steps: must be > 0")
         return p
 
 

@@ -23,11 +23,12 @@ import torch
 from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
 from pipeline.records import load_comparisons, load_prompt_records
-from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model, trained_numerics
+from pipeline.distributed import (backward, check_shared_filesystem, clip_grad_norm, configure_deepspeed, plain_copy,
+                                  save_model, trained_numerics)
 from pipeline.memory import check_fits
 from pipeline.models import (as_frozen, count_parameters, enable_gradient_checkpointing, frozen_numerics, load_causal_lm,
                              load_tokenizer)
-from pipeline.runtime import (adamw, batch_split, configure_threads, make_accelerator, resolve_precision, seed_everything,
+from pipeline.runtime import (adamw, batch_split, configure_threads, resolve_precision, seed_everything, stage_accelerator,
                               warmup_cosine)
 from pipeline.report import RM_PAIR_KINDS
 from pipeline.stage import DataError, StageRun, stage_main
@@ -58,33 +59,33 @@ class RMDataConfig:
     eval_split: str | None = F(None, "split of data.eval_files (default: data.split), e.g. test_prefs; with the world: "
                                      "the held-out prompts, test (default: reported figures) or valid (for choosing settings)")
     prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
-    num_prompts: int = F(1000, "world prompts to sample comparisons for")
-    k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)")
+    num_prompts: int = F(1000, "world prompts to sample comparisons for", gt=0)
+    k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)", ge=2)
     eval_k: int = F(8, "responses sampled per held-out world prompt: more pairs from the same prompts, a tighter "
-                       "accuracy estimate (the expected share of correctness vs style pairs does not depend on K); 0 = k")
+                       "accuracy estimate (the expected share of correctness vs style pairs does not depend on K); 0 = k", ge=0)
     max_new_tokens: int = F(64, "response length limit when sampling: one in which the SFT policy's chatty answers "
-                                "(~40-50 tokens) finish, so that pairs differ in the answer, not in which one was cut off")
-    temperature: float = F(0.7, "sampling temperature; default = PPO's rollout temperature, so the RM learns the distribution it will score (1.0 = the raw policy, as InstructGPT)")
-    label_noise: float = F(0.0, "simulated labeler noise: probability of swapping two adjacent ranks of a sampled comparison")
-    valid_fraction: float = F(0.1, "share of imported comparisons held out for evaluation when no eval_files are given")
-    max_length: int = F(512, "drop comparisons with a rendered prompt+response longer than this many tokens")
+                                "(~40-50 tokens) finish, so that pairs differ in the answer, not in which one was cut off", gt=0)
+    temperature: float = F(0.7, "sampling temperature; default = PPO's rollout temperature, so the RM learns the distribution it will score (1.0 = the raw policy, as InstructGPT)", gt=0)
+    label_noise: float = F(0.0, "simulated labeler noise: probability of swapping two adjacent ranks of a sampled comparison", ge=0, le=1)
+    valid_fraction: float = F(0.1, "share of imported comparisons held out for evaluation when no eval_files are given", ge=0, lt=1)
+    max_length: int = F(512, "drop comparisons with a rendered prompt+response longer than this many tokens", gt=0)
 
 
 @dataclass
 class RMOptimConfig:
-    lr: float = F(1e-3, "peak learning rate (AdamW; tuned for full fine-tuning of the tiny model, use ~1e-5 at billion scale)")
-    weight_decay: float = F(0.0, "AdamW weight decay (not applied to norms)")
-    betas: list[float] = F([0.9, 0.95], "AdamW betas")
-    warmup_steps: int = F(5, "linear warm-up steps")
-    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio")
-    max_grad_norm: float = F(1.0, "gradient clipping norm")
+    lr: float = F(1e-3, "peak learning rate (AdamW; tuned for full fine-tuning of the tiny model, use ~1e-5 at billion scale)", ge=0)
+    weight_decay: float = F(0.0, "AdamW weight decay (not applied to norms)", ge=0)
+    betas: list[float] = F([0.9, 0.95], "AdamW betas", ge=0, lt=1)
+    warmup_steps: int = F(5, "linear warm-up steps", ge=0)
+    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
+    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
 
 
 @dataclass
 class NormalizeConfig:
     enabled: bool = F(True, "fold score normalization on SFT samples into the head after training")
     std: bool = F(True, "also scale scores to std 1 (else mean 0 only)")
-    reference_size: int = F(2048, "SFT samples in the reference set (world: training responses; files: fresh samples)")
+    reference_size: int = F(2048, "SFT samples in the reference set (world: training responses; files: fresh samples)", gt=0)
 
 
 @dataclass
@@ -95,11 +96,11 @@ class RMConfig(StageConfig):
     trainer: Literal["auto", "kwise", "trl"] = F(
         "auto", "auto = TRL RewardTrainer when every comparison is one pair and no likelihood residual is trained, "
                 "else the K-wise loop")
-    epochs: float = F(3.0, "passes over the training comparisons")
-    global_batch_size: int = F(32, "prompts (K-wise) or pairs (trl) per optimizer step, all processes together")
+    epochs: float = F(3.0, "passes over the training comparisons", gt=0)
+    global_batch_size: int = F(32, "prompts (K-wise) or pairs (trl) per optimizer step, all processes together", gt=0)
     micro_batch_size: int = F(8, "at most this many prompts or pairs per process per forward/backward (lowered to "
-                                 "divide the per-process batch)")
-    center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)")
+                                 "divide the per-process batch)", gt=0)
+    center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)", ge=0)
     likelihood_term: bool = F(True, "score = head + c·(log p_SFT(response | prompt) - m): add the frozen parent's "
                                     "log-likelihood of the response (reward_model/likelihood.py); the RM records where "
                                     "the parent model is (path and fingerprint). false = a plain classifier")
@@ -111,11 +112,11 @@ class RMConfig(StageConfig):
                                               "instead of a form cue that outweighs its judgement of correctness "
                                               "(docs/ppo.md §13); 0 = the head alone; unset = 8 on the built-in world "
                                               "(chosen on its valid prompts), 0 on files (the term then joins only if "
-                                              "the held-out calibration share gives it a weight)")
+                                              "the held-out calibration share gives it a weight)", ge=0)
     likelihood_calibration: float = F(0.1, "share of the training comparisons held out from the head's training to fit "
-                                           "the likelihood term's c on (0 = fit on the head's own training comparisons)")
-    eval_batch_size: int = F(64, "sequences per scoring forward")
-    sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons")
+                                           "the likelihood term's c on (0 = fit on the head's own training comparisons)", ge=0, lt=1)
+    eval_batch_size: int = F(64, "sequences per scoring forward", gt=0)
+    sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons", gt=0)
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
 
     stage = "rm"
@@ -138,25 +139,11 @@ class RMConfig(StageConfig):
         if d.prompt_files and not self.export_only:
             p.append("data.prompt_files: only used with export_only=true (no labeler knows your prompts: export, label, "
                      "then import with data.source=files)")
-        if d.k < 2:
-            p.append("data.k: must be >= 2 to compare responses")
-        if d.eval_k == 1 or d.eval_k < 0:
+        if d.eval_k == 1:
             p.append("data.eval_k: must be >= 2 (or 0 = data.k)")
-        if not 0.0 <= d.label_noise <= 1.0:
-            p.append("data.label_noise: must be a probability in [0, 1]")
-        if not 0.0 <= self.likelihood_calibration < 1.0:
-            p.append("likelihood_calibration: must be in [0, 1)")
-        if self.likelihood_residual is not None and self.likelihood_residual < 0:
-            p.append("likelihood_residual: must be >= 0")
         if self.trainer == "trl" and self.residual_weight() > 0:
             p.append("trainer=trl: TRL's RewardTrainer cannot train the head over the likelihood residual; use "
                      "trainer=kwise (the same Bradley-Terry loss for pairs) or likelihood_residual=0")
-        if not 0.0 <= d.valid_fraction < 1.0:
-            p.append("data.valid_fraction: must be in [0, 1)")
-        if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
-            p.append("global_batch_size and micro_batch_size: must be > 0")
-        if self.epochs <= 0:
-            p.append("epochs: must be > 0")
         return p
 
 
@@ -179,7 +166,8 @@ class Prepared:
 
 def run(cfg: RMConfig) -> runs.Manifest:
     threads = configure_threads(cfg.threads)
-    accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
+    accelerator = stage_accelerator(cfg)
+    check_shared_filesystem(accelerator, cfg.runs_dir)
     seed_everything(cfg.seed)
     sr = StageRun(cfg, accelerator.is_main_process)
     # Outside the try: a bad parent or a bad record must leave every earlier output as it was,
@@ -258,7 +246,8 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         log(f"the head trains as the residual over {residual:g} x log p_SFT(response) / {spread:.3g} (its standard "
             "deviation over the training responses; likelihood_residual)")
     if use_trl:
-        model, step, done, last, tracker = train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train, log)
+        model, step, done, last, tracker, accelerator = train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs,
+                                                                       train, log)
     else:
         model, step, done, last, tracker = _train_kwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train,
                                                         prep.fingerprint, log, offsets)

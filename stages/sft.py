@@ -19,7 +19,7 @@ from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
 from pipeline.distributed import full_parameters, launcher_kind, save_model, trainer_launch_args
 from pipeline.memory import check_fits
-from pipeline.models import disable_dropout, load_causal_lm, load_tokenizer
+from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
 from pipeline.records import load_sft_records
 from pipeline.sft_eval import evaluate_world
@@ -39,9 +39,9 @@ class SFTModelConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = F(False, "train LoRA adapters instead of all weights (the handoff model is merged)")
-    r: int = F(16, "LoRA rank")
-    alpha: int = F(32, "LoRA alpha (scale = alpha / r)")
-    dropout: float = F(0.0, "LoRA dropout")
+    r: int = F(16, "LoRA rank", gt=0)
+    alpha: int = F(32, "LoRA alpha (scale = alpha / r)", gt=0)
+    dropout: float = F(0.0, "LoRA dropout", ge=0, lt=1)
     target_modules: list[str] = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                   "module names that get adapters")
 
@@ -53,31 +53,31 @@ class SFTDataConfig:
     columns: dict = F({}, "column mapping, e.g. {prompt: [instruction, input], completion: output}")
     config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
     split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
-    valid_fraction: float = F(0.05, "share of user records held out for loss evaluation")
-    max_length: int = F(128, "longest tokenized example; longer ones are truncated")
+    valid_fraction: float = F(0.05, "share of user records held out for loss evaluation", ge=0, lt=1)
+    max_length: int = F(128, "longest tokenized example; longer ones are truncated", ge=2)
     packing: bool = F(False, "pack several examples into each sequence (faster on long data)")
 
 
 @dataclass
 class SFTTrainConfig:
-    epochs: float = F(4.0, "passes over the training data (ignored when steps > 0)")
-    steps: int = F(-1, "optimizer steps (-1 = from epochs)")
-    lr: float = F(3e-3, "peak learning rate (tiny full fine-tune; use ~2e-5 for real models, ~2e-4 for LoRA)")
-    weight_decay: float = F(0.0, "AdamW weight decay")
-    warmup_ratio: float = F(0.05, "share of steps for linear warm-up")
+    epochs: float = F(4.0, "passes over the training data (ignored when steps > 0)", gt=0)
+    steps: int = F(-1, "optimizer steps (-1 = from epochs)", ge=-1)
+    lr: float = F(3e-3, "peak learning rate (tiny full fine-tune; use ~2e-5 for real models, ~2e-4 for LoRA)", ge=0)
+    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
+    warmup_ratio: float = F(0.05, "share of steps for linear warm-up", ge=0, le=1)
     scheduler: str = F("cosine", "learning-rate schedule (transformers name: cosine, linear, constant, ...)")
-    global_batch_size: int = F(16, "examples per optimizer step, all processes together")
+    global_batch_size: int = F(16, "examples per optimizer step, all processes together", gt=0)
     micro_batch_size: int = F(16, "at most this many examples per process per forward/backward (lowered to divide "
-                                  "the per-process batch)")
-    max_grad_norm: float = F(1.0, "gradient clipping norm")
+                                  "the per-process batch)", gt=0)
+    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
 
 
 @dataclass
 class SFTEvalConfig:
     max_new_tokens: int = F(64, "tokens generated per test prompt, greedy: enough for the longest chatty "
-                                "demonstration (~40 with the default world), so a policy imitating one can finish")
-    batch_size: int = F(64, "prompts per generation batch")
-    samples: int = F(40, "sample generations logged to the wandb table")
+                                "demonstration (~40 with the default world), so a policy imitating one can finish", gt=0)
+    batch_size: int = F(64, "prompts per generation batch", gt=0)
+    samples: int = F(40, "sample generations logged to the wandb table", ge=0)
 
 
 @dataclass
@@ -94,8 +94,6 @@ class SFTConfig(StageConfig):
         p = super().validate()
         if self.data.source == "files" and not self.data.files:
             p.append("data.files: required when data.source is 'files'")
-        if self.train.global_batch_size <= 0 or self.train.micro_batch_size <= 0:
-            p.append("train.global_batch_size and train.micro_batch_size: must be > 0")
         return p
 
 
@@ -182,7 +180,9 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                          "into full weights at the end; use ACCEL=ddp or zero2 for LoRA")
     precision = resolve_precision(cfg.precision)
     args = TRLSFTConfig(
-        **trainer_launch_args(accelerator), output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro,
+        **trainer_launch_args(accelerator, cfg.dist_timeout_min, accum, cfg.train.max_grad_norm),
+        output_dir=str(sr.ckpt_dir),
+        per_device_train_batch_size=micro,
         per_device_eval_batch_size=micro, gradient_accumulation_steps=accum,
         learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
         lr_scheduler_type=cfg.train.scheduler, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.steps,
@@ -244,7 +244,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         if accelerator.is_main_process:
             with runs.atomic_dir(adapter_dir) as tmp:
                 trained.unwrap_model(final).save_pretrained(tmp)
-        final = trained.unwrap_model(final).merge_and_unload()
+        final = fp32_attention(trained.unwrap_model(final).merge_and_unload())  # evaluated in fp32
     extra = {"lora": cfg.lora.enabled}
     if world is not None:
         with full_parameters(trained, final) as full:
@@ -295,9 +295,10 @@ def _plain_head(trainer_class):
     """TRL's SFTTrainer with the loss from the model's plain LM head. TRL's fused head projects in
     tiles and also computes every token's entropy for its logs; for the small vocabularies and
     batches of this project's CPU runs the plain head is cheaper (`make bench` compares the stage
-    with a bare loop); its log-softmax runs a slice at a time (`pipeline.logprobs`). The loss is TRL's own: the sum of the assistant
-    tokens' negative log-likelihoods over `num_items_in_batch` (the step's tokens on all processes),
-    times the process count under `average_tokens_across_devices`. Token accuracy is still logged.
+    with a bare loop); its log-softmax runs a slice at a time (`pipeline.logprobs`). The loss is
+    TRL's own: the sum of the assistant tokens' negative log-likelihoods over `num_items_in_batch`
+    (the step's tokens on all processes), times the process count under
+    `average_tokens_across_devices`. Token accuracy is still logged.
     Everything else (label smoothing, other loss types, MoE aux loss, eval outputs) goes to TRL."""
     import torch
 

@@ -119,3 +119,73 @@ def test_rm_world_evaluates_on_test_or_valid_prompts():
     with pytest.raises(ConfigError, match="data.eval_split"):
         load_config(RMConfig, ["data.eval_split=train"])
     assert load_config(RMConfig, ["data.source=files", "data.files=[x.jsonl]", "data.eval_split=test_prefs"])
+
+
+def test_every_number_of_every_stage_is_bounded_and_a_bad_one_is_one_line():
+    """Each int/float key of every stage config (nested sections and number lists included)
+    declares its bounds; `objective.kl_coef=-1` then stops with one line naming the key."""
+    import dataclasses
+    import importlib
+    import typing
+
+    import pytest
+
+    from pipeline.config import ConfigError, _dataclass_type, _hints, _union_args, load_config
+
+    def numbers(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            t = _hints(cls)[f.name]
+            sub = _dataclass_type(t)
+            if sub is not None:
+                yield from numbers(sub, f"{prefix}{f.name}.")
+                continue
+            kinds = list(_union_args(t)) + (list(typing.get_args(t)) if typing.get_origin(t) is list else [])
+            if any(k in (int, float) for k in kinds):
+                yield f"{prefix}{f.name}", f.metadata.get("bounds")
+
+    unbounded = []
+    for module, name in (("stages.pretrain", "PretrainConfig"), ("stages.sft", "SFTConfig"), ("stages.rm", "RMConfig"),
+                         ("stages.ppo.config", "PPOConfig")):
+        cls = getattr(importlib.import_module(module), name)
+        unbounded += [f"{name}.{key}" for key, bounds in numbers(cls) if not bounds]
+    assert not unbounded, unbounded
+    from stages.ppo.config import PPOConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(PPOConfig, ["objective.kl_coef=-1"])
+    assert str(e.value) == "invalid configuration: objective.kl_coef: must be >= 0, got -1.0"
+    with pytest.raises(ConfigError, match=r"ema.decay: must be < 1, got 1.5(.|\n)*eval.best_of: must be >= 1, got 0"):
+        load_config(PPOConfig, ["ema.decay=1.5", "eval.best_of=[0,4]"])
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
+def test_flash_attention_only_for_16_bit_compute_where_it_imports(monkeypatch, gpu, flash, precision):
+    import torch
+
+    from pipeline import models
+    from pipeline.config import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(models, "flash_attention_available", lambda: flash)
+    got = models.attn_implementation("auto", precision)
+    if gpu:
+        assert got == ("flash_attention_2" if flash and precision != "no" else "sdpa")
+    else:
+        assert got == ("eager" if precision == "bf16" else "sdpa")
+    assert models.attn_implementation("sdpa", precision) == "sdpa"
+    if precision == "no":
+        with pytest.raises(InputError, match="16-bit tensors only"):
+            models.attn_implementation("flash_attention_2", precision)
+
+
+def test_a_model_that_runs_in_fp32_leaves_flash_attention():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models import fp32_attention
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32))
+    model.config._attn_implementation = "flash_attention_2"   # as loaded for a bf16 stage on a GPU
+    assert fp32_attention(model).config._attn_implementation == "sdpa"

@@ -61,6 +61,7 @@ def test_launcher_file_is_accepted_by_accelerate(name):
 def test_launch_command(accel, stage, nproc, monkeypatch):
     monkeypatch.delenv("NPROC", raising=False)
     monkeypatch.delenv("ACCEL", raising=False)
+    monkeypatch.setattr(launch, "check_gpu", lambda *a, **k: None)  # as on a machine with usable GPUs
     if accel == "gpu" and nproc > 1:
         with pytest.raises(SystemExit, match="ACCEL=gpu runs one process.*ddp"):
             launch.launch_command(stage, [], nproc, accel)
@@ -101,6 +102,7 @@ def test_nproc_and_accel_come_from_the_environment(monkeypatch):
 def test_default_launcher(gpu, nproc, want, monkeypatch):
     monkeypatch.delenv("ACCEL", raising=False)
     monkeypatch.setattr(launch.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if gpu else None)
+    monkeypatch.setattr(launch, "check_gpu", lambda *a, **k: None)
     cmd = launch.launch_command("sft", [], nproc)
     if nproc == 1:
         assert cmd == [sys.executable, "-m", "stages.sft"]
@@ -285,6 +287,38 @@ def test_pipeline_ends_with_the_failing_stage_error(tmp_path):
                            "pretrain.steps=abc", "wandb.mode=disabled"],
                           env=_clean_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    tail = [line for line in proc.stderr.splitlines() if line.strip()][-2:]
-    assert tail[0] == "error: invalid configuration:", tail
-    assert tail[1].startswith("  - steps") and "expected int" in tail[1], tail
+    tail = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert tail.startswith("error: invalid configuration: steps") and "expected int" in tail, tail
+
+
+def test_a_gpu_asked_for_and_missing_is_an_error():
+    launch.check_gpu("cpu", has_gpu=False)
+    launch.check_gpu("fsdp", has_gpu=False)                  # CPU processes under fsdp: the tests' own way
+    launch.check_gpu("ddp", has_gpu=True, torch_cuda=True)
+    with pytest.raises(SystemExit, match="ACCEL=gpu, but this machine has no GPU"):
+        launch.check_gpu("gpu", has_gpu=False)
+    with pytest.raises(SystemExit, match=r"cannot use the GPU(.|\n)*rm -rf .venv && make setup"):
+        launch.check_gpu("zero3", has_gpu=True, torch_cuda=False)
+
+
+def test_a_node_that_cannot_see_rank_0s_runs_dir_stops_the_run(tmp_path, monkeypatch):
+    """Two nodes (LOCAL_WORLD_SIZE 1 of 2 processes): the other node reports it does not see the
+    file rank 0 wrote into runs_dir: one line naming it and what to do. One node: no check."""
+    from types import SimpleNamespace
+
+    from accelerate import utils
+
+    from pipeline.config import InputError
+    from pipeline.distributed import check_shared_filesystem
+
+    acc = SimpleNamespace(num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
+    monkeypatch.setattr(utils, "broadcast_object_list", lambda objects: objects)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_shared_filesystem(acc, tmp_path)                      # one node of 2 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(utils, "gather_object", lambda mine: mine + [("node-b", True)])
+    check_shared_filesystem(acc, tmp_path)                      # both see it
+    monkeypatch.setattr(utils, "gather_object", lambda mine: mine + [("node-b", False)])
+    with pytest.raises(InputError, match="node-b cannot see what rank 0 writes there"):
+        check_shared_filesystem(acc, tmp_path)
+    assert not list(tmp_path.glob(".shared-check-*"))          # the probe file is gone

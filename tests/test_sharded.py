@@ -160,3 +160,30 @@ def test_first_kl_is_zero_in_bf16_on_every_launcher(tmp_path, accel):
             "eval.every=0", "eval.num_prompts=4", "eval.best_of=[]", "save_every=0")
     rows = [r for r in runs.read_metrics(tmp_path / "kl" / "ppo" / "metrics.jsonl") if "ppo/kl" in r]
     assert abs(rows[0]["ppo/kl"]) < 1e-6, rows[0]["ppo/kl"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEEPSPEED, reason="deepspeed not installed")
+@pytest.mark.parametrize("accel", ["zero2", "zero3"])
+def test_hf_trainer_stages_under_zero_with_gradient_accumulation_run_and_resume(tmp_path, accel):
+    """SFT and the rm stage's TRL path through the HF Trainer, 2 micro-batches per process per
+    step: the launcher files leave accumulation and clipping to the stage ('auto'), so DeepSpeed's
+    config check agrees with the Trainer's arguments; each stops at a checkpoint and resumes."""
+    import json
+
+    root, run = tmp_path, "acc"
+    _launch("pretrain", accel, 2, f"runs_dir={root}", f"run_name={run}", *PRETRAIN)
+    sft = _stop_then_resume("sft", accel, root, run, *WORLD, "train.steps=4", "save_every=2", "eval.max_new_tokens=8",
+                            "train.global_batch_size=8", "train.micro_batch_size=2")
+    assert sft.status == "complete"
+    out = _launch("sft", accel, 2, f"runs_dir={root}", "run_name=acc-log", f"parent={root / run / 'pretrain'}", *WORLD,
+                  "train.steps=1", "save_every=0", "eval.max_new_tokens=4", "train.global_batch_size=8",
+                  "train.micro_batch_size=2")
+    assert "x 2 accum" in out.stderr, out.stderr[-1500:]
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "chosen": f"Answer: {i + 1}.",
+                                         "rejected": f"Answer: {i}. Hope this helps!"}) + "\n" for i in range(24)))
+    rm = _stop_then_resume("rm", accel, root, run, *WORLD, "data.source=files", f"data.files=[{pairs}]",
+                           "trainer=trl", "likelihood_residual=0", "max_steps=4", "save_every=2", "global_batch_size=8",
+                           "micro_batch_size=2", "normalize.reference_size=8", "data.max_new_tokens=8")
+    assert rm.status == "complete"

@@ -15,8 +15,8 @@ from pipeline.config import F, StageConfig
 @dataclass
 class LoraSection:
     enabled: bool = F(False, "train a LoRA adapter on top of the SFT weights; the reference is the same model with the adapter disabled")
-    r: int = F(16, "LoRA rank")
-    alpha: int = F(32, "LoRA alpha (scale = alpha / r)")
+    r: int = F(16, "LoRA rank", gt=0)
+    alpha: int = F(32, "LoRA alpha (scale = alpha / r)", gt=0)
     target_modules: list[str] = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                   "module names that get adapters ('all-linear' alone = every linear layer but the head)")
     critic: bool = F(False, "also give the critic a LoRA adapter (its score head stays fully trainable)")
@@ -41,33 +41,33 @@ class PromptDataConfig:
     prompt_field: str = F("prompt", "field holding the prompt text (or a list of chat messages)")
     config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
     split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
-    num_prompts: int = F(4096, "prompts drawn from the built-in world's ppo split")
+    num_prompts: int = F(4096, "prompts drawn from the built-in world's ppo split", gt=0)
 
 
 @dataclass
 class RolloutConfig:
-    temperature: float = F(0.7, "sampling temperature τ; also divides the logits of the old, new and reference log-probs")
+    temperature: float = F(0.7, "sampling temperature τ; also divides the logits of the old, new and reference log-probs", gt=0)
     max_new_tokens: int = F(64, "response length limit, long enough for the longest demonstration: with a shorter one "
                                 "chatty answers are cut off and finishing becomes what PPO learns; responses without "
-                                "the stop token get the missing-stop penalty")
-    forward_batch_size: int = F(64, "sequences per no-grad generation / scoring forward (memory knob only)")
+                                "the stop token get the missing-stop penalty", gt=0)
+    forward_batch_size: int = F(64, "sequences per no-grad generation / scoring forward (memory knob only)", gt=0)
 
 
 @dataclass
 class ObjectiveConfig:
-    kl_coef: float = F(0.1, "β: weight of the per-token KL penalty in the reward (initial value when adaptive)")
+    kl_coef: float = F(0.1, "β: weight of the per-token KL penalty in the reward (initial value when adaptive)", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = F("k1", "per-token KL estimate in the reward: k1 (unbiased, standard), k2, k3")
     adaptive_kl: bool = F(False, "adapt β towards kl_target (Ziegler et al. 2019) instead of keeping it fixed")
-    kl_target: float = F(6.0, "target sequence KL in nats for the adaptive controller")
-    kl_horizon: float = F(10000.0, "adaptive controller horizon in episodes (larger = slower β changes)")
-    gamma: float = F(1.0, "discount γ")
-    lam: float = F(0.95, "GAE λ")
-    clip_eps: float = F(0.2, "policy ratio clip ε")
-    value_clip_eps: float = F(0.2, "value clip ε_v, in reward units")
-    vf_coef: float = F(1.0, "weight of the value loss (the critic has its own optimizer, so this only scales its gradients)")
-    entropy_coef: float = F(0.0, "entropy bonus weight c_H (0 = off, the usual choice)")
-    missing_stop_penalty: float = F(1.0, "subtracted from the score of a response that never emitted the stop token")
-    reward_clip: float = F(10.0, "scores are clipped to ±this after the penalty")
+    kl_target: float = F(6.0, "target sequence KL in nats for the adaptive controller", gt=0)
+    kl_horizon: float = F(10000.0, "adaptive controller horizon in episodes (larger = slower β changes)", gt=0)
+    gamma: float = F(1.0, "discount γ", ge=0, le=1)
+    lam: float = F(0.95, "GAE λ", ge=0, le=1)
+    clip_eps: float = F(0.2, "policy ratio clip ε", gt=0)
+    value_clip_eps: float = F(0.2, "value clip ε_v, in reward units", gt=0)
+    vf_coef: float = F(1.0, "weight of the value loss (the critic has its own optimizer, so this only scales its gradients)", ge=0)
+    entropy_coef: float = F(0.0, "entropy bonus weight c_H (0 = off, the usual choice)", ge=0)
+    missing_stop_penalty: float = F(1.0, "subtracted from the score of a response that never emitted the stop token", ge=0)
+    reward_clip: float = F(10.0, "scores are clipped to ±this after the penalty", gt=0)
     whiten_rewards: bool = F(False, "rescale the shaped rewards by their global std (no mean shift) before GAE")
 
 
@@ -75,41 +75,41 @@ class ObjectiveConfig:
 class PtxConfig:
     coef: float = F(0.0, "γ_ptx: weight of the pretraining/SFT log-likelihood term (InstructGPT PPO-ptx); 0 = off. "
                          "On the world's valid prompts γ=1 and γ=0 tie in win rate and accuracy (γ=1 holds KL "
-                         "lower); make pipeline trains both for the alignment-tax table")
+                         "lower); make pipeline trains both for the alignment-tax table", ge=0)
     source: Literal["sft", "pretrain"] = F("sft", "sft = demonstrations (loss on the response), pretrain = corpus documents")
     files: list[str] = F([], "user data instead of the built-in world: chat `messages` / prompt+completion (sft) or text (pretrain)")
-    batch_size: int = F(32, "ptx sequences per optimizer step, all processes together")
-    max_length: int = F(128, "ptx sequences are cut to this many tokens")
+    batch_size: int = F(32, "ptx sequences per optimizer step, all processes together", gt=0)
+    max_length: int = F(128, "ptx sequences are cut to this many tokens", ge=2)
 
 
 @dataclass
 class PPOOptimConfig:
-    policy_lr: float = F(3e-5, "policy learning rate (AdamW)")
-    critic_lr: float = F(1e-4, "critic learning rate (AdamW); usually 2-5x the policy's")
+    policy_lr: float = F(3e-5, "policy learning rate (AdamW)", ge=0)
+    critic_lr: float = F(1e-4, "critic learning rate (AdamW); usually 2-5x the policy's", ge=0)
     schedule: Literal["constant", "linear"] = F("constant", "learning-rate schedule over iterations: constant or linear decay to 0")
-    betas: list[float] = F([0.9, 0.95], "AdamW betas")
-    eps: float = F(1e-5, "AdamW epsilon (1e-5 as in Huang et al. 2024, docs/ppo.md §27)")
-    weight_decay: float = F(0.0, "AdamW weight decay")
-    max_grad_norm: float = F(1.0, "gradient clipping norm, applied to policy and critic separately")
+    betas: list[float] = F([0.9, 0.95], "AdamW betas", ge=0, lt=1)
+    eps: float = F(1e-5, "AdamW epsilon (1e-5 as in Huang et al. 2024, docs/ppo.md §27)", gt=0)
+    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = F(1.0, "gradient clipping norm, applied to policy and critic separately", gt=0)
 
 
 @dataclass
 class EMAConfig:
     enabled: bool = F(False, "keep an exponential moving average of the policy weights for evaluation and export")
-    decay: float = F(0.992, "EMA decay per optimizer step")
+    decay: float = F(0.992, "EMA decay per optimizer step", gt=0, lt=1)
 
 
 @dataclass
 class PPOEvalConfig:
     every: int = F(10, "evaluation on the valid prompts every N iterations, sampled at eval.temperature (0 = only at "
-                       "start and end); the reported figures come from the test prompts at the end (docs/ppo.md §38)")
-    num_prompts: int = F(0, "held-out prompts per split (0 = all of world.prompts('valid') / ('test')); taken evenly across skills")
-    temperature: float = F(0.7, "temperature of the sampled comparison (both sides); the headline is greedy vs greedy")
+                       "start and end); the reported figures come from the test prompts at the end (docs/ppo.md §38)", ge=0)
+    num_prompts: int = F(0, "held-out prompts per split (0 = all of world.prompts('valid') / ('test')); taken evenly across skills", ge=0)
+    temperature: float = F(0.7, "temperature of the sampled comparison (both sides); the headline is greedy vs greedy", ge=0)
     max_new_tokens: int = F(64, "response budget of both sides: long enough for the longest demonstration, so the SFT "
-                                "baseline's chatty answers finish")
-    best_of: list[int] = F([4, 16], "best-of-n baselines on the test prompts: n SFT samples, the reward model picks one")
-    seed: int = F(4321, "eval sampling seed (eval never disturbs the training random state)")
-    samples: int = F(16, "rows in the wandb sample tables")
+                                "baseline's chatty answers finish", gt=0)
+    best_of: list[int] = F([4, 16], "best-of-n baselines on the test prompts: n SFT samples, the reward model picks one", ge=1)
+    seed: int = F(4321, "eval sampling seed (eval never disturbs the training random state)", ge=0)
+    samples: int = F(16, "rows in the wandb sample tables", ge=0)
 
 
 @dataclass
@@ -124,11 +124,11 @@ class PPOConfig(StageConfig):
     ema: EMAConfig = F(EMAConfig(), "EMA of the policy")
     eval: PPOEvalConfig = F(PPOEvalConfig(), "gold evaluation against the SFT policy")
     iterations: int = F(40, "PPO iterations (rollout batches); on the built-in world the valid gold score peaks "
-                            "at 30-40, and falls after (over-optimization)")
-    rollout_batch_size: int = F(64, "prompts (episodes) per iteration, all processes together")
-    epochs: int = F(2, "passes over each rollout batch")
-    minibatch_size: int = F(32, "episodes per optimizer step, all processes together")
-    micro_batch_size: int = F(32, "episodes per process per forward/backward")
+                            "at 30-40, and falls after (over-optimization)", gt=0)
+    rollout_batch_size: int = F(64, "prompts (episodes) per iteration, all processes together", gt=0)
+    epochs: int = F(2, "passes over each rollout batch", gt=0)
+    minibatch_size: int = F(32, "episodes per optimizer step, all processes together", gt=0)
+    micro_batch_size: int = F(32, "episodes per process per forward/backward", gt=0)
     compile: bool = F(False, "torch.compile the teacher-forced forwards of policy and critic (scoring and update; "
                              "generation stays eager). On a CPU: updates 1.2x faster at 256 hidden x 6 layers after "
                              "1-2 minutes of compilation, more once when the sequence length first changes; no "
@@ -145,36 +145,12 @@ class PPOConfig(StageConfig):
 
     def validate(self) -> list[str]:
         p = super().validate()
-        if self.iterations <= 0:
-            p.append("iterations: must be > 0")
-        for name in ("rollout_batch_size", "minibatch_size", "micro_batch_size", "epochs"):
-            if getattr(self, name) <= 0:
-                p.append(f"{name}: must be > 0")
         if self.minibatch_size > 0 and self.rollout_batch_size % self.minibatch_size:
             p.append(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})")
         if self.minibatch_size > 0 and self.micro_batch_size > 0 and self.minibatch_size % self.micro_batch_size:
             p.append(f"minibatch_size ({self.minibatch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
-        if self.rollout.temperature <= 0:
-            p.append("rollout.temperature: must be > 0 (pure temperature sampling; the ratio needs softmax(z/τ))")
-        if self.rollout.max_new_tokens <= 0:
-            p.append("rollout.max_new_tokens: must be > 0")
-        if self.eval.temperature < 0:
-            p.append("eval.temperature: must be >= 0 (0 = greedy: no sampled comparison, no best-of-n)")
-        if any(n < 1 for n in self.eval.best_of):
-            p.append("eval.best_of: every n must be >= 1")
-        o = self.objective
-        if o.adaptive_kl and o.kl_target <= 0:
-            p.append("objective.kl_target: must be > 0 with adaptive_kl")
-        if not 0 <= o.gamma <= 1 or not 0 <= o.lam <= 1:
-            p.append("objective.gamma and objective.lam: must be in [0, 1]")
-        if o.clip_eps <= 0 or o.value_clip_eps <= 0:
-            p.append("objective.clip_eps and objective.value_clip_eps: must be > 0")
-        if self.ptx.coef < 0:
-            p.append("ptx.coef: must be >= 0")
         if self.ptx.coef > 0 and self.data.source == "files" and not self.ptx.files:
             p.append("ptx.files: required when ptx.coef > 0 and the prompts come from files (the built-in world has no data for you)")
         if self.data.source == "files" and not self.data.files:
             p.append("data.files: required when data.source is 'files'")
-        if not 0 < self.ema.decay < 1:
-            p.append("ema.decay: must be in (0, 1)")
         return p
