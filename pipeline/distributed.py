@@ -203,22 +203,24 @@ def full_parameters(accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Mo
     kind = model_kind(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     if kind == "fsdp2":
-        units = _fsdp_modules(unwrapped)
-        # set_reshard_after_forward has no getter: keep each unit's own setting to put it back
-        # (the root unit does not reshard after forward, the others do).
-        saved = [(s, s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups])
-                 for s in (m._get_fsdp_state() for m in units)]
-        for m in units:
+        # torch's public FSDP2 API only: every unit gathered once and kept (no reshard after each
+        # forward) for the loop, then resharded. The root unit never reshards after forward (FSDP2
+        # leaves it gathered for the backward that follows); the others get back the launcher's
+        # setting (`fsdp_reshard_after_forward`).
+        units = [m for m in _fsdp_modules(unwrapped) if m is not unwrapped]
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        after = getattr(plugin, "reshard_after_forward", True)
+        after = after if isinstance(after, bool) else True
+        for m in _fsdp_modules(unwrapped):
             m.unshard()
+        for m in units:
             m.set_reshard_after_forward(False, recurse=False)
         try:
             yield unwrapped
         finally:
-            for state, auto, infos in saved:
-                state._auto_reshard_after_forward = auto
-                for group, info in zip(state._fsdp_param_groups, infos):
-                    group.post_forward_mesh_info = info
             for m in units:
+                m.set_reshard_after_forward(after, recurse=False)
+            for m in _fsdp_modules(unwrapped):
                 m.reshard()
     elif kind == "zero3":
         import deepspeed

@@ -285,7 +285,8 @@ class PolicyEMA:
     def __init__(self, policy: torch.nn.Module, decay: float):
         self.decay = decay
         self.names = [n for n, p in policy.named_parameters() if p.requires_grad]
-        self.model = _frozen(copy.deepcopy(policy))
+        # fp32 whatever the engine holds: a bf16 average would round most (1 - decay) = 0.008 steps away
+        self.model = _frozen(copy.deepcopy(policy)).float()
 
     def update(self, policy: torch.nn.Module) -> None:
         live = dict(policy.named_parameters())
