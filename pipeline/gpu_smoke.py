@@ -1,15 +1,19 @@
-"""Every stage on one GPU, then sft and ppo again under each sharded launcher: `make gpu-smoke`.
+"""Every stage on one GPU, then the stages again under each multi-GPU launcher: `make gpu-smoke`.
 
     python -m pipeline.gpu_smoke [--dry-run] [--runs-dir DIR] [--skip-deepspeed] [--allow-cpu]
+                                 [--row-timeout S]
 
-Runs pretrain -> sft -> rm -> ppo through `python -m pipeline.launch` with the default launcher
-(`gpu`, NPROC=1) at the `small` model preset with short step counts, in a fresh run
-`<runs-dir>/gpu-smoke-<timestamp>`; then sft and ppo again under ACCEL=fsdp, zero2 and zero3
-(NPROC=1), each in its own run (`<name>-fsdp`, ...) whose parents are the first run's stages
-(sft: its pretrain, ppo: its rm). The ZeRO rows are skipped when `import deepspeed` fails.
-Prints one table (stage, launcher, status, wall time, peak GPU memory, headline metrics from each
-stage's manifest.json) and exits 1 if any row failed. Each stage's output goes to
-`<run>/smoke-logs/`; a failure prints the end of its log.
+Runs pretrain -> sft -> rm -> ppo through `python -m pipeline.launch` with the `gpu` launcher
+(one process) at the `small` model preset with short step counts, in a fresh run
+`<runs-dir>/gpu-smoke-<timestamp>`; then, on every visible GPU (NPROC = the GPU count), sft and
+ppo under ddp, fsdp, zero2 and zero3, rm under fsdp and zero3, each in its own run
+(`<name>-fsdp`, ...) whose parents are the first run's stages. The zero3 sft and rm rows
+accumulate 2 micro-batches per step. Every ppo row must start at KL 0 (its first iteration's
+`ppo/kl` within 1e-4 of 0), every row must end within --row-timeout seconds. Without deepspeed the
+ZeRO rows fail; --skip-deepspeed skips them, and the table says "skipped", never "complete".
+Prints one table (stage, launcher, processes, status, wall time, peak GPU memory, headline
+metrics) and exits 1 if any row failed. Each stage's output goes to `<run>/smoke-logs/`; a failure
+prints the end of its log.
 
 Without a GPU it stops with exit code 2, unless --allow-cpu: the same plan, every row on the cpu
 launcher with the tiny preset (slow; for developing this module).
@@ -28,8 +32,12 @@ from pathlib import Path
 from pipeline.runs import STAGES, HandoffError, Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARDED = ("fsdp", "zero2", "zero3")   # re-run sft and ppo under each
-RERUN = ("sft", "ppo")
+# the stages re-run under each multi-GPU launcher
+RERUN = {"ddp": ("sft", "ppo"), "fsdp": ("sft", "rm", "ppo"), "zero2": ("sft", "ppo"), "zero3": ("sft", "rm", "ppo")}
+# gradient accumulation 2 (2 micro-batches of 2 per process and step), with a global batch fit for the GPU count
+ACCUMULATE = {("zero3", "sft"): ("train.micro_batch_size=2", "train.global_batch_size={4n}"),
+              ("zero3", "rm"): ("micro_batch_size=2", "global_batch_size={4n}")}
+FIRST_KL_TOLERANCE = 1e-4
 PARENT = {"sft": "pretrain", "rm": "sft", "ppo": "rm"}
 
 # Every stage gets the same (smaller) world: later stages check it matches their parent's.
@@ -43,7 +51,7 @@ STAGE_ARGS = {
             "log_every=1"),
 }
 DEEPSPEED_MISSING = "deepspeed not installed"
-NOT_FAILURES = (DEEPSPEED_MISSING, "--skip-deepspeed")  # skips that do not fail the check
+NOT_FAILURES = ("--skip-deepspeed",)  # skips asked for: every other reason not to run fails the check
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class Row:
     stage_dir: Path          # where its manifest.json will be
     parent: Path | None      # the stage dir it starts from (an earlier row's)
     args: tuple[str, ...]    # key=value overrides for the stage
+    nproc: int = 1           # processes (GPUs)
 
     @property
     def label(self) -> str:
@@ -63,32 +72,33 @@ class Row:
         return [sys.executable, "-m", "pipeline.launch", self.stage, *self.args]
 
     def env(self) -> dict[str, str]:
-        return {"NPROC": "1", "ACCEL": self.launcher}
+        return {"NPROC": str(self.nproc), "ACCEL": self.launcher}
 
 
-def plan(runs_dir: str | Path, name: str, cpu: bool = False) -> list[Row]:
-    """The rows to run, in order: each stage once on the default launcher (gpu; cpu with `cpu`)
-    in run `name`, then sft and ppo under every sharded launcher in run `name-<launcher>`, their
-    parents in run `name`."""
+def plan(runs_dir: str | Path, name: str, cpu: bool = False, gpus: int = 1) -> list[Row]:
+    """The rows to run, in order: each stage once on the default launcher (gpu, one process; cpu
+    with `cpu`) in run `name`, then the RERUN stages under every multi-GPU launcher on `gpus`
+    processes in run `name-<launcher>`, their parents in run `name`."""
     runs_dir = Path(runs_dir)
     default, preset = ("cpu", "tiny") if cpu else ("gpu", "small")
     rows: list[Row] = []
 
-    def add(stage: str, check: str) -> None:
+    def add(stage: str, check: str, nproc: int) -> None:
         run_name = name if check == default else f"{name}-{check}"
         parent = runs_dir / name / PARENT[stage] if stage in PARENT else None
         args = [f"run_name={run_name}", f"runs_dir={runs_dir}", *COMMON, *STAGE_ARGS[stage]]
+        args += [a.replace("{4n}", str(4 * nproc)) for a in ACCUMULATE.get((check, stage), ())]
         if stage == "pretrain":
             args.insert(2, f"model.preset={preset}")
         if parent is not None:
             args.append(f"parent={parent}")
-        rows.append(Row(stage, check, "cpu" if cpu else check, runs_dir / run_name / stage, parent, tuple(args)))
+        rows.append(Row(stage, check, "cpu" if cpu else check, runs_dir / run_name / stage, parent, tuple(args), nproc))
 
     for stage in STAGES:
-        add(stage, default)
-    for launcher in SHARDED:
-        for stage in RERUN:
-            add(stage, launcher)
+        add(stage, default, 1)
+    for launcher, stages in RERUN.items():
+        for stage in stages:
+            add(stage, launcher, 1 if cpu else gpus)
     return rows
 
 
@@ -98,6 +108,16 @@ class Outcome:
     rc: int | None = None        # the launch's exit status; None = not run
     skipped: str | None = None   # why it did not run
     seconds: float | None = None
+    timed_out: bool = False
+
+
+def first_kl(row: Row) -> float | None:
+    """A ppo row's first iteration's measured KL (`ppo/kl`), from its metrics.jsonl."""
+    from pipeline.runs import read_metrics
+
+    path = row.stage_dir / "metrics.jsonl"
+    rows = [r for r in read_metrics(path) if "ppo/kl" in r] if path.exists() else []
+    return rows[0]["ppo/kl"] if rows else None
 
 
 def _num(v) -> str:
@@ -106,18 +126,25 @@ def _num(v) -> str:
 
 def result(row: Row, out: Outcome) -> dict:
     """One table row from the outcome and the stage's manifest.json."""
-    r = {"stage": row.stage, "launcher": row.label, "time": "-", "peak": "-", "headline": "", "ok": False}
+    r = {"stage": row.stage, "launcher": row.label, "procs": str(row.nproc), "time": "-", "peak": "-", "headline": "",
+         "ok": False}
     if out.skipped:
-        r.update(status=f"skipped ({out.skipped})", ok=out.skipped in NOT_FAILURES)
+        failed = out.skipped not in NOT_FAILURES
+        r.update(status=f"{'failed' if failed else 'skipped'} ({out.skipped})", ok=not failed)
         return r
     try:
         m = Manifest.load(row.stage_dir / "manifest.json")
     except HandoffError:
         m = None
-    if out.rc:
+    kl = first_kl(row) if row.stage == "ppo" else None
+    if out.timed_out:
+        status = f"failed (timed out after {out.seconds:.0f}s)"
+    elif out.rc:
         status = f"failed (exit {out.rc})"
     elif m is None:
         status = "failed (no manifest)"
+    elif row.stage == "ppo" and (kl is None or abs(kl) > FIRST_KL_TOLERANCE):
+        status = f"failed (first KL {kl}, not 0)"
     else:
         status = m.status
     r.update(status=status, ok=status == "complete")
@@ -134,7 +161,7 @@ def result(row: Row, out: Outcome) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    cols = [("stage", "stage", "<"), ("launcher", "launcher", "<"), ("status", "status", "<"),
+    cols = [("stage", "stage", "<"), ("launcher", "launcher", "<"), ("procs", "procs", ">"), ("status", "status", "<"),
             ("time", "time (s)", ">"), ("peak", "peak GPU (GiB)", ">"), ("headline", "headline", "<")]
     width = {k: max(len(h), *(len(r[k]) for r in results)) for k, h, _ in cols}
     line = lambda get: "  ".join(f"{get(k, h):{a}{width[k]}}" for k, h, a in cols).rstrip()  # noqa: E731
@@ -157,9 +184,9 @@ def shown(row: Row) -> str:
         shlex.join([row.stage, *row.args])
 
 
-def execute(rows: list[Row], log_dir: Path, skip: dict[str, str]) -> list[Outcome]:
-    """Run the rows in order. `skip`: launcher -> reason. A row whose parent did not complete
-    is skipped too."""
+def execute(rows: list[Row], log_dir: Path, skip: dict[str, str], timeout: float = 600.0) -> list[Outcome]:
+    """Run the rows in order, each stopped after `timeout` seconds. `skip`: launcher -> reason. A
+    row whose parent did not complete does not run either."""
     log_dir.mkdir(parents=True, exist_ok=True)
     done: dict[Path, bool] = {}
     outcomes = []
@@ -173,10 +200,14 @@ def execute(rows: list[Row], log_dir: Path, skip: dict[str, str]) -> list[Outcom
             log = log_dir / f"{i:02d}-{row.stage}-{row.check}.log"
             print(f"{head}: running (log: {log})", flush=True)
             t0 = time.time()
+            timed_out = False
             with open(log, "w") as f:
-                rc = subprocess.call(row.command(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "WANDB_SILENT": "true", **row.env()})
-            out = Outcome(rc=rc, seconds=time.time() - t0)
+                try:
+                    rc = subprocess.call(row.command(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "WANDB_SILENT": "true", **row.env()}, timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    rc, timed_out = 124, True
+            out = Outcome(rc=rc, seconds=time.time() - t0, timed_out=timed_out)
             if rc == 0:
                 print(f"{head}: exited 0 after {out.seconds:.0f}s", flush=True)
             else:
@@ -193,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.gpu_smoke", description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     ap.add_argument("--runs-dir", default="runs", help="root of the smoke's runs (default: runs)")
-    ap.add_argument("--skip-deepspeed", action="store_true", help="skip the zero2/zero3 rows")
+    ap.add_argument("--skip-deepspeed", action="store_true",
+                    help="skip the zero2/zero3 rows (without this flag and without deepspeed they fail)")
+    ap.add_argument("--row-timeout", type=float, default=600.0, help="seconds a row may run before it fails")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="no GPU: run the same plan on the cpu launcher with the tiny preset (slow)")
     opts = ap.parse_args(argv)
@@ -211,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(opts.runs_dir).resolve()
     if runs_dir.is_relative_to(ROOT):  # the stages run in ROOT: keep their commands short
         runs_dir = runs_dir.relative_to(ROOT)
-    rows = plan(runs_dir, name, cpu=cpu)
+    rows = plan(runs_dir, name, cpu=cpu, gpus=torch.cuda.device_count() if has_gpu else 1)
     if opts.skip_deepspeed:
         skip = {"zero2": "--skip-deepspeed", "zero3": "--skip-deepspeed"}
     elif not deepspeed_importable():
@@ -221,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if opts.dry_run:
         for row in rows:
-            note = f"  # skipped ({skip[row.check]})" if row.check in skip else ""
+            why = skip.get(row.check)
+            note = f"  # {'skipped' if why in NOT_FAILURES else 'fails'} ({why})" if why else ""
             print(shown(row) + note)
         return 0
     t0 = time.time()
-    outcomes = execute(rows, ROOT / runs_dir / name / "smoke-logs", skip)
+    outcomes = execute(rows, ROOT / runs_dir / name / "smoke-logs", skip, opts.row_timeout)
     results = [result(row, out) for row, out in zip(rows, outcomes)]
     print(f"\ngpu smoke: runs {runs_dir / name}*, {time.time() - t0:.0f}s in all")
     print(table(results), flush=True)

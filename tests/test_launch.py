@@ -1,6 +1,7 @@
 """Launchers: every shipped accelerate file is accepted by accelerate, `launch_command` builds the
 intended command, a failing stage's own error is the last line a user sees, and the GPU smoke
 check's plan, table and exit code (the GPU run itself is `make gpu-smoke`)."""
+import json
 import os
 import subprocess
 import sys
@@ -179,13 +180,19 @@ def _arg(row, key):
 
 @pytest.mark.parametrize("cpu", [False, True])
 def test_smoke_plan(cpu, tmp_path):
-    rows = gpu_smoke.plan(tmp_path, "smk", cpu=cpu)
+    rows = gpu_smoke.plan(tmp_path, "smk", cpu=cpu, gpus=2)
     default = "cpu" if cpu else "gpu"
     assert [(r.stage, r.check) for r in rows] == [
-        ("pretrain", default), ("sft", default), ("rm", default), ("ppo", default),
-        ("sft", "fsdp"), ("ppo", "fsdp"), ("sft", "zero2"), ("ppo", "zero2"), ("sft", "zero3"), ("ppo", "zero3")]
-    assert all(r.launcher == ("cpu" if cpu else r.check) and r.env() == {"NPROC": "1", "ACCEL": r.launcher}
-               for r in rows)
+        ("pretrain", default), ("sft", default), ("rm", default), ("ppo", default), ("sft", "ddp"), ("ppo", "ddp"),
+        ("sft", "fsdp"), ("rm", "fsdp"), ("ppo", "fsdp"), ("sft", "zero2"), ("ppo", "zero2"),
+        ("sft", "zero3"), ("rm", "zero3"), ("ppo", "zero3")]
+    # every GPU: the launcher rows on both (one process each on the CPU stand-in)
+    assert all(r.launcher == ("cpu" if cpu else r.check)
+               and r.env() == {"NPROC": "1" if cpu or r.check == default else "2", "ACCEL": r.launcher} for r in rows)
+    zero3 = {r.stage: r for r in rows if r.check == "zero3"}
+    assert _arg(zero3["sft"], "train.micro_batch_size") == "2"       # 2 x 2 x 2 = global 8: accumulation 2
+    assert _arg(zero3["sft"], "train.global_batch_size") == ("4" if cpu else "8")
+    assert _arg(zero3["rm"], "micro_batch_size") == "2"
     assert _arg(rows[0], "model.preset") == ("tiny" if cpu else "small")
     by_dir = {r.stage_dir: r for r in rows}
     assert len(by_dir) == len(rows)  # every row writes its own stage directory
@@ -223,9 +230,11 @@ def test_smoke_without_gpu_exits_2_and_dry_run_prints_the_plan(monkeypatch, caps
     assert "error: no GPU is visible" in capsys.readouterr().err
     assert gpu_smoke.main(["--dry-run", "--runs-dir", "somewhere"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10 and all("NPROC=1 ACCEL=" in ln and " python -m pipeline.launch " in ln for ln in lines)
-    assert sum("skipped (deepspeed not installed)" in ln for ln in lines) == 4
+    assert len(lines) == 14 and all("NPROC=1 ACCEL=" in ln and " python -m pipeline.launch " in ln for ln in lines)
+    assert sum("# fails (deepspeed not installed)" in ln for ln in lines) == 5    # a missing deepspeed fails
     assert "ACCEL=gpu python -m pipeline.launch pretrain" in lines[0] and "model.preset=small" in lines[0]
+    assert gpu_smoke.main(["--dry-run", "--skip-deepspeed"]) == 0
+    assert sum("# skipped (--skip-deepspeed)" in ln for ln in capsys.readouterr().out.splitlines()) == 5
 
 
 # ------------------------------------------------------------------------ gpu smoke: table, exit code
@@ -235,27 +244,41 @@ def _manifest(row, status="complete", peak=None, headline=None):
              metrics=metrics, extra={"headline": headline or {"acc": 0.123456, "n": 3}}).save(row.stage_dir)
 
 
-def test_smoke_table_and_exit_code(tmp_path):
-    rows = gpu_smoke.plan(tmp_path, "smk")
-    for r in rows[:6]:
-        _manifest(r, peak=1.5 if r.stage == "pretrain" else None)
-    outs = [gpu_smoke.Outcome(rc=0, seconds=20.0)] * 6 + [gpu_smoke.Outcome(skipped=gpu_smoke.DEEPSPEED_MISSING)] * 4
-    results = [gpu_smoke.result(r, o) for r, o in zip(rows, outs)]
-    text = gpu_smoke.table(results)
-    lines = text.splitlines()
-    assert lines[0].split()[:3] == ["stage", "launcher", "status"] and "peak GPU (GiB)" in lines[0]
-    assert lines[1].split()[:6] == ["pretrain", "gpu", "complete", "12.3", "1.50", "acc=0.1235"]
-    assert lines[2].split()[:5] == ["sft", "gpu", "complete", "12.3", "-"]  # no peak memory recorded
-    assert lines[6].split()[:3] == ["ppo", "fsdp", "complete"]
-    assert all("skipped (deepspeed not installed)" in ln for ln in lines[7:])
-    assert gpu_smoke.exit_status(results) == 0  # a missing deepspeed is not a failure
+def _first_kl(row, kl):
+    (row.stage_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "ppo/kl": kl}) + "\n")
 
-    # a failed manifest, a launch that failed before writing one, a stage that exited 0 without one
-    _manifest(rows[5], status="failed")
-    outs[6:8] = [gpu_smoke.Outcome(rc=1, seconds=3.0), gpu_smoke.Outcome(rc=0, seconds=3.0)]
+
+def test_smoke_table_and_exit_code(tmp_path):
+    rows = gpu_smoke.plan(tmp_path, "smk", gpus=2)
+    first = 9  # the rows up to fsdp's
+    for r in rows[:first]:
+        _manifest(r, peak=1.5 if r.stage == "pretrain" else None)
+        if r.stage == "ppo":
+            _first_kl(r, 0.0)
+    outs = ([gpu_smoke.Outcome(rc=0, seconds=20.0)] * first
+            + [gpu_smoke.Outcome(skipped="--skip-deepspeed")] * (len(rows) - first))
     results = [gpu_smoke.result(r, o) for r, o in zip(rows, outs)]
-    assert [r["status"] for r in results[5:8]] == ["failed", "failed (exit 1)", "failed (no manifest)"]
-    assert results[6]["time"] == "3.0" and results[6]["peak"] == "-"
+    lines = gpu_smoke.table(results).splitlines()
+    assert lines[0].split()[:4] == ["stage", "launcher", "procs", "status"] and "peak GPU (GiB)" in lines[0]
+    assert lines[1].split()[:7] == ["pretrain", "gpu", "1", "complete", "12.3", "1.50", "acc=0.1235"]
+    assert lines[2].split()[:6] == ["sft", "gpu", "1", "complete", "12.3", "-"]  # no peak memory recorded
+    assert lines[9].split()[:4] == ["ppo", "fsdp", "2", "complete"]
+    assert all("skipped (--skip-deepspeed)" in ln for ln in lines[first + 1:])
+    assert gpu_smoke.exit_status(results) == 0  # skipped as asked: not a failure, and never "complete"
+
+    # deepspeed missing without the flag fails; a failed manifest, a launch that failed before writing
+    # one, a stage that exited 0 without one, a row past its timeout, a PPO whose first KL is not 0
+    missing = [gpu_smoke.result(r, gpu_smoke.Outcome(skipped=gpu_smoke.DEEPSPEED_MISSING)) for r in rows[first:]]
+    assert all(r["status"] == "failed (deepspeed not installed)" and not r["ok"] for r in missing)
+    _manifest(rows[5], status="failed")
+    _first_kl(rows[8], 0.03)
+    outs[6:8] = [gpu_smoke.Outcome(rc=1, seconds=3.0), gpu_smoke.Outcome(rc=0, seconds=3.0)]
+    outs[4] = gpu_smoke.Outcome(rc=124, seconds=601.0, timed_out=True)
+    (rows[7].stage_dir / "manifest.json").unlink()
+    results = [gpu_smoke.result(r, o) for r, o in zip(rows, outs)]
+    assert [r["status"] for r in results[4:9]] == ["failed (timed out after 601s)", "failed", "failed (exit 1)",
+                                                   "failed (no manifest)", "failed (first KL 0.03, not 0)"]
+    assert results[7]["time"] == "3.0" and results[7]["peak"] == "-"
     assert gpu_smoke.exit_status(results) == 1
 
 
@@ -264,19 +287,22 @@ def test_smoke_skips_the_children_of_a_failed_row(tmp_path, monkeypatch, capsys)
 
     def fake_call(cmd, **kw):
         row = next(r for r in rows if r.command() == cmd)
-        assert kw["env"]["ACCEL"] == row.launcher and kw["env"]["NPROC"] == "1"
-        if row.stage == "rm":
+        assert kw["env"]["ACCEL"] == row.launcher and kw["env"]["NPROC"] == "1" and kw["timeout"] == 600.0
+        if row.stage == "rm" and row.check == "gpu":
             print("error in stage 'rm': boom", file=kw["stdout"])
             return 1
         _manifest(row)
+        if row.stage == "ppo":
+            _first_kl(row, 0.0)
         return 0
 
     monkeypatch.setattr(gpu_smoke.subprocess, "call", fake_call)
     outs = gpu_smoke.execute(rows, tmp_path / "logs", {"zero2": "--skip-deepspeed", "zero3": "--skip-deepspeed"})
     results = [gpu_smoke.result(r, o) for r, o in zip(rows, outs)]
+    orphan = "failed (parent rm did not complete)"
     assert [r["status"] for r in results] == [
-        "complete", "complete", "failed (exit 1)", "skipped (parent rm did not complete)",
-        "complete", "skipped (parent rm did not complete)"] + ["skipped (--skip-deepspeed)"] * 4
+        "complete", "complete", "failed (exit 1)", orphan, "complete", orphan, "complete", "complete", orphan,
+        ] + ["skipped (--skip-deepspeed)"] * 5
     assert gpu_smoke.exit_status(results) == 1
     assert "error in stage 'rm': boom" in capsys.readouterr().err  # the end of the failed row's log
 
