@@ -1,12 +1,13 @@
 """`shard` deals items round-robin over processes and `gather` puts them back in order, whatever
 the count: shares differ by one item when the processes do not divide it (199 test prompts on 2
-processes). Every caller gathers one entry per item of its share. The 2-process run of each
-gathering evaluation against one process: tests/test_sharded.py."""
+processes). Every caller gathers one entry per item of its share; the last test runs every
+gathering evaluation on 2 processes against one."""
 from types import SimpleNamespace
 
 import pytest
 
 from pipeline.evaluation import interleave, shard
+from tests.test_ppo import tiny  # noqa: F401  (the shared fixture: a random policy and reward model)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
@@ -26,35 +27,7 @@ def test_gather_refuses_shares_that_shard_did_not_deal():
         interleave([[0, 2], [1, 3, 5]])
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tokenizer trained on a small world, a random 2-layer Llama policy and a random-head RM."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline import models as pm
-    from pipeline.config import WorldConfig
-    from pipeline.tokenizer import train_tokenizer
-    from pipeline.world import World
-
-    root = tmp_path_factory.mktemp("tiny")
-    world = World(WorldConfig(num_people=20, corpus_docs=600, sft_examples=300, eval_examples=3))
-    tok = train_tokenizer(world.corpus() + [" ".join(m["content"] for m in ex["messages"]) for ex in world.sft_examples()],
-                          vocab_size=400)
-    torch.manual_seed(0)
-    model = pm.llama_from_preset("tiny", tok, max_position_embeddings=256)
-    policy_dir, reward_dir = root / "policy", root / "reward"
-    model.save_pretrained(policy_dir)
-    tok.save_pretrained(policy_dir)
-    torch.manual_seed(1)
-    rm = AutoModelForSequenceClassification.from_pretrained(str(policy_dir), num_labels=1)
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(reward_dir)
-    tok.save_pretrained(reward_dir)
-    return SimpleNamespace(policy=str(policy_dir), reward=str(reward_dir))
-
-
-def test_every_gathering_evaluation_on_two_processes_equals_one(tiny, tmp_path):
+def test_every_gathering_evaluation_on_two_processes_equals_one(tiny, tmp_path):  # noqa: F811
     """5 cloze items, the SFT test prompts, 5 x 2 rm samples in 3 batches, 5 scored sequences in 3
     batches, PPO's test evaluation on 5 prompts with best-of-2/3: the second process holds one item
     (or batch) less everywhere. Both processes' results, put back in order, are one process's."""
