@@ -125,10 +125,10 @@ class KeyedSampling:
         self.keys, self.temperature, self.start = keys, temperature, None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.start is None:
-            self.start = input_ids.shape[1]  # the first call sees the (padded) prompt only
-        return scores.float() / self.temperature + gumbel_noise(self.keys.to(scores.device),
-                                                                 input_ids.shape[1] - self.start, scores.shape[-1])
+        if self.start is None:  # the first call sees the (padded) prompt only
+            self.start, self.keys = input_ids.shape[1], self.keys.to(scores.device)
+        return scores.float() / self.temperature + gumbel_noise(self.keys, input_ids.shape[1] - self.start,
+                                                                 scores.shape[-1])
 
 
 def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:

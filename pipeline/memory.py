@@ -2,8 +2,9 @@
 
 The plan (`Plan`, built by each stage's `memory_plan` and printed by `python -m pipeline plan`)
 builds the stage's models on the meta device, shards them as the launcher will (FSDP2 for real
-over torch's fake process group; DeepSpeed's own estimators for ZeRO) and adds the activations,
-KV cache and gathered parameters of the stage's largest phase. docs/memory.md has the formulas.
+over torch's fake process group; the formulas of DeepSpeed's estimators for ZeRO) and adds the
+activations, KV cache and gathered parameters of the stage's largest phase. docs/memory.md has
+the formulas.
 
 `TensorProbe` watches every tensor an operator creates inside its block (a `TorchDispatchMode`):
 the peak of the bytes they hold at once, and the largest float32 tensor among them. The
@@ -64,7 +65,6 @@ class TensorProbe(TorchDispatchMode):
 # The memory plan: what each GPU holds for a stage, before anything is loaded (docs/memory.md)
 # ------------------------------------------------------------------------------------------
 GiB = 2**30
-LAUNCHERS = ("plain", "ddp", "fsdp", "zero2", "zero3")
 
 
 @dataclass
@@ -171,6 +171,16 @@ def activation_bytes(precision: str) -> int:
     return 2 if precision in ("bf16", "fp16") else 4
 
 
+def build_plan(memory_plan, cfg, launcher: str, nproc: int, device, prompt_len: int, gpu_mem_gib: float | None) -> Plan:
+    """A stage's plan (its `memory_plan`) for `nproc` processes under `launcher` (plain, ddp,
+    fsdp, zero2, zero3), FSDP2 sharding over a process group of `nproc`, checked against
+    `gpu_mem_gib` per GPU."""
+    with fake_process_group(nproc if launcher == "fsdp" else 1) as mesh:
+        plan = memory_plan(cfg, launcher, nproc, device, prompt_len, mesh)
+    plan.gpu_mem_gib = gpu_mem_gib
+    return plan
+
+
 def check_fits(cfg, accelerator, memory_plan, prompt_len: int = 256) -> None:
     """On a GPU, stop before loading anything large when the stage's plan (`memory_plan`, as
     `python -m pipeline plan` prints it) does not fit the GPU's memory; `memory_check=false` goes
@@ -182,9 +192,8 @@ def check_fits(cfg, accelerator, memory_plan, prompt_len: int = 256) -> None:
 
     n = accelerator.num_processes
     kind = {"fsdp2": "fsdp", "zero2": "zero2", "zero3": "zero3"}.get(launcher_kind(accelerator), "ddp" if n > 1 else "plain")
-    with fake_process_group(n if kind == "fsdp" else 1) as mesh:
-        plan = memory_plan(cfg, kind, n, accelerator.device, prompt_len, mesh)
-    plan.gpu_mem_gib = torch.cuda.get_device_properties(accelerator.device).total_memory / GiB
+    plan = build_plan(memory_plan, cfg, kind, n, accelerator.device, prompt_len,
+                      torch.cuda.get_device_properties(accelerator.device).total_memory / GiB)
     if not plan.fits():
         raise InputError(f"this run does not fit in GPU memory:\n{plan.table()}\n`python -m pipeline plan "
                          f"{cfg.stage} ...` names the cheapest change that fits; memory_check=false goes ahead anyway")
@@ -252,9 +261,9 @@ def model_row(pm: PlannedModel, launcher: str, nproc: int, mesh=None) -> Row:
     """What one process holds of `pm` under `launcher`: weights as loaded (trained ones stay in
     their dtype, fp32, and are computed in bf16 under autocast), float32 gradients and AdamW's two
     float32 moments for trainable parameters. fsdp: sharded by FSDP2 over `mesh` (a real or fake
-    process group of `nproc`), the figures read off the shards; zero2/zero3: DeepSpeed's own
-    estimators (`estimate_zero{2,3}_model_states_mem_needs`) for trained models, frozen ones
-    sharded by ZeRO-3's inference engine."""
+    process group of `nproc`), the figures read off the shards; zero2/zero3: the formulas of
+    DeepSpeed's estimators (`estimate_zero{2,3}_model_states_mem_needs`) for trained models,
+    frozen ones sharded by ZeRO-3's inference engine."""
     model = meta_model(pm)
     params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad] if pm.trained else []
@@ -262,12 +271,8 @@ def model_row(pm: PlannedModel, launcher: str, nproc: int, mesh=None) -> Row:
     if pm.shared_with:
         return Row(pm.role, params, 0, 0, 0, False, False, f"computed by the {pm.shared_with}: no copy", shared=True)
     whole_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    sharded = nproc > 1 and (launcher == "fsdp" or (launcher == "zero3" and pm.sharded_frozen) or
-                             (launcher == "zero3" and pm.trained))
-    if launcher == "fsdp" and not pm.trained and not pm.sharded_frozen:
-        sharded = False
     if not pm.trained:
-        if not sharded:
+        if nproc == 1 or launcher not in ("fsdp", "zero3") or not pm.sharded_frozen:
             return Row(pm.role, params, whole_bytes, 0, 0, False, False)
         if launcher == "fsdp":
             _, local = _local_bytes(fully_shard_model(model, mesh).parameters())

@@ -79,11 +79,12 @@ def frozen_numerics(precision: str, launcher: str = "plain") -> str:
     - 'bf16' where the trained models compute from bf16 parameters (FSDP2's mixed-precision
       policy, DeepSpeed's bf16 engines): every parameter bf16, buffers (rotary frequencies) fp32.
     `precision` as `pipeline.runtime.resolve_precision` gives it; `launcher` as
-    `pipeline.distributed.launcher_kind`. This is the rule the memory plan assumes for GPUs; a
-    running stage asks its accelerator (`pipeline.distributed.trained_numerics`)."""
+    `pipeline.distributed.launcher_kind` or the memory plan names it ('fsdp'). This is the rule the
+    memory plan assumes for GPUs; a running stage asks its accelerator
+    (`pipeline.distributed.trained_numerics`)."""
     if precision not in ("bf16", "fp16"):
         return "fp32"
-    return "bf16" if launcher in ("fsdp2", "zero2", "zero3") else "autocast"
+    return "bf16" if launcher in ("fsdp", "fsdp2", "zero2", "zero3") else "autocast"
 
 
 def as_frozen(model: torch.nn.Module, numerics: str, precision: str = "bf16") -> torch.nn.Module:
@@ -114,8 +115,8 @@ def as_frozen(model: torch.nn.Module, numerics: str, precision: str = "bf16") ->
 def frozen_dtype(device: torch.device) -> torch.dtype:
     """Inference-only models (PPO's reference and reward model, the policy that samples RM data):
     bf16 on GPUs that support it, where it halves memory and time; fp32 on CPUs, where bf16 is slower."""
-    if device.type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
-        return torch.bfloat16  # (no CUDA here: a memory plan for GPUs, which support bf16 since Ampere)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     return torch.float32
 
 

@@ -3,8 +3,8 @@ what each GPU will hold for a stage, before renting one.
 
 The stage's own `memory_plan` builds its models from the configuration (run manifests, model
 directories, or directories holding only a `config.json`) on the meta device and shards them as
-`--launcher` will: FSDP2 for real, over torch's fake process group of `--nproc`; DeepSpeed's own
-estimators for ZeRO. It adds the largest phase's activations, KV cache and gathered parameters
+`--launcher` will: FSDP2 for real, over torch's fake process group of `--nproc`; the formulas of
+DeepSpeed's estimators for ZeRO. It adds the largest phase's activations, KV cache and gathered parameters
 (docs/memory.md). Exit 0 when the peak fits in `--gpu-mem`, 1 when it does not (with the cheapest
 change that fits), 2 on bad input.
 """
@@ -29,16 +29,12 @@ def make_plan(stage: str, overrides: list[str], launcher: str, nproc: int, devic
               gpu_mem: float | None = None):
     """The stage's `pipeline.memory.Plan` for `nproc` processes under `launcher` (a name in
     `LAUNCHERS`: cpu, gpu, ddp, fsdp, zero2, zero3)."""
-    from pipeline.memory import fake_process_group
+    from pipeline.memory import build_plan
 
     module = importlib.import_module(STAGES[stage][0])
-    cls = getattr(module, STAGES[stage][1])
-    cfg = load_config(cls, overrides)
+    cfg = load_config(getattr(module, STAGES[stage][1]), overrides)
     kind = LAUNCHERS[launcher] if nproc > 1 else "plain"
-    with fake_process_group(nproc if kind == "fsdp" else 1) as mesh:
-        plan = module.memory_plan(cfg, kind, nproc, torch.device(device), prompt_len, mesh)
-    plan.gpu_mem_gib = gpu_mem
-    return plan, cfg, module
+    return build_plan(module.memory_plan, cfg, kind, nproc, torch.device(device), prompt_len, gpu_mem), cfg, module
 
 
 def cheapest_fix(stage: str, overrides: list[str], cfg, module, launcher: str, nproc: int, device: str,

@@ -8,6 +8,7 @@ through the parent's manifest; nothing guesses "latest".
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -88,13 +89,20 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 def weights_fingerprint(model_dir: str | Path) -> str:
     """Hash of a model directory's weight files (names and bytes): equal fingerprints are equal
-    weights, so two stages can share one copy without assuming it."""
-    model_dir = Path(model_dir)
+    weights, so two stages can share one copy without assuming it. Read once per process for
+    files that did not change (size and modification time): an 8B model is 16 GB to hash."""
+    model_dir = Path(model_dir).resolve()
     files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise HandoffError(f"{model_dir}: no weight files found (expected *.safetensors)")
+    return _hash_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for p in files:
+    for name, _, _ in files:
+        p = Path(name)
         h.update(p.name.encode())
         with p.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):

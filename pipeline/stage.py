@@ -82,11 +82,8 @@ def run_stage(cfg, body: Callable) -> runs.Manifest:
     ask for the same mixed precision."""
     from pipeline.runtime import configure_threads, seed_everything, stage_accelerator
 
-    from pipeline.distributed import check_shared_filesystem
-
     threads = configure_threads(cfg.threads)
     accelerator = stage_accelerator(cfg)
-    check_shared_filesystem(accelerator, cfg.runs_dir)
     seed_everything(cfg.seed)
     sr = StageRun(cfg, accelerator.is_main_process)
     try:

@@ -23,8 +23,7 @@ import torch
 from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
 from pipeline.records import load_comparisons, load_prompt_records
-from pipeline.distributed import (backward, check_shared_filesystem, clip_grad_norm, configure_deepspeed, plain_copy,
-                                  save_model, trained_numerics)
+from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model, trained_numerics
 from pipeline.memory import check_fits
 from pipeline.models import (as_frozen, count_parameters, enable_gradient_checkpointing, frozen_numerics, load_causal_lm,
                              load_tokenizer)
@@ -167,7 +166,6 @@ class Prepared:
 def run(cfg: RMConfig) -> runs.Manifest:
     threads = configure_threads(cfg.threads)
     accelerator = stage_accelerator(cfg)
-    check_shared_filesystem(accelerator, cfg.runs_dir)
     seed_everything(cfg.seed)
     sr = StageRun(cfg, accelerator.is_main_process)
     # Outside the try: a bad parent or a bad record must leave every earlier output as it was,
@@ -364,8 +362,8 @@ def memory_plan(cfg: RMConfig, launcher: str, nproc: int, device, prompt_len: in
     planned = [PlannedModel("reward model", config, classifier=True, trained=True)]
     precision = planned_precision(cfg, device)
     if cfg.likelihood_term:
-        planned.append(PlannedModel("SFT (likelihood)", config, numerics=frozen_numerics(
-            precision, {"fsdp": "fsdp2"}.get(launcher, launcher)), sharded_frozen=False))
+        planned.append(PlannedModel("SFT (likelihood)", config, numerics=frozen_numerics(precision, launcher),
+                                    sharded_frozen=False))
     act = activation_bytes(precision)
     micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
     seqs = micro * max(cfg.data.k, cfg.data.eval_k or cfg.data.k)

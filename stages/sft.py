@@ -181,8 +181,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     precision = resolve_precision(cfg.precision)
     args = TRLSFTConfig(
         **trainer_launch_args(accelerator, cfg.dist_timeout_min, accum, cfg.train.max_grad_norm),
-        output_dir=str(sr.ckpt_dir),
-        per_device_train_batch_size=micro,
+        output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro,
         per_device_eval_batch_size=micro, gradient_accumulation_steps=accum,
         learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
         lr_scheduler_type=cfg.train.scheduler, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.steps,

@@ -192,11 +192,31 @@ def load_models(cfg, sources: Sources, device, numerics: str | None = None) -> P
 
 def reference_is_likelihood_model(spec: dict, sources: Sources, tokenizer, reward_tokenizer) -> bool:
     """Whether the reward model's likelihood term can be computed by the PPO reference: the
-    term's model has the reference's weights (fingerprints compared, not assumed) and reads the
-    same token ids in the same chat template."""
-    if not spec.get("fingerprint") or spec["fingerprint"] != runs.weights_fingerprint(sources.policy_dir):
-        return False
-    return same_vocabulary(tokenizer, reward_tokenizer) and tokenizer.chat_template == reward_tokenizer.chat_template
+    term's model has the reference's weights (`likelihood_has_policy_weights`) and reads the same
+    token ids in the same chat template."""
+    return (likelihood_has_policy_weights(spec, sources) and same_vocabulary(tokenizer, reward_tokenizer)
+            and tokenizer.chat_template == reward_tokenizer.chat_template)
+
+
+def likelihood_has_policy_weights(spec: dict, sources: Sources) -> bool:
+    """Whether the likelihood model `spec` records has the policy's weights: their fingerprints
+    agree (compared, not assumed). A policy directory without weights (a `config.json` to plan
+    with) has none to compare: then the term's model must be that very directory."""
+    policy = Path(sources.policy_dir)
+    if any(p.name.endswith(runs.WEIGHT_SUFFIXES) for p in policy.iterdir()):
+        return bool(spec.get("fingerprint")) and spec["fingerprint"] == runs.weights_fingerprint(policy)
+    return _likelihood_dir(sources.reward_dir, spec).resolve() == policy.resolve()
+
+
+def _likelihood_dir(reward_dir: str, spec: dict) -> Path:
+    """Where the likelihood model is (`likelihood_model_dir`), or where it should be when it is
+    missing or changed (a plan may be made before it exists)."""
+    from reward_model.likelihood import likelihood_model_dir
+
+    try:
+        return likelihood_model_dir(reward_dir, spec)
+    except (FileNotFoundError, runs.HandoffError):
+        return Path(reward_dir) / spec["model"]
 
 
 def planned_models(cfg, sources: Sources, precision: str, launcher: str) -> list:
@@ -210,7 +230,7 @@ def planned_models(cfg, sources: Sources, precision: str, launcher: str) -> list
 
     policy = AutoConfig.from_pretrained(sources.policy_dir)
     reward = AutoConfig.from_pretrained(sources.reward_dir) if sources.reward_dir else policy
-    frozen = frozen_numerics(precision, {"fsdp": "fsdp2"}.get(launcher, launcher))
+    frozen = frozen_numerics(precision, launcher)
     lora = cfg.policy.lora if cfg.policy.lora.enabled else None
     same_vocab = policy.vocab_size == reward.vocab_size
     out = [PlannedModel("policy", policy, trained=True, lora=lora),
@@ -219,23 +239,16 @@ def planned_models(cfg, sources: Sources, precision: str, launcher: str) -> list
     if lora is None:
         out.append(PlannedModel("reference", policy, numerics=frozen))
     out.append(PlannedModel("reward model", reward, classifier=True, numerics=frozen))
-    spec = likelihood_spec(sources.reward_dir) if sources.reward_dir else {"model": sources.policy_dir}
-    if spec is not None and not sources.reward_dir:
-        out.append(PlannedModel("likelihood LM", policy, numerics=frozen,
-                                shared_with="reference" if lora is None else "policy, adapter off"))
-    elif spec is not None:
-        from reward_model.likelihood import likelihood_model_dir
-
-        try:
-            where = likelihood_model_dir(sources.reward_dir, spec)
-        except (FileNotFoundError, runs.HandoffError):
-            where = Path(sources.reward_dir) / spec["model"]
-        has_weights = any(p.suffix in runs.WEIGHT_SUFFIXES for p in Path(sources.policy_dir).iterdir())
-        shared = (spec.get("fingerprint") == runs.weights_fingerprint(sources.policy_dir) if has_weights
-                  else where.resolve() == Path(sources.policy_dir).resolve())
-        out.append(PlannedModel("likelihood LM", AutoConfig.from_pretrained(where) if where.exists() else policy,
-                                numerics=frozen, shared_with=("reference" if lora is None else "policy, adapter off")
-                                if shared else None))
+    reference = "reference" if lora is None else "policy, adapter off"
+    if not sources.reward_dir:  # the rm stage's reward model: its term is this policy
+        out.append(PlannedModel("likelihood LM", policy, numerics=frozen, shared_with=reference))
+        return out
+    spec = likelihood_spec(sources.reward_dir)
+    if spec is not None:
+        where = _likelihood_dir(sources.reward_dir, spec)
+        config = AutoConfig.from_pretrained(where) if (where / "config.json").exists() else policy
+        shared = likelihood_has_policy_weights(spec, sources)
+        out.append(PlannedModel("likelihood LM", config, numerics=frozen, shared_with=reference if shared else None))
     return out
 
 
