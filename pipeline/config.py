@@ -131,6 +131,8 @@ class StageConfig:
     dist_timeout_min: float = F(120.0, "minutes a process waits in a collective before the run fails (rank 0 alone "
                                        "trains a tokenizer or writes a full checkpoint meanwhile); every launcher", gt=0)
     tf32: bool = F(True, "on GPUs, fp32 matmuls (paths without autocast) use TF32 tensor cores; false = full fp32")
+    reduce_fp32: bool = F(True, "with bf16/fp16 under fsdp and zero2/zero3, gradients are summed across processes in fp32 "
+                                "(false: in 16 bits, half the traffic, rounded; ddp always reduces the fp32 gradients)")
     memory_check: bool = F(True, "on a GPU, stop at start when the memory plan (`python -m pipeline plan`) says the run "
                                  "does not fit; false = go ahead anyway")
     world: WorldConfig = F(WorldConfig(), "the built-in world (used when data source is 'world')")

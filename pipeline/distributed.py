@@ -5,8 +5,9 @@
 - `full_parameters`: full parameters held for a generation loop or an evaluation, so ranks that
   stop sampling at different steps, or hold different numbers of examples, never wait on each
   other's all-gathers;
-- `plain_copy`: an unsharded copy of a trained model on every rank, for the work after training
-  (normalization, evaluation) that writes weights or runs rank-local forwards.
+- `inference_copy`: an unsharded copy of a trained model on every rank, for the work after
+  training (normalization, evaluation) that writes weights or runs rank-local forwards, filled
+  one gathered parameter at a time.
 
 With DDP or one process each is the plain operation on the unwrapped model.
 """
@@ -83,6 +84,30 @@ def check_shared_filesystem(accelerator, directory: str | Path) -> None:
                          "; pass runs_dir=<that path>")
 
 
+def configure_reduction(accelerator, fp32: bool = True) -> None:
+    """Gradients summed across processes in fp32 (`fp32`) or in the 16-bit compute dtype, under
+    the launchers that reduce 16-bit gradients by default: FSDP2's mixed-precision policy
+    (`reduce_dtype`, read when a model is prepared) and DeepSpeed's `communication_data_type`
+    (read when an engine is built: call it before `prepare`, or on an HF Trainer's accelerator
+    before `train`). DDP reduces the fp32 gradients of fp32 parameters already."""
+    kind = launcher_kind(accelerator)
+    if kind == "fsdp2":
+        import dataclasses
+
+        plugin = accelerator.state.fsdp_plugin
+        policy = getattr(plugin, "mixed_precision_policy", None)
+        if policy is not None and getattr(policy, "param_dtype", None) in (torch.bfloat16, torch.float16):
+            plugin.mixed_precision_policy = dataclasses.replace(
+                policy, reduce_dtype=torch.float32 if fp32 else policy.param_dtype)
+    elif kind.startswith("zero"):
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if any((ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16")):
+            if fp32:
+                ds["communication_data_type"] = "fp32"
+            else:
+                ds.pop("communication_data_type", None)
+
+
 def trained_numerics(accelerator) -> str:
     """How this run's trained models compute, for frozen models to store their weights alike
     (`pipeline.models.frozen_numerics`, `as_frozen`): 'fp32' without mixed precision; 'bf16' when
@@ -122,52 +147,88 @@ def shard_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     return engine.module
 
 
+_WHOLE = "_full_parameters_held"
+
+
 def is_sharded(model) -> bool:
     """Whether `model`'s parameters are split over processes (FSDP2 units or ZeRO-3 partitions):
     its forwards are then collectives, which every process must call alike."""
     if not isinstance(model, torch.nn.Module):
         model = getattr(model, "policy", model)  # an adapter-disabled view of a policy
+    if model.__dict__.get(_WHOLE):  # inside `full_parameters`: gathered, each process on its own
+        return False
     if _fsdp_modules(model):
         return True
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def full_state_dict(accelerator, model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
-    """The unsharded state dict of a prepared model, complete on rank 0 (on the CPU; other ranks
-    may get an empty dict), or on every rank's device with `everywhere`. Call it on every rank:
-    under FSDP2 and ZeRO-3 it all-gathers."""
+def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of a prepared model, complete on rank 0 and on the CPU (other
+    ranks may get an empty dict; under FSDP2 each tensor moves to rank 0's CPU as it is gathered).
+    Call it on every rank: under FSDP2 and ZeRO-3 it all-gathers."""
     kind = model_kind(accelerator, model)
     if kind == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
-    if kind == "zero3" and everywhere:
-        import deepspeed
-
-        unwrapped = accelerator.unwrap_model(model)
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            return {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if kind.startswith("zero"):
         return accelerator.get_state_dict(model)
-    return {k: v.detach() if everywhere else v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    return {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
 
 
-def plain_copy(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The trained model as a plain module on every rank (the unwrapped model itself under DDP,
-    ZeRO-2 or one process; a fresh unsharded copy under FSDP2 and ZeRO-3)."""
+def inference_copy(accelerator, model: torch.nn.Module, numerics: str = "fp32", precision: str = "no",
+                   keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
+    """The trained model as a plain module on every rank, for the work after training that runs
+    rank-local forwards or writes weights (the reward model's normalization and evaluation).
+
+    Under DDP, ZeRO-2 or one process: the unwrapped model itself. Under FSDP2 and ZeRO-3: a copy
+    built on the meta device (no random init, which takes minutes at 8B) and stored as the trained
+    models compute (`numerics`, `pipeline.models.as_frozen`; the submodules named in `keep_fp32`
+    stay fp32 and take their input in fp32), then filled one parameter at a time, each gathered
+    from its shards, cast and copied: no rank holds a full fp32 state dict or a full fp32 model
+    beside its shards (docs/memory.md). Call it on every rank (the gathers are collectives)."""
     kind = model_kind(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     if kind in ("plain", "zero2"):
         return unwrapped
     from torch.distributed.fsdp import FSDPModule
 
-    state = full_state_dict(accelerator, model, everywhere=True)
+    from pipeline.models import as_frozen
+
     cls = type(unwrapped).__mro__[FSDPModule._orig_cls_mro_index] if isinstance(unwrapped, FSDPModule) else type(unwrapped)
-    with whole_on_every_rank():
+    with torch.device("meta"), whole_on_every_rank():
         copy = cls(unwrapped.config)
-    copy.load_state_dict(state)
+    as_frozen(copy, numerics, precision)  # dtypes only: nothing is allocated yet
+    for name in keep_fp32:
+        module = copy.get_submodule(name)
+        module.float()
+        module.register_forward_pre_hook(lambda m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+    copy.to_empty(device=accelerator.device)
+    targets = dict(copy.named_parameters(remove_duplicate=False))
+    for name, p in unwrapped.named_parameters():  # the same order on every rank
+        with _one_gathered(kind, p) as full:
+            targets[name].data.copy_(full)
+    targets = dict(copy.named_buffers())
+    for name, b in unwrapped.named_buffers():  # replicated, not sharded (rotary frequencies)
+        targets[name].copy_(b)
     copy.tie_weights()
-    return fp32_attention(copy).to(accelerator.device).train(unwrapped.training)  # fp32, no autocast
+    if numerics == "fp32":
+        fp32_attention(copy)
+    return copy.requires_grad_(False).train(unwrapped.training)
+
+
+@contextlib.contextmanager
+def _one_gathered(kind: str, param: torch.nn.Parameter) -> Iterator[torch.Tensor]:
+    """One parameter whole, gathered from its shards for the time of the block."""
+    if kind == "fsdp2":
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
+        yield full
+        del full
+    else:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            yield param.data
 
 
 def save_model(accelerator, model: torch.nn.Module, tokenizer, out_dir: Path, state_dict: dict | None = None,
@@ -176,7 +237,8 @@ def save_model(accelerator, model: torch.nn.Module, tokenizer, out_dir: Path, st
     from rank 0, whatever the launcher. The saved config keeps `use_cache: true` so that a user's
     `generate` uses the KV cache. `copies`: subdirectory name -> a directory copied into it whole,
     in the same atomic write. Every rank must call this (the gather is a collective)."""
-    state_dict = full_state_dict(accelerator, model) if state_dict is None else state_dict
+    if state_dict is None and (accelerator.is_main_process or model_kind(accelerator, model) != "plain"):
+        state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         config = getattr(unwrapped, "config", None)
@@ -191,7 +253,7 @@ def save_model(accelerator, model: torch.nn.Module, tokenizer, out_dir: Path, st
 
 
 @contextlib.contextmanager
-def full_parameters(accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def full_parameters(accelerator, model: torch.nn.Module, whole: bool = True) -> Iterator[torch.nn.Module]:
     """Yield the unwrapped model with its full parameters present for a whole generation loop or
     evaluation (no backward inside).
 
@@ -199,9 +261,29 @@ def full_parameters(accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Mo
     rank whose samples all stopped early does not leave the others waiting in an all-gather.
     ZeRO-3: the parameters are gathered and the engine's hooks removed meanwhile, the way TRL's
     `unwrap_model_for_generation` does.
-    Otherwise nothing is gathered."""
+    Otherwise nothing is gathered.
+
+    `whole=False` (a policy whose full weights do not fit next to everything else; PPO's
+    `rollout.gather=layer`): nothing is gathered up front; each forward gathers one layer at a time
+    and frees it again, as in training, so every decoding step is a collective and the model
+    decodes in lockstep (`is_sharded` stays true: transformers' `synced_gpus`). Slower: each step
+    all-gathers every layer, where the whole gather does it once per loop."""
     kind = model_kind(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
+    if not whole and kind in ("fsdp2", "zero3"):
+        yield unwrapped
+        return
+    if kind in ("fsdp2", "zero3"):
+        unwrapped.__dict__[_WHOLE] = True
+    try:
+        with _gathered(accelerator, model, unwrapped, kind) as full:
+            yield full
+    finally:
+        unwrapped.__dict__.pop(_WHOLE, None)
+
+
+@contextlib.contextmanager
+def _gathered(accelerator, model: torch.nn.Module, unwrapped: torch.nn.Module, kind: str) -> Iterator[torch.nn.Module]:
     if kind == "fsdp2":
         # torch's public FSDP2 API only: every unit gathered once and kept (no reshard after each
         # forward) for the loop, then resharded. The root unit never reshards after forward (FSDP2
@@ -262,6 +344,18 @@ def configure_deepspeed(accelerator, micro: int, accum: int, max_grad_norm: floa
     accelerator.gradient_accumulation_steps = accum  # what accelerate compares the engine's value with
 
 
+def no_sync(accelerator, model: torch.nn.Module, sync: bool = False):
+    """The context for a backward that is not the last micro-batch of an optimizer step (`sync`
+    False): under DDP gradients accumulate locally and all-reduce at the last one. Under FSDP2
+    every micro-batch reduce-scatters at once (docs/memory.md): deferring it would keep every
+    layer's unsharded gradients until the last micro-batch (a whole model's gradients per GPU),
+    while reducing each time keeps only this process's shard, for one reduce-scatter per
+    micro-batch instead of per step. ZeRO engines accumulate in their partitions themselves."""
+    if sync or model_kind(accelerator, model) != "plain":
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
+
+
 def backward(accelerator, model: torch.nn.Module, loss: torch.Tensor, boundary: bool = True) -> None:
     """Backpropagate `loss` into `model` (a prepared model). Our losses are already scaled for
     accumulation, so a ZeRO engine must not divide by its accumulation steps again; it steps (clip,
@@ -301,5 +395,8 @@ def trainer_launch_args(accelerator, timeout_min: float = 120.0, accumulation: i
         os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(accumulation)
         os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(max_grad_norm)
     cpu = accelerator.device.type == "cpu"
-    return {"accelerator_config": {"use_configured_state": not deepspeed}, "use_cpu": cpu and not deepspeed,
+    # FSDP2: reduce-scatter every micro-batch, never unsharded gradients of every layer (`no_sync`)
+    accumulation_kwargs = {"sync_each_batch": True} if launcher_kind(accelerator) == "fsdp2" else None
+    return {"accelerator_config": {"use_configured_state": not deepspeed,
+                                   "gradient_accumulation_kwargs": accumulation_kwargs}, "use_cpu": cpu and not deepspeed,
             "ddp_backend": "gloo" if deepspeed and cpu else None, "ddp_timeout": int(timeout_min * 60)}

@@ -181,6 +181,21 @@ def build_plan(memory_plan, cfg, launcher: str, nproc: int, device, prompt_len: 
     return plan
 
 
+def plan_launcher(accelerator) -> str:
+    """The running launcher as plans name it: plain, ddp, fsdp, zero2, zero3."""
+    from pipeline.distributed import launcher_kind
+
+    n = accelerator.num_processes
+    return {"fsdp2": "fsdp", "zero2": "zero2", "zero3": "zero3"}.get(launcher_kind(accelerator), "ddp" if n > 1 else "plain")
+
+
+def gpu_memory_gib(accelerator) -> float | None:
+    """This process's GPU memory in GiB; None on a CPU (no limit to plan against)."""
+    if accelerator.device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(accelerator.device).total_memory / GiB
+
+
 def check_fits(cfg, accelerator, memory_plan, prompt_len: int = 256) -> None:
     """On a GPU, stop before loading anything large when the stage's plan (`memory_plan`, as
     `python -m pipeline plan` prints it) does not fit the GPU's memory; `memory_check=false` goes
@@ -188,12 +203,9 @@ def check_fits(cfg, accelerator, memory_plan, prompt_len: int = 256) -> None:
     if accelerator.device.type != "cuda" or not cfg.memory_check:
         return
     from pipeline.config import InputError
-    from pipeline.distributed import launcher_kind
 
-    n = accelerator.num_processes
-    kind = {"fsdp2": "fsdp", "zero2": "zero2", "zero3": "zero3"}.get(launcher_kind(accelerator), "ddp" if n > 1 else "plain")
-    plan = build_plan(memory_plan, cfg, kind, n, accelerator.device, prompt_len,
-                      torch.cuda.get_device_properties(accelerator.device).total_memory / GiB)
+    plan = build_plan(memory_plan, cfg, plan_launcher(accelerator), accelerator.num_processes, accelerator.device,
+                      prompt_len, gpu_memory_gib(accelerator))
     if not plan.fits():
         raise InputError(f"this run does not fit in GPU memory:\n{plan.table()}\n`python -m pipeline plan "
                          f"{cfg.stage} ...` names the cheapest change that fits; memory_check=false goes ahead anyway")
@@ -330,9 +342,17 @@ def kv_cache_bytes(config, sequences: int, length: int, act_bytes: int) -> int:
     return 2 * layers * kv * length * sequences * act_bytes
 
 
-def gathered_bytes(pm: PlannedModel, dtype_bytes: int) -> int:
-    """The whole of `pm`'s parameters at `dtype_bytes` each (gathered for generation)."""
-    return sum(p.numel() for p in meta_model(pm).parameters()) * dtype_bytes
+def gathered_bytes(pm: PlannedModel, dtype_bytes: int, whole: bool = True) -> int:
+    """`pm`'s parameters gathered for generation at `dtype_bytes` each: the whole model, or
+    (`whole=False`, a gather per layer) what FSDP2 holds at once: the parameters outside the
+    decoder layers (embeddings, final norm, LM head: the root unit, which stays gathered) and two
+    layers (the one computing and the next, prefetched)."""
+    model = meta_model(pm)
+    total = sum(p.numel() for p in model.parameters())
+    if whole:
+        return total * dtype_bytes
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+    return (total - sum(layers) + 2 * max(layers, default=0)) * dtype_bytes
 
 
 # ------------------------------------------------------------------------------ process groups
@@ -363,7 +383,7 @@ def fake_process_group(nproc: int):
 def cheaper_settings(cfg, launcher: str, nproc: int, knobs: dict) -> list[tuple[str, list[str], str, int]]:
     """Changes that lower a stage's plan, cheapest first: (what, key=value overrides, launcher,
     processes). `knobs`: the stage's config keys of its micro batch ("micro") and, if it has LoRA,
-    the switches that turn it on ("lora")."""
+    the switches that turn it on ("lora"), and the key of a per-layer generation gather ("gather")."""
     def get(key):
         value = cfg
         for part in key.split("."):
@@ -371,6 +391,9 @@ def cheaper_settings(cfg, launcher: str, nproc: int, knobs: dict) -> list[tuple[
         return value
 
     out, ckpt, micro_key = [], ["gradient_checkpointing=true"], knobs["micro"]
+    if "gather" in knobs and launcher in ("fsdp", "zero3") and nproc > 1 and get(knobs["gather"]) != "layer":
+        out.append((f"{knobs['gather']}=layer (generation gathers one layer at a time; slower)",
+                    [f"{knobs['gather']}=layer"], launcher, nproc))
     if not cfg.gradient_checkpointing:
         out.append(("gradient_checkpointing=true", ckpt, launcher, nproc))
     micro = get(micro_key)

@@ -34,6 +34,8 @@ def make_plan(stage: str, overrides: list[str], launcher: str, nproc: int, devic
     module = importlib.import_module(STAGES[stage][0])
     cfg = load_config(getattr(module, STAGES[stage][1]), overrides)
     kind = LAUNCHERS[launcher] if nproc > 1 else "plain"
+    if hasattr(module, "resolve_auto"):  # settings a stage decides from the plan (ppo's rollout.gather)
+        cfg = module.resolve_auto(cfg, kind, nproc, torch.device(device), prompt_len, gpu_mem)
     return build_plan(module.memory_plan, cfg, kind, nproc, torch.device(device), prompt_len, gpu_mem), cfg, module
 
 

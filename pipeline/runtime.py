@@ -55,14 +55,15 @@ def seed_everything(seed: int) -> None:
 
 
 def stage_accelerator(cfg):
-    """The accelerator of a stage: its precision, its collective timeout (`dist_timeout_min`) and,
-    on GPUs, TF32 for fp32 matmuls unless `tf32=false`; on several nodes, checked to see one
+    """The accelerator of a stage: its precision, its collective timeout (`dist_timeout_min`), its
+    gradient reduction dtype (`reduce_fp32`) and, on GPUs, TF32 for fp32 matmuls unless `tf32=false`; on several nodes, checked to see one
     `runs_dir` everywhere (`pipeline.distributed.check_shared_filesystem`)."""
-    from pipeline.distributed import check_shared_filesystem
+    from pipeline.distributed import check_shared_filesystem, configure_reduction
 
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
     accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision), timeout_min=cfg.dist_timeout_min)
+    configure_reduction(accelerator, cfg.reduce_fp32)
     check_shared_filesystem(accelerator, cfg.runs_dir)
     return accelerator
 

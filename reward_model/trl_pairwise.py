@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.distributed import plain_copy, trainer_launch_args
+from pipeline.distributed import configure_reduction, trainer_launch_args
 from pipeline.runtime import batch_split, resolve_precision
 from pipeline.tracking import Progress, make_tracker
 
@@ -90,12 +90,11 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     trainer.remove_callback(PrinterCallback)
     if resume_from:
         log(f"resuming from {resume_from}")
+    configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
     trainer.train(resume_from_checkpoint=resume_from)
     step = trainer.state.global_step
     if bridge.stopped:
         log(f"stopping after step {step} as configured (stop_after); re-run to resume")
     if bridge.stopped:
         return trainer.model, step, False, bridge.last, tracker, trainer.accelerator
-    # Normalization writes the head and evaluation runs rank-local forwards: an unsharded copy.
-    return (plain_copy(trainer.accelerator, trainer.model_wrapped), step, True, bridge.last, tracker,
-            trainer.accelerator)
+    return trainer.model_wrapped, step, True, bridge.last, tracker, trainer.accelerator

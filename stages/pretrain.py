@@ -9,7 +9,6 @@ sentence of it in training; files: on held-out documents), unigram baseline, fac
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 from pipeline import runs
 from pipeline.config import F, StageConfig
 from pipeline.records import read_text_documents
-from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, save_model
+from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, no_sync, save_model
 from pipeline.evaluation import fact_cloze_accuracy
 from pipeline.logprobs import token_nll_sum
 from pipeline.memory import check_fits
@@ -267,7 +266,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
             # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
             lo = (a * accelerator.num_processes + accelerator.process_index) * micro
             x = train_blocks[idx[lo: lo + micro]].to(accelerator.device)
-            sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(model)
+            sync = no_sync(accelerator, model, sync=a == accum - 1)
             with sync:
                 loss = next_token_loss(model, x)
                 backward(accelerator, model, loss / accum, boundary=a == accum - 1)

@@ -9,7 +9,6 @@ weights -> held-out pairwise accuracy, reward distributions, length bias -> `mod
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import shutil
@@ -23,7 +22,8 @@ import torch
 from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
 from pipeline.records import load_comparisons, load_prompt_records
-from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, plain_copy, save_model, trained_numerics
+from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed, full_state_dict, inference_copy,
+                                  no_sync, save_model, trained_numerics)
 from pipeline.memory import check_fits
 from pipeline.models import (as_frozen, count_parameters, enable_gradient_checkpointing, frozen_numerics, load_causal_lm,
                              load_tokenizer)
@@ -252,6 +252,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     if not done:
         tracker.finish()
         return sr.manifest
+    model, master = _for_inference(cfg, accelerator, model)
 
     # 3. the likelihood term's coefficient, fitted on comparisons the head did not train on
     term, extra = None, {}
@@ -273,6 +274,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
                 model, again, _, last, _ = _train_kwise(cfg, sr, accelerator, model, tokenizer, train_seqs, train,
                                                         prep.fingerprint, log, None, tracker=tracker, checkpoints=False,
                                                         log_from=step)
+                model, master = _for_inference(cfg, accelerator, model)
                 step += again
                 extra["likelihood_residual"] = 0.0
     extra["reward_model"] = ("classifier + likelihood term" if term is not None else "classifier trained alone"
@@ -336,7 +338,11 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         if copy:  # the copy inside, nothing outside
             term.source = {"model": SUBDIR, "fingerprint": term.source["fingerprint"]}
         attach(model, term)
-    save_model(accelerator, model, tokenizer, model_dir, copies={SUBDIR: prep.parent.model_dir} if copy else None)
+    state = None
+    if master is not None and is_main:  # the trained weights as gathered, with the normalized head
+        state = {**master, **{f"score.{k}": v.detach().float().cpu() for k, v in model.score.state_dict().items()}}
+    save_model(accelerator, model, tokenizer, model_dir, state_dict=state,
+               copies={SUBDIR: prep.parent.model_dir} if copy else None)
     headline = {"pairwise_acc": metrics["eval/pairwise_accuracy"],
                 "chosen_minus_rejected": metrics["eval/reward_chosen_mean"] - metrics["eval/reward_rejected_mean"]}
     if "norm/heldout_max_abs_dev" in metrics:
@@ -474,7 +480,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
     once and all ranked pairs of a prompt enter one loss term. `offsets`: per comparison, fixed
     [K] terms added to the head's scores in the loss (the likelihood residual). A second training
     in the same stage passes its `tracker`, no `checkpoints` and logs from step `log_from` on.
-    Returns (unwrapped model, step, finished?, last metrics, tracker)."""
+    Returns (the prepared model, step, finished?, last metrics, tracker)."""
     ranks = [torch.tensor(c.ranking) for c in train]
     total = math.ceil(cfg.epochs * len(train) / cfg.global_batch_size)
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
@@ -511,7 +517,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
             # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
             lo = (a * accelerator.num_processes + accelerator.process_index) * micro
             items = idx[lo: lo + micro].tolist()
-            sync = contextlib.nullcontext() if a == accum - 1 else accelerator.no_sync(model)
+            sync = no_sync(accelerator, model, sync=a == accum - 1)
             with sync:
                 rewards, valid_mask = group_rewards(model, [train_seqs[i] for i in items], pad)
                 k_max = rewards.shape[1]
@@ -538,9 +544,23 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
         if checkpoints and sr.checkpoint(accelerator, step, total, {"step": step, "loss": last["loss"],
                                                                     "data_fingerprint": fingerprint}):
             log(f"stopping after step {step} as configured (stop_after); re-run to resume")
-            return accelerator.unwrap_model(model), step, False, last, tracker
-    # Normalization writes the head and evaluation runs rank-local forwards: an unsharded copy.
-    return plain_copy(accelerator, model), step, True, last, tracker
+            return model, step, False, last, tracker
+    return model, step, True, last, tracker
+
+
+def _for_inference(cfg: RMConfig, accelerator, trained) -> tuple[torch.nn.Module, dict | None]:
+    """The trained reward model for what follows training (normalization writes the head,
+    evaluation runs rank-local forwards): `inference_copy` -> (model, master). Under fsdp and
+    zero3 `master` is the trained state dict gathered on rank 0's CPU (empty elsewhere), which the
+    export writes with the normalized head; the trained model and its optimizer are then freed.
+    Elsewhere the model is the trained one and `master` None."""
+    model = inference_copy(accelerator, trained, trained_numerics(accelerator), resolve_precision(cfg.precision),
+                           keep_fp32=("score",))
+    if model is accelerator.unwrap_model(trained):
+        return model, None
+    master = full_state_dict(accelerator, trained)
+    accelerator.free_memory()
+    return model, master
 
 
 def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
-from pipeline.distributed import full_parameters, launcher_kind, save_model, trainer_launch_args
+from pipeline.distributed import configure_reduction, full_parameters, launcher_kind, save_model, trainer_launch_args
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
@@ -222,6 +222,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         + (f" | resuming from {resume}" if resume else ""))
 
     # 3. train
+    configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
     result = trainer.train(resume_from_checkpoint=resume)
     if trainer.state.global_step < trainer.state.max_steps:
         log(f"stopping after step {trainer.state.global_step} as configured (stop_after); re-run to resume")

@@ -20,7 +20,7 @@ LAUNCHERS = {
     "cpu": ("NO", {}),
     "gpu": ("NO", {}),
     "ddp": ("MULTI_GPU", {}),
-    "fsdp": ("FSDP", {"fsdp_config": {"fsdp_version": 2, "fsdp_state_dict_type": "FULL_STATE_DICT"}}),
+    "fsdp": ("FSDP", {"fsdp_config": {"fsdp_version": 2, "fsdp_state_dict_type": "SHARDED_STATE_DICT"}}),
     "zero2": ("DEEPSPEED", {"deepspeed_config": {"zero_stage": 2}}),
     "zero3": ("DEEPSPEED", {"deepspeed_config": {"zero_stage": 3, "zero3_save_16bit_model": True}}),
 }

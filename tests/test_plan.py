@@ -52,6 +52,29 @@ def test_8b_ppo_fits_on_8_gpus_with_the_sft_weights_once_and_frozen_models_shard
     assert {p.name for p in plan.phases} == {"generate", "score", "update"}
 
 
+@pytest.mark.parametrize("launcher", ["fsdp", "zero3"])
+def test_a_policy_that_does_not_fit_whole_generates_a_layer_at_a_time(llama_8b, launcher):
+    """rollout.gather=auto takes the whole gather where it fits, and a gather per layer on a GPU
+    where the whole policy does not fit beside the rest; the generate phase then holds the
+    parameters outside the decoder layers and two layers, not the whole policy."""
+    h, layers, vocab = LLAMA_8B["hidden_size"], LLAMA_8B["num_hidden_layers"], LLAMA_8B["vocab_size"]
+    kv = h // LLAMA_8B["num_attention_heads"] * LLAMA_8B["num_key_value_heads"]
+    layer = 2 * h * h + 2 * h * kv + 3 * h * LLAMA_8B["intermediate_size"] + 2 * h  # attention, MLP, two norms
+    outside = 2 * vocab * h + h                                                     # embeddings, LM head, final norm
+    whole, _, _ = plan_cli.make_plan("ppo", _ppo(llama_8b), launcher, 8, "cuda", prompt_len=512, gpu_mem=80)
+    generate = {p.name: p for p in whole.phases}["generate"]
+    assert "gathered whole" in generate.note
+    tight = whole.static + (whole.peak - whole.static) / 2  # room for everything but the whole gather
+    layered, cfg, _ = plan_cli.make_plan("ppo", _ppo(llama_8b), launcher, 8, "cuda", prompt_len=512,
+                                         gpu_mem=tight / GiB)
+    assert cfg.rollout.gather == "layer" and layered.fits(), layered.table()
+    phase = {p.name: p for p in layered.phases}["generate"]
+    assert "a layer at a time" in phase.note
+    assert generate.bytes - phase.bytes == 2 * (layers * layer + outside) - 2 * (outside + 2 * layer)
+    assert plan_cli.make_plan("ppo", _ppo(llama_8b, "rollout.gather=whole"), launcher, 8, "cuda", prompt_len=512,
+                              gpu_mem=tight / GiB)[1].rollout.gather == "whole"  # asked for: kept, and reported
+
+
 def test_a_separate_likelihood_model_and_whole_frozen_models_cost_their_bytes(llama_8b, tmp_path):
     """The breaks the plan must show: a likelihood model that is not the reference (another
     directory) is counted, and ddp keeps the frozen models whole; 8B does not fit under ddp, and

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,7 +64,11 @@ def test_pretrain_under_fsdp2_on_two_processes_resumes_and_equals_one_process(tm
     args = [*PRETRAIN, "precision=no"]
     one = pretrain.run(load_config(pretrain.PretrainConfig, [f"runs_dir={tmp_path}", "run_name=one", *args]))
     two = _stop_then_resume("pretrain", "fsdp", tmp_path, "fsdp", *args)
-    assert (tmp_path / "fsdp" / "pretrain" / "checkpoints" / "step-0000002" / "pytorch_model_fsdp.bin").exists()
+    checkpoint = tmp_path / "fsdp" / "pretrain" / "checkpoints" / "step-0000002"
+    # sharded: each rank wrote its own shards of the model and of the optimizer state, no whole file
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (checkpoint / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], part
+    assert not list(checkpoint.glob("*.bin")), sorted(p.name for p in checkpoint.iterdir())
     for key in ("train/loss", "eval/loss", "eval/fact_cloze_accuracy"):
         assert two.metrics[key] == pytest.approx(one.metrics[key], rel=1e-4, abs=1e-5), key
     sharded = _loads_plain(tmp_path / "fsdp" / "pretrain" / "model")
@@ -71,6 +76,27 @@ def test_pretrain_under_fsdp2_on_two_processes_resumes_and_equals_one_process(tm
     assert sharded.keys() == plain.keys()
     for name in plain:
         torch.testing.assert_close(sharded[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp2_accumulation_keeps_a_gradient_shard_between_micro_batches(tmp_path):
+    """Between two micro-batches of one optimizer step each process holds its shard of the
+    gradients (each micro-batch reduce-scatters), not every layer's unsharded gradients, which
+    accelerate's `no_sync` would keep under FSDP2 (measured the same way, as the contrast)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "accumulation.json"
+    cmd = [sys.executable, "-m", "pipeline.launch", "--accelerate", "--config_file",
+           str(root / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--main_process_port", "0",
+           str(root / "tests" / "accumulation_check.py"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    full = got["ours"]["full_gradient_bytes"]
+    assert got["world"] == 2
+    assert got["ours"]["held_after_first_micro_batch"] <= 0.6 * full, got
+    assert got["accelerate_no_sync"]["held_after_first_micro_batch"] >= 0.95 * full, got
 
 
 LAUNCHERS = [pytest.param("cpu", id="ddp"), pytest.param("fsdp", id="fsdp2"),
@@ -128,14 +154,24 @@ def test_ppo_when_ranks_stop_decoding_at_different_steps(tmp_path, accel):
     with torch.no_grad():  # the end-of-turn logit swings with the hidden state: stops at varied steps
         model.get_output_embeddings().weight[model.config.eos_token_id] *= 40
     model.save_pretrained(policy)
-    out = _launch("ppo", accel, 2, f"runs_dir={tmp_path}", "run_name=stops", f"policy.name_or_path={policy}",
-                  f"reward.name_or_path={reward}", "wandb.mode=disabled", "iterations=2", "rollout_batch_size=8",
-                  "minibatch_size=8", "micro_batch_size=4", "rollout.max_new_tokens=24", "eval.every=1", "eval.num_prompts=5",
-                  "eval.best_of=[2]", "save_every=0")
+    args = [f"runs_dir={tmp_path}", f"policy.name_or_path={policy}", f"reward.name_or_path={reward}", "wandb.mode=disabled",
+            "iterations=2", "rollout_batch_size=8", "minibatch_size=8", "micro_batch_size=4", "rollout.max_new_tokens=24",
+            "eval.every=1", "eval.num_prompts=5", "eval.best_of=[2]", "save_every=0"]
+    out = _launch("ppo", accel, 2, *args, "run_name=stops")
     m = _manifest(tmp_path, "stops", "ppo")
     assert m.status == "complete", out.stderr[-2000:]
     rows = [r for r in runs.read_metrics(tmp_path / "stops" / "ppo" / "metrics.jsonl") if "rollout/eos_rate" in r]
     assert rows and all(0 < r["rollout/eos_rate"] and r["rollout/length"] < 24 for r in rows)  # samples stopped early
+    # The policy gathered one layer at a time (a policy too large to gather whole): every process
+    # decodes in lockstep, and the run is the same, sample for sample.
+    out = _launch("ppo", accel, 2, *args, "run_name=layers", "rollout.gather=layer")
+    assert "one layer at a time" in out.stderr
+    layers = _manifest(tmp_path, "layers", "ppo")
+    keys = [k for k, v in m.metrics.items() if k.split("/")[0] in ("rollout", "ppo", "eval", "test")
+            and isinstance(v, float) and v == v]
+    assert {"rollout/score", "ppo/kl", "eval/gold_score", "test/greedy/win_rate"} <= set(keys)
+    for key in keys:
+        assert layers.metrics[key] == pytest.approx(m.metrics[key], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.slow
@@ -187,3 +223,28 @@ def test_hf_trainer_stages_under_zero_with_gradient_accumulation_run_and_resume(
                            "trainer=trl", "likelihood_residual=0", "max_steps=4", "save_every=2", "global_batch_size=8",
                            "micro_batch_size=2", "normalize.reference_size=8", "data.max_new_tokens=8")
     assert rm.status == "complete"
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_16_bit_runs_reduce_gradients_in_fp32_unless_told_otherwise(fp32):
+    """`reduce_fp32` (default true) sets FSDP2's `reduce_dtype` and DeepSpeed's
+    `communication_data_type`, which both default to the 16-bit compute dtype; fp32 runs keep theirs."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from pipeline.distributed import configure_reduction
+
+    plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                         reduce_dtype=torch.bfloat16))
+    fsdp = SimpleNamespace(is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=plugin))
+    configure_reduction(fsdp, fp32)
+    assert plugin.mixed_precision_policy.reduce_dtype == (torch.float32 if fp32 else torch.bfloat16)
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    for precision, expected in (("bf16", "fp32" if fp32 else None), (None, None)):
+        ds = {"zero_optimization": {"stage": 2}, **({"bf16": {"enabled": True}} if precision else {})}
+        zero = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+        configure_reduction(zero, fp32)
+        assert ds.get("communication_data_type") == expected, precision

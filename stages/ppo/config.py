@@ -51,6 +51,11 @@ class RolloutConfig:
                                 "chatty answers are cut off and finishing becomes what PPO learns; responses without "
                                 "the stop token get the missing-stop penalty", gt=0)
     forward_batch_size: int = F(64, "sequences per no-grad generation / scoring forward (memory knob only)", gt=0)
+    gather: Literal["auto", "whole", "layer"] = F(
+        "auto", "how a policy sharded by fsdp or zero3 is gathered for generation: whole (once per rollout, then each "
+                "process decodes on its own; fastest) or layer (one layer at a time in every forward, as in training, "
+                "all processes decoding in lockstep: for a policy whose full weights do not fit next to everything "
+                "else; slower). auto = whole unless the memory plan says it does not fit this GPU (docs/memory.md)")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed, full_parameters, is_sharded,
-                                  launcher_kind, shard_frozen)
+                                  launcher_kind, no_sync, shard_frozen)
 from pipeline.evaluation import row_keys
 from pipeline.logprobs import token_nll_sum
 from pipeline.runtime import adamw
@@ -202,7 +202,7 @@ def _ptx_backward(t: Trainer, step: int) -> torch.Tensor:
     for ids, attention, labels in batches:
         ids, attention, labels = ids.to(acc.device), attention.to(acc.device), labels.to(acc.device)
         position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
-        with acc.no_sync(t.models.policy), acc.autocast():
+        with no_sync(acc, t.models.policy), acc.autocast():
             logits = t.models.policy(input_ids=ids, attention_mask=attention, position_ids=position_ids,
                                      use_cache=False).logits[:, :-1]
             loss_sum = token_nll_sum(logits, labels[:, 1:])
@@ -267,8 +267,8 @@ def _micro_batch(t: Trainer, mu: Rollout, n_tokens: torch.Tensor, sync: bool) ->
     policy, value_model = t.models.policy, t.models.value_model
     with contextlib.ExitStack() as stack:
         if not sync:  # only the last micro-batch of a minibatch all-reduces gradients
-            stack.enter_context(acc.no_sync(policy))
-            stack.enter_context(acc.no_sync(value_model))
+            stack.enter_context(no_sync(acc, policy))
+            stack.enter_context(no_sync(acc, value_model))
         inputs = sequence_inputs(mu.query_ids, mu.query_mask, mu.response_ids, mu.response_mask)
         with acc.autocast():
             logprobs, entropy = token_logprobs(t.policy_forward, *inputs, mu.response_ids, temperature,
@@ -327,7 +327,7 @@ def iteration_step(t: Trainer, iteration: int, prompts: list[str], episodes: lis
     # 1. generate
     query_ids, query_mask = queries(models.tokenizer, prompts, acc.device)
     keys = row_keys(f"{cfg.seed}/ppo/rollout/{iteration}", episodes)
-    with acc.autocast(), full_parameters(acc, models.policy) as policy:
+    with acc.autocast(), full_parameters(acc, models.policy, whole=cfg.rollout.gather != "layer") as policy:
         sampled = t.sampler.sample(policy, query_ids, query_mask, keys)
     t1 = time.perf_counter()
     # 2. score

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from pipeline.distributed import is_sharded
 from pipeline.evaluation import KeyedSampling, generate_ids, generation_config, left_pad
 from pipeline.logprobs import entropy_of_slices
 from pipeline.tokenizer import chat_ids, end_of_turn_id
@@ -131,7 +132,9 @@ def sample(model, tokenizer, query_ids, query_mask, temperature: float, max_new_
     finished), with the KV cache: pure temperature sampling, whatever the checkpoint says, stopping
     at the chat template's end-of-turn token. Row b draws from its random key `keys[b]`
     (`pipeline.evaluation.KeyedSampling`), so its tokens do not depend on the batch it shares.
-    The queries are moved to the model's device if they are elsewhere."""
+    The queries are moved to the model's device if they are elsewhere. A policy gathered layer by
+    layer (`pipeline.distributed.full_parameters(whole=False)`) decodes in lockstep with the other
+    processes, which hold as many queries."""
     was_training = model.training
     model.eval()
     config = generation_config(end_of_turn_id(tokenizer), tokenizer.pad_token_id, max_new_tokens)
@@ -140,7 +143,7 @@ def sample(model, tokenizer, query_ids, query_mask, temperature: float, max_new_
     out = torch.full((len(query_ids), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=query_ids.device)
     for i in range(0, len(query_ids), batch_size):
         gen = generate_ids(model, query_ids[i: i + batch_size].to(device), query_mask[i: i + batch_size].to(device),
-                           config, KeyedSampling(keys[i: i + batch_size], temperature))
+                           config, KeyedSampling(keys[i: i + batch_size], temperature), lockstep=is_sharded(model))
         new = gen[:, P:]
         out[i: i + len(new), : new.shape[1]] = new
     model.train(was_training)

@@ -18,7 +18,7 @@ from pipeline import runs
 from pipeline.config import InputError
 from pipeline.distributed import full_parameters, launcher_kind, save_model, trained_numerics
 from pipeline.evaluation import shard
-from pipeline.memory import check_fits
+from pipeline.memory import check_fits, gpu_memory_gib, plan_launcher
 from pipeline.models import count_parameters
 from pipeline.runtime import seed_everything
 from pipeline.stats import fmt_rate
@@ -75,14 +75,16 @@ def memory_plan(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: i
     rows_fwd = min(cfg.rollout.forward_batch_size, local)
     micro = cfg.micro_batches(nproc)[0] if cfg.minibatch_size >= nproc else 1
     gather = launcher in ("fsdp", "zero3") and nproc > 1
+    whole = cfg.rollout.gather != "layer"
     generate = kv_cache_bytes(policy.config, rows_fwd, L, act) + rows_fwd * policy.config.vocab_size * 4
-    generate += gathered_bytes(policy, act) if gather else 0
+    generate += gathered_bytes(policy, act, whole) if gather else 0
     score = rows_fwd * (T + 1) * policy.config.vocab_size * act + training_activation_bytes(
         policy.config, rows_fwd * L, True, act, lm_head=False) // max(1, policy.config.num_hidden_layers)
     update = (training_activation_bytes(policy.config, micro * L, cfg.gradient_checkpointing, act, micro * (T + 1))
               + training_activation_bytes(critic.config, micro * L, cfg.gradient_checkpointing, act, lm_head=False))
     phases = [Phase("generate", generate, f"KV cache of {rows_fwd} x {L} tokens"
-                    + (", the policy gathered whole" if gather else "")),
+                    + ((", the policy gathered whole" if whole else ", the policy gathered a layer at a time")
+                       if gather else "")),
               Phase("score", score, f"no-grad forwards of {rows_fwd} sequences, logits over {T + 1} positions"),
               Phase("update", update, f"activations of policy and critic for a micro-batch of {micro} x {L} tokens"
                     + (" (checkpointed)" if cfg.gradient_checkpointing else ""))]
@@ -90,7 +92,28 @@ def memory_plan(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: i
 
 
 # The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
-MEMORY_KNOBS = {"micro": "micro_batch_size", "lora": ["policy.lora.enabled", "policy.lora.critic"]}
+MEMORY_KNOBS = {"micro": "micro_batch_size", "lora": ["policy.lora.enabled", "policy.lora.critic"],
+                "gather": "rollout.gather"}
+
+
+def resolve_auto(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: int = 256,
+                 gpu_mem_gib: float | None = None) -> PPOConfig:
+    """`cfg` with `rollout.gather=auto` decided: layer by layer when a sharded policy (fsdp, zero3)
+    gathered whole makes the plan exceed `gpu_mem_gib` while gathering per layer fits; else whole
+    (and whole wherever there is no limit to plan against, as on a CPU)."""
+    import dataclasses
+
+    from pipeline.memory import build_plan
+
+    if cfg.rollout.gather != "auto":
+        return cfg
+    pick = lambda how: dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, gather=how))  # noqa: E731
+    if gpu_mem_gib is None or launcher not in ("fsdp", "zero3") or nproc == 1:
+        return pick("whole")
+    if build_plan(memory_plan, pick("whole"), launcher, nproc, device, prompt_len, gpu_mem_gib).fits():
+        return pick("whole")
+    layer = pick("layer")
+    return layer if build_plan(memory_plan, layer, launcher, nproc, device, prompt_len, gpu_mem_gib).fits() else pick("whole")
 
 
 def check_world(cfg: PPOConfig, parent: runs.Parent | None) -> None:
@@ -113,6 +136,8 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                          "launcher (fsdp, zero3) turn them off, or use ACCEL=ddp or zero2")
     # 1. parents, data, models
     sources = resolve_sources(cfg)
+    cfg = resolve_auto(cfg, plan_launcher(accelerator), accelerator.num_processes, accelerator.device,
+                       gpu_mem_gib=gpu_memory_gib(accelerator))
     check_fits(cfg, accelerator, memory_plan)
     check_world(cfg, sources.parent)
     world = World(cfg.world)
@@ -128,6 +153,10 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     models = load_models(cfg, sources, accelerator.device, trained_numerics(accelerator))
     ptx = load_ptx(cfg, world, models.tokenizer) if cfg.ptx.coef > 0 else None
     trainer = make_trainer(cfg, models, accelerator, ptx)
+    whole = cfg.rollout.gather != "layer"
+    if launcher_kind(accelerator) in ("fsdp2", "zero3") and accelerator.num_processes > 1:
+        log("generation gathers the policy " + ("whole, once per rollout" if whole else
+                                                "one layer at a time, all processes decoding in lockstep (rollout.gather)"))
     # Same prompt order on every process (explicit generators); different samples per process.
     seed_everything(cfg.seed + 100003 * accelerator.process_index)
     n_policy = count_parameters(trainer.policy)
@@ -162,7 +191,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         if eval_set is None:
             return {}
         t0 = time.perf_counter()
-        with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy) as policy:
+        with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy, whole) as policy:
             metrics, rows = evaluate(policy, models, eval_set, world, cfg, accelerator)
             if trainer.ema is not None:
                 ema_metrics, _ = evaluate(trainer.ema.model, models, eval_set, world, cfg, accelerator, prefix="eval_ema")
@@ -206,7 +235,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     evaluation: dict = {}
     if gold:
         t0 = time.perf_counter()
-        with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy) as policy:
+        with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy, whole) as policy:
             test_metrics, evaluation, rows = test_evaluation(policy, models, world, cfg, accelerator)
         test_metrics["perf/time_test_eval"] = time.perf_counter() - t0
         tracker.log(test_metrics, cfg.iterations)
