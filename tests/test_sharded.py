@@ -99,6 +99,33 @@ def test_fsdp2_accumulation_keeps_a_gradient_shard_between_micro_batches(tmp_pat
     assert got["accelerate_no_sync"]["held_after_first_micro_batch"] >= 0.95 * full, got
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("accel", [pytest.param("fsdp", id="fsdp2"),
+                                   pytest.param("zero3", marks=pytest.mark.skipif(not DEEPSPEED,
+                                                                                  reason="deepspeed not installed"))])
+def test_reward_model_trained_sharded_equals_one_process(tmp_path, accel):
+    """The reward model's work after training under fsdp and zero3 runs on a copy filled one
+    gathered parameter at a time, and its export is the gathered weights with the normalized head:
+    the same metrics and the same exported weights as one process (fp32)."""
+    from pipeline.config import load_config
+    from stages import pretrain, rm, sft
+
+    common = [f"runs_dir={tmp_path}", "precision=no", *WORLD]
+    pretrain.run(load_config(pretrain.PretrainConfig, [*common, "run_name=one", *PRETRAIN[len(WORLD):]]))
+    sft.run(load_config(sft.SFTConfig, [*common, "run_name=one", "train.steps=4", "eval.max_new_tokens=8"]))
+    args = ["data.num_prompts=16", "data.max_new_tokens=8", "epochs=1", "normalize.reference_size=16",
+            "global_batch_size=8", "micro_batch_size=2", "likelihood_term=false"]
+    one = rm.run(load_config(rm.RMConfig, [*common, "run_name=one", *args]))
+    _launch("rm", accel, 2, *common, "run_name=two", f"parent={tmp_path / 'one' / 'sft'}", *args)
+    two = _manifest(tmp_path, "two", "rm")
+    for key in ("eval/pairwise_accuracy", "eval/reward_chosen_mean", "norm/ref_mean", "norm/raw_std"):
+        assert two.metrics[key] == pytest.approx(one.metrics[key], rel=1e-3, abs=1e-4), key
+    exported, plain = (_loads_plain(tmp_path / run / "rm" / "model", classifier=True) for run in ("two", "one"))
+    assert exported.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(exported[name], plain[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
 LAUNCHERS = [pytest.param("cpu", id="ddp"), pytest.param("fsdp", id="fsdp2"),
              pytest.param("zero2", marks=pytest.mark.skipif(not DEEPSPEED, reason="deepspeed not installed")),
              pytest.param("zero3", marks=pytest.mark.skipif(not DEEPSPEED, reason="deepspeed not installed"))]
