@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import runs
+from pipeline import registry, runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,19 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--runs-dir", default="runs")
     ch = sub.add_parser("chat", help="talk to a stage's model in its chat template (/reset, /quit)")
     ch.add_argument("run", nargs="?", default="default")
-    ch.add_argument("--stage", choices=runs.STAGES, default="ppo", help="whose model (rm is a reward model: refused)")
+    ch.add_argument("--stage", choices=registry.NAMES, default="ppo",
+                    help="whose model (a reward model is refused: chat with a causal LM stage)")
     ch.add_argument("--runs-dir", default="runs")
     ch.add_argument("--ema", action="store_true", help="ppo: the EMA policy (model_ema/) instead of model/")
     ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ch.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
     ch.add_argument("--system", default=None, help="a system message at the start of every conversation")
     ch.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature)")
-    rn = sub.add_parser("run", help="run pretrain -> sft -> rm -> ppo, skipping stages already complete")
+    rn = sub.add_parser("run", help="run pretrain -> sft -> rm -> ppo (or --stages), skipping stages already complete")
     rn.add_argument("--run", default="default", help="run name (runs/<run>/)")
     rn.add_argument("--runs-dir", default="runs")
-    rn.add_argument("--from", dest="from_stage", choices=runs.STAGES, default=None,
-                    help="re-run from this stage on, even if complete")
-    rn.add_argument("--stages", default=",".join(runs.STAGES), help="comma-separated stages to run")
+    rn.add_argument("--from", dest="from_stage", choices=registry.NAMES, default=None,
+                    help="re-run this stage and the stages that train from it, even if complete")
+    rn.add_argument("--stages", default=",".join(registry.CHAIN),
+                    help=f"comma-separated stages to run, in the graph's order (of {', '.join(registry.NAMES)})")
     rn.add_argument("--no-ptx-ablation", dest="ptx_ablation", action="store_false",
                     help="skip the second PPO run (other ptx setting) behind the report's alignment-tax table")
     rn.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline import runs
+from pipeline import registry, runs
 
-CHAT_STAGES = ("pretrain", "sft", "ppo")
+CHAT_STAGES = registry.chat_stages()
 
 
 def model_dir_of(runs_dir: str | Path, run_name: str, stage: str, ema: bool = False) -> Path:

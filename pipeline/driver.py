@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from pipeline import runs
+from pipeline import registry, runs
 from pipeline.launch import exit_code, launch_command
 from pipeline.report import ablation_run
 
@@ -26,14 +26,14 @@ PTX_ABLATION_COEF = 1.0  # γ of the ablation run when the pipeline's own PPO ru
 
 def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: list[str], overrides: list[str],
                  ptx_ablation: bool = True) -> int:
-    bad = [s for s in stages if s not in runs.STAGES]
+    bad = [s for s in stages if s not in registry.STAGES]
     if bad:
-        print(f"error: unknown stage(s) {', '.join(bad)}; stages are {', '.join(runs.STAGES)}", file=sys.stderr)
+        print(f"error: unknown stage(s) {', '.join(bad)}; stages are {', '.join(registry.NAMES)}", file=sys.stderr)
         return 2
-    forced = set(runs.STAGES[runs.STAGES.index(from_stage):]) if from_stage else set()
+    forced = registry.descendants(from_stage) if from_stage else set()
     t0 = time.time()
-    for stage in [s for s in runs.STAGES if s in stages]:
-        if importlib.util.find_spec(f"stages.{stage}") is None:
+    for stage in registry.ordered(stages):
+        if importlib.util.find_spec(registry.get(stage).module) is None:
             print(f"[pipeline] stage '{stage}' is not available in this version; stopping here", flush=True)
             break
         manifest = runs.stage_dir(runs_dir, run_name, stage) / "manifest.json"
@@ -122,7 +122,7 @@ def stage_overrides(overrides: list[str], stage: str) -> list[str]:
     out = []
     for item in overrides:
         head, _, rest = item.partition(".")
-        if head in runs.STAGES and "=" in rest:
+        if head in registry.STAGES and "=" in rest:
             if head == stage:
                 out.append(rest)
         else:

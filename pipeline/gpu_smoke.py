@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.runs import STAGES, HandoffError, Manifest
+from pipeline import registry
+from pipeline.runs import HandoffError, Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 # the stages re-run under each multi-GPU launcher
@@ -38,7 +39,7 @@ RERUN = {"ddp": ("sft", "ppo"), "fsdp": ("sft", "rm", "ppo"), "zero2": ("sft", "
 ACCUMULATE = {("zero3", "sft"): ("train.micro_batch_size=2", "train.global_batch_size={4n}"),
               ("zero3", "rm"): ("micro_batch_size=2", "global_batch_size={4n}")}
 FIRST_KL_TOLERANCE = 1e-4
-PARENT = {"sft": "pretrain", "rm": "sft", "ppo": "rm"}
+PARENT = {name: s.parents[0] for name, s in registry.STAGES.items() if s.parents}
 
 # Every stage gets the same (smaller) world: later stages check it matches their parent's.
 COMMON = ("wandb.mode=disabled", "world.corpus_docs=4000", "world.sft_examples=2000", "world.eval_examples=16")
@@ -94,7 +95,7 @@ def plan(runs_dir: str | Path, name: str, cpu: bool = False, gpus: int = 1) -> l
             args.append(f"parent={parent}")
         rows.append(Row(stage, check, "cpu" if cpu else check, runs_dir / run_name / stage, parent, tuple(args), nproc))
 
-    for stage in STAGES:
+    for stage in registry.CHAIN:
         add(stage, default, 1)
     for launcher, stages in RERUN.items():
         for stage in stages:

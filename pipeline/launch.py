@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.runs import STAGES
+from pipeline import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEL_DIR = ROOT / "configs" / "accelerate"
@@ -31,8 +31,8 @@ DIRECT = ("cpu", "gpu")           # launchers whose single process needs no laun
 def launch_command(stage: str, args: list[str], nproc: int | None = None, accel: str | None = None) -> list[str]:
     """The command that runs `stage` with `args`: the stage module itself for one process on the
     plain cpu/gpu launchers, else an `accelerate launch` with the chosen launcher file."""
-    if stage not in STAGES:
-        raise SystemExit(f"error: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if stage not in registry.STAGES:
+        raise SystemExit(f"error: unknown stage {stage!r}; stages are {', '.join(registry.NAMES)}")
     raw = nproc if nproc is not None else (os.environ.get("NPROC") or "1")
     try:
         nproc = int(raw)
@@ -49,7 +49,7 @@ def launch_command(stage: str, args: list[str], nproc: int | None = None, accel:
     if accel == "gpu" and nproc > 1:  # accelerate would silently run one process
         raise SystemExit(f"error: ACCEL=gpu runs one process; for NPROC={nproc} choose ddp, fsdp, zero2 or zero3")
     check_gpu(accel, has_gpu)
-    module = ["-m", f"stages.{stage}", *args]
+    module = ["-m", registry.get(stage).module, *args]
     if nproc == 1 and accel in DIRECT:
         return [sys.executable, *module]
     cmd = [sys.executable, "-m", "pipeline.launch", ACCELERATE_FLAG,

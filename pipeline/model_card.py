@@ -6,24 +6,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline import runs
+from pipeline import registry, runs
 
 
 # What each stage's model is, for its card (the EMA copy of the PPO policy has its own line).
-PURPOSE = {
-    "pretrain": "A causal language model pretrained on plain text.",
-    "sft": "The parent's model fine-tuned on demonstrations, with the loss on the responses only.",
-    "rm": "A reward model: a one-label sequence classifier trained on ranked responses.",
-    "ppo": "The SFT policy trained with KL-regularised PPO against the reward model.",
-    "ppo-ema": "An exponential moving average of the PPO policy's weights (evaluation and export only).",
-}
+PURPOSE = {**{name: s.purpose for name, s in registry.STAGES.items()},
+           "ppo-ema": "An exponential moving average of the PPO policy's weights (evaluation and export only)."}
 
 
 def model_card(m: runs.Manifest, model_dir: Path, parent: runs.Parent | None, ema: bool = False) -> str:
     """`README.md` of a stage's model directory: what the model is, where it came from (stage, run,
     parent, data), its headline metrics and how to load it with transformers alone. The front
     matter is the Hugging Face hub's, so the directory reads like a hub checkpoint."""
-    cfg, rm = m.config, m.stage == "rm"
+    cfg, rm = m.config, registry.get(m.stage).produces == "reward_model"
     where = f"{cfg.get('runs_dir', 'runs')}/{m.run_name}/{m.stage}/{model_dir.name}"
     if parent is not None:
         origin = (f"the `{parent.manifest.stage}` stage of run `{parent.manifest.run_name}`: `{m.parent}` "

@@ -16,12 +16,12 @@ import sys
 
 import torch
 
+from pipeline import registry
 from pipeline.config import ConfigError, InputError, load_config
 from pipeline.runs import HandoffError
 
 # stage -> (module with memory_plan and MEMORY_KNOBS, its config class)
-STAGES = {"pretrain": ("stages.pretrain", "PretrainConfig"), "sft": ("stages.sft", "SFTConfig"),
-          "rm": ("stages.rm", "RMConfig"), "ppo": ("stages.ppo.runner", "PPOConfig")}
+STAGES = {name: (s.plan_module, s.config) for name, s in registry.STAGES.items()}
 LAUNCHERS = {"cpu": "plain", "gpu": "plain", "ddp": "ddp", "fsdp": "fsdp", "zero2": "zero2", "zero3": "zero3"}
 
 

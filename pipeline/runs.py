@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
+from pipeline import registry
 
 
 class HandoffError(RuntimeError):
@@ -221,18 +221,19 @@ class Parent:
 
 def resolve_parent(stage: str, runs_dir: str | Path, run_name: str, explicit: str | None = None,
                    allowed: tuple[str, ...] | None = None) -> Parent:
-    """Find and check the parent of `stage`: the previous stage of the same run, or `explicit`.
+    """Find and check the parent of `stage`: its default parent stage (`pipeline.registry`) of the
+    same run, or `explicit`.
 
-    Refuses (HandoffError) a missing, incomplete or out-of-order parent, or one whose model
-    directory no longer holds the tokenizer recorded in its manifest.
+    Refuses (HandoffError) a missing or incomplete parent, one of a stage `stage` does not train
+    from, or one whose model directory no longer holds the tokenizer recorded in its manifest.
     """
-    order = STAGES.index(stage)
+    parents = registry.get(stage).parents
     if explicit:
         path = manifest_path(explicit)
     else:
-        if order == 0:
+        if not parents:
             raise HandoffError(f"stage '{stage}' has no parent stage")
-        prev = STAGES[order - 1]
+        prev = parents[0]
         path = stage_dir(runs_dir, run_name, prev) / "manifest.json"
         if not path.exists():
             raise HandoffError(
@@ -241,7 +242,7 @@ def resolve_parent(stage: str, runs_dir: str | Path, run_name: str, explicit: st
     m = Manifest.load(path)
     if not m.complete:
         raise HandoffError(f"{path}: parent stage '{m.stage}' is {m.status}, not complete; re-run it before '{stage}'")
-    allowed = allowed or STAGES[:order]
+    allowed = allowed or parents
     if m.stage not in allowed:
         raise HandoffError(f"{path}: a '{m.stage}' stage cannot be the parent of '{stage}' (allowed: {', '.join(allowed)})")
     if not m.model_dir:
@@ -302,8 +303,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 def run_status(runs_dir: str | Path, run_name: str) -> list[dict]:
     """One row per stage of a run: status, wall time and headline metrics."""
     rows = []
-    for stage in STAGES:
+    for stage in registry.NAMES:
         path = stage_dir(runs_dir, run_name, stage) / "manifest.json"
+        if not path.exists() and not registry.get(stage).chain:
+            continue  # a stage outside the default chain shows once it ran
         if not path.exists():
             rows.append({"stage": stage, "status": "-", "wall_time_s": None, "metrics": {}})
             continue

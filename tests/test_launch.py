@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from pipeline import gpu_smoke, launch
-from pipeline.runs import STAGES, Manifest
+from pipeline.registry import NAMES as STAGES
+from pipeline.runs import Manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEL_DIR = ROOT / "configs" / "accelerate"

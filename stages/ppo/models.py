@@ -43,7 +43,7 @@ def resolve_sources(cfg) -> Sources:
     policy_dir, reward_dir = cfg.policy.name_or_path, cfg.reward.name_or_path
     if policy_dir and reward_dir:
         return Sources(str(policy_dir), str(reward_dir))
-    parent = runs.resolve_parent("ppo", cfg.runs_dir, cfg.run_name, cfg.parent, allowed=("rm",))
+    parent = runs.resolve_parent("ppo", cfg.runs_dir, cfg.run_name, cfg.parent)
     sft_manifest = None
     if not policy_dir:
         sft_manifest, sft_dir = sft_of(parent)
