@@ -398,3 +398,17 @@ def from_dict(cls: type, data: dict):
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+@dataclass
+class PolicyEvalConfig:
+    every: int = F(10, "evaluation on the valid prompts every N iterations (optimizer steps outside ppo), sampled at "
+                       "eval.temperature (0 = only at start and end); the reported figures come from the test prompts "
+                       "at the end (docs/ppo.md §38)", ge=0)
+    num_prompts: int = F(0, "held-out prompts per split (0 = all of world.prompts('valid') / ('test')); taken evenly across skills", ge=0)
+    temperature: float = F(0.7, "temperature of the sampled comparison (both sides); the headline is greedy vs greedy", ge=0)
+    max_new_tokens: int = F(64, "response budget of both sides: long enough for the longest demonstration, so the SFT "
+                                "baseline's chatty answers finish", gt=0)
+    best_of: list[int] = F([4, 16], "best-of-n baselines on the test prompts: n SFT samples, the reward model picks one", ge=1)
+    seed: int = F(4321, "eval sampling seed (eval never disturbs the training random state)", ge=0)
+    samples: int = F(16, "rows in the wandb sample tables", ge=0)

@@ -63,5 +63,13 @@ def descendants(name: str) -> set[str]:
     return out
 
 
+def config_class(name: str) -> type:
+    """The stage's config class (imports its module)."""
+    import importlib
+
+    spec = get(name)
+    return getattr(importlib.import_module(spec.plan_module), spec.config)
+
+
 def chat_stages() -> tuple[str, ...]:
     return tuple(n for n, s in STAGES.items() if s.produces == "causal_lm")

@@ -6,15 +6,10 @@ import pytest
 
 from pipeline.config import CONFIG_DIR, ROOT, ConfigError, F, StageConfig, help_text, load_config, to_yaml
 
-STAGE_MODULES = {"pretrain": "stages.pretrain", "sft": "stages.sft", "rm": "stages.rm", "ppo": "stages.ppo"}
-
-
 def _config_class(stage):
-    import importlib
+    from pipeline import registry
 
-    mod = importlib.import_module(STAGE_MODULES[stage])
-    return next(v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, StageConfig)
-                and v is not StageConfig and getattr(v, "stage", "") == stage)
+    return registry.config_class(stage)
 
 
 @pytest.mark.parametrize("path", sorted(p for p in CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

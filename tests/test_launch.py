@@ -164,13 +164,9 @@ def test_accelerate_wrapper_keeps_exit_code_and_names_a_signal(tmp_path):
 
 # ------------------------------------------------------------------------ gpu smoke: plan
 def _stage_config_class(stage):
-    import importlib
+    from pipeline import registry
 
-    from pipeline.config import StageConfig
-
-    mod = importlib.import_module(f"stages.{stage}")
-    return next(v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, StageConfig)
-                and v is not StageConfig and getattr(v, "stage", "") == stage)
+    return registry.config_class(stage)
 
 
 def _arg(row, key):

@@ -1,4 +1,4 @@
-"""PPO's reported figures (stages/ppo/evaluate.py): the comparison summary and the best-of-n
+"""PPO's reported figures (stages/policy_eval.py): the comparison summary and the best-of-n
 baseline, on hand-built rows and candidates."""
 import math
 from types import SimpleNamespace
@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import WorldConfig
 from pipeline.world import World
-from stages.ppo import evaluate as ev
+from stages import policy_eval as ev
 
 
 def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n():
@@ -47,9 +47,10 @@ def test_best_of_n_picks_the_reward_models_favourite_among_the_first_n(monkeypat
           2.0, 1.0, 0.5, 0.0]
     monkeypatch.setattr(ev, "sample_eval", lambda *a, **k: (texts, [True] * 8, [[1]] * 8))
     monkeypatch.setattr(ev, "score_responses", lambda rm_model, tok, p, t, f: torch.tensor([rm[texts.index(x)] for x in t]))
-    models = SimpleNamespace(ref=object(), tokenizer=None, reward=None, reward_tokenizer=None)
+    models = SimpleNamespace(ref=object(), tokenizer=None, reward=object(), reward_tokenizer=None)
     acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
-    cfg = SimpleNamespace(rollout=SimpleNamespace(forward_batch_size=3), eval=SimpleNamespace(seed=0))
+    cfg = ev.EvalSettings(seed=0, max_new_tokens=8, temperature=0.7, best_of=(2, 4), num_prompts=0, batch_size=3,
+                          kl_temperature=0.7)
     sft_gold = [world.gold_score(prompts[0], "Answer: 5. Hope this helps!"), world.gold_score(prompts[1], "Answer: 2.")]
     eval_set = ev.EvalSet("test", 0.7, [0, 1], prompts, ["", ""], [True, True], sft_gold)
     out = {b["n"]: b for b in ev.best_of_n(models, eval_set, world, cfg, acc, [2, 4])}

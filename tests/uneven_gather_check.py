@@ -30,7 +30,8 @@ def compute(policy_dir: str, reward_dir: str, accelerator) -> dict:
     from reward_model.comparisons import sample_responses
     from reward_model.scoring import score_ids
     from stages.ppo.config import PPOConfig
-    from stages.ppo.evaluate import test_evaluation
+    from stages.policy_eval import test_evaluation
+    from stages.ppo.runner import eval_settings
     from stages.ppo.models import load_models, resolve_sources
 
     cfg = load_config(PPOConfig, [f"policy.name_or_path={policy_dir}", f"reward.name_or_path={reward_dir}", *WORLD,
@@ -50,7 +51,7 @@ def compute(policy_dir: str, reward_dir: str, accelerator) -> dict:
     models = load_models(cfg, resolve_sources(cfg), accelerator.device)
     seqs = [tok(p)["input_ids"] for p in prompts]
     out["scores"] = score_ids(models.reward, seqs, tok.pad_token_id, 2, accelerator)[0].tolist()
-    metrics, result, rows = test_evaluation(models.policy, models, world, cfg, accelerator)
+    metrics, result, rows = test_evaluation(models.policy, models, world, eval_settings(cfg), accelerator)
     out["ppo_test"] = {"metrics": metrics, "result": result, "rows": rows}
     return out
 

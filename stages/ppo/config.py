@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.config import F, StageConfig
+from pipeline.config import F, PolicyEvalConfig, StageConfig
 
 
 @dataclass
@@ -105,19 +105,6 @@ class EMAConfig:
 
 
 @dataclass
-class PPOEvalConfig:
-    every: int = F(10, "evaluation on the valid prompts every N iterations, sampled at eval.temperature (0 = only at "
-                       "start and end); the reported figures come from the test prompts at the end (docs/ppo.md §38)", ge=0)
-    num_prompts: int = F(0, "held-out prompts per split (0 = all of world.prompts('valid') / ('test')); taken evenly across skills", ge=0)
-    temperature: float = F(0.7, "temperature of the sampled comparison (both sides); the headline is greedy vs greedy", ge=0)
-    max_new_tokens: int = F(64, "response budget of both sides: long enough for the longest demonstration, so the SFT "
-                                "baseline's chatty answers finish", gt=0)
-    best_of: list[int] = F([4, 16], "best-of-n baselines on the test prompts: n SFT samples, the reward model picks one", ge=1)
-    seed: int = F(4321, "eval sampling seed (eval never disturbs the training random state)", ge=0)
-    samples: int = F(16, "rows in the wandb sample tables", ge=0)
-
-
-@dataclass
 class PPOConfig(StageConfig):
     policy: PolicySection = F(PolicySection(), "the policy (from the SFT model) and LoRA")
     reward: RewardSection = F(RewardSection(), "the reward model (from the rm stage); the critic starts from it")
@@ -127,7 +114,7 @@ class PPOConfig(StageConfig):
     ptx: PtxConfig = F(PtxConfig(), "PPO-ptx: keep the pretraining/SFT likelihood up")
     optim: PPOOptimConfig = F(PPOOptimConfig(), "optimizers and schedules")
     ema: EMAConfig = F(EMAConfig(), "EMA of the policy")
-    eval: PPOEvalConfig = F(PPOEvalConfig(), "gold evaluation against the SFT policy")
+    eval: PolicyEvalConfig = F(PolicyEvalConfig(), "gold evaluation against the SFT policy")
     iterations: int = F(40, "PPO iterations (rollout batches); on the built-in world the valid gold score peaks "
                             "at 30-40, and falls after (over-optimization)", gt=0)
     rollout_batch_size: int = F(64, "prompts (episodes) per iteration, all processes together", gt=0)

@@ -3,7 +3,7 @@
 Data flow: rm manifest -> reward model + critic; its parent sft manifest -> policy + reference
 -> prompts (built-in world or files) in a seeded order addressed by iteration -> per iteration:
 generate, score, advantages, optimise (`loop.py`) -> gold evaluation vs the SFT policy every
-`eval.every` iterations on the valid prompts (`evaluate.py`) -> resumable checkpoints (models, optimizers, schedules,
+`eval.every` iterations on the valid prompts (`stages/policy_eval.py`) -> resumable checkpoints (models, optimizers, schedules,
 KL controller, EMA, random state; the prompt position is the iteration) -> `model/` (+
 `model_ema/`) as plain `save_pretrained` directories -> the reported figures on the test prompts
 (greedy and sampled comparisons with SFT, best-of-n) -> manifest (headline: greedy gold win rate).
@@ -27,7 +27,7 @@ from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts, load_ptx
-from stages.ppo.evaluate import SKILL, TABLE_COLUMNS, evaluate, make_eval_set, test_evaluation
+from stages.policy_eval import SKILL, TABLE_COLUMNS, EvalSettings, evaluate, make_eval_set, test_evaluation
 from stages.ppo.loop import Trainer, iteration_step, make_trainer
 from stages.ppo.models import Sources, export_policy, load_models, resolve_sources
 
@@ -116,6 +116,12 @@ def resolve_auto(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: 
     return layer if build_plan(memory_plan, layer, launcher, nproc, device, prompt_len, gpu_mem_gib).fits() else pick("whole")
 
 
+def eval_settings(cfg: PPOConfig) -> EvalSettings:
+    """The evaluation's settings: the `eval` section, the rollout's forward batch, and the KL
+    measured at the temperature the policy trains at."""
+    return EvalSettings.of(cfg.eval, cfg.rollout.forward_batch_size, cfg.rollout.temperature)
+
+
 def check_world(cfg: PPOConfig, parent: runs.Parent | None) -> None:
     """Prompts and the gold evaluation must come from the world the reward model was trained in."""
     theirs = parent.manifest.config.get("world") if parent is not None else None
@@ -175,7 +181,8 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     # 2. the SFT baseline on the valid prompts (gold labeler available only in the built-in world)
     gold = cfg.data.source == "world"
-    eval_set = make_eval_set(models, world, cfg, accelerator, "valid") if gold else None
+    ev = eval_settings(cfg)
+    eval_set = make_eval_set(models, world, ev, accelerator, "valid") if gold else None
 
     iteration = 0
     if resume_from:
@@ -192,9 +199,9 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
             return {}
         t0 = time.perf_counter()
         with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy, whole) as policy:
-            metrics, rows = evaluate(policy, models, eval_set, world, cfg, accelerator)
+            metrics, rows = evaluate(policy, models, eval_set, world, ev, accelerator)
             if trainer.ema is not None:
-                ema_metrics, _ = evaluate(trainer.ema.model, models, eval_set, world, cfg, accelerator, prefix="eval_ema")
+                ema_metrics, _ = evaluate(trainer.ema.model, models, eval_set, world, ev, accelerator, prefix="eval_ema")
                 metrics.update(ema_metrics)
         metrics["perf/time_eval"] = time.perf_counter() - t0
         tracker.log(metrics, step)
@@ -236,7 +243,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     if gold:
         t0 = time.perf_counter()
         with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy, whole) as policy:
-            test_metrics, evaluation, rows = test_evaluation(policy, models, world, cfg, accelerator)
+            test_metrics, evaluation, rows = test_evaluation(policy, models, world, ev, accelerator)
         test_metrics["perf/time_test_eval"] = time.perf_counter() - t0
         tracker.log(test_metrics, cfg.iterations)
         tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, cfg.eval.samples), cfg.iterations)

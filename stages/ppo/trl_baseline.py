@@ -80,7 +80,7 @@ def export(cfg: PPOConfig, out: Path) -> list[str]:
     """Write `out/{policy,reward,value}` (plain copies), `out/prompts.jsonl` (one
     {"input_ids": [...]} per rollout prompt, the chat-template ids) and `out/prompts.eval.jsonl`
     (the valid prompts, for the baseline's own before/after check); return the baseline's flags."""
-    from stages.ppo.evaluate import eval_prompts
+    from stages.policy_eval import eval_prompts
     from stages.ppo.models import resolve_sources
     from pipeline.models import load_tokenizer
 
@@ -105,16 +105,16 @@ def judge(cfg: PPOConfig, policy_dir: str) -> dict:
     """The ppo stage's test evaluation of the policy in `policy_dir` against the run's SFT policy."""
     from pipeline.distributed import trained_numerics
     from pipeline.models import disable_dropout, load_causal_lm
-    from stages.ppo.evaluate import test_evaluation
+    from stages.policy_eval import test_evaluation
     from stages.ppo.models import load_models, resolve_sources
-    from stages.ppo.runner import print_evaluation
+    from stages.ppo.runner import eval_settings, print_evaluation
 
     configure_threads(cfg.threads)
     accelerator = make_accelerator(mixed_precision=resolve_precision(cfg.precision))
     seed_everything(cfg.seed)
     models = load_models(cfg, resolve_sources(cfg), accelerator.device, trained_numerics(accelerator))
     policy = disable_dropout(load_causal_lm(policy_dir, models.tokenizer, attn=cfg.attention())).to(accelerator.device)
-    _, evaluation, _ = test_evaluation(policy.eval(), models, World(cfg.world), cfg, accelerator)
+    _, evaluation, _ = test_evaluation(policy.eval(), models, World(cfg.world), eval_settings(cfg), accelerator)
     print(f"{policy_dir} against the SFT policy {resolve_sources(cfg).policy_dir}:")
     print_evaluation(evaluation)
     return evaluation

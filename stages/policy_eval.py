@@ -1,19 +1,25 @@
-"""Gold evaluation against the SFT policy on held-out prompts (docs/ppo.md §34, §38).
+"""Evaluation of a trained policy against its reference (the SFT policy) on held-out prompts of
+the built-in world, judged by its gold labeler: what every policy-training stage (ppo, dpo)
+reports, the same way (docs/ppo.md §34, §38).
 
-The built-in world's gold labeler, not the learned reward model, judges: a rising RM score with
-a flat or falling gold win rate is reward over-optimization. The protocol (docs/ppo.md §38):
+The gold labeler, not a learned reward model, judges: a rising RM score with a flat or falling
+gold win rate is reward over-optimization. The protocol (docs/ppo.md §38):
 
-- during training, every `eval.every` iterations, the policy is sampled at τ on the `valid`
-  prompts: the curves (gold, RM score, KL) and every choice of settings;
-- at the end, on the disjoint `test` prompts, PPO and SFT with the same decoding and budget:
+- during training, every `eval.every` steps, the policy is sampled at τ on the `valid` prompts:
+  the curves (gold, RM score, KL) and every choice of settings;
+- at the end, on the disjoint `test` prompts, the policy and SFT with the same decoding and budget:
   greedy vs greedy (the headline) and τ vs τ, then best-of-n of SFT samples ranked by the reward
-  model (Gao et al. 2022) as the baseline PPO has to beat.
+  model (Gao et al. 2022) as a baseline to beat.
 
 Each comparison's SFT responses are generated once with the same settings; a tie counts half.
 Sampled responses draw from named random streams (`pipeline.evaluation.KeyedSampling`): the SFT
 opponent, the policy and the best-of-n candidates each from their own, so no side shares the
 other's draws, and a prompt's draws are the same on any number of processes. Evaluation never
 touches the training random state.
+
+What it needs: the `eval` section (`PolicyEvalConfig`) with a batch size and the temperature the
+KL is measured at (`EvalSettings`), and models with `tokenizer`, `ref` (None: the `policy`'s
+LoRA adapter disabled), `reward` and `reward_tokenizer` (`reward` None: no RM score, no best-of-n).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config import PolicyEvalConfig
 from pipeline.distributed import is_sharded
 from pipeline.evaluation import gather, generate, shard_even
 from pipeline.logprobs import sequence_kl_tokens
@@ -36,6 +43,26 @@ from stages.ppo.rollout import (
     score_responses,
     sequence_inputs,
 )
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the evaluation reads: the `eval` section's values (`pipeline.config.PolicyEvalConfig`), the batch size of its no-grad
+    forwards and the temperature at which the policy's KL from the reference is measured (the
+    temperature the policy trains at)."""
+
+    seed: int
+    max_new_tokens: int
+    temperature: float
+    best_of: tuple[int, ...]
+    num_prompts: int
+    batch_size: int
+    kl_temperature: float
+
+    @classmethod
+    def of(cls, section: PolicyEvalConfig, batch_size: int, kl_temperature: float) -> "EvalSettings":
+        return cls(section.seed, section.max_new_tokens, section.temperature, tuple(section.best_of),
+                   section.num_prompts, batch_size, kl_temperature)
 
 
 def eval_prompts(world, n: int = 0, split: str = "valid") -> list[str]:
@@ -67,33 +94,33 @@ class EvalSet:
             self.n_real = len(self.prompts)
 
 
-def eval_stream(cfg, split: str, who: str) -> str:
+def eval_stream(ev: EvalSettings, split: str, who: str) -> str:
     """The random stream of one side of the evaluation: 'reference' (the SFT opponent), 'policy',
     'best-of-n' (the candidates)."""
-    return f"{cfg.eval.seed}/eval/{split}/{who}"
+    return f"{ev.seed}/eval/{split}/{who}"
 
 
 @torch.no_grad()
-def sample_eval(model, tokenizer, prompts: list[str], cfg, temperature: float, stream: str,
+def sample_eval(model, tokenizer, prompts: list[str], ev: EvalSettings, temperature: float, stream: str,
                 rows: list[int]) -> tuple[list[str], list[bool], list[list[int]]]:
     """(texts, finished, response ids without stop) at `temperature` with the eval budget; prompt
     i draws as row `rows[i]` of `stream`."""
-    out = generate(model, tokenizer, encode_prompts(tokenizer, prompts), cfg.eval.max_new_tokens,
-                   temperature=temperature, batch_size=cfg.rollout.forward_batch_size, stream=stream, rows=rows,
+    out = generate(model, tokenizer, encode_prompts(tokenizer, prompts), ev.max_new_tokens,
+                   temperature=temperature, batch_size=ev.batch_size, stream=stream, rows=rows,
                    lockstep=is_sharded(model))
     ids = [r for r, _ in out]
     return tokenizer.batch_decode(ids, skip_special_tokens=True), [f for _, f in out], ids
 
 
-def make_eval_set(models, world, cfg, accelerator, split: str = "valid", temperature: float | None = None) -> EvalSet:
+def make_eval_set(models, world, ev: EvalSettings, accelerator, split: str = "valid", temperature: float | None = None) -> EvalSet:
     """Generate the SFT policy's (the reference's) responses once on this process's share of `split`."""
-    temperature = cfg.eval.temperature if temperature is None else temperature
-    everything = eval_prompts(world, cfg.eval.num_prompts, split)
+    temperature = ev.temperature if temperature is None else temperature
+    everything = eval_prompts(world, ev.num_prompts, split)
     rows, n_real = shard_even(list(range(len(everything))), accelerator)
     prompts = [everything[i] for i in rows]
     with reference_context(models):
-        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, cfg, temperature,
-                                         eval_stream(cfg, split, "reference"), rows)
+        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, ev, temperature,
+                                         eval_stream(ev, split, "reference"), rows)
     gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts, texts, finished)]
     return EvalSet(split, temperature, rows, prompts, texts, finished, gold, n_real)
 
@@ -127,19 +154,20 @@ def sequence_kl(model, models, prompts: list[str], ids: list[list[int]], finishe
     return out
 
 
-def evaluate(model, models, eval_set: EvalSet, world, cfg, accelerator, prefix: str = "eval") -> tuple[dict, list]:
+def evaluate(model, models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, prefix: str = "eval") -> tuple[dict, list]:
     """Gold score, win rate vs SFT, accuracy, finish rate, RM score and (sampled decoding only) KL
     of `model` on the eval set's prompts, decoded as its SFT responses were. Returns (metrics,
     table rows); every process gets the same numbers."""
     was_training = model.training
     model.eval()
-    texts, finished, ids = sample_eval(model, models.tokenizer, eval_set.prompts, cfg, eval_set.temperature,
-                                       eval_stream(cfg, eval_set.split, "policy"), eval_set.rows)
+    texts, finished, ids = sample_eval(model, models.tokenizer, eval_set.prompts, ev, eval_set.temperature,
+                                       eval_stream(ev, eval_set.split, "policy"), eval_set.rows)
     device = accelerator.device
-    rm = score_responses(models.reward, models.reward_tokenizer, eval_set.prompts, texts, finished).tolist() if texts else []
+    rm = (score_responses(models.reward, models.reward_tokenizer, eval_set.prompts, texts, finished).tolist()
+          if texts and models.reward is not None else [float("nan")] * len(texts))
     # KL along a greedy trajectory is not an estimate of the policies' KL: sampled decoding only.
-    kl = sequence_kl(model, models, eval_set.prompts, ids, finished, cfg.rollout.temperature,
-                     cfg.rollout.forward_batch_size, device) if texts and eval_set.temperature > 0 else [float("nan")] * len(texts)
+    kl = sequence_kl(model, models, eval_set.prompts, ids, finished, ev.kl_temperature,
+                     ev.batch_size, device) if texts and eval_set.temperature > 0 else [float("nan")] * len(texts)
     rows = []
     for i, (p, t, f) in enumerate(zip(eval_set.prompts[: eval_set.n_real], texts, finished)):
         gold, sft_gold = world.gold_score(p, t, f), eval_set.sft_gold[i]
@@ -193,23 +221,23 @@ def best_of_n_kl(n: int) -> float:
 
 
 @torch.no_grad()
-def best_of_n(models, eval_set: EvalSet, world, cfg, accelerator, ns: list[int]) -> list[dict]:
+def best_of_n(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, ns: list[int]) -> list[dict]:
     """Best-of-n with the reward model as the baseline (docs/ppo.md §38): max(ns) SFT samples per
     prompt at the eval set's temperature, ranked by the RM; for each n the RM's pick among the
     first n is judged by the gold labeler against the eval set's own SFT sample (one draw). n = 1,
     the SFT policy itself at KL 0, is always included: the curve's origin."""
-    if not ns:
+    if not ns or models.reward is None:
         return []
     ns = sorted({1, *ns})
     m, prompts = max(ns), eval_set.prompts
     repeated = [p for p in prompts for _ in range(m)]
     rows = [row * m + c for row in eval_set.rows for c in range(m)]
     with reference_context(models):
-        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, repeated, cfg, eval_set.temperature,
-                                         eval_stream(cfg, eval_set.split, "best-of-n"), rows)
+        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, repeated, ev, eval_set.temperature,
+                                         eval_stream(ev, eval_set.split, "best-of-n"), rows)
     scores = []
-    for i in range(0, len(repeated), cfg.rollout.forward_batch_size):
-        j = i + cfg.rollout.forward_batch_size
+    for i in range(0, len(repeated), ev.batch_size):
+        j = i + ev.batch_size
         scores += score_responses(models.reward, models.reward_tokenizer, repeated[i:j], texts[i:j], finished[i:j]).tolist()
     per_prompt = []  # per prompt, one row per n: (n, correct, finished, gold, rm, win, skill)
     for k, p in enumerate(prompts[: eval_set.n_real]):
@@ -231,23 +259,23 @@ def best_of_n(models, eval_set: EvalSet, world, cfg, accelerator, ns: list[int])
     return out
 
 
-def test_evaluation(policy, models, world, cfg, accelerator) -> tuple[dict, dict, list]:
+def test_evaluation(policy, models, world, ev: EvalSettings, accelerator) -> tuple[dict, dict, list]:
     """The reported figures, on the `test` split: PPO vs SFT greedy vs greedy (the headline) and
     at τ vs τ, with the same budget, and best-of-n of SFT samples. Returns (flat metrics for the
     tracker, the structured result for the manifest and report, the greedy table rows)."""
-    result: dict = {"split": "test", "max_new_tokens": cfg.eval.max_new_tokens, "comparisons": {}}
+    result: dict = {"split": "test", "max_new_tokens": ev.max_new_tokens, "comparisons": {}}
     metrics, greedy_rows = {}, []
-    for name, temperature in (("greedy", 0.0), ("sampled", cfg.eval.temperature)):
+    for name, temperature in (("greedy", 0.0), ("sampled", ev.temperature)):
         if name == "sampled" and temperature <= 0:
             continue
-        eval_set = make_eval_set(models, world, cfg, accelerator, "test", temperature)
-        m, rows = evaluate(policy, models, eval_set, world, cfg, accelerator, prefix=f"test/{name}")
+        eval_set = make_eval_set(models, world, ev, accelerator, "test", temperature)
+        m, rows = evaluate(policy, models, eval_set, world, ev, accelerator, prefix=f"test/{name}")
         metrics.update(m)
         result["comparisons"][name] = comparison(rows, "greedy" if temperature == 0 else f"τ={temperature:g}")
         if name == "greedy":
             greedy_rows = rows
         else:
-            result["best_of_n"] = best_of_n(models, eval_set, world, cfg, accelerator, cfg.eval.best_of)
+            result["best_of_n"] = best_of_n(models, eval_set, world, ev, accelerator, ev.best_of)
             for b in result["best_of_n"]:
                 metrics.update({f"test/best_of_{b['n']}/gold_score": b["gold_score"],
                                 f"test/best_of_{b['n']}/accuracy": b["accuracy"]["value"],
