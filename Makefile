@@ -1,6 +1,7 @@
 # Every target sets up .venv on first use (a fast no-op afterwards) and launches one module.
 # RUN=<name> picks the run (runs/<name>/), NPROC=<n> the processes, ACCEL=<file in
 # configs/accelerate> the launcher, ARGS="key=value ..." per-stage overrides, FROM=<stage> restarts,
+# STAGES=<a,b,...> the stages `make pipeline` runs (default the InstructGPT chain pretrain,sft,rm,ppo),
 # STAGE=<stage> whose model `make chat` talks to (ARGS="--temperature 0.7" there) or `make plan` plans
 # (NPROC, ACCEL and GPU_MEM=<GiB> there: the GPUs to plan for, default 8 under fsdp with 80 GiB).
 PY      := .venv/bin/python
@@ -9,17 +10,20 @@ RUN     ?= default
 ARGS    ?=
 FROM    ?=
 STAGE   ?= ppo
+STAGES  ?=
+# every stage of pipeline/registry.py is a target (`make dpo`); the registry imports nothing
+STAGE_TARGETS := $(shell python3 -c "import pipeline.registry as r; print(*r.NAMES)" 2>/dev/null || echo pretrain sft rm ppo)
 
-.PHONY: setup pretrain sft rm ppo pipeline plan status chat test test-all bench bench-ppo gpu-smoke clean
+.PHONY: setup $(STAGE_TARGETS) pipeline plan status chat test test-all bench bench-ppo gpu-smoke clean
 
 setup:
 	@$(SETUP)
 
-pretrain sft rm ppo: setup
+$(STAGE_TARGETS): setup
 	$(PY) -m pipeline.launch $@ run_name=$(RUN) $(ARGS)
 
 pipeline: setup
-	$(PY) -m pipeline run --run $(RUN) $(if $(FROM),--from $(FROM)) $(ARGS)
+	$(PY) -m pipeline run --run $(RUN) $(if $(FROM),--from $(FROM)) $(if $(STAGES),--stages $(STAGES)) $(ARGS)
 
 plan: setup
 	$(PY) -m pipeline plan $(STAGE) run_name=$(RUN) $(ARGS) --launcher $(or $(ACCEL),fsdp) --nproc $(or $(NPROC),8) $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))

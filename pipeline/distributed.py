@@ -125,6 +125,18 @@ def trained_numerics(accelerator) -> str:
     return "autocast"
 
 
+def load_frozen(accelerator, path, tokenizer, precision: str, attn: str = "auto") -> torch.nn.Module:
+    """A causal LM (the parent SFT policy) for inference only, on this process's device, stored as
+    the trained models compute (`trained_numerics`, `pipeline.models.as_frozen`): what samples a
+    preference stage's comparisons and scores the likelihood term, with the values PPO's reference
+    computes. `precision` as the stage's key (`auto` resolved here)."""
+    from pipeline.models import as_frozen, load_causal_lm
+    from pipeline.runtime import resolve_precision
+
+    model = load_causal_lm(path, tokenizer, attn=attn).eval().requires_grad_(False)
+    return as_frozen(model, trained_numerics(accelerator), resolve_precision(precision)).to(accelerator.device)
+
+
 def shard_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """A frozen (inference-only) model sharded over the processes like the trained ones, so its
     memory per GPU divides by the process count: FSDP2 `fully_shard` per decoder layer under fsdp,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import runs
+from pipeline import registry, runs
 from pipeline.stats import fmt_rate
 from pipeline.tracking import stratified
 
@@ -173,6 +173,32 @@ def _ppo_tables(evaluation: dict, ablation: runs.Manifest | None, ptx_coef: floa
     return out + [""]
 
 
+def policy_table(run_dir: Path) -> list[str]:
+    """Every policy-training stage of the run (`pipeline.registry`: a stage whose manifest holds a
+    test evaluation against SFT, `stages.policy_eval`) on the same test prompts, decoding and
+    budget, one row per stage and decoding, SFT first."""
+    rows, sft = [], {}
+    for name in registry.NAMES:
+        m = manifest_at(run_dir / name)
+        comps = ((m.extra or {}).get("evaluation") or {}).get("comparisons", {}) if m else {}
+        for c in comps.values():
+            sft.setdefault(c["decoding"], c["sft"])
+            p = c["policy"]
+            kl = f"{p['kl']:.2f}" if p.get("kl") is not None else "-"
+            rows.append(f"| {name} | {c['decoding']} | {_pct(c['win_rate'])} | {_pct(p['accuracy'])} | "
+                        f"{_pct(p['finish'])} | {p['gold_score']:.3f} | {kl} | {m.wall_time_s:.0f} s |")
+    if not rows:
+        return []
+    head = [f"| SFT | {d} | - | {_pct(v['accuracy'])} | {_pct(v['finish'])} | {v['gold_score']:.3f} | 0 | - |"
+            for d, v in sft.items()]
+    return ["## Policies on the test prompts", "",
+            "Every policy trained from SFT in this run, against the same SFT responses on the same held-out test "
+            "prompts, with the same decoding and budget; the gold labeler judges, a tie counts half; 95% intervals in "
+            "brackets; KL to SFT measured on the policy's own samples (sampled decoding only); wall time of the stage.",
+            "", "| policy | decoding | win rate vs SFT | accuracy | finished | gold | KL | wall time |",
+            "|---|---|---|---|---|---|---|---|", *head, *rows, ""]
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -300,6 +326,7 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
         else:  # no histogram (old manifest): the accuracies still belong in the report
             lines.extend(["## Reward model", "", *_rm_text(m)])
 
+    lines.extend(policy_table(run_dir))
     ppo = runs.read_metrics(run_dir / "ppo" / "metrics.jsonl")
     m = manifest("ppo")
     if ppo:

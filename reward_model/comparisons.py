@@ -14,14 +14,84 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Literal
 
 import torch
 
-from pipeline.records import Comparison
+from pipeline.config import F, WorldConfig
+from pipeline.records import Comparison, load_comparisons
 from pipeline.evaluation import gather, generate, shard
 from pipeline.runs import atomic_write_text
 from reward_model.scoring import as_messages, prompt_ids
+
+
+@dataclass
+class ComparisonDataConfig:
+    """The `data` section of the stages that learn from comparisons (rm, dpo): the same keys, so
+    the same data reaches both."""
+
+    source: Literal["world", "files"] = F(
+        "world", "'world' = sample K responses per world prompt from the parent, gold labeler ranks them; 'files' = import labeled files")
+    files: list[str] = F([], "labeled files, dataset directories or hub datasets: K-wise rankings or chosen/rejected "
+                             "pairs, explicit or implicit prompt (formats: pipeline/data.py)")
+    eval_files: list[str] = F([], "held-out labeled files for evaluation (default: data.valid_fraction of data.files)")
+    columns: dict[str, Any] = F({}, "rename fields before parsing, e.g. {prompt: question, chosen: good}")
+    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
+    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train), "
+                                "e.g. train_prefs")
+    eval_split: str | None = F(None, "split of data.eval_files (default: data.split), e.g. test_prefs; with the world: "
+                                     "the held-out prompts, test (default: reported figures) or valid (for choosing settings)")
+    prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
+    num_prompts: int = F(1000, "world prompts to sample comparisons for", gt=0)
+    k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)", ge=2)
+    eval_k: int = F(8, "responses sampled per held-out world prompt: more pairs from the same prompts, a tighter "
+                       "accuracy estimate (the expected share of correctness vs style pairs does not depend on K); 0 = k", ge=0)
+    max_new_tokens: int = F(64, "response length limit when sampling: one in which the SFT policy's chatty answers "
+                                "(~40-50 tokens) finish, so that pairs differ in the answer, not in which one was cut off", gt=0)
+    temperature: float = F(0.7, "sampling temperature; default = PPO's rollout temperature, so the RM learns the distribution it will score (1.0 = the raw policy, as InstructGPT)", gt=0)
+    label_noise: float = F(0.0, "simulated labeler noise: probability of swapping two adjacent ranks of a sampled comparison", ge=0, le=1)
+    valid_fraction: float = F(0.1, "share of imported comparisons held out for evaluation when no eval_files are given", ge=0, lt=1)
+    max_length: int = F(512, "drop comparisons with a rendered prompt+response longer than this many tokens", gt=0)
+
+
+
+SAVED = ("comparisons.jsonl", "eval_comparisons.jsonl")  # a stage directory's world comparisons, train and held out
+
+
+def build_comparisons(d: ComparisonDataConfig, seed: int, world: WorldConfig, sample: Callable, log,
+                      saved_in: Path | None = None) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, held_out): the comparisons a preference stage (rm, dpo) learns from, the same for
+    every such stage at the same seed. Files: read and validated, `valid_fraction` held out when no
+    eval files are given. World: `sample(prompts, k, seed)` writes K responses per prompt (the
+    parent policy), the gold labeler ranks them, `label_noise` swaps adjacent ranks; an interrupted
+    run's comparisons saved in `saved_in` (`SAVED`) are reused."""
+    rng = random.Random(seed)
+    if d.source == "files":
+        train = load_comparisons(d.files, d.columns, d.config, d.split, log)
+        held_out = load_comparisons(d.eval_files, d.columns, d.config, d.eval_split or d.split, log) if d.eval_files else []
+        if not d.eval_files and len(train) > 1 and d.valid_fraction > 0:
+            order = list(range(len(train)))
+            rng.shuffle(order)
+            n_eval = max(1, int(len(train) * d.valid_fraction))
+            held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
+        return train, held_out
+    files = [Path(saved_in) / name for name in SAVED] if saved_in is not None else []
+    if files and all(f.exists() for f in files):
+        log(f"reusing the comparisons of the interrupted run: {files[0]}")
+        return load_comparisons([str(files[0])], log=log), load_comparisons([str(files[1])], log=log)
+    from pipeline.world import World
+
+    labeler, t0 = World(world), time.time()
+    train = sample(labeler.prompts("rm", d.num_prompts), d.k, seed)
+    held_out = sample(labeler.prompts(d.eval_split or "test"), d.eval_k or d.k, seed + 1)
+    rank_with_labeler(labeler, train + held_out)
+    for c in train:
+        c.ranking = add_label_noise(c.ranking, d.label_noise, rng)
+    log(f"sampled {d.k} responses for {len(train)} + {len(held_out)} held-out prompts in {time.time() - t0:.0f}s")
+    return train, held_out
 
 
 def write_jsonl(path: str | Path, comparisons: list[Comparison]) -> None:

@@ -13,7 +13,6 @@ import math
 import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,12 +20,11 @@ import torch
 
 from pipeline import runs
 from pipeline.config import F, InputError, StageConfig
-from pipeline.records import load_comparisons, load_prompt_records
+from pipeline.records import load_prompt_records
 from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed, full_state_dict, inference_copy,
-                                  no_sync, save_model, trained_numerics)
+                                  load_frozen, no_sync, save_model, trained_numerics)
 from pipeline.memory import check_fits
-from pipeline.models import (as_frozen, count_parameters, enable_gradient_checkpointing, frozen_numerics, load_causal_lm,
-                             load_tokenizer)
+from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_numerics, load_tokenizer
 from pipeline.runtime import (adamw, batch_split, configure_threads, resolve_precision, seed_everything, stage_accelerator,
                               warmup_cosine)
 from pipeline.report import RM_PAIR_KINDS
@@ -35,6 +33,7 @@ from pipeline.stats import fmt_rate
 from pipeline.tracking import Progress, make_tracker, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
+from reward_model.comparisons import ComparisonDataConfig
 from reward_model.losses import kwise_loss
 from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons, residual_offsets, source_for
 from reward_model.metrics import accuracy_by_part, evaluate_comparisons
@@ -42,32 +41,6 @@ from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
 from reward_model.trl_pairwise import last_hf_checkpoint, train_pairwise
 from stages.pretrain import global_batch_indices
-
-
-@dataclass
-class RMDataConfig:
-    source: Literal["world", "files"] = F(
-        "world", "'world' = sample K responses per world prompt from the parent, gold labeler ranks them; 'files' = import labeled files")
-    files: list[str] = F([], "labeled files, dataset directories or hub datasets: K-wise rankings or chosen/rejected "
-                             "pairs, explicit or implicit prompt (formats: pipeline/data.py)")
-    eval_files: list[str] = F([], "held-out labeled files for evaluation (default: data.valid_fraction of data.files)")
-    columns: dict[str, Any] = F({}, "rename fields before parsing, e.g. {prompt: question, chosen: good}")
-    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
-    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train), "
-                                "e.g. train_prefs")
-    eval_split: str | None = F(None, "split of data.eval_files (default: data.split), e.g. test_prefs; with the world: "
-                                     "the held-out prompts, test (default: reported figures) or valid (for choosing settings)")
-    prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
-    num_prompts: int = F(1000, "world prompts to sample comparisons for", gt=0)
-    k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)", ge=2)
-    eval_k: int = F(8, "responses sampled per held-out world prompt: more pairs from the same prompts, a tighter "
-                       "accuracy estimate (the expected share of correctness vs style pairs does not depend on K); 0 = k", ge=0)
-    max_new_tokens: int = F(64, "response length limit when sampling: one in which the SFT policy's chatty answers "
-                                "(~40-50 tokens) finish, so that pairs differ in the answer, not in which one was cut off", gt=0)
-    temperature: float = F(0.7, "sampling temperature; default = PPO's rollout temperature, so the RM learns the distribution it will score (1.0 = the raw policy, as InstructGPT)", gt=0)
-    label_noise: float = F(0.0, "simulated labeler noise: probability of swapping two adjacent ranks of a sampled comparison", ge=0, le=1)
-    valid_fraction: float = F(0.1, "share of imported comparisons held out for evaluation when no eval_files are given", ge=0, lt=1)
-    max_length: int = F(512, "drop comparisons with a rendered prompt+response longer than this many tokens", gt=0)
 
 
 @dataclass
@@ -89,7 +62,7 @@ class NormalizeConfig:
 
 @dataclass
 class RMConfig(StageConfig):
-    data: RMDataConfig = F(RMDataConfig(), "comparisons: sampled from the world or imported")
+    data: ComparisonDataConfig = F(ComparisonDataConfig(), "comparisons: sampled from the world or imported")
     optim: RMOptimConfig = F(RMOptimConfig(), "optimizer and schedule")
     normalize: NormalizeConfig = F(NormalizeConfig(), "reward normalization after training")
     trainer: Literal["auto", "kwise", "trl"] = F(
@@ -226,8 +199,8 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     accelerator.wait_for_everyone()
     sr.begin(parent=prep.parent, data_fingerprint=prep.fingerprint, resuming=prep.resuming)
     if is_main and cfg.data.source == "world":
-        cmp.write_jsonl(sr.dir / "comparisons.jsonl", prep.comparisons)
-        cmp.write_jsonl(sr.dir / "eval_comparisons.jsonl", held_out)
+        for name, comps in zip(cmp.SAVED, (prep.comparisons, held_out)):  # reused by an interrupted run
+            cmp.write_jsonl(sr.dir / name, comps)
 
     # 2. model and training
     model = load_reward_model(prep.parent.model_dir, tokenizer, attn=cfg.attention())
@@ -237,7 +210,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         f"trainer {'trl RewardTrainer' if use_trl else 'K-wise'} | {threads} threads/proc")
     lm, offsets, spread = None, None, 1.0
     if residual:  # the frozen parent's judgement, added to every training score (recomputed on resume)
-        lm = _sampling_policy(cfg, prep.parent, tokenizer, accelerator).eval().requires_grad_(False)
+        lm = load_frozen(accelerator, prep.parent.model_dir, tokenizer, cfg.precision, cfg.attention()).eval().requires_grad_(False)
         log_lik = log_likelihood_ids(lm, [ids for g in train_seqs for ids in g], [s for g in prep.train_starts for s in g],
                                      tokenizer.pad_token_id, cfg.eval_batch_size, accelerator)
         offsets, spread = residual_offsets(log_lik, [len(c.responses) for c in train], residual)
@@ -391,7 +364,7 @@ def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model, lm=None) 
     """The frozen parent and the coefficient c that best ranks the calibration comparisons (the
     head's training comparisons when there are none) as head + c·log p_parent(response), the head
     as trained, unnormalized -> (term, which comparisons c was fitted on). `lm`: the parent, if loaded."""
-    lm = lm or _sampling_policy(cfg, prep.parent, prep.tokenizer, accelerator).eval().requires_grad_(False)
+    lm = lm or load_frozen(accelerator, prep.parent.model_dir, prep.tokenizer, cfg.precision, cfg.attention()).eval().requires_grad_(False)
     comps = prep.calibration or prep.train
     spans = [render_span(prep.tokenizer, c.prompt, r, f) for c in comps for r, f in zip(c.responses, c.finished)]
     pad, bs = prep.tokenizer.pad_token_id, cfg.eval_batch_size
@@ -404,55 +377,27 @@ def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model, lm=None) 
 
 
 def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, resuming: bool, log):
-    """(train, held_out, reference): comparisons, and (prompt, response, finished) SFT samples
-    to normalize on. World comparisons saved by an interrupted run are reused."""
-    d, rng = cfg.data, random.Random(cfg.seed)
-    policy = None
+    """(train, held_out, reference): comparisons (`reward_model.comparisons.build_comparisons`), and
+    (prompt, response, finished) SFT samples to normalize on."""
+    d, policy = cfg.data, None
 
     def sample(prompts: list[dict], k: int, seed: int) -> list:
         nonlocal policy
-        policy = policy or _sampling_policy(cfg, parent, tokenizer, accelerator)
+        policy = policy or load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision, cfg.attention())
         return cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], k, d.max_new_tokens, d.temperature,
                                     seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
 
+    train, held_out = cmp.build_comparisons(d, cfg.seed, cfg.world, sample, log, sr.dir if resuming else None)
     if d.source == "files":
-        train = load_comparisons(d.files, d.columns, d.config, d.split, log)
-        held_out = load_comparisons(d.eval_files, d.columns, d.config, d.eval_split or d.split, log) if d.eval_files else []
-        if not d.eval_files and len(train) > 1 and d.valid_fraction > 0:
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            n_eval = max(1, int(len(train) * d.valid_fraction))
-            held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
         reference = []
         if cfg.normalize.enabled:  # fresh SFT samples: PPO's rewards are normalized on what the policy writes
             prompts = list({str(c.prompt): {"prompt": c.prompt} for c in train}.values())[: cfg.normalize.reference_size]
             reference = [(c.prompt, c.responses[0], c.finished[0]) for c in sample(prompts, 1, cfg.seed + 2)]
         return train, held_out, reference
-    saved, saved_eval = sr.dir / "comparisons.jsonl", sr.dir / "eval_comparisons.jsonl"
-    if resuming and saved.exists() and saved_eval.exists():
-        log(f"reusing the comparisons of the interrupted run: {saved}")
-        train, held_out = load_comparisons([str(saved)], log=log), load_comparisons([str(saved_eval)], log=log)
-    else:
-        world, t0 = World(cfg.world), time.time()
-        train = sample(world.prompts("rm", d.num_prompts), d.k, cfg.seed)
-        held_out = sample(world.prompts(d.eval_split or "test"), d.eval_k or d.k, cfg.seed + 1)
-        cmp.rank_with_labeler(world, train + held_out)
-        for c in train:
-            c.ranking = cmp.add_label_noise(c.ranking, d.label_noise, rng)
-        log(f"sampled {d.k} responses for {len(train)} + {len(held_out)} held-out prompts in {time.time() - t0:.0f}s")
     flat = [(c.prompt, r, f) for c in train for r, f in zip(c.responses, c.finished)]
     if len(flat) > cfg.normalize.reference_size:
         flat = random.Random(cfg.seed + 3).sample(flat, cfg.normalize.reference_size)
     return train, held_out, flat
-
-
-def _sampling_policy(cfg: RMConfig, parent, tokenizer, accelerator):
-    """The parent SFT policy that writes the responses to rank and scores the likelihood term:
-    inference only, stored as the trained models compute (`frozen_numerics`: bf16 linear layers
-    under bf16 autocast), so the term's values here are those PPO's reference computes."""
-    precision = resolve_precision(cfg.precision)
-    model = load_causal_lm(parent.model_dir, tokenizer, attn=cfg.attention()).eval().requires_grad_(False)
-    return as_frozen(model, trained_numerics(accelerator), precision).to(accelerator.device)
 
 
 def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None:
@@ -461,7 +406,7 @@ def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None
     d = cfg.data
     prompts = (load_prompt_records(d.prompt_files, d.columns, config=d.config, split=d.split) if d.prompt_files
                else World(cfg.world).prompts("rm", d.num_prompts))
-    policy = _sampling_policy(cfg, parent, tokenizer, accelerator)
+    policy = load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision, cfg.attention())
     comps = cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], d.k, d.max_new_tokens, d.temperature,
                                  cfg.seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
     path = sr.dir / "comparisons_unlabeled.jsonl"
