@@ -37,6 +37,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ppo", "stages.ppo", "PPOConfig", ("rm",), "causal_lm",
           "The SFT policy trained with KL-regularised PPO against the reward model.",
           config_module="stages.ppo.runner"),
+    Stage("dpo", "stages.dpo", "DPOConfig", ("sft",), "causal_lm",
+          "The SFT policy trained with DPO (Rafailov et al. 2023) on ranked comparisons, without a reward model.",
+          chain=False),
 )}
 NAMES: tuple[str, ...] = tuple(STAGES)
 CHAIN: tuple[str, ...] = tuple(n for n, s in STAGES.items() if s.chain)

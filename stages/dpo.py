@@ -1,0 +1,332 @@
+"""Stage `dpo`: Direct Preference Optimization (Rafailov et al. 2023) of the SFT policy with TRL's
+`DPOTrainer`, a sibling of `rm` and the cheaper alternative to rm + ppo a skeptic tries first.
+
+Data flow: parent manifest (sft) -> the comparisons the rm stage learns from at the same seed
+(`reward_model.comparisons.build_comparisons`: world prompts sampled from the SFT policy and ranked
+by the gold labeler, or user preference files in any format the rm stage reads) -> every ranked
+pair of each K-wise comparison, rendered in the chat template as the rm stage renders them (an
+unfinished response keeps no end-of-turn token) -> `DPOTrainer` on those token ids, the reference
+log-probabilities computed once before training (no reference model held while training) ->
+`model/` (plain, LoRA merged) + manifest; on the world, the policy evaluated against SFT on the
+test prompts exactly as PPO is (`stages.policy_eval`: same prompts, decoding, budget, gold judge),
+its valid curve every `eval.every` steps.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+from pipeline import runs
+from pipeline.config import F, InputError, PolicyEvalConfig, StageConfig
+from pipeline.distributed import (configure_reduction, full_parameters, launcher_kind, load_frozen, save_model,
+                                  shard_frozen, trainer_launch_args)
+from pipeline.memory import check_fits
+from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
+from pipeline.runtime import batch_split, resolve_precision
+from pipeline.stage import DataError, StageRun, run_stage, stage_main
+from pipeline.tracking import Progress, make_tracker, stratified
+from pipeline.world import World
+from reward_model import comparisons as cmp
+from reward_model.comparisons import ComparisonDataConfig
+from reward_model.scoring import render_span
+from stages.policy_eval import SKILL, TABLE_COLUMNS, EvalSettings, evaluate, make_eval_set, test_evaluation
+from stages.sft import LoraConfig
+
+
+@dataclass
+class DPOOptimConfig:
+    lr: float = F(5e-4, "peak learning rate (AdamW; the tiny model's full fine-tune; ~5e-7 for real models, ~5e-6 for LoRA)",
+                  ge=0)
+    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
+    betas: list[float] = F([0.9, 0.95], "AdamW betas", ge=0, lt=1)
+    warmup_steps: int = F(5, "linear warm-up steps", ge=0)
+    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
+    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    data: ComparisonDataConfig = F(ComparisonDataConfig(), "comparisons: the rm stage's data section, the same keys")
+    lora: LoraConfig = F(LoraConfig(), "LoRA (peft) instead of all weights; the reference is the adapter disabled")
+    optim: DPOOptimConfig = F(DPOOptimConfig(), "optimizer")
+    eval: PolicyEvalConfig = F(PolicyEvalConfig(every=20, best_of=[]),
+                               "gold evaluation against the SFT policy, as ppo's (every: optimizer steps; best-of-n "
+                               "needs a reward model, which dpo has not)")
+    beta: float = F(0.1, "β: the strength of the implicit KL constraint to the SFT policy (DPO's temperature)", gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = F("sigmoid", "DPO's loss (sigmoid = the paper's), IPO or hinge")
+    epochs: float = F(2.0, "passes over the ranked pairs", gt=0)
+    global_batch_size: int = F(32, "pairs per optimizer step, all processes together", gt=0)
+    micro_batch_size: int = F(16, "at most this many pairs per process per forward/backward", gt=0)
+    eval_batch_size: int = F(64, "sequences per sampling / scoring forward of the evaluation", gt=0)
+    sample_batch_size: int = F(64, "sequences per generation batch when sampling the comparisons", gt=0)
+
+    stage = "dpo"
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.data.source == "files" and not self.data.files:
+            p.append("data.files: required when data.source is 'files'")
+        return p
+
+
+def run(cfg: DPOConfig) -> runs.Manifest:
+    return run_stage(cfg, _run)
+
+
+def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import DPOConfig as TRLDPOConfig
+
+    log = sr.log
+    check_fits(cfg, accelerator, memory_plan)
+    # 1. parent and comparisons (validated before anything is written)
+    parent = runs.resolve_parent("dpo", cfg.runs_dir, cfg.run_name, cfg.parent)
+    _check_world(cfg, parent)
+    tokenizer = load_tokenizer(parent.model_dir)
+    resume = sr.latest_checkpoint("checkpoint-*")
+    d, policy = cfg.data, None
+
+    def sample(prompts: list[dict], k: int, seed: int) -> list:
+        nonlocal policy
+        policy = policy or load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision, cfg.attention())
+        return cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], k, d.max_new_tokens, d.temperature,
+                                    seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
+
+    train, held_out = cmp.build_comparisons(d, cfg.seed, cfg.world, sample, log, sr.dir if resume else None)
+    policy = None  # the sampling copy is not needed any more
+    pairs = _pairs(tokenizer, train, d.max_length)
+    if not pairs:
+        raise DataError("no ranked pair to learn from (all ties, or longer than data.max_length)")
+    sr.begin(parent, runs.data_fingerprint([c.record() for c in train]), resuming=resume is not None)
+    if accelerator.is_main_process and d.source == "world":
+        for name, comps in zip(cmp.SAVED, (train, held_out)):  # reused by an interrupted run
+            cmp.write_jsonl(sr.dir / name, comps)
+
+    # 2. model and trainer
+    model = disable_dropout(load_causal_lm(parent.model_dir, tokenizer, attn=cfg.attention()))
+    if cfg.lora.enabled and launcher_kind(accelerator) in ("fsdp2", "zero3"):
+        raise InputError("lora.enabled with a sharded launcher (fsdp, zero3) is not supported: the adapter is merged "
+                         "into full weights at the end; use ACCEL=ddp or zero2 for LoRA")
+    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    total = math.ceil(cfg.epochs * len(pairs) / cfg.global_batch_size)
+    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    precision = resolve_precision(cfg.precision)
+    args = TRLDPOConfig(
+        **trainer_launch_args(accelerator, cfg.dist_timeout_min, accum, cfg.optim.max_grad_norm),
+        output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum, max_steps=total, learning_rate=cfg.optim.lr,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
+        warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1], max_grad_norm=cfg.optim.max_grad_norm, logging_steps=cfg.log_every,
+        save_strategy="steps" if cfg.save_every else "no", save_steps=max(1, cfg.save_every),
+        save_total_limit=cfg.keep_checkpoints, seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True,
+        bf16=precision == "bf16", fp16=precision == "fp16", activation_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        dataloader_num_workers=0, beta=cfg.beta, loss_type=[cfg.loss_type], max_length=d.max_length,
+        precompute_ref_log_probs=True, disable_dropout=True)
+    peft_config = None
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+
+        peft_config = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    step = _step_of(resume)
+    tracker = make_tracker(accelerator.is_main_process, sr.dir, "dpo", cfg.run_name, sr.manifest.config, cfg.wandb,
+                           resume_step=step)
+    world = World(cfg.world) if d.source == "world" else None
+    judge = _Judge(cfg, accelerator, parent, tokenizer, world, tracker, log) if world is not None else None
+    callback = _callback(cfg, tracker, total, step or 0, accelerator.is_main_process, judge)
+    trainer = _pretokenized()(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+                              peft_config=peft_config, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
+    callback.trainer = trainer
+    log(f"{len(train)} comparisons -> {len(pairs)} ranked pairs | {total} steps x {cfg.global_batch_size} pairs = "
+        f"{micro} micro x {accelerator.num_processes} procs x {accum} accum | beta {cfg.beta:g} | lr {cfg.optim.lr:g}"
+        f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
+        + (f" | resuming from {resume}" if resume else ""))
+
+    # 3. train
+    configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.state.global_step < total:
+        log(f"stopping after step {trainer.state.global_step} as configured (stop_after); re-run to resume")
+        tracker.finish()
+        return sr.manifest
+
+    # 4. evaluate against SFT and hand off
+    final, trained = trainer.model_wrapped, trainer.accelerator
+    extra = {"lora": cfg.lora.enabled, "pairs": len(pairs), "comparisons": len(train)}
+    if cfg.lora.enabled:
+        final = fp32_attention(trained.unwrap_model(final).merge_and_unload())
+    metrics = {f"train/{k}": v for k, v in callback.last.items()}
+    if judge is not None:
+        test_metrics, extra["evaluation"], rows = judge.test(trained, final, total)
+        metrics.update(test_metrics)
+    tracker.log(metrics, total)
+    tracker.summary(metrics)
+    model_dir = sr.dir / "model"
+    save_model(trained, final, tokenizer, model_dir)
+    headline = {k.replace("/", "_"): metrics[f"test/{k}"] for k in ("greedy/win_rate", "greedy/accuracy")
+                if f"test/{k}" in metrics}
+    manifest = sr.finish(model_dir, metrics, headline, extra=extra)
+    tracker.finish()
+    if accelerator.is_main_process:
+        _print_report(manifest, extra.get("evaluation"))
+    return manifest
+
+
+def _pairs(tokenizer, comparisons: list, max_length: int) -> list[dict]:
+    """Every ranked pair of each comparison (better first), as DPOTrainer's token ids: the prompt
+    in the chat template, then each response as the rm stage renders it."""
+    out = []
+    for c in comparisons:
+        spans = [render_span(tokenizer, c.prompt, r, f) for r, f in zip(c.responses, c.finished)]
+        for i, j in c.pairs():
+            (better, start), (worse, other) = spans[i], spans[j]
+            if max(len(better), len(worse)) > max_length or better[:start] != worse[:other]:
+                continue
+            out.append({"prompt_ids": better[:start], "chosen_ids": better[start:], "rejected_ids": worse[other:]})
+    return out
+
+
+def _pretokenized():
+    """TRL's DPOTrainer on data that arrive as token ids (`_pairs`): its own chat formatting and
+    tokenization are skipped, so the tokens are those the reward model sees."""
+    from trl import DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PreTokenizedDPOTrainer
+
+
+class _Judge:
+    """The gold evaluation of `stages.policy_eval` against the frozen SFT policy: valid curve
+    points during training, the reported test figures at the end."""
+
+    def __init__(self, cfg: DPOConfig, accelerator, parent, tokenizer, world, tracker, log):
+        ref = shard_frozen(accelerator, load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision,
+                                                    cfg.attention()))
+        self.models = SimpleNamespace(tokenizer=tokenizer, ref=ref, policy=None, reward=None, reward_tokenizer=None)
+        self.settings = EvalSettings.of(cfg.eval, cfg.eval_batch_size, cfg.eval.temperature)
+        self.cfg, self.accelerator, self.world, self.tracker, self.log = cfg, accelerator, world, tracker, log
+        self.valid = None
+
+    def curve(self, trained, model, step: int) -> None:
+        if self.valid is None:
+            self.valid = make_eval_set(self.models, self.world, self.settings, self.accelerator, "valid")
+        with trained.autocast(), full_parameters(trained, model) as policy:
+            metrics, rows = evaluate(policy, self.models, self.valid, self.world, self.settings, self.accelerator)
+        self.tracker.log(metrics, step)
+        self.tracker.table("eval/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
+        self.log(f"eval @ {step}: gold {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}) "
+                 f"| win rate {metrics['eval/win_rate']:.3f} | kl {metrics.get('eval/kl', float('nan')):.3f}")
+
+    def test(self, trained, model, step: int) -> tuple[dict, dict, list]:
+        with trained.autocast(), full_parameters(trained, model) as policy:
+            metrics, evaluation, rows = test_evaluation(policy, self.models, self.world, self.settings, self.accelerator)
+        self.tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
+        return metrics, evaluation, rows
+
+
+def _callback(cfg: DPOConfig, tracker, total: int, start: int, is_main: bool, judge: _Judge | None):
+    from transformers import TrainerCallback
+
+    class Bridge(TrainerCallback):
+        """TRL's logs to the stage's tracker (`train/...`) with a progress line; `stop_after`; the
+        valid curve every `eval.every` steps (and before the first)."""
+
+        trainer = None
+
+        def __init__(self):
+            self.last, self.seen = {}, start
+            self.progress = Progress("dpo", total, start=start, every=cfg.log_every, unit="pairs", enabled=is_main)
+
+        def on_train_begin(self, args, state, control, **kw):
+            if judge is not None and cfg.eval.every and state.global_step == 0:
+                judge.curve(self.trainer.accelerator, self.trainer.model_wrapped, 0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            row = {f"train/{k}": float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            if row:
+                self.last.update({k.removeprefix("train/"): v for k, v in row.items()})
+                tracker.log(row, state.global_step)
+                done, self.seen = state.global_step - self.seen, state.global_step
+                shown = {k.split("/")[-1]: self.last[k] for k in ("loss", "rewards/accuracies") if k in self.last}
+                self.progress.update(state.global_step, cfg.global_batch_size * done, **shown)
+
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            if cfg.stops_at(step, total):
+                control.should_save = control.should_training_stop = True
+            elif judge is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < total:
+                judge.curve(self.trainer.accelerator, self.trainer.model_wrapped, step)
+
+    return Bridge()
+
+
+def _step_of(ckpt: Path | None) -> int | None:
+    return int(Path(ckpt).name.split("-")[1]) if ckpt else None
+
+
+def _check_world(cfg: DPOConfig, parent: runs.Parent) -> None:
+    """The gold judge and the world's prompts must be those of the world the SFT policy learned."""
+    theirs = parent.manifest.config.get("world")
+    if cfg.data.source != "world" or not theirs:
+        return
+    for key in ("seed", "num_people"):
+        if key in theirs and theirs[key] != getattr(cfg.world, key):
+            raise InputError(f"world.{key}={getattr(cfg.world, key)} but the parent {parent.manifest_path} was trained "
+                             f"in a world with {key}={theirs[key]}; pass world.{key}={theirs[key]}")
+
+
+def _print_report(manifest: runs.Manifest, evaluation: dict | None) -> None:
+    from pipeline.stats import fmt_rate
+
+    print(f"\ndpo done in {manifest.wall_time_s:.0f}s: {manifest.extra['pairs']} ranked pairs of "
+          f"{manifest.extra['comparisons']} comparisons")
+    for c in (evaluation or {}).get("comparisons", {}).values():
+        p, s = c["policy"], c["sft"]
+        kl = f", KL {p['kl']:.3f}" if p.get("kl") is not None else ""
+        print(f"  {c['decoding']:<8} win rate vs SFT {fmt_rate(c['win_rate'])} | accuracy {fmt_rate(p['accuracy'])} "
+              f"(SFT {fmt_rate(s['accuracy'])}) | gold {p['gold_score']:.3f} (SFT {s['gold_score']:.3f}){kl}")
+    print(f"  model: {Path(manifest.config['runs_dir']) / manifest.run_name / 'dpo' / manifest.model_dir}")
+
+
+def memory_plan(cfg: DPOConfig, launcher: str, nproc: int, device, prompt_len: int = 256, mesh=None):
+    """What each of `nproc` processes holds while DPO trains (`pipeline.memory.Plan`): the policy
+    with gradients and AdamW state (LoRA: adapters only), no reference (its log-probabilities are
+    computed before training), and a micro-batch's activations over chosen and rejected sequences."""
+    from transformers import AutoConfig
+
+    from pipeline.memory import Phase, Plan, PlannedModel, activation_bytes, model_row, planned_precision, \
+        training_activation_bytes
+
+    config = AutoConfig.from_pretrained(str(runs.resolve_parent("dpo", cfg.runs_dir, cfg.run_name, cfg.parent).model_dir))
+    lora = cfg.lora if cfg.lora.enabled else None
+    planned = [PlannedModel("policy", config, trained=True, lora=lora)]
+    act = activation_bytes(planned_precision(cfg, device))
+    micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
+    update = training_activation_bytes(config, 2 * micro * cfg.data.max_length, cfg.gradient_checkpointing, act,
+                                       2 * micro * cfg.data.max_length)
+    return Plan("dpo", launcher, nproc, [model_row(pm, launcher, nproc, mesh) for pm in planned],
+                [Phase("update", update, f"activations for {micro} pairs x 2 responses x {cfg.data.max_length} tokens"
+                       + (" (checkpointed)" if cfg.gradient_checkpointing else ""))])
+
+
+# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS = {"micro": "micro_batch_size", "lora": ["lora.enabled"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(DPOConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
