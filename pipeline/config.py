@@ -123,7 +123,7 @@ class StageConfig:
                             "would; re-running the same command resumes and finishes (-1 = never)", ge=-1)
     precision: Literal["auto", "no", "bf16", "fp16"] = F(
         "auto", "mixed precision; auto = bf16 on GPUs that support it, else fp32 (on CPUs with AMX, bf16 trains 1.3-2x "
-                "faster and decodes no faster; the tiny preset's results are not equal in it: see the README)")
+                "faster and decodes no faster; the tiny preset's results are not equal in it: see docs/distributed.md)")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = F(
         "auto", "attention kernel of every model the stage loads: auto = flash_attention_2 on a GPU with the flash-attn "
                 "package installed, eager for bf16 on a CPU, else sdpa")

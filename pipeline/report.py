@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline import registry, runs
 from pipeline.stats import fmt_rate
 from pipeline.tracking import stratified
+from reward_model.metrics import RM_PAIR_KINDS
 
 
 def _pyplot():
@@ -215,14 +216,6 @@ def _sft_table(evaluation: dict) -> list[str]:
     return out + ["", f"Format rate {_pct(o['format'])}; gold score {o['gold_score']:.3f} (max 5).", ""]
 
 
-# What separates the two responses of a ranked pair (reward_model.metrics.accuracy_by_correctness).
-RM_PAIR_KINDS = {
-    "correctness": "one answer right, the other wrong",
-    "correctness_same_finish": "correctness pairs where both finished or both were cut off: only the answer separates them",
-    "correctness_different_finish": "correctness pairs where one finished, the other was cut off",
-    "style": "both right or both wrong: only form differs",
-    "different_finish": "one finished, the other cut off before its end token",
-}
 
 
 def _acc(v: dict) -> str:

@@ -131,7 +131,7 @@ def resolve_precision(precision: str) -> str:
     training step of 256 hidden x 6 layers takes 0.68 s instead of 1.37 s on one thread. auto
     stays fp32 on CPUs: decoding does not gain (the tiny pipeline took 417 s instead of 466 s),
     and the tiny models do not come out equal (SFT accuracy 48% instead of 80% at one seed of
-    three; README, Multi-GPU section)."""
+    three; docs/distributed.md)."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

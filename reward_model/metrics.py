@@ -170,3 +170,13 @@ def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]]
             gold_score = c.gold_scores[j] if c.gold_scores else None
             rows.append([str(c.prompt), c.skill or "", resp, c.finished[j], c.ranking[j], gold_score, round(r[j], 4)])
     return metrics, extra, rows
+
+
+# What separates the two responses of a ranked pair (reward_model.metrics.accuracy_by_correctness).
+RM_PAIR_KINDS = {
+    "correctness": "one answer right, the other wrong",
+    "correctness_same_finish": "correctness pairs where both finished or both were cut off: only the answer separates them",
+    "correctness_different_finish": "correctness pairs where one finished, the other was cut off",
+    "style": "both right or both wrong: only form differs",
+    "different_finish": "one finished, the other cut off before its end token",
+}

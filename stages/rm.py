@@ -27,7 +27,6 @@ from pipeline.memory import check_fits
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_numerics, load_tokenizer
 from pipeline.runtime import (adamw, batch_split, configure_threads, resolve_precision, seed_everything, stage_accelerator,
                               warmup_cosine)
-from pipeline.report import RM_PAIR_KINDS
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.stats import fmt_rate
 from pipeline.tracking import Progress, make_tracker, stratified
@@ -36,7 +35,7 @@ from reward_model import comparisons as cmp
 from reward_model.comparisons import ComparisonDataConfig
 from reward_model.losses import kwise_loss
 from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons, residual_offsets, source_for
-from reward_model.metrics import accuracy_by_part, evaluate_comparisons
+from reward_model.metrics import RM_PAIR_KINDS, accuracy_by_part, evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
 from reward_model.trl_pairwise import last_hf_checkpoint, train_pairwise

@@ -124,7 +124,7 @@ class PPOConfig(StageConfig):
     compile: bool = F(False, "torch.compile the teacher-forced forwards of policy and critic (scoring and update; "
                              "generation stays eager). On a CPU: updates 1.2x faster at 256 hidden x 6 layers after "
                              "1-2 minutes of compilation, more once when the sequence length first changes; no "
-                             "faster in the tiny pipeline's PPO. One process or DDP (README, PPO)")
+                             "faster in the tiny pipeline's PPO. One process or DDP (docs/stages.md)")
 
     stage = "ppo"
 

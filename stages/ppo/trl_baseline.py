@@ -3,7 +3,7 @@
   python -m stages.ppo.trl_baseline export DIR [key=value ...]   write TRL's starting point, print both commands
   python -m stages.ppo.trl_baseline judge POLICY_DIR [key=value ...]   judge a trained policy on the test split
 
-The throughput comparison (`make bench-ppo`, README "Benchmarks") starts the two programs from
+The throughput comparison (`make bench-ppo`, docs/stages.md) starts the two programs from
 different random models, so it says nothing about what each learns. This one does: `export`
 writes the policy, reward model, critic initialisation (the reward model, the convention both
 programs share) and the rollout prompts as the chat-template token ids our rollouts feed the
