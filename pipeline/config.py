@@ -118,7 +118,6 @@ class StageConfig:
     save_every: int = F(100, "checkpoint every N optimizer steps (0 = only at the end)", ge=0)
     keep_checkpoints: int = F(2, "how many periodic checkpoints to keep", ge=1)
     log_every: int = F(10, "log metrics every N optimizer steps", ge=1)
-    max_steps: int = F(-1, "stop after N optimizer steps (-1 = as configured by epochs/steps)", ge=-1)
     stop_after: int = F(-1, "end the process right after step N (PPO: iteration N), leaving a checkpoint, as an interruption "
                             "would; re-running the same command resumes and finishes (-1 = never)", ge=-1)
     precision: Literal["auto", "no", "bf16", "fp16"] = F(

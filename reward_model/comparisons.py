@@ -44,7 +44,6 @@ class ComparisonDataConfig:
                                 "e.g. train_prefs")
     eval_split: str | None = F(None, "split of data.eval_files (default: data.split), e.g. test_prefs; with the world: "
                                      "the held-out prompts, test (default: reported figures) or valid (for choosing settings)")
-    prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
     num_prompts: int = F(1000, "world prompts to sample comparisons for", gt=0)
     k: int = F(4, "responses sampled per prompt (K of the K-wise ranking)", ge=2)
     eval_k: int = F(8, "responses sampled per held-out world prompt: more pairs from the same prompts, a tighter "

@@ -59,6 +59,7 @@ class DPOConfig(StageConfig):
     beta: float = F(0.1, "β: the strength of the implicit KL constraint to the SFT policy (DPO's temperature)", gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = F("sigmoid", "DPO's loss (sigmoid = the paper's), IPO or hinge")
     epochs: float = F(2.0, "passes over the ranked pairs", gt=0)
+    max_steps: int = F(-1, "stop after N optimizer steps (-1 = as many as the epochs make)", ge=-1)
     global_batch_size: int = F(32, "pairs per optimizer step, all processes together", gt=0)
     micro_batch_size: int = F(16, "at most this many pairs per process per forward/backward", gt=0)
     eval_batch_size: int = F(64, "sequences per sampling / scoring forward of the evaluation", gt=0)

@@ -43,6 +43,11 @@ from stages.pretrain import global_batch_indices
 
 
 @dataclass
+class RMDataConfig(ComparisonDataConfig):
+    prompt_files: list[str] = F([], "prompt-only files to sample and export for labeling instead of world prompts (needs export_only)")
+
+
+@dataclass
 class RMOptimConfig:
     lr: float = F(1e-3, "peak learning rate (AdamW; tuned for full fine-tuning of the tiny model, use ~1e-5 at billion scale)", ge=0)
     weight_decay: float = F(0.0, "AdamW weight decay (not applied to norms)", ge=0)
@@ -61,13 +66,14 @@ class NormalizeConfig:
 
 @dataclass
 class RMConfig(StageConfig):
-    data: ComparisonDataConfig = F(ComparisonDataConfig(), "comparisons: sampled from the world or imported")
+    data: RMDataConfig = F(RMDataConfig(), "comparisons: sampled from the world or imported")
     optim: RMOptimConfig = F(RMOptimConfig(), "optimizer and schedule")
     normalize: NormalizeConfig = F(NormalizeConfig(), "reward normalization after training")
     trainer: Literal["auto", "kwise", "trl"] = F(
         "auto", "auto = TRL RewardTrainer when every comparison is one pair and no likelihood residual is trained, "
                 "else the K-wise loop")
     epochs: float = F(3.0, "passes over the training comparisons", gt=0)
+    max_steps: int = F(-1, "stop after N optimizer steps (-1 = as many as the epochs make)", ge=-1)
     global_batch_size: int = F(32, "prompts (K-wise) or pairs (trl) per optimizer step, all processes together", gt=0)
     micro_batch_size: int = F(8, "at most this many prompts or pairs per process per forward/backward (lowered to "
                                  "divide the per-process batch)", gt=0)
