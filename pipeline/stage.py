@@ -1,7 +1,19 @@
 """The skeleton every stage shares: command line, stage directory, manifest life cycle,
-checkpoints. A stage's `run(cfg)` does its own work between `StageRun.begin` and `.finish`."""
+checkpoints, tracker. A stage's `run(cfg)` reads top to bottom:
+
+    def run(cfg):
+        with StageRun.open(cfg) as sr:          # threads, accelerator, seeds; failed on an exception
+            parent = runs.resolve_parent(...)   # bad input here leaves every earlier output as it was
+            sr.begin(parent, fingerprint, resuming)
+            sr.clear_stale_checkpoints(resuming)
+            tracker = sr.tracker(resume_step)
+            ...                                 # the stage's own loop, explicit
+            if stopping: sr.stopped(step); return sr.manifest
+            return sr.finish(model_dir, metrics, headline)
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,24 +87,6 @@ def _save_traceback(cfg, exc: BaseException) -> Path | None:
     return path
 
 
-def run_stage(cfg, body: Callable) -> runs.Manifest:
-    """The common start of every stage: threads, accelerator (at `cfg.precision`), seeds, the stage
-    directory; then `body(cfg, sr, accelerator, threads)`. An exception after `sr.begin` marks the
-    manifest failed. A Trainer the stage builds later shares this accelerator's state, so it must
-    ask for the same mixed precision."""
-    from pipeline.runtime import configure_threads, seed_everything, stage_accelerator
-
-    threads = configure_threads(cfg.threads)
-    accelerator = stage_accelerator(cfg)
-    seed_everything(cfg.seed)
-    sr = StageRun(cfg, accelerator.is_main_process)
-    try:
-        return body(cfg, sr, accelerator, threads)
-    except BaseException as e:
-        sr.fail(e)
-        raise
-
-
 def peak_gpu_memory() -> dict:
     """{'perf/peak_gpu_memory_gib': ...} of this process's GPU since it started, or {} on a CPU."""
     import torch
@@ -103,7 +97,32 @@ def peak_gpu_memory() -> dict:
 
 
 class StageRun:
-    """Owns `runs/<run>/<stage>/`: config.yaml, the manifest (running -> complete | failed)."""
+    """Owns `runs/<run>/<stage>/`: config.yaml, the manifest (running -> complete | failed),
+    checkpoints, the tracker. `StageRun.open(cfg)` also starts the stage's process state."""
+
+    accelerator = None
+    threads = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, cfg):
+        """The common start of every stage: threads, the accelerator (at `cfg.precision`), seeds,
+        then the stage's `StageRun` (its `accelerator` and `threads` set). An exception after
+        `begin` marks the manifest failed; before it nothing is written, so bad input leaves
+        every earlier output, a previous run's manifest included, as it was. A Trainer the stage
+        builds later shares this accelerator's state, so it must ask for the same precision."""
+        from pipeline.runtime import configure_threads, seed_everything, stage_accelerator
+
+        threads = configure_threads(cfg.threads)
+        accelerator = stage_accelerator(cfg)
+        seed_everything(cfg.seed)
+        sr = cls(cfg, accelerator.is_main_process)
+        sr.accelerator, sr.threads = accelerator, threads
+        try:
+            yield sr
+        except BaseException as e:
+            sr.fail(e)
+            raise
 
     def __init__(self, cfg, is_main: bool = True):
         self.cfg = cfg
@@ -167,7 +186,29 @@ class StageRun:
         if self.is_main and self.begun:
             m.save(self.dir)
 
+    def tracker(self, resume_step: int | None = None):
+        """The stage's tracker (metrics.jsonl + wandb, rank 0); `resume_step`: the step a resumed
+        run restarts from (its history after that step is dropped)."""
+        from pipeline.tracking import make_tracker
+
+        return make_tracker(self.is_main, self.dir, self.cfg.stage, self.cfg.run_name, self.manifest.config,
+                            self.cfg.wandb, resume_step=resume_step)
+
+    def stopped(self, step: int, unit: str = "step") -> runs.Manifest:
+        """The end of a run stopped by `stop_after` (a checkpoint was left): says so, returns the
+        (still running) manifest."""
+        self.log(f"stopping after {unit} {step} as configured (stop_after); re-run to resume")
+        return self.manifest
+
     # ------------------------------------------------------------------ checkpoints
+    def clear_stale_checkpoints(self, resuming: bool) -> None:
+        """A run that does not resume starts without the checkpoints of an earlier, finished or
+        abandoned one (every process waits for rank 0 to remove them)."""
+        if self.is_main and not resuming and self.ckpt_dir.exists():
+            shutil.rmtree(self.ckpt_dir)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
     def latest_checkpoint(self, pattern: str = "step-*") -> Path | None:
         """The newest complete checkpoint matching `pattern`: ours (`step-N`) are renamed into
         place only when whole; HF Trainer's (`checkpoint-N`) count once `trainer_state.json`,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.distributed import configure_reduction, trainer_launch_args
 from pipeline.runtime import batch_split, resolve_precision
-from pipeline.tracking import Progress, make_tracker
+from pipeline.tracking import Progress
 
 
 def last_hf_checkpoint(sr) -> str | None:
@@ -56,8 +56,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
         center_rewards_coefficient=cfg.center_coef or None, max_length=None, disable_dropout=True)
     resume_from = last_hf_checkpoint(sr)
     step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] if resume_from else 0
-    tracker = make_tracker(is_main, sr.dir, "rm", cfg.run_name, sr.manifest.config, cfg.wandb,
-                           resume_step=step if resume_from else None)
+    tracker = sr.tracker(resume_step=step if resume_from else None)
     progress = Progress("rm", total, start=step, every=cfg.log_every, unit="seq", enabled=is_main)
     names = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "learning_rate": "lr",
              "grad_norm": "grad_norm", "mean_reward": "reward_mean"}
@@ -94,7 +93,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     trainer.train(resume_from_checkpoint=resume_from)
     step = trainer.state.global_step
     if bridge.stopped:
-        log(f"stopping after step {step} as configured (stop_after); re-run to resume")
+        sr.stopped(step)
     if bridge.stopped:
         return trainer.model, step, False, bridge.last, tracker, trainer.accelerator
     return trainer.model_wrapped, step, True, bridge.last, tracker, trainer.accelerator

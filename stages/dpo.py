@@ -27,8 +27,8 @@ from pipeline.distributed import (configure_reduction, full_parameters, launcher
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
-from pipeline.stage import DataError, StageRun, run_stage, stage_main
-from pipeline.tracking import Progress, make_tracker, stratified
+from pipeline.stage import DataError, StageRun, stage_main
+from pipeline.tracking import Progress, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.comparisons import ComparisonDataConfig
@@ -75,7 +75,8 @@ class DPOConfig(StageConfig):
 
 
 def run(cfg: DPOConfig) -> runs.Manifest:
-    return run_stage(cfg, _run)
+    with StageRun.open(cfg) as sr:
+        return _run(cfg, sr, sr.accelerator, sr.threads)
 
 
 def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
@@ -104,6 +105,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     if not pairs:
         raise DataError("no ranked pair to learn from (all ties, or longer than data.max_length)")
     sr.begin(parent, runs.data_fingerprint([c.record() for c in train]), resuming=resume is not None)
+    sr.clear_stale_checkpoints(resuming=resume is not None)
     if accelerator.is_main_process and d.source == "world":
         for name, comps in zip(cmp.SAVED, (train, held_out)):  # reused by an interrupted run
             cmp.write_jsonl(sr.dir / name, comps)
@@ -137,8 +139,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         peft_config = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     step = _step_of(resume)
-    tracker = make_tracker(accelerator.is_main_process, sr.dir, "dpo", cfg.run_name, sr.manifest.config, cfg.wandb,
-                           resume_step=step)
+    tracker = sr.tracker(resume_step=step)
     world = World(cfg.world) if d.source == "world" else None
     judge = _Judge(cfg, accelerator, parent, tokenizer, world, tracker, log) if world is not None else None
     callback = _callback(cfg, tracker, total, step or 0, accelerator.is_main_process, judge)
@@ -155,9 +156,8 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.state.global_step < total:
-        log(f"stopping after step {trainer.state.global_step} as configured (stop_after); re-run to resume")
         tracker.finish()
-        return sr.manifest
+        return sr.stopped(trainer.state.global_step)
 
     # 4. evaluate against SFT and hand off
     final, trained = trainer.model_wrapped, trainer.accelerator

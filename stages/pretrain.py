@@ -26,8 +26,8 @@ from pipeline.memory import check_fits
 from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,
                              load_tokenizer)
 from pipeline.runtime import adamw, batch_split, warmup_cosine
-from pipeline.stage import DataError, StageRun, run_stage, stage_main
-from pipeline.tracking import Progress, make_tracker
+from pipeline.stage import DataError, StageRun, stage_main
+from pipeline.tracking import Progress
 from pipeline.world import World
 
 
@@ -194,7 +194,8 @@ def prepare_tokenizer(cfg: PretrainConfig, sr: StageRun, accelerator, texts: lis
 
 
 def run(cfg: PretrainConfig) -> runs.Manifest:
-    return run_stage(cfg, _run)
+    with StageRun.open(cfg) as sr:
+        return _run(cfg, sr, sr.accelerator, sr.threads)
 
 
 def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
@@ -208,11 +209,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         train_docs, valid_docs = read_text_documents(cfg.data.files, cfg.data.text_field, cfg.data.valid_fraction,
                                                      cfg.data.config, cfg.data.split)
     resume_from = sr.latest_checkpoint()
-    if accelerator.is_main_process and not resume_from and sr.ckpt_dir.exists():
-        import shutil
-
-        shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
-    accelerator.wait_for_everyone()
+    sr.clear_stale_checkpoints(resuming=resume_from is not None)
     tokenizer = prepare_tokenizer(cfg, sr, accelerator, train_docs + (world.tokenizer_extra_texts() if world else []))
     # a tokenizer called on an empty batch fails with an IndexError (one document holds none out)
     encode = lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []  # noqa: E731
@@ -252,8 +249,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     if resume_from:
         step = sr.load_checkpoint(accelerator, resume_from)["step"]
         log(f"resumed from {resume_from} at step {step}")
-    tracker = make_tracker(accelerator.is_main_process, sr.dir, "pretrain", cfg.run_name, sr.manifest.config, cfg.wandb,
-                           resume_step=step if resume_from else None)
+    tracker = sr.tracker(resume_step=step if resume_from else None)
 
     # 3. train
     progress = Progress("pretrain", cfg.steps, start=step, every=cfg.log_every, enabled=accelerator.is_main_process)
@@ -285,9 +281,8 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
             vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)
             tracker.log({"eval/loss": vloss, "eval/perplexity": math.exp(vloss)}, step)
         if sr.checkpoint(accelerator, step, cfg.steps, {"step": step, "loss": last_loss}):
-            log(f"stopping after step {step} as configured (stop_after); re-run to resume")
             tracker.finish()
-            return sr.manifest
+            return sr.stopped(step)
 
     # 4. evaluate and hand off
     vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,11 +24,10 @@ from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed,
                                   load_frozen, no_sync, save_model, trained_numerics)
 from pipeline.memory import check_fits
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_numerics, load_tokenizer
-from pipeline.runtime import (adamw, batch_split, configure_threads, resolve_precision, seed_everything, stage_accelerator,
-                              warmup_cosine)
+from pipeline.runtime import adamw, batch_split, resolve_precision, warmup_cosine
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.stats import fmt_rate
-from pipeline.tracking import Progress, make_tracker, stratified
+from pipeline.tracking import Progress, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.comparisons import ComparisonDataConfig
@@ -142,21 +140,14 @@ class Prepared:
 
 
 def run(cfg: RMConfig) -> runs.Manifest:
-    threads = configure_threads(cfg.threads)
-    accelerator = stage_accelerator(cfg)
-    seed_everything(cfg.seed)
-    sr = StageRun(cfg, accelerator.is_main_process)
-    # Outside the try: a bad parent or a bad record must leave every earlier output as it was,
-    # including the manifest of a previous rm run (sr.fail would overwrite it).
-    check_fits(cfg, accelerator, memory_plan, cfg.data.max_length)
-    prep = prepare(cfg, sr, accelerator)
-    if prep is None:
-        return sr.manifest  # export_only
-    try:
-        return _run(cfg, sr, accelerator, threads, prep)
-    except BaseException as e:
-        sr.fail(e)
-        raise
+    with StageRun.open(cfg) as sr:
+        # before `begin`: a bad parent or a bad record leaves every earlier output as it was,
+        # including the manifest of a previous rm run
+        check_fits(cfg, sr.accelerator, memory_plan, cfg.data.max_length)
+        prep = prepare(cfg, sr, sr.accelerator)
+        if prep is None:
+            return sr.manifest  # export_only
+        return _run(cfg, sr, sr.accelerator, sr.threads, prep)
 
 
 def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
@@ -199,9 +190,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     tokenizer, train, train_seqs, held_out = prep.tokenizer, prep.train, prep.train_seqs, prep.held_out
     residual = cfg.residual_weight()
     use_trl = cfg.trainer == "trl" or (cfg.trainer == "auto" and not residual and all(len(c.responses) == 2 for c in train))
-    if is_main and not prep.resuming and sr.ckpt_dir.exists():
-        shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
-    accelerator.wait_for_everyone()
+    sr.clear_stale_checkpoints(prep.resuming)
     sr.begin(parent=prep.parent, data_fingerprint=prep.fingerprint, resuming=prep.resuming)
     if is_main and cfg.data.source == "world":
         for name, comps in zip(cmp.SAVED, (prep.comparisons, held_out)):  # reused by an interrupted run
@@ -455,8 +444,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
             raise InputError(f"{resume_from} was trained on other comparisons; re-run with resume=false to start afresh")
         step = state["step"]
         log(f"resumed from {resume_from} at step {step}")
-    tracker = tracker or make_tracker(accelerator.is_main_process, sr.dir, "rm", cfg.run_name, sr.manifest.config,
-                                      cfg.wandb, resume_step=step if resume_from else None)
+    tracker = tracker or sr.tracker(resume_step=step if resume_from else None)
     progress = Progress("rm", total, start=step, every=cfg.log_every, unit="seq", enabled=accelerator.is_main_process)
     pad, last = tokenizer.pad_token_id, {}
     model.train()
@@ -493,7 +481,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
                          "train/grad_norm": float(grad_norm), "perf/sequences_per_s": rate}, log_from + step)
         if checkpoints and sr.checkpoint(accelerator, step, total, {"step": step, "loss": last["loss"],
                                                                     "data_fingerprint": fingerprint}):
-            log(f"stopping after step {step} as configured (stop_after); re-run to resume")
+            sr.stopped(step)
             return model, step, False, last, tracker
     return model, step, True, last, tracker
 

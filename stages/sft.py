@@ -24,9 +24,9 @@ from pipeline.runtime import batch_split, resolve_precision
 from pipeline.records import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stats import fmt_rate
-from pipeline.stage import StageRun, run_stage, stage_main
+from pipeline.stage import StageRun, stage_main
 from pipeline.tokenizer import assistant_token_mask, document_ids
-from pipeline.tracking import Progress, make_tracker, stratified
+from pipeline.tracking import Progress, stratified
 from pipeline.world import World
 
 
@@ -141,7 +141,8 @@ def _stop_after_callback(cfg):
 
 
 def run(cfg: SFTConfig) -> runs.Manifest:
-    return run_stage(cfg, _run)
+    with StageRun.open(cfg) as sr:
+        return _run(cfg, sr, sr.accelerator, sr.threads)
 
 
 def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
@@ -164,6 +165,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     resume = str(resume) if resume else None
     sr.begin(parent, runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_records), train_records[:3]]),
              resuming=resume is not None)
+    sr.clear_stale_checkpoints(resuming=resume is not None)
 
     # 2. model, tokenizer, trainer
     tokenizer = load_tokenizer(model_path)
@@ -205,8 +207,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     from datasets import Dataset
 
-    tracker = make_tracker(accelerator.is_main_process, sr.dir, "sft", cfg.run_name, sr.manifest.config, cfg.wandb,
-                           resume_step=_step_of(resume))
+    tracker = sr.tracker(resume_step=_step_of(resume))
     features = lambda records: Dataset.from_list([sft_features(tokenizer, r, kind) for r in records])  # noqa: E731
     trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=features(train_records),
                          eval_dataset=features(valid_records) if valid_records else None,
@@ -225,9 +226,8 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
     result = trainer.train(resume_from_checkpoint=resume)
     if trainer.state.global_step < trainer.state.max_steps:
-        log(f"stopping after step {trainer.state.global_step} as configured (stop_after); re-run to resume")
         tracker.finish()
-        return sr.manifest
+        return sr.stopped(trainer.state.global_step)
 
     # 4. evaluate and hand off
     metrics = {"train/loss": to_tracker.last_loss, "train/mean_loss": result.training_loss,

@@ -11,7 +11,6 @@ KL controller, EMA, random state; the prompt position is the iteration) -> `mode
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 from pipeline import runs
@@ -22,8 +21,8 @@ from pipeline.memory import check_fits, gpu_memory_gib, plan_launcher
 from pipeline.models import count_parameters
 from pipeline.runtime import seed_everything
 from pipeline.stats import fmt_rate
-from pipeline.stage import StageRun, run_stage
-from pipeline.tracking import Progress, make_tracker, stratified
+from pipeline.stage import StageRun
+from pipeline.tracking import Progress, stratified
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
 from stages.ppo.data import batch_indices, load_prompts, load_ptx
@@ -33,7 +32,8 @@ from stages.ppo.models import Sources, export_policy, load_models, resolve_sourc
 
 
 def run(cfg: PPOConfig) -> runs.Manifest:
-    return run_stage(cfg, _run)
+    with StageRun.open(cfg) as sr:
+        return _run(cfg, sr, sr.accelerator, sr.threads)
 
 
 def check_sizes(cfg: PPOConfig, world: int) -> int:
@@ -149,9 +149,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     world = World(cfg.world)
     prompts = load_prompts(cfg, world)
     resume_from = sr.latest_checkpoint()
-    if main and not resume_from and sr.ckpt_dir.exists():
-        shutil.rmtree(sr.ckpt_dir)  # stale state from an earlier, finished or abandoned run
-    accelerator.wait_for_everyone()
+    sr.clear_stale_checkpoints(resuming=resume_from is not None)
     sr.begin(parent=sources.parent, resuming=resume_from is not None,
              data_fingerprint=runs.data_fingerprint([cfg.data.source, cfg.data.files, len(prompts), prompts[:3]]))
     sr.manifest.extra = {"policy_source": sources.policy_dir, "reward_source": sources.reward_dir,
@@ -188,8 +186,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     if resume_from:
         iteration = sr.load_checkpoint(accelerator, resume_from)["iteration"]
         log(f"resumed from {resume_from} at iteration {iteration}")
-    tracker = make_tracker(main, sr.dir, "ppo", cfg.run_name, sr.manifest.config, cfg.wandb,
-                           resume_step=iteration if resume_from else None)
+    tracker = sr.tracker(resume_step=iteration if resume_from else None)
 
     def skill_of(prompt: str) -> str:  # the sample tables' strata; user prompts have none
         return world.skill_of(prompt) if cfg.data.source == "world" else ""
@@ -233,9 +230,8 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                               rollout.prompts, rollout.texts, rollout.scores.tolist(), rollout.has_stop.tolist())],
                               4, cfg.eval.samples), iteration)
         if sr.checkpoint(accelerator, iteration, cfg.iterations, {"iteration": iteration, "metrics": metrics}):
-            log(f"stopping after iteration {iteration} as configured (stop_after); re-run to resume")
             tracker.finish()
-            return sr.manifest
+            return sr.stopped(iteration, "iteration")
 
     # 4. evaluate: the curve's last point on valid, the reported figures on test; hand off
     final = run_eval(cfg.iterations)
