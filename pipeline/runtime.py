@@ -151,6 +151,37 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
+def adamw_warmup_cosine(model: torch.nn.Module, optim, total: int):
+    """(AdamW, its schedule) for a stage's own loop: weight decay on matrices only (not on norms,
+    biases or other vectors), warm-up then cosine decay to `optim.min_lr_ratio` over `total` steps
+    (`warmup_cosine`). `optim`: the stage's `optim` section (lr, weight_decay, betas, warmup_steps,
+    min_lr_ratio). The schedule is not to be `prepare`d: accelerate would step it once per process."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = adamw([{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                      lr=optim.lr, betas=tuple(optim.betas))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, optim.warmup_steps, optim.min_lr_ratio))
+    return optimizer, schedule
+
+
+# ------------------------------------------------------------------------------ data order
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    # a CPU generator drives a CPU permutation (same order on every process and device type)
+    g = torch.Generator(device="cpu").manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g, device="cpu").tolist()
+
+
+def batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
+    """Global indices of batch `step`: consecutive slices of a seeded permutation per epoch, the
+    same on every process, so a resumed run reproduces the data position exactly."""
+    start, out = step * size, []
+    while len(out) < size:
+        epoch, offset = divmod(start + len(out), n)
+        out.extend(epoch_order(n, seed, epoch)[offset: offset + size - len(out)])
+    return out
+
+
 def batch_split(global_batch: int, micro_max: int, world_size: int, what: str = "global_batch_size") -> tuple[int, int]:
     """(micro, accumulation) with global = micro x processes x accumulation. `micro` is the largest
     size <= micro_max that divides the per-process batch, so the default configs run unchanged on

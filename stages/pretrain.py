@@ -25,7 +25,7 @@ from pipeline.logprobs import token_nll_sum
 from pipeline.memory import check_fits
 from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,
                              load_tokenizer)
-from pipeline.runtime import adamw, batch_split, warmup_cosine
+from pipeline.runtime import adamw_warmup_cosine, batch_indices, batch_split
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.tracking import Progress
 from pipeline.world import World
@@ -133,18 +133,6 @@ def split_blocks(train_ids: list[list[int]], valid_ids: list[list[int]], bos: in
     return train, valid
 
 
-def global_batch_indices(step: int, n_blocks: int, global_batch: int, seed: int) -> torch.Tensor:
-    """Block indices of optimizer step `step`: a seeded permutation per epoch, identical on all
-    ranks, so resuming at a step reproduces the data position exactly."""
-    start = step * global_batch
-    out = []
-    while len(out) < global_batch:
-        epoch, offset = divmod(start + len(out), n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        out.extend(perm[offset: offset + global_batch - len(out)].tolist())
-    return torch.tensor(out)
-
-
 def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab: int) -> float:
     """Perplexity of an add-one unigram model: the floor any LM must beat."""
     counts = torch.bincount(train.flatten(), minlength=vocab).double() + 1
@@ -228,13 +216,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         model = llama_from_preset(cfg.model.preset, tokenizer, cfg.model.seq_len, attn=cfg.attention())
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = adamw([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    # The scheduler is not `prepare`d: accelerate would step it once per process per call.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    optimizer, scheduler = adamw_warmup_cosine(model, cfg.optim, cfg.steps)
     n_params = count_parameters(model)  # before prepare: ZeRO-3 leaves empty placeholders behind
     micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
     configure_deepspeed(accelerator, micro, accum, cfg.optim.max_grad_norm)
@@ -256,7 +238,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     model.train()
     last_loss, rate = float("nan"), float("nan")
     while step < cfg.steps:
-        idx = global_batch_indices(step, len(train_blocks), cfg.global_batch_size, cfg.seed)
+        idx = batch_indices(step, len(train_blocks), cfg.global_batch_size, cfg.seed)
         step_loss = torch.zeros((), device=accelerator.device)
         for a in range(accum):
             # micro-batch a of this rank: ranks interleave so any world size sees the same global batch

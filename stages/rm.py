@@ -24,7 +24,7 @@ from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed,
                                   load_frozen, no_sync, save_model, trained_numerics)
 from pipeline.memory import check_fits
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_numerics, load_tokenizer
-from pipeline.runtime import adamw, batch_split, resolve_precision, warmup_cosine
+from pipeline.runtime import adamw_warmup_cosine, batch_indices, batch_split, resolve_precision
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.stats import fmt_rate
 from pipeline.tracking import Progress, stratified
@@ -37,7 +37,6 @@ from reward_model.metrics import RM_PAIR_KINDS, accuracy_by_part, evaluate_compa
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
 from reward_model.trl_pairwise import last_hf_checkpoint, train_pairwise
-from stages.pretrain import global_batch_indices
 
 
 @dataclass
@@ -423,12 +422,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
     ranks = [torch.tensor(c.ranking) for c in train]
     total = math.ceil(cfg.epochs * len(train) / cfg.global_batch_size)
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = adamw([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    # The scheduler is not `prepare`d: accelerate would step it once per process per call.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
+    optimizer, scheduler = adamw_warmup_cosine(model, cfg.optim, total)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
@@ -449,12 +443,12 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
     pad, last = tokenizer.pad_token_id, {}
     model.train()
     while step < total:
-        idx = global_batch_indices(step, len(train), cfg.global_batch_size, cfg.seed)
+        idx = batch_indices(step, len(train), cfg.global_batch_size, cfg.seed)
         sums = torch.zeros(4, device=accelerator.device)  # loss, correct pairs, pairs, sequences
         for a in range(accum):
             # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
             lo = (a * accelerator.num_processes + accelerator.process_index) * micro
-            items = idx[lo: lo + micro].tolist()
+            items = idx[lo: lo + micro]
             sync = no_sync(accelerator, model, sync=a == accum - 1)
             with sync:
                 rewards, valid_mask = group_rewards(model, [train_seqs[i] for i in items], pad)

@@ -348,7 +348,8 @@ def test_folding_the_normalization_into_a_model(tiny, dtype):
 def test_sampling_and_rollouts_create_nothing_on_the_default_device(tiny):
     from pipeline.evaluation import generate, left_pad, row_keys
     from reward_model.comparisons import sample_responses
-    from stages.ppo.data import PtxData, batch_indices
+    from pipeline.runtime import batch_indices
+    from stages.ppo.data import PtxData
     from stages.policy_eval import sequence_kl
     from stages.ppo.models import ValueModel
     from stages.ppo.rollout import build_rollout, queries, sample

@@ -176,7 +176,8 @@ def test_a_row_before_the_latest_step_is_reported(tmp_path, offline, capfd):
 def test_ppo_history_has_every_iteration_and_stratified_samples(tiny, tmp_path, offline, capfd):
     from pipeline.report import write_report
     from pipeline.world import World
-    from stages.ppo.data import batch_indices, load_prompts
+    from pipeline.runtime import batch_indices
+    from stages.ppo.data import load_prompts
     from stages.ppo.runner import run
 
     n = len(SKILLS)

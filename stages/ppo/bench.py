@@ -40,12 +40,13 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.distributed import trained_numerics
-from pipeline.runtime import adamw, configure_threads, make_accelerator, quiet_libraries, resolve_precision, seed_everything
+from pipeline.runtime import (adamw, batch_indices, configure_threads, make_accelerator, quiet_libraries, resolve_precision,
+                              seed_everything)
 from pipeline.world import World
 from reward_model.likelihood import term_of
 from reward_model.scoring import render, right_pad
 from stages.ppo.config import PPOConfig
-from stages.ppo.data import batch_indices, load_prompts
+from stages.ppo.data import load_prompts
 from stages.ppo.loop import iteration_step, make_trainer
 from stages.ppo.models import load_models, resolve_sources
 from stages.ppo.rollout import encode_prompts, sequence_inputs

@@ -6,6 +6,7 @@ import torch
 
 from pipeline.data import read_records
 from pipeline.records import load_prompt_records, read_text_documents
+from pipeline.runtime import batch_indices
 from pipeline.stage import DataError
 from pipeline.tokenizer import assistant_token_mask, document_ids
 
@@ -19,22 +20,6 @@ def load_prompts(cfg, world) -> list[str]:
     # rollouts encode one user turn (rollout.encode_prompts): a conversation gives its last one
     return [r["prompt"] if isinstance(r["prompt"], str) else [m["content"] for m in r["prompt"] if m["role"] == "user"][-1]
             for r in records]
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    # a CPU generator drives a CPU permutation (same order on every process and device type)
-    g = torch.Generator(device="cpu").manual_seed(seed * 1000 + epoch)
-    return torch.randperm(n, generator=g, device="cpu").tolist()
-
-
-def batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
-    """Global indices of batch `step`: consecutive slices of a seeded permutation per epoch, the
-    same on every process, so a resumed run reproduces the data position exactly."""
-    start, out = step * size, []
-    while len(out) < size:
-        epoch, offset = divmod(start + len(out), n)
-        out.extend(epoch_order(n, seed, epoch)[offset: offset + size - len(out)])
-    return out
 
 
 # ----------------------------------------------------------------------------- PPO-ptx

@@ -19,13 +19,13 @@ from pipeline.distributed import full_parameters, launcher_kind, save_model, tra
 from pipeline.evaluation import shard
 from pipeline.memory import check_fits, gpu_memory_gib, plan_launcher
 from pipeline.models import count_parameters
-from pipeline.runtime import seed_everything
+from pipeline.runtime import batch_indices, seed_everything
 from pipeline.stats import fmt_rate
 from pipeline.stage import StageRun
 from pipeline.tracking import Progress, stratified
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
-from stages.ppo.data import batch_indices, load_prompts, load_ptx
+from stages.ppo.data import load_prompts, load_ptx
 from stages.policy_eval import SKILL, TABLE_COLUMNS, EvalSettings, evaluate, make_eval_set, test_evaluation
 from stages.ppo.loop import Trainer, iteration_step, make_trainer
 from stages.ppo.models import Sources, export_policy, load_models, resolve_sources
