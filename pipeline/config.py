@@ -411,3 +411,16 @@ class PolicyEvalConfig:
     best_of: list[int] = F([4, 16], "best-of-n baselines on the test prompts: n SFT samples, the reward model picks one", ge=1)
     seed: int = F(4321, "eval sampling seed (eval never disturbs the training random state)", ge=0)
     samples: int = F(16, "rows in the wandb sample tables", ge=0)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and cosine decay (`pipeline.runtime.adamw_warmup_cosine`): the `optim`
+    section of the stages with their own loop or schedule (pretrain, rm, dpo), each with its defaults."""
+
+    lr: float = F(6e-3, "peak learning rate (AdamW)", ge=0)
+    weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)", ge=0)
+    betas: list[float] = F([0.9, 0.95], "AdamW betas", ge=0, lt=1)
+    warmup_steps: int = F(30, "linear warm-up steps", ge=0)
+    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
+    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)

@@ -87,6 +87,23 @@ def _save_traceback(cfg, exc: BaseException) -> Path | None:
     return path
 
 
+def check_parent_world(cfg, parent: runs.Parent | None) -> None:
+    """One built-in world per run: its facts live in the parent's weights, its prompts and gold
+    labeler in every stage. A stage on the world refuses a parent trained on the world with
+    another seed or population (a parent on files, or a stage on files, is not checked)."""
+    if parent is None or cfg.data.source != "world":
+        return
+    config = parent.manifest.config or {}
+    theirs = config.get("world")
+    if not theirs or (config.get("data") or {}).get("source", "world") != "world":
+        return
+    for key in ("seed", "num_people"):
+        if key in theirs and theirs[key] != getattr(cfg.world, key):
+            raise InputError(f"world.{key}={getattr(cfg.world, key)} but the parent {parent.manifest_path} "
+                             f"({parent.manifest.stage}) was trained in a world with {key}={theirs[key]}; pass "
+                             f"world.{key}={theirs[key]}: every stage of a run uses the same world")
+
+
 def peak_gpu_memory() -> dict:
     """{'perf/peak_gpu_memory_gib': ...} of this process's GPU since it started, or {} on a CPU."""
     import torch

@@ -57,6 +57,24 @@ class ComparisonDataConfig:
 
 
 
+def parent_sampler(accelerator, parent_dir, tokenizer, d: ComparisonDataConfig, precision: str, attn: str,
+                   batch_size: int) -> Callable:
+    """`sample(prompts, k, seed)` for `build_comparisons`: K responses per prompt record from the
+    parent policy, loaded once on first use as the trained models compute
+    (`pipeline.distributed.load_frozen`), at `d.temperature` with `d.max_new_tokens`."""
+    from pipeline.distributed import load_frozen
+
+    policy = None
+
+    def sample(prompts: list[dict], k: int, seed: int) -> list[Comparison]:
+        nonlocal policy
+        policy = policy or load_frozen(accelerator, parent_dir, tokenizer, precision, attn)
+        return sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], k, d.max_new_tokens, d.temperature,
+                                seed, accelerator, batch_size, skills=[p.get("skill") for p in prompts])
+
+    return sample
+
+
 SAVED = ("comparisons.jsonl", "eval_comparisons.jsonl")  # a stage directory's world comparisons, train and held out
 
 

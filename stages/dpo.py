@@ -21,13 +21,13 @@ from types import SimpleNamespace
 from typing import Literal
 
 from pipeline import runs
-from pipeline.config import F, InputError, PolicyEvalConfig, StageConfig
+from pipeline.config import F, InputError, OptimConfig, PolicyEvalConfig, StageConfig
 from pipeline.distributed import (configure_reduction, full_parameters, launcher_kind, load_frozen, save_model,
                                   shard_frozen, trainer_launch_args)
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
-from pipeline.stage import DataError, StageRun, stage_main
+from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
 from pipeline.tracking import Progress, stratified
 from pipeline.world import World
 from reward_model import comparisons as cmp
@@ -38,21 +38,12 @@ from stages.sft import LoraConfig
 
 
 @dataclass
-class DPOOptimConfig:
-    lr: float = F(5e-4, "peak learning rate (AdamW; the tiny model's full fine-tune; ~5e-7 for real models, ~5e-6 for LoRA)",
-                  ge=0)
-    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
-    betas: list[float] = F([0.9, 0.95], "AdamW betas", ge=0, lt=1)
-    warmup_steps: int = F(5, "linear warm-up steps", ge=0)
-    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
-    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
-
-
-@dataclass
 class DPOConfig(StageConfig):
     data: ComparisonDataConfig = F(ComparisonDataConfig(), "comparisons: the rm stage's data section, the same keys")
     lora: LoraConfig = F(LoraConfig(), "LoRA (peft) instead of all weights; the reference is the adapter disabled")
-    optim: DPOOptimConfig = F(DPOOptimConfig(), "optimizer")
+    optim: OptimConfig = F(OptimConfig(lr=5e-4, weight_decay=0.0, warmup_steps=5),
+                           "optimizer and schedule (lr for the tiny model's full fine-tune; ~5e-7 for real models, "
+                           "~5e-6 for LoRA)")
     eval: PolicyEvalConfig = F(PolicyEvalConfig(every=20, best_of=[]),
                                "gold evaluation against the SFT policy, as ppo's (every: optimizer steps; best-of-n "
                                "needs a reward model, which dpo has not)")
@@ -88,19 +79,14 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     check_fits(cfg, accelerator, memory_plan)
     # 1. parent and comparisons (validated before anything is written)
     parent = runs.resolve_parent("dpo", cfg.runs_dir, cfg.run_name, cfg.parent)
-    _check_world(cfg, parent)
+    check_parent_world(cfg, parent)
     tokenizer = load_tokenizer(parent.model_dir)
     resume = sr.latest_checkpoint("checkpoint-*")
-    d, policy = cfg.data, None
-
-    def sample(prompts: list[dict], k: int, seed: int) -> list:
-        nonlocal policy
-        policy = policy or load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision, cfg.attention())
-        return cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], k, d.max_new_tokens, d.temperature,
-                                    seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
-
+    d = cfg.data
+    sample = cmp.parent_sampler(accelerator, parent.model_dir, tokenizer, d, cfg.precision, cfg.attention(),
+                                cfg.sample_batch_size)
     train, held_out = cmp.build_comparisons(d, cfg.seed, cfg.world, sample, log, sr.dir if resume else None)
-    policy = None  # the sampling copy is not needed any more
+    del sample  # and with it the sampling copy of the parent
     pairs = _pairs(tokenizer, train, d.max_length)
     if not pairs:
         raise DataError("no ranked pair to learn from (all ties, or longer than data.max_length)")
@@ -274,17 +260,6 @@ def _callback(cfg: DPOConfig, tracker, total: int, start: int, is_main: bool, ju
 
 def _step_of(ckpt: Path | None) -> int | None:
     return int(Path(ckpt).name.split("-")[1]) if ckpt else None
-
-
-def _check_world(cfg: DPOConfig, parent: runs.Parent) -> None:
-    """The gold judge and the world's prompts must be those of the world the SFT policy learned."""
-    theirs = parent.manifest.config.get("world")
-    if cfg.data.source != "world" or not theirs:
-        return
-    for key in ("seed", "num_people"):
-        if key in theirs and theirs[key] != getattr(cfg.world, key):
-            raise InputError(f"world.{key}={getattr(cfg.world, key)} but the parent {parent.manifest_path} was trained "
-                             f"in a world with {key}={theirs[key]}; pass world.{key}={theirs[key]}")
 
 
 def _print_report(manifest: runs.Manifest, evaluation: dict | None) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from pipeline import runs
-from pipeline.config import F, StageConfig
+from pipeline.config import F, OptimConfig, StageConfig
 from pipeline.records import read_text_documents
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, no_sync, save_model
 from pipeline.evaluation import fact_cloze_accuracy
@@ -48,16 +48,6 @@ class PretrainDataConfig:
     config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
     split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
     valid_fraction: float = F(0.02, "share of user documents held out for perplexity (with one document: of its blocks)", ge=0, lt=1)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = F(6e-3, "peak learning rate (AdamW)", ge=0)
-    weight_decay: float = F(0.1, "AdamW weight decay (not applied to norms and biases)", ge=0)
-    betas: list[float] = F([0.9, 0.95], "AdamW betas", ge=0, lt=1)
-    warmup_steps: int = F(30, "linear warm-up steps", ge=0)
-    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
-    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
 
 
 @dataclass

@@ -18,14 +18,14 @@ from typing import Any, Literal
 import torch
 
 from pipeline import runs
-from pipeline.config import F, InputError, StageConfig
+from pipeline.config import F, InputError, OptimConfig, StageConfig
 from pipeline.records import load_prompt_records
 from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed, full_state_dict, inference_copy,
                                   load_frozen, no_sync, save_model, trained_numerics)
 from pipeline.memory import check_fits
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_numerics, load_tokenizer
 from pipeline.runtime import adamw_warmup_cosine, batch_indices, batch_split, resolve_precision
-from pipeline.stage import DataError, StageRun, stage_main
+from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
 from pipeline.stats import fmt_rate
 from pipeline.tracking import Progress, stratified
 from pipeline.world import World
@@ -45,16 +45,6 @@ class RMDataConfig(ComparisonDataConfig):
 
 
 @dataclass
-class RMOptimConfig:
-    lr: float = F(1e-3, "peak learning rate (AdamW; tuned for full fine-tuning of the tiny model, use ~1e-5 at billion scale)", ge=0)
-    weight_decay: float = F(0.0, "AdamW weight decay (not applied to norms)", ge=0)
-    betas: list[float] = F([0.9, 0.95], "AdamW betas", ge=0, lt=1)
-    warmup_steps: int = F(5, "linear warm-up steps", ge=0)
-    min_lr_ratio: float = F(0.1, "cosine decay ends at lr * min_lr_ratio", ge=0, le=1)
-    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
-
-
-@dataclass
 class NormalizeConfig:
     enabled: bool = F(True, "fold score normalization on SFT samples into the head after training")
     std: bool = F(True, "also scale scores to std 1 (else mean 0 only)")
@@ -64,7 +54,8 @@ class NormalizeConfig:
 @dataclass
 class RMConfig(StageConfig):
     data: RMDataConfig = F(RMDataConfig(), "comparisons: sampled from the world or imported")
-    optim: RMOptimConfig = F(RMOptimConfig(), "optimizer and schedule")
+    optim: OptimConfig = F(OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=5),
+                           "optimizer and schedule (lr tuned for the tiny model's full fine-tune; ~1e-5 at billion scale)")
     normalize: NormalizeConfig = F(NormalizeConfig(), "reward normalization after training")
     trainer: Literal["auto", "kwise", "trl"] = F(
         "auto", "auto = TRL RewardTrainer when every comparison is one pair and no likelihood residual is trained, "
@@ -153,6 +144,7 @@ def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
     """Resolve the parent and build (sample or import and validate) the comparisons."""
     log = _logger(accelerator)
     parent = runs.resolve_parent("rm", cfg.runs_dir, cfg.run_name, cfg.parent)
+    check_parent_world(cfg, parent)
     tokenizer = load_tokenizer(parent.model_dir)
     if cfg.export_only:
         _export(cfg, sr, accelerator, parent, tokenizer)
@@ -372,14 +364,9 @@ def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model, lm=None) 
 def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, resuming: bool, log):
     """(train, held_out, reference): comparisons (`reward_model.comparisons.build_comparisons`), and
     (prompt, response, finished) SFT samples to normalize on."""
-    d, policy = cfg.data, None
-
-    def sample(prompts: list[dict], k: int, seed: int) -> list:
-        nonlocal policy
-        policy = policy or load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision, cfg.attention())
-        return cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], k, d.max_new_tokens, d.temperature,
-                                    seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
-
+    d = cfg.data
+    sample = cmp.parent_sampler(accelerator, parent.model_dir, tokenizer, d, cfg.precision, cfg.attention(),
+                                cfg.sample_batch_size)
     train, held_out = cmp.build_comparisons(d, cfg.seed, cfg.world, sample, log, sr.dir if resuming else None)
     if d.source == "files":
         reference = []

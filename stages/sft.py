@@ -24,7 +24,7 @@ from pipeline.runtime import batch_split, resolve_precision
 from pipeline.records import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stats import fmt_rate
-from pipeline.stage import StageRun, stage_main
+from pipeline.stage import StageRun, check_parent_world, stage_main
 from pipeline.tokenizer import assistant_token_mask, document_ids
 from pipeline.tracking import Progress, stratified
 from pipeline.world import World
@@ -158,7 +158,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     else:
         parent = runs.resolve_parent("sft", cfg.runs_dir, cfg.run_name, cfg.parent)
         model_path = str(parent.model_dir)
-        _check_world(cfg, parent)
+        check_parent_world(cfg, parent)
     world = World(cfg.world) if cfg.data.source == "world" else None
     train_records, valid_records, kind = load_sft_records(cfg.data, world)
     resume = sr.latest_checkpoint("checkpoint-*")
@@ -354,17 +354,6 @@ def sft_features(tokenizer, record: dict, kind: str) -> dict:
 
 def _step_of(ckpt: str | None) -> int | None:
     return int(Path(ckpt).name.split("-")[1]) if ckpt else None
-
-
-def _check_world(cfg: SFTConfig, parent: runs.Parent) -> None:
-    """The world's facts live in the parent's weights: both stages must use the same world."""
-    pw = parent.manifest.config.get("world")
-    pdata = parent.manifest.config.get("data", {}).get("source")
-    if cfg.data.source == "world" and pdata == "world" and pw and pw.get("seed") != cfg.world.seed:
-        raise InputError(f"world.seed={cfg.world.seed} but the parent {parent.manifest_path} was trained on "
-                         f"world.seed={pw.get('seed')}; use the same world in every stage")
-    if cfg.data.source == "world" and pw and pw.get("num_people") != cfg.world.num_people:
-        raise InputError(f"world.num_people={cfg.world.num_people} differs from the parent's ({pw.get('num_people')})")
 
 
 def _print_report(manifest: runs.Manifest, metrics: dict, evaluation: dict | None) -> None:

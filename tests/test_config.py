@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.config import CONFIG_DIR, ROOT, ConfigError, F, StageConfig, help_text, load_config, to_yaml
+from pipeline.config import CONFIG_DIR, ROOT, ConfigError, F, StageConfig, help_text, load_config, to_dict, to_yaml
 
 def _config_class(stage):
     from pipeline import registry
@@ -184,3 +184,25 @@ def test_a_model_that_runs_in_fp32_leaves_flash_attention():
                                          intermediate_size=32))
     model.config._attn_implementation = "flash_attention_2"   # as loaded for a bf16 stage on a GPU
     assert fp32_attention(model).config._attn_implementation == "sdpa"
+
+
+def _set_keys(data: dict, schema: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(schema.get(key), dict):
+            out += _set_keys(value, schema[key], f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value, schema.get(key)))
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_stage_yaml_sets_only_what_differs_from_the_schema(path):
+    """A YAML that restates a default drifts from it the day the schema changes: the files hold
+    only the settings that differ, and `--help` documents the rest."""
+    import yaml
+
+    schema = to_dict(load_config(_config_class(path.stem), [], base=""))
+    restated = [key for key, value, default in _set_keys(yaml.safe_load(path.read_text()) or {}, schema)
+                if value == default]
+    assert restated == []

@@ -474,7 +474,7 @@ def test_policy_is_the_rm_stages_parent(tiny, tmp_path):
     assert src.policy_dir == str(Path(tiny.policy).resolve()) and src.reward_dir == str(Path(tiny.reward).resolve())
     assert src.parent.manifest.stage == "rm" and src.sft_manifest == sft.resolve()
     # a world other than the reward model's is refused
-    from stages.ppo.runner import check_world
+    from pipeline.stage import check_parent_world as check_world
 
     rm_manifest = runs.Manifest.load(tmp_path / "r/rm/manifest.json")
     rm_manifest.config = {"world": {"seed": 1234, "num_people": 7}}

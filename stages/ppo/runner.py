@@ -21,7 +21,7 @@ from pipeline.memory import check_fits, gpu_memory_gib, plan_launcher
 from pipeline.models import count_parameters
 from pipeline.runtime import batch_indices, seed_everything
 from pipeline.stats import fmt_rate
-from pipeline.stage import StageRun
+from pipeline.stage import StageRun, check_parent_world
 from pipeline.tracking import Progress, stratified
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
@@ -122,17 +122,6 @@ def eval_settings(cfg: PPOConfig) -> EvalSettings:
     return EvalSettings.of(cfg.eval, cfg.rollout.forward_batch_size, cfg.rollout.temperature)
 
 
-def check_world(cfg: PPOConfig, parent: runs.Parent | None) -> None:
-    """Prompts and the gold evaluation must come from the world the reward model was trained in."""
-    theirs = parent.manifest.config.get("world") if parent is not None else None
-    if cfg.data.source != "world" or not theirs:
-        return
-    for key in ("seed", "num_people"):
-        if key in theirs and theirs[key] != getattr(cfg.world, key):
-            raise InputError(f"world.{key}={getattr(cfg.world, key)} but the reward model {parent.manifest_path} was "
-                             f"trained in a world with {key}={theirs[key]}; pass world.{key}={theirs[key]}")
-
-
 def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
     main = accelerator.is_main_process
     log = sr.log
@@ -145,7 +134,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     cfg = resolve_auto(cfg, plan_launcher(accelerator), accelerator.num_processes, accelerator.device,
                        gpu_mem_gib=gpu_memory_gib(accelerator))
     check_fits(cfg, accelerator, memory_plan)
-    check_world(cfg, sources.parent)
+    check_parent_world(cfg, sources.parent)
     world = World(cfg.world)
     prompts = load_prompts(cfg, world)
     resume_from = sr.latest_checkpoint()
