@@ -41,15 +41,15 @@ from stages.sft import LoraConfig
 class DPOConfig(StageConfig):
     data: ComparisonDataConfig = F(ComparisonDataConfig(), "comparisons: the rm stage's data section, the same keys")
     lora: LoraConfig = F(LoraConfig(), "LoRA (peft) instead of all weights; the reference is the adapter disabled")
-    optim: OptimConfig = F(OptimConfig(lr=5e-4, weight_decay=0.0, warmup_steps=5),
-                           "optimizer and schedule (lr for the tiny model's full fine-tune; ~5e-7 for real models, "
-                           "~5e-6 for LoRA)")
+    optim: OptimConfig = F(OptimConfig(lr=1.5e-5, weight_decay=0.0, warmup_steps=5),
+                           "optimizer and schedule (lr chosen on the world's valid prompts for the tiny model's full "
+                           "fine-tune, docs/dpo.md; ~5e-7 for real models, ~5e-6 for LoRA)")
     eval: PolicyEvalConfig = F(PolicyEvalConfig(every=20, best_of=[]),
                                "gold evaluation against the SFT policy, as ppo's (every: optimizer steps; best-of-n "
                                "needs a reward model, which dpo has not)")
     beta: float = F(0.1, "β: the strength of the implicit KL constraint to the SFT policy (DPO's temperature)", gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = F("sigmoid", "DPO's loss (sigmoid = the paper's), IPO or hinge")
-    epochs: float = F(2.0, "passes over the ranked pairs", gt=0)
+    epochs: float = F(3.0, "passes over the ranked pairs", gt=0)
     max_steps: int = F(-1, "stop after N optimizer steps (-1 = as many as the epochs make)", ge=-1)
     global_batch_size: int = F(32, "pairs per optimizer step, all processes together", gt=0)
     micro_batch_size: int = F(16, "at most this many pairs per process per forward/backward", gt=0)
@@ -152,6 +152,8 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         final = fp32_attention(trained.unwrap_model(final).merge_and_unload())
     metrics = {f"train/{k}": v for k, v in callback.last.items()}
     if judge is not None:
+        if cfg.eval.every:  # the valid curve's last point: where settings are chosen
+            judge.curve(trained, final, total)
         test_metrics, extra["evaluation"], rows = judge.test(trained, final, total)
         metrics.update(test_metrics)
     tracker.log(metrics, total)

@@ -70,6 +70,18 @@ def test_policy_moves_from_sft_towards_the_preferred_responses(sft, tmp_path):  
     assert m.metrics["train/loss"] < 0.6931  # below log 2, the loss of the reference itself
 
 
+def test_the_valid_curve_does_not_change_the_training(sft, tmp_path):  # noqa: F811
+    """Evaluating every step (sampling and forwards of the policy in training) changes nothing of
+    the training: the same losses as a run that never evaluates during training."""
+    def losses(run):
+        rows = [json.loads(r) for r in (tmp_path / run / "dpo" / "metrics.jsonl").read_text().splitlines() if r]
+        return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+    run_dpo(sft, tmp_path, "every", "epochs=2", "eval.every=1")
+    run_dpo(sft, tmp_path, "never", "epochs=2", "eval.every=0")
+    assert losses("every") == losses("never") and len(losses("never")) >= 4
+
+
 def test_preference_files_lora_and_resume(sft, tmp_path, capsys):  # noqa: F811
     rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"Answer: {a + b}.", "rejected": f"Answer: {a + b + 1}."}
             for a in range(4) for b in range(4)]
