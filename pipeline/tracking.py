@@ -174,3 +174,52 @@ def _human(x: float) -> str:
 def _duration(s: float) -> str:
     s = int(s)
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def trainer_bridge(cfg, tracker, unit: str, items_per_step: int, is_main: bool, names: dict[str, str] | None = None,
+                   shown: tuple[str, ...] = ("loss",), every: int = 0, at_every: Callable[[int], None] | None = None):
+    """The one bridge from an HF Trainer (SFT, TRL's RewardTrainer and DPOTrainer) to the stage:
+    its logs go to `tracker` (`names`: the Trainer's key -> our metric name; default every number
+    as `train/<key>`), with the stage's progress line (`items_per_step` `unit`s per optimizer step,
+    `shown` metrics) and `perf/<unit>_per_s`; `stop_after` ends training at its step, leaving a
+    checkpoint; with `every`, `at_every(step)` runs before the first step and every `every` steps
+    (not at the last: the stage evaluates the final model itself). `bridge.last` holds the last
+    value of each logged metric, `bridge.raw` of each number the Trainer logged, `bridge.stopped`
+    whether `stop_after` ended it."""
+    from transformers import TrainerCallback
+
+    class Bridge(TrainerCallback):
+        progress, seen, stopped = None, 0, False
+
+        def __init__(self):
+            self.last, self.raw = {}, {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.seen = state.global_step
+            self.progress = Progress(cfg.stage, state.max_steps, start=state.global_step, every=cfg.log_every,
+                                     unit=unit, enabled=is_main)
+            if at_every is not None and every and state.global_step == 0:
+                at_every(0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            self.raw.update(numbers)
+            row = {names[k] if names else f"train/{k}": v for k, v in numbers.items() if not names or k in names}
+            if not row:
+                return
+            self.last.update(row)
+            if "train/loss" in row:
+                done, self.seen = state.global_step - self.seen, state.global_step
+                row[f"perf/{unit}_per_s"] = self.progress.update(
+                    state.global_step, items_per_step * done,
+                    **{k.split("/")[-1]: self.last[f"train/{k}"] for k in shown if f"train/{k}" in self.last})
+            tracker.log(row, state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            if cfg.stops_at(state.global_step, state.max_steps):
+                control.should_save = control.should_training_stop = True
+                self.stopped = True
+            elif at_every is not None and every and state.global_step % every == 0 and state.global_step < state.max_steps:
+                at_every(state.global_step)
+
+    return Bridge()

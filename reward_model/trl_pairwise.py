@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.distributed import configure_reduction, trainer_launch_args
 from pipeline.runtime import batch_split, resolve_precision
-from pipeline.tracking import Progress
+from pipeline.tracking import trainer_bridge
 
 
 def last_hf_checkpoint(sr) -> str | None:
@@ -31,7 +31,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     stage goes on with the returned one.
     """
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     rows = [{"chosen_ids": g[i], "rejected_ids": g[j]} for g, c in zip(train_seqs, train) for i, j in c.pairs()]
@@ -57,31 +57,10 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     resume_from = last_hf_checkpoint(sr)
     step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] if resume_from else 0
     tracker = sr.tracker(resume_step=step if resume_from else None)
-    progress = Progress("rm", total, start=step, every=cfg.log_every, unit="seq", enabled=is_main)
     names = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "learning_rate": "lr",
              "grad_norm": "grad_norm", "mean_reward": "reward_mean"}
-
-    class Bridge(TrainerCallback):
-        stopped, seen = False, step
-
-        def __init__(self):
-            self.last = {}
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            row = {f"train/{names[k]}": float(v) for k, v in (logs or {}).items() if k in names}
-            if row:
-                self.last.update({k.removeprefix("train/"): v for k, v in row.items()})
-                tracker.log(row, state.global_step)
-                done, self.seen = state.global_step - self.seen, state.global_step
-                progress.update(state.global_step, 2 * cfg.global_batch_size * done,
-                                **{k: self.last[k] for k in ("loss", "accuracy") if k in self.last})
-
-        def on_step_end(self, args, state, control, **kw):
-            if cfg.stops_at(state.global_step, total):
-                control.should_save = control.should_training_stop = True
-                self.stopped = True
-
-    bridge = Bridge()
+    bridge = trainer_bridge(cfg, tracker, "seq", 2 * cfg.global_batch_size, is_main,
+                            names={k: f"train/{v}" for k, v in names.items()}, shown=("loss", "accuracy"))
     log(f"TRL RewardTrainer: {len(rows)} pairs | {total} steps x {cfg.global_batch_size} pairs = {micro} "
         f"micro x {procs} procs x {accum} accum | lr {cfg.optim.lr:g}")
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -92,8 +71,8 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
     trainer.train(resume_from_checkpoint=resume_from)
     step = trainer.state.global_step
+    last = {k.removeprefix("train/"): v for k, v in bridge.last.items()}
     if bridge.stopped:
         sr.stopped(step)
-    if bridge.stopped:
-        return trainer.model, step, False, bridge.last, tracker, trainer.accelerator
-    return trainer.model_wrapped, step, True, bridge.last, tracker, trainer.accelerator
+        return trainer.model, step, False, last, tracker, trainer.accelerator
+    return trainer.model_wrapped, step, True, last, tracker, trainer.accelerator

@@ -28,7 +28,7 @@ from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, resolve_precision
 from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
-from pipeline.tracking import Progress, stratified
+from pipeline.tracking import stratified, trainer_bridge
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.comparisons import ComparisonDataConfig
@@ -128,11 +128,12 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     tracker = sr.tracker(resume_step=step)
     world = World(cfg.world) if d.source == "world" else None
     judge = _Judge(cfg, accelerator, parent, tokenizer, world, tracker, log) if world is not None else None
-    callback = _callback(cfg, tracker, total, step or 0, accelerator.is_main_process, judge)
+    bridge = trainer_bridge(cfg, tracker, "pairs", cfg.global_batch_size, accelerator.is_main_process,
+                            shown=("loss", "rewards/accuracies"), every=cfg.eval.every if judge is not None else 0,
+                            at_every=lambda at: judge.curve(trainer.accelerator, trainer.model_wrapped, at))
     trainer = _pretokenized()(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-                              peft_config=peft_config, callbacks=[callback])
+                              peft_config=peft_config, callbacks=[bridge])
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
-    callback.trainer = trainer
     log(f"{len(train)} comparisons -> {len(pairs)} ranked pairs | {total} steps x {cfg.global_batch_size} pairs = "
         f"{micro} micro x {accelerator.num_processes} procs x {accum} accum | beta {cfg.beta:g} | lr {cfg.optim.lr:g}"
         f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
@@ -150,7 +151,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     extra = {"lora": cfg.lora.enabled, "pairs": len(pairs), "comparisons": len(train)}
     if cfg.lora.enabled:
         final = fp32_attention(trained.unwrap_model(final).merge_and_unload())
-    metrics = {f"train/{k}": v for k, v in callback.last.items()}
+    metrics = dict(bridge.last)
     if judge is not None:
         if cfg.eval.every:  # the valid curve's last point: where settings are chosen
             judge.curve(trained, final, total)
@@ -222,42 +223,6 @@ class _Judge:
             metrics, evaluation, rows = test_evaluation(policy, self.models, self.world, self.settings, self.accelerator)
         self.tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
         return metrics, evaluation, rows
-
-
-def _callback(cfg: DPOConfig, tracker, total: int, start: int, is_main: bool, judge: _Judge | None):
-    from transformers import TrainerCallback
-
-    class Bridge(TrainerCallback):
-        """TRL's logs to the stage's tracker (`train/...`) with a progress line; `stop_after`; the
-        valid curve every `eval.every` steps (and before the first)."""
-
-        trainer = None
-
-        def __init__(self):
-            self.last, self.seen = {}, start
-            self.progress = Progress("dpo", total, start=start, every=cfg.log_every, unit="pairs", enabled=is_main)
-
-        def on_train_begin(self, args, state, control, **kw):
-            if judge is not None and cfg.eval.every and state.global_step == 0:
-                judge.curve(self.trainer.accelerator, self.trainer.model_wrapped, 0)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            row = {f"train/{k}": float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-            if row:
-                self.last.update({k.removeprefix("train/"): v for k, v in row.items()})
-                tracker.log(row, state.global_step)
-                done, self.seen = state.global_step - self.seen, state.global_step
-                shown = {k.split("/")[-1]: self.last[k] for k in ("loss", "rewards/accuracies") if k in self.last}
-                self.progress.update(state.global_step, cfg.global_batch_size * done, **shown)
-
-        def on_step_end(self, args, state, control, **kw):
-            step = state.global_step
-            if cfg.stops_at(step, total):
-                control.should_save = control.should_training_stop = True
-            elif judge is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < total:
-                judge.curve(self.trainer.accelerator, self.trainer.model_wrapped, step)
-
-    return Bridge()
 
 
 def _step_of(ckpt: Path | None) -> int | None:

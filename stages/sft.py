@@ -26,7 +26,7 @@ from pipeline.sft_eval import evaluate_world
 from pipeline.stats import fmt_rate
 from pipeline.stage import StageRun, check_parent_world, stage_main
 from pipeline.tokenizer import assistant_token_mask, document_ids
-from pipeline.tracking import Progress, stratified
+from pipeline.tracking import stratified, trainer_bridge
 from pipeline.world import World
 
 
@@ -97,47 +97,9 @@ class SFTConfig(StageConfig):
         return p
 
 
-def _tracker_callback(tracker, is_main: bool):
-    from transformers import TrainerCallback
-
-    class ToTracker(TrainerCallback):
-        """Forward the trainer's logs to our rank-0 tracker under namespaced names, with progress."""
-
-        progress = None
-        last_loss = float("nan")  # loss of the final logging window: comparable across restarts
-        num_tokens = 0.0
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.progress = Progress("sft", state.max_steps, start=state.global_step, every=args.logging_steps,
-                                     unit="examples", enabled=is_main)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            names = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
-                     "eval_loss": "eval/loss", "mean_token_accuracy": "train/token_accuracy"}
-            row = {names[k]: float(v) for k, v in (logs or {}).items() if k in names}
-            if "num_tokens" in (logs or {}):
-                self.num_tokens = float(logs["num_tokens"])
-            if "train/loss" in row:
-                self.last_loss = row["train/loss"]
-                row["perf/examples_per_s"] = self.progress.update(
-                    state.global_step, args.logging_steps * args.train_batch_size * args.gradient_accumulation_steps
-                    * args.world_size, loss=row["train/loss"])
-            if row:
-                tracker.log(row, state.global_step)
-
-    return ToTracker()
-
-
-def _stop_after_callback(cfg):
-    from transformers import TrainerCallback
-
-    class StopAfter(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if cfg.stops_at(state.global_step, state.max_steps):
-                control.should_save = True
-                control.should_training_stop = True
-
-    return StopAfter()
+# The SFT trainer's logs, as the stage's metrics
+SFT_LOGS = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm", "eval_loss": "eval/loss",
+            "mean_token_accuracy": "train/token_accuracy"}
 
 
 def run(cfg: SFTConfig) -> runs.Manifest:
@@ -212,8 +174,8 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=features(train_records),
                          eval_dataset=features(valid_records) if valid_records else None,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[to_tracker := _tracker_callback(tracker, accelerator.is_main_process),
-                                    _stop_after_callback(cfg)])
+                         callbacks=[bridge := trainer_bridge(cfg, tracker, "examples", cfg.train.global_batch_size,
+                                                             accelerator.is_main_process, names=SFT_LOGS)])
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
@@ -230,10 +192,11 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         return sr.stopped(trainer.state.global_step)
 
     # 4. evaluate and hand off
-    metrics = {"train/loss": to_tracker.last_loss, "train/mean_loss": result.training_loss,
+    # the loss of the final logging window: comparable across restarts, where the mean is not
+    metrics = {"train/loss": bridge.last.get("train/loss", float("nan")), "train/mean_loss": result.training_loss,
                "perf/train_runtime_s": result.metrics.get("train_runtime", 0.0)}
-    if to_tracker.num_tokens and metrics["perf/train_runtime_s"]:
-        metrics["perf/tokens_per_s"] = to_tracker.num_tokens / metrics["perf/train_runtime_s"]
+    if bridge.raw.get("num_tokens") and metrics["perf/train_runtime_s"]:
+        metrics["perf/tokens_per_s"] = bridge.raw["num_tokens"] / metrics["perf/train_runtime_s"]
     if valid_records:
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
     # The trainer's own accelerator knows the launcher (FSDP2 / DeepSpeed); `model_wrapped` is the
