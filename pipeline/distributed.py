@@ -84,28 +84,37 @@ def check_shared_filesystem(accelerator, directory: str | Path) -> None:
                          "; pass runs_dir=<that path>")
 
 
+def _sixteen_bit_parameters(accelerator) -> bool:
+    """Whether the launcher computes from 16-bit parameters: FSDP2 with a 16-bit `param_dtype`,
+    DeepSpeed's bf16/fp16 engines."""
+    kind = launcher_kind(accelerator)
+    if kind == "fsdp2":
+        policy = getattr(accelerator.state.fsdp_plugin, "mixed_precision_policy", None)
+        return getattr(policy, "param_dtype", None) in (torch.bfloat16, torch.float16)
+    if kind.startswith("zero"):
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        return any((ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16"))
+    return False
+
+
 def configure_reduction(accelerator, fp32: bool = True) -> None:
     """Gradients summed across processes in fp32 (`fp32`) or in the 16-bit compute dtype, under
     the launchers that reduce 16-bit gradients by default: FSDP2's mixed-precision policy
     (`reduce_dtype`, read when a model is prepared) and DeepSpeed's `communication_data_type`
     (read when an engine is built: call it before `prepare`, or on an HF Trainer's accelerator
     before `train`). DDP reduces the fp32 gradients of fp32 parameters already."""
-    kind = launcher_kind(accelerator)
-    if kind == "fsdp2":
+    if not _sixteen_bit_parameters(accelerator):
+        return
+    if launcher_kind(accelerator) == "fsdp2":
         import dataclasses
 
         plugin = accelerator.state.fsdp_plugin
-        policy = getattr(plugin, "mixed_precision_policy", None)
-        if policy is not None and getattr(policy, "param_dtype", None) in (torch.bfloat16, torch.float16):
-            plugin.mixed_precision_policy = dataclasses.replace(
-                policy, reduce_dtype=torch.float32 if fp32 else policy.param_dtype)
-    elif kind.startswith("zero"):
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        if any((ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16")):
-            if fp32:
-                ds["communication_data_type"] = "fp32"
-            else:
-                ds.pop("communication_data_type", None)
+        policy = plugin.mixed_precision_policy
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32 if fp32 else policy.param_dtype)
+    elif fp32:
+        accelerator.state.deepspeed_plugin.deepspeed_config["communication_data_type"] = "fp32"
+    else:
+        accelerator.state.deepspeed_plugin.deepspeed_config.pop("communication_data_type", None)
 
 
 def trained_numerics(accelerator) -> str:
@@ -115,14 +124,7 @@ def trained_numerics(accelerator) -> str:
     bf16/fp16 engines); else 'autocast' (fp32 weights under autocast)."""
     if accelerator.mixed_precision not in ("bf16", "fp16"):
         return "fp32"
-    kind = launcher_kind(accelerator)
-    if kind == "fsdp2":
-        policy = getattr(accelerator.state.fsdp_plugin, "mixed_precision_policy", None)
-        return "bf16" if getattr(policy, "param_dtype", None) in (torch.bfloat16, torch.float16) else "autocast"
-    if kind.startswith("zero"):
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        return "bf16" if any((ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16")) else "autocast"
-    return "autocast"
+    return "bf16" if _sixteen_bit_parameters(accelerator) else "autocast"
 
 
 def load_frozen(accelerator, path, tokenizer, precision: str, attn: str = "auto") -> torch.nn.Module:
@@ -233,9 +235,7 @@ def inference_copy(accelerator, model: torch.nn.Module, numerics: str = "fp32", 
 def _one_gathered(kind: str, param: torch.nn.Parameter) -> Iterator[torch.Tensor]:
     """One parameter whole, gathered from its shards for the time of the block."""
     if kind == "fsdp2":
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param.data
-        yield full
-        del full
+        yield param.full_tensor() if hasattr(param, "full_tensor") else param.data
     else:
         import deepspeed
 

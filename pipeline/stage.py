@@ -243,6 +243,12 @@ class StageRun:
                        key=lambda p: int(re.sub(r"\D", "", p.name)))
         return found[-1] if found else None
 
+    def latest_trainer_checkpoint(self) -> tuple[str | None, int | None]:
+        """(path, step) of the newest complete HF Trainer `checkpoint-N` to resume from, or
+        (None, None): the stages that train through an HF Trainer (sft, rm's TRL path, dpo)."""
+        found = self.latest_checkpoint("checkpoint-*")
+        return (str(found), int(found.name.split("-")[1])) if found else (None, None)
+
     def checkpoint(self, accelerator, step: int, total: int, state: dict) -> bool:
         """End of optimizer step `step` of `total`: save a resumable checkpoint every `save_every`
         steps (the final one is the stage's output, not a checkpoint) and at `stop_after`.

@@ -7,19 +7,11 @@ to the stage's tracker (metrics.jsonl + wandb), not to TRL's own reporters.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 from pipeline.distributed import configure_reduction, trainer_launch_args
 from pipeline.runtime import batch_split, resolve_precision
 from pipeline.tracking import trainer_bridge
-
-
-def last_hf_checkpoint(sr) -> str | None:
-    """The newest complete `checkpoint-N` of an unfinished run (see `StageRun.latest_checkpoint`)."""
-    found = sr.latest_checkpoint("checkpoint-*")
-    return str(found) if found else None
 
 
 def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, train: list, log):
@@ -54,9 +46,8 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
         activation_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         center_rewards_coefficient=cfg.center_coef or None, max_length=None, disable_dropout=True)
-    resume_from = last_hf_checkpoint(sr)
-    step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] if resume_from else 0
-    tracker = sr.tracker(resume_step=step if resume_from else None)
+    resume_from, step = sr.latest_trainer_checkpoint()
+    tracker = sr.tracker(resume_step=step)
     names = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "learning_rate": "lr",
              "grad_norm": "grad_norm", "mean_reward": "reward_mean"}
     bridge = trainer_bridge(cfg, tracker, "seq", 2 * cfg.global_batch_size, is_main,

@@ -81,7 +81,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     parent = runs.resolve_parent("dpo", cfg.runs_dir, cfg.run_name, cfg.parent)
     check_parent_world(cfg, parent)
     tokenizer = load_tokenizer(parent.model_dir)
-    resume = sr.latest_checkpoint("checkpoint-*")
+    resume, resume_step = sr.latest_trainer_checkpoint()
     d = cfg.data
     sample = cmp.parent_sampler(accelerator, parent.model_dir, tokenizer, d, cfg.precision, cfg.attention(),
                                 cfg.sample_batch_size)
@@ -124,8 +124,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
         peft_config = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    step = _step_of(resume)
-    tracker = sr.tracker(resume_step=step)
+    tracker = sr.tracker(resume_step=resume_step)
     world = World(cfg.world) if d.source == "world" else None
     judge = _Judge(cfg, accelerator, parent, tokenizer, world, tracker, log) if world is not None else None
     bridge = trainer_bridge(cfg, tracker, "pairs", cfg.global_batch_size, accelerator.is_main_process,
@@ -141,7 +140,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     # 3. train
     configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.state.global_step < total:
         tracker.finish()
         return sr.stopped(trainer.state.global_step)
@@ -223,10 +222,6 @@ class _Judge:
             metrics, evaluation, rows = test_evaluation(policy, self.models, self.world, self.settings, self.accelerator)
         self.tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
         return metrics, evaluation, rows
-
-
-def _step_of(ckpt: Path | None) -> int | None:
-    return int(Path(ckpt).name.split("-")[1]) if ckpt else None
 
 
 def _print_report(manifest: runs.Manifest, evaluation: dict | None) -> None:

@@ -36,7 +36,7 @@ from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_compa
 from reward_model.metrics import RM_PAIR_KINDS, accuracy_by_part, evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
-from reward_model.trl_pairwise import last_hf_checkpoint, train_pairwise
+from reward_model.trl_pairwise import train_pairwise
 
 
 @dataclass
@@ -150,7 +150,7 @@ def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
         _export(cfg, sr, accelerator, parent, tokenizer)
         return None
     # 1. comparisons: sampled and ranked (or reused after an interruption), or imported and validated
-    resuming = sr.latest_checkpoint() is not None or last_hf_checkpoint(sr) is not None
+    resuming = sr.latest_checkpoint() is not None or sr.latest_trainer_checkpoint()[0] is not None
     comparisons, held_out, reference = _comparisons(cfg, sr, accelerator, parent, tokenizer, resuming, log)
     train = [c for c in comparisons if c.pairs()]  # all-tie comparisons carry no signal
     spans = [[render_span(tokenizer, c.prompt, r, f) for r, f in zip(c.responses, c.finished)] for c in train]

@@ -123,8 +123,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         check_parent_world(cfg, parent)
     world = World(cfg.world) if cfg.data.source == "world" else None
     train_records, valid_records, kind = load_sft_records(cfg.data, world)
-    resume = sr.latest_checkpoint("checkpoint-*")
-    resume = str(resume) if resume else None
+    resume, resume_step = sr.latest_trainer_checkpoint()
     sr.begin(parent, runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_records), train_records[:3]]),
              resuming=resume is not None)
     sr.clear_stale_checkpoints(resuming=resume is not None)
@@ -169,7 +168,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     from datasets import Dataset
 
-    tracker = sr.tracker(resume_step=_step_of(resume))
+    tracker = sr.tracker(resume_step=resume_step)
     features = lambda records: Dataset.from_list([sft_features(tokenizer, r, kind) for r in records])  # noqa: E731
     trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=features(train_records),
                          eval_dataset=features(valid_records) if valid_records else None,
@@ -313,10 +312,6 @@ def sft_features(tokenizer, record: dict, kind: str) -> dict:
         messages, first = prompt + turn("assistant", record["completion"]), len(prompt)
     ids, mask = assistant_token_mask(tokenizer, messages, first)
     return {"input_ids": ids, "assistant_masks": [int(m) for m in mask]}
-
-
-def _step_of(ckpt: str | None) -> int | None:
-    return int(Path(ckpt).name.split("-")[1]) if ckpt else None
 
 
 def _print_report(manifest: runs.Manifest, metrics: dict, evaluation: dict | None) -> None:
