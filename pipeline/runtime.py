@@ -194,6 +194,15 @@ def batch_split(global_batch: int, micro_max: int, world_size: int, what: str = 
     return micro, per_process // micro
 
 
+def micro_batch(batch: list[int], a: int, micro: int, rank: int, world: int) -> list[int]:
+    """Micro-batch `a` of process `rank` of a global batch split by `batch_split`: the
+    (a * world + rank)-th run of `micro` consecutive items. Any process count with the same micro
+    size forms the same micro-batches, so 1 process with accumulation 2 and 2 processes without
+    compute the same gradients (bitwise under DDP: docs/distributed.md)."""
+    lo = (a * world + rank) * micro
+    return batch[lo: lo + micro]
+
+
 def warmup_cosine(step: int, total: int, warmup_steps: int, min_ratio: float) -> float:
     """Learning-rate factor of optimizer step `step` (0-based): linear warm-up over `warmup_steps`,
     then cosine decay to `min_ratio` at step `total`."""

@@ -25,7 +25,7 @@ from pipeline.logprobs import token_nll_sum
 from pipeline.memory import check_fits
 from pipeline.models import (PRESETS, count_parameters, enable_gradient_checkpointing, llama_from_preset, load_causal_lm,
                              load_tokenizer)
-from pipeline.runtime import adamw_warmup_cosine, batch_indices, batch_split
+from pipeline.runtime import adamw_warmup_cosine, batch_indices, batch_split, micro_batch
 from pipeline.stage import DataError, StageRun, stage_main
 from pipeline.tracking import Progress
 from pipeline.world import World
@@ -57,7 +57,7 @@ class PretrainConfig(StageConfig):
     optim: OptimConfig = F(OptimConfig(), "optimizer and schedule")
     steps: int = F(500, "optimizer steps", gt=0)
     global_batch_size: int = F(32, "sequences per optimizer step, all processes together", gt=0)
-    micro_batch_size: int = F(32, "at most this many sequences per process per forward/backward (lowered to divide "
+    micro_batch_size: int = F(16, "at most this many sequences per process per forward/backward (lowered to divide "
                                   "the per-process batch)", gt=0)
     eval_every: int = F(100, "held-out perplexity (`eval/perplexity`) every N steps (0 = only at the end)", ge=0)
     eval_blocks: int = F(256, "held-out sequences used for perplexity (world: validation documents, no sentence of "
@@ -231,9 +231,8 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         idx = batch_indices(step, len(train_blocks), cfg.global_batch_size, cfg.seed)
         step_loss = torch.zeros((), device=accelerator.device)
         for a in range(accum):
-            # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
-            lo = (a * accelerator.num_processes + accelerator.process_index) * micro
-            x = train_blocks[idx[lo: lo + micro]].to(accelerator.device)
+            x = train_blocks[micro_batch(idx, a, micro, accelerator.process_index, accelerator.num_processes)]
+            x = x.to(accelerator.device)
             sync = no_sync(accelerator, model, sync=a == accum - 1)
             with sync:
                 loss = next_token_loss(model, x)

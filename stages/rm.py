@@ -24,7 +24,7 @@ from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed,
                                   load_frozen, no_sync, save_model, trained_numerics)
 from pipeline.memory import check_fits
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_numerics, load_tokenizer
-from pipeline.runtime import adamw_warmup_cosine, batch_indices, batch_split, resolve_precision
+from pipeline.runtime import adamw_warmup_cosine, batch_indices, batch_split, micro_batch, resolve_precision
 from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
 from pipeline.stats import fmt_rate
 from pipeline.tracking import Progress, stratified
@@ -433,9 +433,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
         idx = batch_indices(step, len(train), cfg.global_batch_size, cfg.seed)
         sums = torch.zeros(4, device=accelerator.device)  # loss, correct pairs, pairs, sequences
         for a in range(accum):
-            # micro-batch a of this rank: ranks interleave so any world size sees the same global batch
-            lo = (a * accelerator.num_processes + accelerator.process_index) * micro
-            items = idx[lo: lo + micro]
+            items = micro_batch(idx, a, micro, accelerator.process_index, accelerator.num_processes)
             sync = no_sync(accelerator, model, sync=a == accum - 1)
             with sync:
                 rewards, valid_mask = group_rewards(model, [train_seqs[i] for i in items], pad)

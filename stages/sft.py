@@ -67,7 +67,7 @@ class SFTTrainConfig:
     warmup_ratio: float = F(0.05, "share of steps for linear warm-up", ge=0, le=1)
     scheduler: str = F("cosine", "learning-rate schedule (transformers name: cosine, linear, constant, ...)")
     global_batch_size: int = F(16, "examples per optimizer step, all processes together", gt=0)
-    micro_batch_size: int = F(16, "at most this many examples per process per forward/backward (lowered to divide "
+    micro_batch_size: int = F(8, "at most this many examples per process per forward/backward (lowered to divide "
                                   "the per-process batch)", gt=0)
     max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
 

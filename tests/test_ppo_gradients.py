@@ -1,5 +1,6 @@
 """PPO-ptx and the entropy bonus, checked through `loop.optimise` against gradients computed by
 hand on a bigram policy whose logits are rows of a table (so every gradient has a closed form)."""
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -39,7 +40,7 @@ PTX = [([1, 2, 3, 4], [-100, -100, 3, 4]), ([4, 1, 1], [4, 1, 1]), ([2, 3, 1, 1,
 def bigram_update(entropy_coef: float, ptx_coef: float) -> tuple[torch.Tensor, dict]:
     """One PPO minibatch step of `loop.optimise` on the bigram policy with plain SGD (lr 1) and no
     PPO signal (zero advantages, vf_coef 0): returns (W after - W before, the minibatch's metrics)."""
-    from pipeline.runtime import make_accelerator
+    from pipeline.runtime import batch_split, make_accelerator
     from stages.ppo.data import PtxData
     from stages.ppo.functional import FixedKLController
     from stages.ppo.loop import Trainer, optimise
@@ -47,6 +48,7 @@ def bigram_update(entropy_coef: float, ptx_coef: float) -> tuple[torch.Tensor, d
     from stages.ppo.rollout import Rollout
 
     cfg = SimpleNamespace(seed=0, epochs=1, rollout_batch_size=4, minibatch_size=4, micro_batch_size=2,
+                          micro_batches=partial(batch_split, 4, 2),
                           rollout=SimpleNamespace(temperature=TAU), optim=SimpleNamespace(max_grad_norm=1e9),
                           objective=SimpleNamespace(entropy_coef=entropy_coef, clip_eps=0.2, value_clip_eps=0.2,
                                                     vf_coef=0.0),

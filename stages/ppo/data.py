@@ -6,7 +6,7 @@ import torch
 
 from pipeline.data import read_records
 from pipeline.records import load_prompt_records, read_text_documents
-from pipeline.runtime import batch_indices
+from pipeline.runtime import batch_indices, batch_split, micro_batch
 from pipeline.stage import DataError
 from pipeline.tokenizer import assistant_token_mask, document_ids
 
@@ -36,13 +36,15 @@ class PtxData:
         self.seqs, self.pad_id, self.seed = seqs, pad_id, seed
 
     def batch(self, step: int, size: int, rank: int, world: int, micro: int) -> list[tuple[torch.Tensor, ...]]:
-        """This process's micro-batches of ptx batch `step`: (input_ids [b, L] long, right-padded;
-        attention_mask [b, L] bool; labels [b, L] long, -100 where no loss), on the CPU: the
-        caller moves them to its device."""
-        mine = batch_indices(step, len(self.seqs), size, self.seed + 7)[rank::world]
+        """This process's micro-batches of ptx batch `step` (at most `micro` rows each, laid out as
+        `pipeline.runtime.micro_batch`): (input_ids [b, L] long, right-padded; attention_mask
+        [b, L] bool; labels [b, L] long, -100 where no loss), on the CPU: the caller moves them to
+        its device."""
+        idx = batch_indices(step, len(self.seqs), size, self.seed + 7)
+        micro, accum = batch_split(size, micro, world, "ptx.batch_size")
         out = []
-        for i in range(0, len(mine), micro):
-            rows = [self.seqs[j] for j in mine[i: i + micro]]
+        for a in range(accum):
+            rows = [self.seqs[j] for j in micro_batch(idx, a, micro, rank, world)]
             width = max(len(ids) for ids, _ in rows)
             ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device="cpu")
             mask = torch.zeros((len(rows), width), dtype=torch.bool, device="cpu")

@@ -22,7 +22,7 @@ from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed,
                                   launcher_kind, no_sync, shard_frozen)
 from pipeline.evaluation import row_keys
 from pipeline.logprobs import token_nll_sum
-from pipeline.runtime import adamw
+from pipeline.runtime import adamw, micro_batch
 from reward_model.likelihood import term_of
 from stages.ppo.data import PtxData
 from stages.ppo.functional import (
@@ -219,11 +219,11 @@ def optimise(t: Trainer, r: Rollout, iteration: int) -> list[dict]:
 
     Any number of processes makes the same run: the processes first exchange their episodes
     (`Rollout.gather`, global order = one process's order), each epoch draws ONE permutation of
-    all episodes (the same on every process), and each global minibatch is split over the
-    processes by `_process_share`."""
+    all episodes (the same on every process), and each global minibatch is split into
+    micro-batches over the processes by `pipeline.runtime.micro_batch`."""
     cfg, acc = t.cfg, t.accelerator
     r = r.gather(acc, t.models.tokenizer.pad_token_id)
-    local_mb = cfg.minibatch_size // acc.num_processes
+    micro, accum = cfg.micro_batches(acc.num_processes)
     n_minibatches = cfg.rollout_batch_size // cfg.minibatch_size
     t.models.policy.train()
     t.models.value_model.train()
@@ -231,34 +231,22 @@ def optimise(t: Trainer, r: Rollout, iteration: int) -> list[dict]:
     for epoch in range(cfg.epochs):
         # A fresh permutation per epoch, reproducible from (seed, iteration, epoch) alone.
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1009 + epoch)
-        perm = torch.randperm(len(r), generator=g)
+        perm = torch.randperm(len(r), generator=g).tolist()
         for k in range(n_minibatches):
             step = (iteration * cfg.epochs + epoch) * n_minibatches + k
             minibatch = perm[k * cfg.minibatch_size: (k + 1) * cfg.minibatch_size]
-            mb = r.select(_process_share(minibatch, acc.process_index, acc.num_processes, cfg.micro_batch_size))
-            n_tokens = t.all_reduce(mb.response_mask.sum().float()).clamp(min=1)
+            micros = [r.select(torch.tensor(micro_batch(minibatch, a, micro, acc.process_index, acc.num_processes)))
+                      for a in range(accum)]
+            n_tokens = t.all_reduce(sum(mu.response_mask.sum().float() for mu in micros)).clamp(min=1)
             sums = torch.zeros(len(STAT_KEYS), device=acc.device)
             if t.ptx is not None and cfg.ptx.coef > 0:
                 sums[STAT_KEYS.index("ptx_loss")] = _ptx_backward(t, step)
-            starts = range(0, local_mb, cfg.micro_batch_size)
-            for start in starts:
-                mu = mb.select(torch.arange(start, min(start + cfg.micro_batch_size, local_mb)))
-                sums += _micro_batch(t, mu, n_tokens, sync=start == starts[-1])
+            for a, mu in enumerate(micros):
+                sums += _micro_batch(t, mu, n_tokens, sync=a == accum - 1)
             grad_policy, grad_critic = _optimizer_step(t)
             tot = dict(zip(STAT_KEYS, t.all_reduce(sums).tolist()))
             out.append(_minibatch_metrics(tot, grad_policy, grad_critic, cfg))
     return out
-
-
-def _process_share(minibatch: torch.Tensor, rank: int, world: int, micro: int) -> torch.Tensor:
-    """This process's episodes of a global minibatch, in micro-batch order. As pretrain interleaves
-    its micro-batches, micro-batch a of process r is the (a * world + r)-th run of `micro`
-    consecutive episodes, so each micro-batch holds the same episodes as with one process; if the
-    share is not a multiple of `micro`, a contiguous block."""
-    local = len(minibatch) // world
-    if local % micro:
-        return minibatch[rank * local: (rank + 1) * local]
-    return minibatch.view(-1, world, micro)[:, rank].reshape(-1)
 
 
 def _micro_batch(t: Trainer, mu: Rollout, n_tokens: torch.Tensor, sync: bool) -> torch.Tensor:
