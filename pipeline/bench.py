@@ -81,7 +81,7 @@ def sft_batches(tok, cfg: dict, n: int) -> tuple[list, list, list]:
 
     data = SFTDataConfig(**cfg["data"])
     records, _, kind = load_sft_records(data, World(WorldConfig(**cfg["world"])))
-    micro = cfg["train"]["micro_batch_size"]
+    micro = cfg["batch"]["micro"]
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0))[: micro * n].tolist()
     feats = [sft_features(tok, records[i], kind) for i in order]
     feats = [(f["input_ids"][: data.max_length], f["assistant_masks"][: data.max_length]) for f in feats]
@@ -117,7 +117,7 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)
-        args = [f"steps={steps}", "eval_every=0", f"threads={threads}", *overrides]
+        args = [f"steps={steps}", "eval.every=0", f"threads={threads}", *overrides]
         runs = {}
 
         def pretrain(n: int) -> float:
@@ -130,7 +130,7 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
             cfg = runs[1]["config"]
             tok = AutoTokenizer.from_pretrained(model_dir)
             gen = torch.Generator().manual_seed(0)
-            shape = (cfg["micro_batch_size"], cfg["model"]["seq_len"])
+            shape = (cfg["batch"]["micro"], cfg["model"]["seq_len"])
             batches = [torch.randint(8, len(tok), shape, generator=gen) for _ in range(steps // 3 + 3)]
             model, precision = _as_the_stage_ran_it(model_dir, cfg)
             return model, batches, [torch.ones_like(b, dtype=torch.bool) for b in batches], cfg["optim"]["lr"], precision
@@ -141,7 +141,7 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
 
         rows.append(("pretrain", *_abba(pretrain, pretrain_bare)))
 
-        sft_args = [f"train.steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2", f"threads={threads}",
+        sft_args = [f"steps={steps // 2}", "eval.max_new_tokens=4", "world.eval_examples=2", f"threads={threads}",
                     *overrides]
 
         def sft(n: int) -> float:
@@ -154,7 +154,7 @@ def bench_train(steps: int = 60, threads: int = 1, overrides: list[str] = ()) ->
             tok = AutoTokenizer.from_pretrained(model_dir)
             batches, masks, labels = sft_batches(tok, runs[1]["config"], steps // 2 + 3)
             model, precision = _as_the_stage_ran_it(model_dir, runs[1]["config"])
-            return model, batches, masks, runs[1]["config"]["train"]["lr"], labels, precision
+            return model, batches, masks, runs[1]["config"]["optim"]["lr"], labels, precision
 
         def sft_bare() -> float:
             model, batches, masks, lr, labels, precision = sft_inputs()

@@ -106,8 +106,32 @@ class WorldConfig:
 
 
 @dataclass
+class DataSource:
+    """The base of every stage's `data` section: where the data comes from. Each stage's section
+    adds its own fields (and words `files` for what it reads)."""
+
+    source: Literal["world", "files"] = F("world", "'world' = the built-in world's data; 'files' = data.files")
+    files: list[str] = F([], "JSONL/JSON/Parquet/CSV files, save_to_disk directories or hub dataset names")
+    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
+    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
+
+
+@dataclass
+class BatchConfig:
+    """The `batch` section of every stage. Micro-batches and accumulation are derived
+    (`pipeline.runtime.batch_split`), never configured."""
+
+    size: int = F(32, "items per optimizer step, all processes together (pretrain: sequences, sft: examples, rm: "
+                      "prompts or pairs, dpo: pairs, ppo: episodes)", gt=0)
+    micro: int = F(16, "at most this many items per process per forward/backward (lowered to divide size / processes); "
+                       "the defaults are at most size / 2, so 1 and 2 processes form the same micro-batches", gt=0)
+    forward: int = F(64, "sequences per no-grad forward or generation batch (evaluation, sampling, scoring): a memory knob", gt=0)
+
+
+@dataclass
 class StageConfig:
-    """Fields every stage has."""
+    """Fields every stage has. Every stage also has the sections `data` (a `DataSource`),
+    `batch` (a `BatchConfig`), `optim`, and `steps`, its one training length (tests/test_config_keys.py)."""
 
     run_name: str = F("default", "run name: outputs go to <runs_dir>/<run_name>/<stage>/")
     runs_dir: str = F("runs", "root directory of all runs")
@@ -155,7 +179,14 @@ class StageConfig:
         problems = []
         if not self.run_name or "/" in self.run_name:
             problems.append("run_name: must be a non-empty name without '/'")
+        data = getattr(self, "data", None)
+        if isinstance(data, DataSource) and data.source == "files" and not data.files and self.reads_data_files():
+            problems.append("data.files: required when data.source is 'files'")
         return problems
+
+    def reads_data_files(self) -> bool:
+        """Whether `data.source=files` reads `data.files` (rm's export_only reads prompts instead)."""
+        return True
 
 
 # --------------------------------------------------------------------------------------------

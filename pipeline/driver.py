@@ -118,7 +118,7 @@ def _run_stage(cmd: list[str]) -> tuple[int, str | None]:
 
 
 def stage_overrides(overrides: list[str], stage: str) -> list[str]:
-    """`key=v` goes to every stage; `<stage>.key=v` (e.g. `ppo.iterations=20`) only to that one."""
+    """`key=v` goes to every stage; `<stage>.key=v` (e.g. `ppo.steps=20`) only to that one."""
     out = []
     for item in overrides:
         head, _, rest = item.partition(".")

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # the stages re-run under each multi-GPU launcher
 RERUN = {"ddp": ("sft", "ppo"), "fsdp": ("sft", "rm", "ppo"), "zero2": ("sft", "ppo"), "zero3": ("sft", "rm", "ppo")}
 # gradient accumulation 2 (2 micro-batches of 2 per process and step), with a global batch fit for the GPU count
-ACCUMULATE = {("zero3", "sft"): ("train.micro_batch_size=2", "train.global_batch_size={4n}"),
-              ("zero3", "rm"): ("micro_batch_size=2", "global_batch_size={4n}")}
+ACCUMULATE = {("zero3", "sft"): ("batch.micro=2", "batch.size={4n}"),
+              ("zero3", "rm"): ("batch.micro=2", "batch.size={4n}")}
 FIRST_KL_TOLERANCE = 1e-4
 PARENT = {name: s.parents[0] for name, s in registry.STAGES.items() if s.parents}
 
@@ -45,10 +45,10 @@ PARENT = {name: s.parents[0] for name, s in registry.STAGES.items() if s.parents
 COMMON = ("wandb.mode=disabled", "world.corpus_docs=4000", "world.sft_examples=2000", "world.eval_examples=16")
 # Short runs that still cross a checkpoint (save_every) and an evaluation in every stage.
 STAGE_ARGS = {
-    "pretrain": ("steps=60", "optim.lr=1e-3", "optim.warmup_steps=10", "eval_every=30", "save_every=30"),
-    "sft": ("train.steps=40", "train.lr=5e-4", "save_every=20", "eval.max_new_tokens=48"),
+    "pretrain": ("steps=60", "optim.lr=1e-3", "optim.warmup_steps=10", "eval.every=30", "save_every=30"),
+    "sft": ("steps=40", "optim.lr=5e-4", "save_every=20", "eval.max_new_tokens=48"),
     "rm": ("data.num_prompts=128", "epochs=1", "optim.lr=3e-4", "normalize.reference_size=256", "save_every=2"),
-    "ppo": ("iterations=4", "data.num_prompts=256", "eval.every=2", "eval.num_prompts=64", "save_every=2",
+    "ppo": ("steps=4", "data.num_prompts=256", "eval.every=2", "eval.num_prompts=64", "save_every=2",
             "log_every=1"),
 }
 DEEPSPEED_MISSING = "deepspeed not installed"

@@ -382,15 +382,15 @@ def fake_process_group(nproc: int):
 
 def cheaper_settings(cfg, launcher: str, nproc: int, knobs: dict) -> list[tuple[str, list[str], str, int]]:
     """Changes that lower a stage's plan, cheapest first: (what, key=value overrides, launcher,
-    processes). `knobs`: the stage's config keys of its micro batch ("micro") and, if it has LoRA,
-    the switches that turn it on ("lora"), and the key of a per-layer generation gather ("gather")."""
+    processes). `knobs`: if the stage has LoRA, the switches that turn it on ("lora"), and the key
+    of a per-layer generation gather ("gather"); every stage's micro batch is `batch.micro`."""
     def get(key):
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
         return value
 
-    out, ckpt, micro_key = [], ["gradient_checkpointing=true"], knobs["micro"]
+    out, ckpt, micro_key = [], ["gradient_checkpointing=true"], "batch.micro"
     if "gather" in knobs and launcher in ("fsdp", "zero3") and nproc > 1 and get(knobs["gather"]) != "layer":
         out.append((f"{knobs['gather']}=layer (generation gathers one layer at a time; slower)",
                     [f"{knobs['gather']}=layer"], launcher, nproc))

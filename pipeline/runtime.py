@@ -48,6 +48,25 @@ def configure_threads(threads: int = 0) -> int:
     return threads
 
 
+# Named seed streams of a run's `seed`: each random choice a stage makes draws from its own
+# stream, so a new draw in one never moves another. Offsets are fixed once given (changing one
+# changes that stream's draws); every process r adds PROCESS_STRIDE * r for its own samples.
+SEED_STREAMS = {
+    "train": 0,                # data order, initialisation, the training comparisons' samples
+    "held_out": 1,             # samples of the held-out comparisons (rm, dpo)
+    "rm/reference": 2,         # SFT samples the reward scores are normalised on
+    "rm/reference_subset": 3,  # the subset of training responses used as that reference
+    "rm/calibration": 4,       # comparisons held out to fit the likelihood term's weight
+    "ptx": 7,                  # order of the PPO-ptx batches
+}
+PROCESS_STRIDE = 100003
+
+
+def seed_for(seed: int, stream: str, rank: int = 0) -> int:
+    """The seed of the named `stream` (`SEED_STREAMS`) of a run's `seed`, on process `rank`."""
+    return seed + SEED_STREAMS[stream] + PROCESS_STRIDE * rank
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -182,7 +201,7 @@ def batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
     return out
 
 
-def batch_split(global_batch: int, micro_max: int, world_size: int, what: str = "global_batch_size") -> tuple[int, int]:
+def batch_split(global_batch: int, micro_max: int, world_size: int, what: str = "batch.size") -> tuple[int, int]:
     """(micro, accumulation) with global = micro x processes x accumulation. `micro` is the largest
     size <= micro_max that divides the per-process batch, so the default configs run unchanged on
     any process count that divides the global batch. Derived here only, never configured."""
@@ -192,6 +211,12 @@ def batch_split(global_batch: int, micro_max: int, world_size: int, what: str = 
     per_process = global_batch // world_size
     micro = max(m for m in range(1, min(micro_max, per_process) + 1) if per_process % m == 0)
     return micro, per_process // micro
+
+
+def total_steps(steps: int, epochs: float, n: int, batch: int) -> int:
+    """Optimizer steps of a stage whose length is `steps`, or with steps = -1, `epochs` passes over
+    `n` items in batches of `batch` (the last one wrapping into the next pass)."""
+    return steps if steps > 0 else max(1, math.ceil(epochs * n / batch))
 
 
 def micro_batch(batch: list[int], a: int, micro: int, rank: int, world: int) -> list[int]:

@@ -35,20 +35,21 @@ def chat_prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [chat_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
 
 
-def evaluate_world(model, tokenizer, world, eval_cfg, accelerator=None) -> tuple[dict, dict, list[EvalRow]]:
+def evaluate_world(model, tokenizer, world, max_new_tokens: int, batch_size: int,
+                   accelerator=None) -> tuple[dict, dict, list[EvalRow]]:
     """Greedy responses to the `test` prompts, judged: (flat metrics, the `evaluation` table of
     `summarise`, one `EvalRow` per prompt). The `fact` skill asks about held-out people, so its
     accuracy measures knowledge carried over from pretraining."""
     records = shard(world.prompts(SPLIT), accelerator)
     ids = chat_prompt_ids(tokenizer, [r["prompt"] for r in records])
-    outs = generate(model, tokenizer, ids, eval_cfg.max_new_tokens, temperature=0.0, batch_size=eval_cfg.batch_size) if ids else []
+    outs = generate(model, tokenizer, ids, max_new_tokens, temperature=0.0, batch_size=batch_size) if ids else []
     rows = []
     for r, (resp, finished) in zip(records, outs):
         text = tokenizer.decode(resp, skip_special_tokens=True)
         rows.append(EvalRow(r["skill"], r["prompt"], text, world.is_correct(r["prompt"], text), finished,
                             world.extract(text) is not None and finished, world.gold_score(r["prompt"], text, finished)))
     rows = gather(rows, accelerator)
-    metrics, evaluation = summarise(rows, eval_cfg.max_new_tokens)
+    metrics, evaluation = summarise(rows, max_new_tokens)
     return metrics, evaluation, rows
 
 

@@ -21,15 +21,16 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from pipeline.config import F, WorldConfig
+from pipeline.config import F, DataSource, WorldConfig
 from pipeline.records import Comparison, load_comparisons
+from pipeline.runtime import seed_for
 from pipeline.evaluation import gather, generate, shard
 from pipeline.runs import atomic_write_text
 from reward_model.scoring import as_messages, prompt_ids
 
 
 @dataclass
-class ComparisonDataConfig:
+class ComparisonDataConfig(DataSource):
     """The `data` section of the stages that learn from comparisons (rm, dpo): the same keys, so
     the same data reaches both."""
 
@@ -39,7 +40,6 @@ class ComparisonDataConfig:
                              "pairs, explicit or implicit prompt (formats: pipeline/data.py)")
     eval_files: list[str] = F([], "held-out labeled files for evaluation (default: data.valid_fraction of data.files)")
     columns: dict[str, Any] = F({}, "rename fields before parsing, e.g. {prompt: question, chosen: good}")
-    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
     split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train), "
                                 "e.g. train_prefs")
     eval_split: str | None = F(None, "split of data.eval_files (default: data.split), e.g. test_prefs; with the world: "
@@ -103,7 +103,7 @@ def build_comparisons(d: ComparisonDataConfig, seed: int, world: WorldConfig, sa
 
     labeler, t0 = World(world), time.time()
     train = sample(labeler.prompts("rm", d.num_prompts), d.k, seed)
-    held_out = sample(labeler.prompts(d.eval_split or "test"), d.eval_k or d.k, seed + 1)
+    held_out = sample(labeler.prompts(d.eval_split or "test"), d.eval_k or d.k, seed_for(seed, "held_out"))
     rank_with_labeler(labeler, train + held_out)
     for c in train:
         c.ranking = add_label_noise(c.ranking, d.label_noise, rng)

@@ -7,10 +7,9 @@ to the stage's tracker (metrics.jsonl + wandb), not to TRL's own reporters.
 """
 from __future__ import annotations
 
-import math
 
 from pipeline.distributed import configure_reduction, trainer_launch_args
-from pipeline.runtime import batch_split, resolve_precision
+from pipeline.runtime import batch_split, resolve_precision, total_steps
 from pipeline.tracking import trainer_bridge
 
 
@@ -28,9 +27,8 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
 
     rows = [{"chosen_ids": g[i], "rejected_ids": g[j]} for g, c in zip(train_seqs, train) for i, j in c.pairs()]
     procs, is_main = accelerator.num_processes, accelerator.is_main_process  # before the Trainer resets the state
-    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, procs)
-    total = math.ceil(cfg.epochs * len(rows) / cfg.global_batch_size)
-    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    micro, accum = batch_split(cfg.batch.size, cfg.batch.micro, procs)
+    total = total_steps(cfg.steps, cfg.epochs, len(rows), cfg.batch.size)
     precision = resolve_precision(cfg.precision)
     # TRL 1.16 defaults are for GPUs and LoRA: bf16 and activation checkpointing on, reporting off.
     args = RewardConfig(
@@ -50,9 +48,9 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
     tracker = sr.tracker(resume_step=step)
     names = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "learning_rate": "lr",
              "grad_norm": "grad_norm", "mean_reward": "reward_mean"}
-    bridge = trainer_bridge(cfg, tracker, "seq", 2 * cfg.global_batch_size, is_main,
+    bridge = trainer_bridge(cfg, tracker, "seq", 2 * cfg.batch.size, is_main,
                             names={k: f"train/{v}" for k, v in names.items()}, shown=("loss", "accuracy"))
-    log(f"TRL RewardTrainer: {len(rows)} pairs | {total} steps x {cfg.global_batch_size} pairs = {micro} "
+    log(f"TRL RewardTrainer: {len(rows)} pairs | {total} steps x {cfg.batch.size} pairs = {micro} "
         f"micro x {procs} procs x {accum} accum | lr {cfg.optim.lr:g}")
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                             callbacks=[bridge])

@@ -13,7 +13,6 @@ its valid curve every `eval.every` steps.
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,12 @@ from types import SimpleNamespace
 from typing import Literal
 
 from pipeline import runs
-from pipeline.config import F, InputError, OptimConfig, PolicyEvalConfig, StageConfig
+from pipeline.config import F, BatchConfig, InputError, OptimConfig, PolicyEvalConfig, StageConfig
 from pipeline.distributed import (configure_reduction, full_parameters, launcher_kind, load_frozen, save_model,
                                   shard_frozen, trainer_launch_args)
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
-from pipeline.runtime import batch_split, resolve_precision
+from pipeline.runtime import batch_split, resolve_precision, total_steps
 from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
 from pipeline.tracking import stratified, trainer_bridge
 from pipeline.world import World
@@ -49,20 +48,12 @@ class DPOConfig(StageConfig):
                                "needs a reward model, which dpo has not)")
     beta: float = F(0.1, "β: the strength of the implicit KL constraint to the SFT policy (DPO's temperature)", gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = F("sigmoid", "DPO's loss (sigmoid = the paper's), IPO or hinge")
-    epochs: float = F(3.0, "passes over the ranked pairs", gt=0)
-    max_steps: int = F(-1, "stop after N optimizer steps (-1 = as many as the epochs make)", ge=-1)
-    global_batch_size: int = F(32, "pairs per optimizer step, all processes together", gt=0)
-    micro_batch_size: int = F(16, "at most this many pairs per process per forward/backward", gt=0)
-    eval_batch_size: int = F(64, "sequences per sampling / scoring forward of the evaluation", gt=0)
-    sample_batch_size: int = F(64, "sequences per generation batch when sampling the comparisons", gt=0)
+    batch: BatchConfig = F(BatchConfig(size=32, micro=16), "pairs per step and per forward; forward = sequences per "
+                                                           "sampling or scoring batch (comparisons and evaluation)")
+    epochs: float = F(3.0, "passes over the ranked pairs (when steps is -1)", gt=0)
+    steps: int = F(-1, "optimizer steps (-1 = as many as the epochs make)", ge=-1)
 
     stage = "dpo"
-
-    def validate(self) -> list[str]:
-        p = super().validate()
-        if self.data.source == "files" and not self.data.files:
-            p.append("data.files: required when data.source is 'files'")
-        return p
 
 
 def run(cfg: DPOConfig) -> runs.Manifest:
@@ -84,7 +75,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     resume, resume_step = sr.latest_trainer_checkpoint()
     d = cfg.data
     sample = cmp.parent_sampler(accelerator, parent.model_dir, tokenizer, d, cfg.precision, cfg.attention(),
-                                cfg.sample_batch_size)
+                                cfg.batch.forward)
     train, held_out = cmp.build_comparisons(d, cfg.seed, cfg.world, sample, log, sr.dir if resume else None)
     del sample  # and with it the sampling copy of the parent
     pairs = _pairs(tokenizer, train, d.max_length)
@@ -101,9 +92,8 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     if cfg.lora.enabled and launcher_kind(accelerator) in ("fsdp2", "zero3"):
         raise InputError("lora.enabled with a sharded launcher (fsdp, zero3) is not supported: the adapter is merged "
                          "into full weights at the end; use ACCEL=ddp or zero2 for LoRA")
-    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
-    total = math.ceil(cfg.epochs * len(pairs) / cfg.global_batch_size)
-    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    micro, accum = batch_split(cfg.batch.size, cfg.batch.micro, accelerator.num_processes)
+    total = total_steps(cfg.steps, cfg.epochs, len(pairs), cfg.batch.size)
     precision = resolve_precision(cfg.precision)
     args = TRLDPOConfig(
         **trainer_launch_args(accelerator, cfg.dist_timeout_min, accum, cfg.optim.max_grad_norm),
@@ -127,13 +117,13 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     tracker = sr.tracker(resume_step=resume_step)
     world = World(cfg.world) if d.source == "world" else None
     judge = _Judge(cfg, accelerator, parent, tokenizer, world, tracker, log) if world is not None else None
-    bridge = trainer_bridge(cfg, tracker, "pairs", cfg.global_batch_size, accelerator.is_main_process,
+    bridge = trainer_bridge(cfg, tracker, "pairs", cfg.batch.size, accelerator.is_main_process,
                             shown=("loss", "rewards/accuracies"), every=cfg.eval.every if judge is not None else 0,
                             at_every=lambda at: judge.curve(trainer.accelerator, trainer.model_wrapped, at))
     trainer = _pretokenized()(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
                               peft_config=peft_config, callbacks=[bridge])
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
-    log(f"{len(train)} comparisons -> {len(pairs)} ranked pairs | {total} steps x {cfg.global_batch_size} pairs = "
+    log(f"{len(train)} comparisons -> {len(pairs)} ranked pairs | {total} steps x {cfg.batch.size} pairs = "
         f"{micro} micro x {accelerator.num_processes} procs x {accum} accum | beta {cfg.beta:g} | lr {cfg.optim.lr:g}"
         f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
         + (f" | resuming from {resume}" if resume else ""))
@@ -203,7 +193,7 @@ class _Judge:
         ref = shard_frozen(accelerator, load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision,
                                                     cfg.attention()))
         self.models = SimpleNamespace(tokenizer=tokenizer, ref=ref, policy=None, reward=None, reward_tokenizer=None)
-        self.settings = EvalSettings.of(cfg.eval, cfg.eval_batch_size, cfg.eval.temperature)
+        self.settings = EvalSettings.of(cfg.eval, cfg.batch.forward, cfg.eval.temperature)
         self.cfg, self.accelerator, self.world, self.tracker, self.log = cfg, accelerator, world, tracker, log
         self.valid = None
 
@@ -250,7 +240,7 @@ def memory_plan(cfg: DPOConfig, launcher: str, nproc: int, device, prompt_len: i
     lora = cfg.lora if cfg.lora.enabled else None
     planned = [PlannedModel("policy", config, trained=True, lora=lora)]
     act = activation_bytes(planned_precision(cfg, device))
-    micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
+    micro = batch_split(cfg.batch.size, cfg.batch.micro, nproc)[0]
     update = training_activation_bytes(config, 2 * micro * cfg.data.max_length, cfg.gradient_checkpointing, act,
                                        2 * micro * cfg.data.max_length)
     return Plan("dpo", launcher, nproc, [model_row(pm, launcher, nproc, mesh) for pm in planned],
@@ -258,8 +248,8 @@ def memory_plan(cfg: DPOConfig, launcher: str, nproc: int, device, prompt_len: i
                        + (" (checkpointed)" if cfg.gradient_checkpointing else ""))])
 
 
-# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
-MEMORY_KNOBS = {"micro": "micro_batch_size", "lora": ["lora.enabled"]}
+# The keys `python -m pipeline plan` may change to make this stage fit, besides batch.micro (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS = {"lora": ["lora.enabled"]}
 
 
 def main(argv: list[str] | None = None) -> int:

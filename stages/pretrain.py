@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from pipeline import runs
-from pipeline.config import F, OptimConfig, StageConfig
+from pipeline.config import F, BatchConfig, DataSource, OptimConfig, StageConfig
 from pipeline.records import read_text_documents
 from pipeline.distributed import backward, clip_grad_norm, configure_deepspeed, full_parameters, no_sync, save_model
 from pipeline.evaluation import fact_cloze_accuracy
@@ -40,14 +40,19 @@ class PretrainModelConfig:
 
 
 @dataclass
-class PretrainDataConfig:
+class PretrainDataConfig(DataSource):
     source: Literal["world", "files"] = F("world", "'world' = the built-in corpus; 'files' = data.files")
     files: list[str] = F([], "plain text (.txt/.md: one document per blank-line-separated block), JSONL/JSON/Parquet/CSV "
                              "files, save_to_disk directories or hub dataset names")
     text_field: str = F("text", "field holding the text in record files and datasets")
-    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
-    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
     valid_fraction: float = F(0.02, "share of user documents held out for perplexity (with one document: of its blocks)", ge=0, lt=1)
+
+
+@dataclass
+class PretrainEvalConfig:
+    every: int = F(100, "held-out perplexity (`eval/perplexity`) every N steps (0 = only at the end)", ge=0)
+    blocks: int = F(256, "held-out sequences used for perplexity (world: validation documents, no sentence of which "
+                         "occurs in training)", gt=0)
 
 
 @dataclass
@@ -55,21 +60,11 @@ class PretrainConfig(StageConfig):
     model: PretrainModelConfig = F(PretrainModelConfig(), "model to train")
     data: PretrainDataConfig = F(PretrainDataConfig(), "training text")
     optim: OptimConfig = F(OptimConfig(), "optimizer and schedule")
+    batch: BatchConfig = F(BatchConfig(size=32, micro=16), "sequences per step and per forward")
+    eval: PretrainEvalConfig = F(PretrainEvalConfig(), "held-out perplexity")
     steps: int = F(500, "optimizer steps", gt=0)
-    global_batch_size: int = F(32, "sequences per optimizer step, all processes together", gt=0)
-    micro_batch_size: int = F(16, "at most this many sequences per process per forward/backward (lowered to divide "
-                                  "the per-process batch)", gt=0)
-    eval_every: int = F(100, "held-out perplexity (`eval/perplexity`) every N steps (0 = only at the end)", ge=0)
-    eval_blocks: int = F(256, "held-out sequences used for perplexity (world: validation documents, no sentence of "
-                              "which occurs in training)", gt=0)
 
     stage = "pretrain"
-
-    def validate(self) -> list[str]:
-        p = super().validate()
-        if self.data.source == "files" and not self.data.files:
-            p.append("data.files: required when data.source is 'files'")
-        return p
 
 
 def memory_plan(cfg: PretrainConfig, launcher: str, nproc: int, device, prompt_len: int = 0, mesh=None):
@@ -86,15 +81,15 @@ def memory_plan(cfg: PretrainConfig, launcher: str, nproc: int, device, prompt_l
         config = LlamaConfig(vocab_size=cfg.model.vocab_size, max_position_embeddings=cfg.model.seq_len,
                              tie_word_embeddings=True, **PRESETS[cfg.model.preset])
     act = activation_bytes(planned_precision(cfg, device))
-    micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
+    micro = batch_split(cfg.batch.size, cfg.batch.micro, nproc)[0]
     update = training_activation_bytes(config, micro * cfg.model.seq_len, cfg.gradient_checkpointing, act)
     return Plan("pretrain", launcher, nproc, [model_row(PlannedModel("model", config, trained=True), launcher, nproc, mesh)],
                 [Phase("update", update, f"activations for a micro-batch of {micro} x {cfg.model.seq_len} tokens"
                        + (" (checkpointed)" if cfg.gradient_checkpointing else ""))])
 
 
-# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
-MEMORY_KNOBS = {"micro": "micro_batch_size"}
+# The keys `python -m pipeline plan` may change to make this stage fit, besides batch.micro (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS: dict = {}
 
 
 def pack(docs: list[list[int]], bos: int | None, eos: int, seq_len: int) -> torch.Tensor:
@@ -194,7 +189,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     train_blocks, valid_blocks = split_blocks(encode(train_docs), encode(valid_docs), tokenizer.bos_token_id,
                                               tokenizer.eos_token_id, cfg.model.seq_len, cfg.data.valid_fraction,
                                               "the built-in world" if world else ", ".join(cfg.data.files))
-    valid_blocks = valid_blocks[: cfg.eval_blocks]
+    valid_blocks = valid_blocks[: cfg.eval.blocks]
     # after the data checks: too little text fails without touching an earlier run's manifest
     sr.begin(data_fingerprint=runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_docs), train_docs[:3]]),
              resuming=resume_from is not None)
@@ -208,11 +203,11 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         enable_gradient_checkpointing(model)
     optimizer, scheduler = adamw_warmup_cosine(model, cfg.optim, cfg.steps)
     n_params = count_parameters(model)  # before prepare: ZeRO-3 leaves empty placeholders behind
-    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    micro, accum = batch_split(cfg.batch.size, cfg.batch.micro, accelerator.num_processes)
     configure_deepspeed(accelerator, micro, accum, cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    tokens_per_step = cfg.global_batch_size * cfg.model.seq_len
+    tokens_per_step = cfg.batch.size * cfg.model.seq_len
     log(f"{n_params / 1e6:.2f}M parameters | {len(train_blocks)} train blocks x {cfg.model.seq_len} tokens "
         f"| {tokens_per_step} tokens/step = {micro} micro x {accelerator.num_processes} procs x "
         f"{accum} accum | {cfg.steps} steps | {threads} threads/proc")
@@ -228,7 +223,7 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
     model.train()
     last_loss, rate = float("nan"), float("nan")
     while step < cfg.steps:
-        idx = batch_indices(step, len(train_blocks), cfg.global_batch_size, cfg.seed)
+        idx = batch_indices(step, len(train_blocks), cfg.batch.size, cfg.seed)
         step_loss = torch.zeros((), device=accelerator.device)
         for a in range(accum):
             x = train_blocks[micro_batch(idx, a, micro, accelerator.process_index, accelerator.num_processes)]
@@ -248,15 +243,15 @@ def _run(cfg: PretrainConfig, sr: StageRun, accelerator, threads: int) -> runs.M
         if step % cfg.log_every == 0 or step == cfg.steps:
             tracker.log({"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0],
                          "train/grad_norm": float(grad_norm), "perf/tokens_per_s": rate}, step)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+            vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.batch.forward)
             tracker.log({"eval/loss": vloss, "eval/perplexity": math.exp(vloss)}, step)
         if sr.checkpoint(accelerator, step, cfg.steps, {"step": step, "loss": last_loss}):
             tracker.finish()
             return sr.stopped(step)
 
     # 4. evaluate and hand off
-    vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.micro_batch_size)
+    vloss = evaluate_loss(model, valid_blocks, accelerator, cfg.batch.forward)
     metrics = {"train/loss": last_loss, "eval/loss": vloss, "eval/perplexity": math.exp(vloss),
                "eval/unigram_perplexity": unigram_perplexity(train_blocks, valid_blocks, len(tokenizer)),
                "perf/tokens_per_s": rate}  # the training loop's, without the final evaluation

@@ -9,7 +9,6 @@ weights -> held-out pairwise accuracy, reward distributions, length bias -> `mod
 """
 from __future__ import annotations
 
-import math
 import random
 import sys
 from dataclasses import dataclass
@@ -18,13 +17,14 @@ from typing import Any, Literal
 import torch
 
 from pipeline import runs
-from pipeline.config import F, InputError, OptimConfig, StageConfig
+from pipeline.config import F, BatchConfig, InputError, OptimConfig, StageConfig
 from pipeline.records import load_prompt_records
 from pipeline.distributed import (backward, clip_grad_norm, configure_deepspeed, full_state_dict, inference_copy,
                                   load_frozen, no_sync, save_model, trained_numerics)
 from pipeline.memory import check_fits
 from pipeline.models import count_parameters, enable_gradient_checkpointing, frozen_numerics, load_tokenizer
-from pipeline.runtime import adamw_warmup_cosine, batch_indices, batch_split, micro_batch, resolve_precision
+from pipeline.runtime import (adamw_warmup_cosine, batch_indices, batch_split, micro_batch, resolve_precision,
+                              seed_for, total_steps)
 from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
 from pipeline.stats import fmt_rate
 from pipeline.tracking import Progress, stratified
@@ -60,11 +60,10 @@ class RMConfig(StageConfig):
     trainer: Literal["auto", "kwise", "trl"] = F(
         "auto", "auto = TRL RewardTrainer when every comparison is one pair and no likelihood residual is trained, "
                 "else the K-wise loop")
-    epochs: float = F(3.0, "passes over the training comparisons", gt=0)
-    max_steps: int = F(-1, "stop after N optimizer steps (-1 = as many as the epochs make)", ge=-1)
-    global_batch_size: int = F(32, "prompts (K-wise) or pairs (trl) per optimizer step, all processes together", gt=0)
-    micro_batch_size: int = F(8, "at most this many prompts or pairs per process per forward/backward (lowered to "
-                                 "divide the per-process batch)", gt=0)
+    batch: BatchConfig = F(BatchConfig(size=32, micro=8), "prompts (K-wise) or pairs (trl) per step and per forward; "
+                                                          "forward = sequences per scoring or sampling batch")
+    epochs: float = F(3.0, "passes over the training comparisons (when steps is -1)", gt=0)
+    steps: int = F(-1, "optimizer steps (-1 = as many as the epochs make)", ge=-1)
     center_coef: float = F(0.0, "reward-centering regularizer c·mean(r²) (arXiv 2312.09244; TRL suggests 0.01)", ge=0)
     likelihood_term: bool = F(True, "score = head + c·(log p_SFT(response | prompt) - m): add the frozen parent's "
                                     "log-likelihood of the response (reward_model/likelihood.py); the RM records where "
@@ -80,8 +79,6 @@ class RMConfig(StageConfig):
                                               "the held-out calibration share gives it a weight)", ge=0)
     likelihood_calibration: float = F(0.1, "share of the training comparisons held out from the head's training to fit "
                                            "the likelihood term's c on (0 = fit on the head's own training comparisons)", ge=0, lt=1)
-    eval_batch_size: int = F(64, "sequences per scoring forward", gt=0)
-    sample_batch_size: int = F(64, "sequences per generation batch when sampling comparisons", gt=0)
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
 
     stage = "rm"
@@ -94,13 +91,14 @@ class RMConfig(StageConfig):
             return self.likelihood_residual
         return 8.0 if self.data.source == "world" else 0.0
 
+    def reads_data_files(self) -> bool:
+        return not self.export_only
+
     def validate(self) -> list[str]:
         p = super().validate()
         d = self.data
         if d.source == "world" and d.eval_split not in (None, "test", "valid"):
             p.append(f"data.eval_split: the world's held-out prompts are 'test' or 'valid', not {d.eval_split!r}")
-        if d.source == "files" and not d.files and not self.export_only:
-            p.append("data.files: required when data.source is 'files'")
         if d.prompt_files and not self.export_only:
             p.append("data.prompt_files: only used with export_only=true (no labeler knows your prompts: export, label, "
                      "then import with data.source=files)")
@@ -163,7 +161,7 @@ def prepare(cfg: RMConfig, sr: StageRun, accelerator) -> Prepared | None:
     calibrate = set()
     if cfg.likelihood_term and cfg.likelihood_calibration > 0:  # seeded: the same split on resume
         n = int(len(keep) * cfg.likelihood_calibration)
-        calibrate = set(random.Random(cfg.seed + 4).sample(keep, n)) if n < len(keep) else set()
+        calibrate = set(random.Random(seed_for(cfg.seed, "rm/calibration")).sample(keep, n)) if n < len(keep) else set()
     head = [i for i in keep if i not in calibrate]
     return Prepared(parent, tokenizer, comparisons, [train[i] for i in head], [[ids for ids, _ in spans[i]] for i in head],
                     [[start for _, start in spans[i]] for i in head], [train[i] for i in sorted(calibrate)], held_out,
@@ -197,7 +195,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     if residual:  # the frozen parent's judgement, added to every training score (recomputed on resume)
         lm = load_frozen(accelerator, prep.parent.model_dir, tokenizer, cfg.precision, cfg.attention()).eval().requires_grad_(False)
         log_lik = log_likelihood_ids(lm, [ids for g in train_seqs for ids in g], [s for g in prep.train_starts for s in g],
-                                     tokenizer.pad_token_id, cfg.eval_batch_size, accelerator)
+                                     tokenizer.pad_token_id, cfg.batch.forward, accelerator)
         offsets, spread = residual_offsets(log_lik, [len(c.responses) for c in train], residual)
         log(f"the head trains as the residual over {residual:g} x log p_SFT(response) / {spread:.3g} (its standard "
             "deviation over the training responses; likelihood_residual)")
@@ -252,11 +250,11 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         offset = None
         if term is not None:  # the term centred on the reference: the shift folded into the head stays small
             ref_log_lik = log_likelihood_ids(term.model, ref_seqs, [start for _, start in ref_spans],
-                                             tokenizer.pad_token_id, cfg.eval_batch_size, accelerator)
+                                             tokenizer.pad_token_id, cfg.batch.forward, accelerator)
             term.center = ref_log_lik.double().mean().item()
             offset = term(ref_log_lik.double())
         stats = normalize_on_reference(model, ref_seqs, eval_seqs, tokenizer.pad_token_id, cfg.normalize.std,
-                                       cfg.eval_batch_size, accelerator, ref_offset=offset)
+                                       cfg.batch.forward, accelerator, ref_offset=offset)
         if term is not None:
             term.coef /= stats["raw_std"]  # the whole score is divided by σ, the term with the head
         metrics.update({f"norm/{k}": v for k, v in stats.items()})
@@ -264,7 +262,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
     scores = None
     if term is not None:
         # each part alone on the held-out comparisons: what the head and the likelihood rank right
-        pad, bs = tokenizer.pad_token_id, cfg.eval_batch_size
+        pad, bs = tokenizer.pad_token_id, cfg.batch.forward
         head = score_ids(model, eval_seqs, pad, bs, accelerator)[0]
         log_lik = log_likelihood_ids(term.model, eval_seqs, eval_starts, pad, bs, accelerator)
         parts = {"head": head.tolist(), "likelihood": log_lik.tolist()}
@@ -274,7 +272,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         metrics["likelihood/coef"] = term.coef
 
     # 5. evaluate on held-out comparisons (with the likelihood term: also each part alone)
-    eval_metrics, eval_extra, rows = evaluate_comparisons(model, tokenizer, held_out, eval_seqs, cfg.eval_batch_size,
+    eval_metrics, eval_extra, rows = evaluate_comparisons(model, tokenizer, held_out, eval_seqs, cfg.batch.forward,
                                                           accelerator, starts=eval_starts, scores=scores)
     metrics.update(eval_metrics)
     extra.update(eval_extra)
@@ -329,20 +327,20 @@ def memory_plan(cfg: RMConfig, launcher: str, nproc: int, device, prompt_len: in
         planned.append(PlannedModel("SFT (likelihood)", config, numerics=frozen_numerics(precision, launcher),
                                     sharded_frozen=False))
     act = activation_bytes(precision)
-    micro = batch_split(cfg.global_batch_size, cfg.micro_batch_size, nproc)[0]
+    micro = batch_split(cfg.batch.size, cfg.batch.micro, nproc)[0]
     seqs = micro * max(cfg.data.k, cfg.data.eval_k or cfg.data.k)
     update = training_activation_bytes(config, seqs * cfg.data.max_length, cfg.gradient_checkpointing, act, lm_head=False)
-    sample = kv_cache_bytes(config, cfg.sample_batch_size, prompt_len + cfg.data.max_new_tokens, act)
+    sample = kv_cache_bytes(config, cfg.batch.forward, prompt_len + cfg.data.max_new_tokens, act)
     return Plan("rm", launcher, nproc, [model_row(pm, launcher, nproc, mesh) for pm in planned],
-                [Phase("sample", sample, f"KV cache of {cfg.sample_batch_size} x {prompt_len + cfg.data.max_new_tokens} "
+                [Phase("sample", sample, f"KV cache of {cfg.batch.forward} x {prompt_len + cfg.data.max_new_tokens} "
                                          "tokens (the SFT model samples the comparisons)"),
                  Phase("update", update, f"activations for {micro} prompts x {cfg.data.k} responses x "
                                          f"{cfg.data.max_length} tokens" + (" (checkpointed)" if cfg.gradient_checkpointing
                                                                            else ""))])
 
 
-# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
-MEMORY_KNOBS = {"micro": "micro_batch_size"}
+# The keys `python -m pipeline plan` may change to make this stage fit, besides batch.micro (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS: dict = {}
 
 
 def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model, lm=None) -> tuple[LikelihoodTerm, str]:
@@ -352,7 +350,7 @@ def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model, lm=None) 
     lm = lm or load_frozen(accelerator, prep.parent.model_dir, prep.tokenizer, cfg.precision, cfg.attention()).eval().requires_grad_(False)
     comps = prep.calibration or prep.train
     spans = [render_span(prep.tokenizer, c.prompt, r, f) for c in comps for r, f in zip(c.responses, c.finished)]
-    pad, bs = prep.tokenizer.pad_token_id, cfg.eval_batch_size
+    pad, bs = prep.tokenizer.pad_token_id, cfg.batch.forward
     flat = [ids for ids, _ in spans]
     head = score_ids(model, flat, pad, bs, accelerator)[0]
     log_lik = log_likelihood_ids(lm, flat, [start for _, start in spans], pad, bs, accelerator)
@@ -366,17 +364,17 @@ def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, re
     (prompt, response, finished) SFT samples to normalize on."""
     d = cfg.data
     sample = cmp.parent_sampler(accelerator, parent.model_dir, tokenizer, d, cfg.precision, cfg.attention(),
-                                cfg.sample_batch_size)
+                                cfg.batch.forward)
     train, held_out = cmp.build_comparisons(d, cfg.seed, cfg.world, sample, log, sr.dir if resuming else None)
     if d.source == "files":
         reference = []
         if cfg.normalize.enabled:  # fresh SFT samples: PPO's rewards are normalized on what the policy writes
             prompts = list({str(c.prompt): {"prompt": c.prompt} for c in train}.values())[: cfg.normalize.reference_size]
-            reference = [(c.prompt, c.responses[0], c.finished[0]) for c in sample(prompts, 1, cfg.seed + 2)]
+            reference = [(c.prompt, c.responses[0], c.finished[0]) for c in sample(prompts, 1, seed_for(cfg.seed, "rm/reference"))]
         return train, held_out, reference
     flat = [(c.prompt, r, f) for c in train for r, f in zip(c.responses, c.finished)]
     if len(flat) > cfg.normalize.reference_size:
-        flat = random.Random(cfg.seed + 3).sample(flat, cfg.normalize.reference_size)
+        flat = random.Random(seed_for(cfg.seed, "rm/reference_subset")).sample(flat, cfg.normalize.reference_size)
     return train, held_out, flat
 
 
@@ -388,7 +386,7 @@ def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None
                else World(cfg.world).prompts("rm", d.num_prompts))
     policy = load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision, cfg.attention())
     comps = cmp.sample_responses(policy, tokenizer, [p["prompt"] for p in prompts], d.k, d.max_new_tokens, d.temperature,
-                                 cfg.seed, accelerator, cfg.sample_batch_size, skills=[p.get("skill") for p in prompts])
+                                 cfg.seed, accelerator, cfg.batch.forward, skills=[p.get("skill") for p in prompts])
     path = sr.dir / "comparisons_unlabeled.jsonl"
     if accelerator.is_main_process:
         cmp.write_jsonl(path, comps)
@@ -401,22 +399,21 @@ def _export(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer) -> None
 
 def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, train_seqs, train, fingerprint, log,
                  offsets: list | None = None, tracker=None, checkpoints: bool = True, log_from: int = 0):
-    """The K-wise loop: each step takes `global_batch_size` prompts; every response is forwarded
+    """The K-wise loop: each step takes `batch.size` prompts; every response is forwarded
     once and all ranked pairs of a prompt enter one loss term. `offsets`: per comparison, fixed
     [K] terms added to the head's scores in the loss (the likelihood residual). A second training
     in the same stage passes its `tracker`, no `checkpoints` and logs from step `log_from` on.
     Returns (the prepared model, step, finished?, last metrics, tracker)."""
     ranks = [torch.tensor(c.ranking) for c in train]
-    total = math.ceil(cfg.epochs * len(train) / cfg.global_batch_size)
-    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    total = total_steps(cfg.steps, cfg.epochs, len(train), cfg.batch.size)
     optimizer, scheduler = adamw_warmup_cosine(model, cfg.optim, total)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    micro, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    micro, accum = batch_split(cfg.batch.size, cfg.batch.micro, accelerator.num_processes)
     configure_deepspeed(accelerator, micro, accum, cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    log(f"{total} steps x {cfg.global_batch_size} prompts = {micro} micro x {accelerator.num_processes} "
+    log(f"{total} steps x {cfg.batch.size} prompts = {micro} micro x {accelerator.num_processes} "
         f"procs x {accum} accum | lr {cfg.optim.lr:g}")
     step, resume_from = 0, sr.latest_checkpoint() if checkpoints else None
     if resume_from:
@@ -430,7 +427,7 @@ def _train_kwise(cfg: RMConfig, sr: StageRun, accelerator, model, tokenizer, tra
     pad, last = tokenizer.pad_token_id, {}
     model.train()
     while step < total:
-        idx = batch_indices(step, len(train), cfg.global_batch_size, cfg.seed)
+        idx = batch_indices(step, len(train), cfg.batch.size, cfg.seed)
         sums = torch.zeros(4, device=accelerator.device)  # loss, correct pairs, pairs, sequences
         for a in range(accum):
             items = micro_batch(idx, a, micro, accelerator.process_index, accelerator.num_processes)

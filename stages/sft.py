@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import runs
-from pipeline.config import F, InputError, StageConfig
+from pipeline.config import F, BatchConfig, DataSource, InputError, StageConfig
 from pipeline.distributed import configure_reduction, full_parameters, launcher_kind, save_model, trainer_launch_args
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
@@ -47,28 +47,24 @@ class LoraConfig:
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(DataSource):
     source: Literal["world", "files"] = F("world", "'world' = built-in demonstrations; 'files' = data.files")
-    files: list[str] = F([], "JSONL/JSON/Parquet/CSV files, save_to_disk directories or hub dataset names")
     columns: dict = F({}, "column mapping, e.g. {prompt: [instruction, input], completion: output}")
-    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
-    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
     valid_fraction: float = F(0.05, "share of user records held out for loss evaluation", ge=0, lt=1)
     max_length: int = F(128, "longest tokenized example; longer ones are truncated", ge=2)
     packing: bool = F(False, "pack several examples into each sequence (faster on long data)")
 
 
 @dataclass
-class SFTTrainConfig:
-    epochs: float = F(4.0, "passes over the training data (ignored when steps > 0)", gt=0)
-    steps: int = F(-1, "optimizer steps (-1 = from epochs)", ge=-1)
-    lr: float = F(3e-3, "peak learning rate (tiny full fine-tune; use ~2e-5 for real models, ~2e-4 for LoRA)", ge=0)
+class SFTOptimConfig:
+    """The HF Trainer's AdamW and schedule."""
+
+    lr: float = F(1e-3, "peak learning rate (tiny full fine-tune, chosen on the world's valid prompts: 3e-3 left the "
+                       "last-word skill unlearned from one of two pretrained models; ~2e-5 for real models, "
+                       "~2e-4 for LoRA)", ge=0)
     weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
     warmup_ratio: float = F(0.05, "share of steps for linear warm-up", ge=0, le=1)
     scheduler: str = F("cosine", "learning-rate schedule (transformers name: cosine, linear, constant, ...)")
-    global_batch_size: int = F(16, "examples per optimizer step, all processes together", gt=0)
-    micro_batch_size: int = F(8, "at most this many examples per process per forward/backward (lowered to divide "
-                                  "the per-process batch)", gt=0)
     max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
 
 
@@ -76,7 +72,6 @@ class SFTTrainConfig:
 class SFTEvalConfig:
     max_new_tokens: int = F(64, "tokens generated per test prompt, greedy: enough for the longest chatty "
                                 "demonstration (~40 with the default world), so a policy imitating one can finish", gt=0)
-    batch_size: int = F(64, "prompts per generation batch", gt=0)
     samples: int = F(40, "sample generations logged to the wandb table", ge=0)
 
 
@@ -85,16 +80,14 @@ class SFTConfig(StageConfig):
     model: SFTModelConfig = F(SFTModelConfig(), "starting model")
     lora: LoraConfig = F(LoraConfig(), "LoRA (peft) fine-tuning")
     data: SFTDataConfig = F(SFTDataConfig(), "demonstrations")
-    train: SFTTrainConfig = F(SFTTrainConfig(), "optimization")
+    optim: SFTOptimConfig = F(SFTOptimConfig(), "optimizer and schedule")
+    batch: BatchConfig = F(BatchConfig(size=16, micro=8), "examples per step and per forward; forward = prompts per "
+                                                          "generation batch of the evaluation")
     eval: SFTEvalConfig = F(SFTEvalConfig(), "held-out evaluation")
+    epochs: float = F(4.0, "passes over the training data (when steps is -1)", gt=0)
+    steps: int = F(-1, "optimizer steps (-1 = from epochs)", ge=-1)
 
     stage = "sft"
-
-    def validate(self) -> list[str]:
-        p = super().validate()
-        if self.data.source == "files" and not self.data.files:
-            p.append("data.files: required when data.source is 'files'")
-        return p
 
 
 # The SFT trainer's logs, as the stage's metrics
@@ -136,19 +129,18 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
         model = AutoModelForCausalLM.from_config(model.config)
     disable_dropout(model)
-    micro, accum = batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, accelerator.num_processes,
-                               "train.global_batch_size")
+    micro, accum = batch_split(cfg.batch.size, cfg.batch.micro, accelerator.num_processes, "batch.size")
     if cfg.lora.enabled and launcher_kind(accelerator) in ("fsdp2", "zero3"):
         raise InputError("lora.enabled with a sharded launcher (fsdp, zero3) is not supported: the adapter is merged "
                          "into full weights at the end; use ACCEL=ddp or zero2 for LoRA")
     precision = resolve_precision(cfg.precision)
     args = TRLSFTConfig(
-        **trainer_launch_args(accelerator, cfg.dist_timeout_min, accum, cfg.train.max_grad_norm),
+        **trainer_launch_args(accelerator, cfg.dist_timeout_min, accum, cfg.optim.max_grad_norm),
         output_dir=str(sr.ckpt_dir), per_device_train_batch_size=micro,
         per_device_eval_batch_size=micro, gradient_accumulation_steps=accum,
-        learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_ratio,
-        lr_scheduler_type=cfg.train.scheduler, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.steps,
-        max_grad_norm=cfg.train.max_grad_norm, logging_steps=cfg.log_every, save_strategy="steps",
+        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_ratio,
+        lr_scheduler_type=cfg.optim.scheduler, num_train_epochs=cfg.epochs, max_steps=cfg.steps,
+        max_grad_norm=cfg.optim.max_grad_norm, logging_steps=cfg.log_every, save_strategy="steps",
         save_steps=cfg.save_every if cfg.save_every > 0 else 10**9, save_total_limit=cfg.keep_checkpoints,
         seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True,
         bf16=precision == "bf16", fp16=precision == "fp16",
@@ -173,13 +165,13 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=features(train_records),
                          eval_dataset=features(valid_records) if valid_records else None,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[bridge := trainer_bridge(cfg, tracker, "examples", cfg.train.global_batch_size,
+                         callbacks=[bridge := trainer_bridge(cfg, tracker, "examples", cfg.batch.size,
                                                              accelerator.is_main_process, names=SFT_LOGS)])
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
     log(f"{len(train_records)} train / {len(valid_records)} held-out records ({kind}) | global batch "
-        f"{cfg.train.global_batch_size} = {micro} micro x {accelerator.num_processes} procs x {accum} accum"
+        f"{cfg.batch.size} = {micro} micro x {accelerator.num_processes} procs x {accum} accum"
         f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
         + (f" | resuming from {resume}" if resume else ""))
 
@@ -210,7 +202,8 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     extra = {"lora": cfg.lora.enabled}
     if world is not None:
         with full_parameters(trained, final) as full:
-            world_metrics, extra["evaluation"], rows = evaluate_world(full, tokenizer, world, cfg.eval, accelerator)
+            world_metrics, extra["evaluation"], rows = evaluate_world(full, tokenizer, world, cfg.eval.max_new_tokens, cfg.batch.forward,
+                                                                      accelerator)
         metrics.update(world_metrics)
         tracker.table("eval/samples", ["skill", "prompt", "response", "correct"],
                       stratified([[r.skill, r.prompt, r.response, r.correct] for r in rows], 0, cfg.eval.samples),
@@ -241,7 +234,7 @@ def memory_plan(cfg: SFTConfig, launcher: str, nproc: int, device, prompt_len: i
     config = AutoConfig.from_pretrained(path)
     policy = PlannedModel("policy", config, trained=True, lora=cfg.lora if cfg.lora.enabled else None)
     act = activation_bytes(planned_precision(cfg, device))
-    micro = batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, nproc, "train.global_batch_size")[0]
+    micro = batch_split(cfg.batch.size, cfg.batch.micro, nproc, "batch.size")[0]
     tokens = micro * cfg.data.max_length
     update = training_activation_bytes(config, tokens, cfg.gradient_checkpointing, act)
     return Plan("sft", launcher, nproc, [model_row(policy, launcher, nproc, mesh)],
@@ -249,8 +242,8 @@ def memory_plan(cfg: SFTConfig, launcher: str, nproc: int, device, prompt_len: i
                        + (" (checkpointed)" if cfg.gradient_checkpointing else ""))])
 
 
-# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
-MEMORY_KNOBS = {"micro": "train.micro_batch_size", "lora": ["lora.enabled"]}
+# The keys `python -m pipeline plan` may change to make this stage fit, besides batch.micro (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS = {"lora": ["lora.enabled"]}
 
 
 def _plain_head(trainer_class):

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SETTINGS = ["wandb.mode=disabled", "rollout_batch_size=4", "minibatch_size=4", "micro_batch_size=2", "epochs=1",
+SETTINGS = ["wandb.mode=disabled", "batch.rollout=4", "batch.size=4", "batch.micro=2", "epochs=1",
             "rollout.max_new_tokens=6", "data.num_prompts=8", "eval.every=0"]
 
 
@@ -48,7 +48,7 @@ def measure(policy_dir: str, reward_dir: str, accelerator) -> dict:
         return real_step(t)
 
     loop._optimizer_step = step
-    prompts = load_prompts(cfg, World(cfg.world))[: cfg.rollout_batch_size]
+    prompts = load_prompts(cfg, World(cfg.world))[: cfg.batch.rollout]
     mine = prompts[accelerator.process_index:: accelerator.num_processes]
     loop.iteration_step(trainer, 0, mine)
     loop._optimizer_step = real_step

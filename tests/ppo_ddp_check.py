@@ -53,7 +53,7 @@ def compute(policy_dir: str, reward_dir: str, accelerator, overrides: tuple[str,
 
     world = accelerator.num_processes
     cfg = load_config(PPOConfig, [f"policy.name_or_path={policy_dir}", f"reward.name_or_path={reward_dir}", *WORLD,
-                                  f"rollout_batch_size={GLOBAL_BATCH}", "minibatch_size=4", "micro_batch_size=2",
+                                  f"batch.rollout={GLOBAL_BATCH}", "batch.size=4", "batch.micro=2",
                                   "epochs=2", "optim.policy_lr=1e-3", "optim.critic_lr=1e-3", "objective.kl_coef=0.1",
                                   "ptx.coef=0.5", "ptx.batch_size=4", *overrides])
     torch.manual_seed(0)

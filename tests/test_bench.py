@@ -9,9 +9,9 @@ from stages.ppo.config import PPOConfig
 
 
 def test_ppo_phase_bench_runs_and_returns_finite_ratios(tmp_path):
-    cfg = load_config(PPOConfig, ["wandb.mode=disabled", "threads=1", "rollout_batch_size=8", "minibatch_size=4",
-                                  "micro_batch_size=2", "epochs=1", "rollout.max_new_tokens=4",
-                                  "rollout.forward_batch_size=4", "data.num_prompts=16"])
+    cfg = load_config(PPOConfig, ["wandb.mode=disabled", "threads=1", "batch.rollout=8", "batch.size=4",
+                                  "batch.micro=2", "epochs=1", "rollout.max_new_tokens=4",
+                                  "batch.forward=4", "data.num_prompts=16"])
     shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=64)
     cfg.policy.name_or_path, cfg.reward.name_or_path = ppo_bench.random_models(tmp_path, World(cfg.world), "tiny",

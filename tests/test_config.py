@@ -89,7 +89,7 @@ def test_validate_cross_field():
     from stages.pretrain import PretrainConfig
 
     with pytest.raises(ConfigError) as e:
-        load_config(PretrainConfig, ["global_batch_size=0", "micro_batch_size=16", "data.source=files"])
+        load_config(PretrainConfig, ["batch.size=0", "batch.micro=16", "data.source=files"])
     assert len(e.value.problems) == 2
 
 

@@ -74,3 +74,21 @@ def test_a_key_no_code_reads_is_caught(monkeypatch):
     monkeypatch.setattr(registry, "config_class", lambda stage: WithAnUnreadKey)
     assert unread("sft") == ["never_read_anywhere"]
     assert issubclass(WithAnUnreadKey, StageConfig)
+
+
+@pytest.mark.parametrize("stage", registry.NAMES)
+def test_every_stage_speaks_the_same_vocabulary(stage):
+    """The same section names in every stage: `data` on the shared source base, `batch` on the
+    shared batch section, `optim`, and one training length, `steps`; no other length or batch key."""
+    from pipeline.config import BatchConfig, DataSource
+
+    cls = registry.config_class(stage)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    default = cls()
+    assert isinstance(default.data, DataSource) and isinstance(default.batch, BatchConfig)
+    assert "optim" in fields and "steps" in fields
+    assert default.batch.micro <= default.batch.size // 2  # 1 and 2 processes form the same micro-batches
+    keys = leaf_keys(cls)
+    stray = [k for k in keys if re.search(r"(batch_size|max_steps|iterations|_every|_blocks)$", k)
+             and k not in ("save_every", "log_every", "ptx.batch_size")]
+    assert stray == []

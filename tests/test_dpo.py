@@ -11,8 +11,8 @@ from stages import dpo
 from tests.test_rm import WORLD, sft  # noqa: F401  (the fixture: a tiny complete sft stage)
 
 FAST = ["threads=1", "wandb.mode=disabled", *WORLD, "data.num_prompts=12", "data.k=3", "data.max_new_tokens=5",
-        "epochs=1", "global_batch_size=8", "micro_batch_size=4", "log_every=1", "save_every=0",
-        "sample_batch_size=48", "eval_batch_size=48", "eval.num_prompts=6", "eval.max_new_tokens=5", "eval.every=2"]
+        "epochs=1", "batch.size=8", "batch.micro=4", "log_every=1", "save_every=0",
+        "batch.forward=48", "batch.forward=48", "eval.num_prompts=6", "eval.max_new_tokens=5", "eval.every=2"]
 
 
 def run_dpo(sft, runs_dir, run_name, *extra):  # noqa: F811
@@ -87,8 +87,8 @@ def test_preference_files_lora_and_resume(sft, tmp_path, capsys):  # noqa: F811
             for a in range(4) for b in range(4)]
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["data.source=files", f"data.files=[{data}]", "lora.enabled=true", "lora.r=4", "max_steps=4",
-            "global_batch_size=4", "micro_batch_size=2", "save_every=2"]
+    args = ["data.source=files", f"data.files=[{data}]", "lora.enabled=true", "lora.r=4", "steps=4",
+            "batch.size=4", "batch.micro=2", "save_every=2"]
     first = run_dpo(sft, tmp_path, "f", *args, "stop_after=2")
     assert first.status == "running" and (tmp_path / "f" / "dpo" / "checkpoints" / "checkpoint-2").exists()
     capsys.readouterr()

@@ -332,16 +332,16 @@ def run_chain(checkpoints, name: str, runs_dir: Path) -> dict:
     base = [*COMMON, f"runs_dir={runs_dir}", f"run_name={name}"]
     plan = [
         ("pretrain", pretrain.PretrainConfig, pretrain.run,
-         [f"model.name_or_path={checkpoints(name)}", "model.seq_len=64", "steps=2", "micro_batch_size=8",
-          "global_batch_size=8", "eval_every=0", "eval_blocks=4"]),
+         [f"model.name_or_path={checkpoints(name)}", "model.seq_len=64", "steps=2", "batch.micro=8",
+          "batch.size=8", "eval.every=0", "eval.blocks=4"]),
         ("sft", sft.SFTConfig, sft.run,
-         ["train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=8", "data.max_length=64",
+         ["steps=3", "batch.size=8", "batch.micro=8", "data.max_length=64",
           "eval.max_new_tokens=6"]),
         ("rm", rm.RMConfig, rm.run,
          ["data.num_prompts=8", "data.k=2", "data.eval_k=2", "data.max_new_tokens=6", "epochs=1",
-          "global_batch_size=4", "micro_batch_size=4", "normalize.reference_size=16"]),
+          "batch.size=4", "batch.micro=4", "normalize.reference_size=16"]),
         ("ppo", ppo_config.PPOConfig, ppo_run,
-         ["iterations=1", "rollout_batch_size=4", "minibatch_size=4", "micro_batch_size=4", "epochs=1",
+         ["steps=1", "batch.rollout=4", "batch.size=4", "batch.micro=4", "epochs=1",
           "data.num_prompts=8", "rollout.max_new_tokens=6", "eval.max_new_tokens=6", "eval.num_prompts=4"]),
     ]
     out = {}
@@ -403,8 +403,8 @@ def test_ppo_with_a_reward_model_of_another_family(chains, tmp_path):
     chains("qwen2")
     policy_dir, reward_dir = root / "llama3" / "sft" / "model", root / "qwen2" / "rm" / "model"
     cfg = load_config(PPOConfig, [*COMMON, f"runs_dir={tmp_path}", f"policy.name_or_path={policy_dir}",
-                                  f"reward.name_or_path={reward_dir}", "iterations=1", "rollout_batch_size=4",
-                                  "minibatch_size=4", "micro_batch_size=4", "epochs=1", "data.num_prompts=8",
+                                  f"reward.name_or_path={reward_dir}", "steps=1", "batch.rollout=4",
+                                  "batch.size=4", "batch.micro=4", "epochs=1", "data.num_prompts=8",
                                   "rollout.max_new_tokens=6", "eval.max_new_tokens=6", "eval.num_prompts=4"])
     models = load_models(cfg, resolve_sources(cfg), torch.device("cpu"))
     tok, rm_tok = models.tokenizer, models.reward_tokenizer

@@ -189,9 +189,9 @@ def test_smoke_plan(cpu, tmp_path):
     assert all(r.launcher == ("cpu" if cpu else r.check)
                and r.env() == {"NPROC": "1" if cpu or r.check == default else "2", "ACCEL": r.launcher} for r in rows)
     zero3 = {r.stage: r for r in rows if r.check == "zero3"}
-    assert _arg(zero3["sft"], "train.micro_batch_size") == "2"       # 2 x 2 x 2 = global 8: accumulation 2
-    assert _arg(zero3["sft"], "train.global_batch_size") == ("4" if cpu else "8")
-    assert _arg(zero3["rm"], "micro_batch_size") == "2"
+    assert _arg(zero3["sft"], "batch.micro") == "2"       # 2 x 2 x 2 = global 8: accumulation 2
+    assert _arg(zero3["sft"], "batch.size") == ("4" if cpu else "8")
+    assert _arg(zero3["rm"], "batch.micro") == "2"
     assert _arg(rows[0], "model.preset") == ("tiny" if cpu else "small")
     by_dir = {r.stage_dir: r for r in rows}
     assert len(by_dir) == len(rows)  # every row writes its own stage directory

@@ -16,8 +16,8 @@ from pipeline.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = ["world.num_people=20", "world.corpus_docs=300", "world.sft_examples=64", "world.eval_examples=2"]
 COMMON = ["threads=1", "wandb.mode=disabled", "save_every=0", *WORLD]
-PPO = ["data.num_prompts=16", "rollout_batch_size=4", "minibatch_size=4", "micro_batch_size=4", "epochs=1",
-       "iterations=1", "rollout.max_new_tokens=4", "eval.max_new_tokens=4", "eval.num_prompts=4", "eval.every=0",
+PPO = ["data.num_prompts=16", "batch.rollout=4", "batch.size=4", "batch.micro=4", "epochs=1",
+       "steps=1", "rollout.max_new_tokens=4", "eval.max_new_tokens=4", "eval.num_prompts=4", "eval.every=0",
        "ema.enabled=true"]
 MODEL_DIRS = ("pretrain/model", "sft/model", "rm/model", "ppo/model", "ppo/model_ema")
 
@@ -36,13 +36,13 @@ def chain(tmp_path_factory):
 
     runs_dir = tmp_path_factory.mktemp("runs")
     common = [f"runs_dir={runs_dir}", "run_name=orig", *COMMON]
-    pretrain.run(load_config(pretrain.PretrainConfig, [*common, "model.seq_len=64", "micro_batch_size=8",
-                                                       "global_batch_size=8", "steps=2", "eval_every=0"]))
-    sft.run(load_config(sft.SFTConfig, [*common, "train.steps=2", "train.global_batch_size=8",
-                                        "train.micro_batch_size=8", "data.max_length=64", "eval.max_new_tokens=4"]))
+    pretrain.run(load_config(pretrain.PretrainConfig, [*common, "model.seq_len=64", "batch.micro=8",
+                                                       "batch.size=8", "steps=2", "eval.every=0"]))
+    sft.run(load_config(sft.SFTConfig, [*common, "steps=2", "batch.size=8",
+                                        "batch.micro=8", "data.max_length=64", "eval.max_new_tokens=4"]))
     rm.run(load_config(rm.RMConfig, [*common, "data.num_prompts=8", "data.k=2", "data.max_new_tokens=4", "epochs=1",
-                                     "global_batch_size=4", "micro_batch_size=4", "sample_batch_size=48",
-                                     "eval_batch_size=48", "normalize.reference_size=16"]))
+                                     "batch.size=4", "batch.micro=4", "batch.forward=48",
+                                     "batch.forward=48", "normalize.reference_size=16"]))
     run_ppo(runs_dir, "orig")
     return runs_dir / "orig"
 

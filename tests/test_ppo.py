@@ -60,8 +60,8 @@ def ppo_cfg(tiny, runs_dir, *overrides):
 
     return load_config(PPOConfig, [f"policy.name_or_path={tiny.policy}", f"reward.name_or_path={tiny.reward}",
                                    f"runs_dir={runs_dir}", "threads=1", "wandb.mode=disabled", *WORLD,
-                                   "data.num_prompts=64", "rollout_batch_size=8", "minibatch_size=4",
-                                   "micro_batch_size=2", "epochs=2", "iterations=2", "rollout.max_new_tokens=8",
+                                   "data.num_prompts=64", "batch.rollout=8", "batch.size=4",
+                                   "batch.micro=2", "epochs=2", "steps=2", "rollout.max_new_tokens=8",
                                    "eval.max_new_tokens=8", "eval.num_prompts=8", "eval.every=0",
                                    "optim.policy_lr=1e-3", "optim.critic_lr=1e-3", "log_every=100", *overrides])
 
@@ -373,7 +373,7 @@ def _weights(model_dir):
 def test_resume_after_interruption_matches_unbroken_run(tiny, tmp_path):
     from stages.ppo import run
 
-    extra = ["iterations=4", "ema.enabled=true", "objective.adaptive_kl=true", "optim.schedule=linear", "save_every=0"]
+    extra = ["steps=4", "ema.enabled=true", "objective.adaptive_kl=true", "optim.schedule=linear", "save_every=0"]
     full = run(ppo_cfg(tiny, tmp_path / "a", *extra))
     stopped = run(ppo_cfg(tiny, tmp_path / "b", *extra, "stop_after=2"))
     assert stopped.status == "running" and (tmp_path / "b/default/ppo/checkpoints/step-0000002").exists()
@@ -423,7 +423,7 @@ def test_lora_reference_is_adapter_disabled_base(tiny, tmp_path):
     torch.testing.assert_close(r.ref_logprobs[m], expected[m], atol=1e-5, rtol=1e-5)
     assert (live[m] - expected[m]).abs().max() > 1e-4                     # the adapter has learned something
     # the whole stage with LoRA exports plain (merged) weights
-    manifest = run(replace(cfg, iterations=1))
+    manifest = run(replace(cfg, steps=1))
     assert manifest.status == "complete"
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "default/ppo/model"))
     assert not any("lora" in n for n, _ in exported.named_parameters())
@@ -435,7 +435,7 @@ def test_ema_follows_the_recurrence_and_is_exported(tiny, tmp_path):
 
     decay = 0.5
     # one optimizer step per iteration: epochs=1, minibatch = rollout batch
-    cfg = ppo_cfg(tiny, tmp_path, "ema.enabled=true", f"ema.decay={decay}", "epochs=1", "minibatch_size=8")
+    cfg = ppo_cfg(tiny, tmp_path, "ema.enabled=true", f"ema.decay={decay}", "epochs=1", "batch.size=8")
     t = trainer_for(cfg)
     snaps = [params(t.policy)]
     for it in range(2):

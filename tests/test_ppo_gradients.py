@@ -47,7 +47,7 @@ def bigram_update(entropy_coef: float, ptx_coef: float) -> tuple[torch.Tensor, d
     from stages.ppo.models import PPOModels
     from stages.ppo.rollout import Rollout
 
-    cfg = SimpleNamespace(seed=0, epochs=1, rollout_batch_size=4, minibatch_size=4, micro_batch_size=2,
+    cfg = SimpleNamespace(seed=0, epochs=1, batch=SimpleNamespace(rollout=4, size=4, micro=2),
                           micro_batches=partial(batch_split, 4, 2),
                           rollout=SimpleNamespace(temperature=TAU), optim=SimpleNamespace(max_grad_norm=1e9),
                           objective=SimpleNamespace(entropy_coef=entropy_coef, clip_eps=0.2, value_clip_eps=0.2,

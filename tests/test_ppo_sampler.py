@@ -21,8 +21,8 @@ from stages.ppo.rollout import TransformersSampler, sequence_inputs, token_logpr
 
 def random_ppo(tmp_path, *overrides):
     """(cfg, accelerator, models, 4 prompts) for PPO on random one-layer models built on the fly."""
-    cfg = load_config(PPOConfig, ["wandb.mode=disabled", "threads=1", "rollout_batch_size=4", "minibatch_size=4",
-                                  "micro_batch_size=4", "epochs=1", "rollout.max_new_tokens=6", "data.num_prompts=8",
+    cfg = load_config(PPOConfig, ["wandb.mode=disabled", "threads=1", "batch.rollout=4", "batch.size=4",
+                                  "batch.micro=4", "epochs=1", "rollout.max_new_tokens=6", "data.num_prompts=8",
                                   "optim.policy_lr=1e-2", *overrides])
     shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=64)
@@ -88,7 +88,7 @@ def test_the_default_sampler_is_transformers_generate_with_the_rollout_settings(
     trainer = make_trainer(cfg, models, accelerator)
     assert isinstance(trainer.sampler, TransformersSampler)
     assert (trainer.sampler.temperature, trainer.sampler.max_new_tokens, trainer.sampler.batch_size) == (
-        cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.rollout.forward_batch_size)
+        cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.batch.forward)
     torch.manual_seed(3)
     _, rollout = iteration_step(trainer, 0, prompts)
     assert rollout.response_ids.shape[1] <= cfg.rollout.max_new_tokens and rollout.response_mask.any()

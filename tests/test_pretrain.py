@@ -13,8 +13,8 @@ from pipeline.stage import DataError
 from stages import pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["world.num_people=20", "world.corpus_docs=600", "model.seq_len=64", "micro_batch_size=8",
-        "global_batch_size=16", "eval_every=0", "log_every=1", "save_every=0", "wandb.mode=disabled",
+TINY = ["world.num_people=20", "world.corpus_docs=600", "model.seq_len=64", "batch.micro=8",
+        "batch.size=16", "eval.every=0", "log_every=1", "save_every=0", "wandb.mode=disabled",
         "threads=1", "optim.warmup_steps=3"]
 
 
@@ -155,8 +155,8 @@ def test_continued_pretraining_on_user_files(tmp_path, tiny_model_dir, name):
     else:
         (tmp_path / name).write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
     rc = pretrain.main([f"runs_dir={tmp_path}", "run_name=c", f"model.name_or_path={tiny_model_dir}", "data.source=files",
-                        f"data.files=[{tmp_path / name}]", "model.seq_len=32", "steps=2", "global_batch_size=4",
-                        "micro_batch_size=4", "eval_every=0", "save_every=0", "wandb.mode=disabled", "threads=1"])
+                        f"data.files=[{tmp_path / name}]", "model.seq_len=32", "steps=2", "batch.size=4",
+                        "batch.micro=4", "eval.every=0", "save_every=0", "wandb.mode=disabled", "threads=1"])
     m = Manifest.load(tmp_path / "c" / "pretrain" / "manifest.json")
     assert rc == 0 and m.complete
     assert 1 < m.metrics["eval/perplexity"] < 1e4  # measured on held-out blocks, not on nothing

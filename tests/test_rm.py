@@ -24,8 +24,8 @@ from reward_model.scoring import group_rewards, render, score
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = ["world.num_people=20", "world.corpus_docs=300", "world.sft_examples=100", "world.eval_examples=3"]
 FAST = ["threads=1", "wandb.mode=disabled", *WORLD, "data.num_prompts=12", "data.k=3", "data.max_new_tokens=5",
-        "epochs=2", "global_batch_size=4", "micro_batch_size=2", "log_every=1", "save_every=0",
-        "sample_batch_size=48", "eval_batch_size=48", "normalize.reference_size=64"]
+        "epochs=2", "batch.size=4", "batch.micro=2", "log_every=1", "save_every=0",
+        "batch.forward=48", "batch.forward=48", "normalize.reference_size=64"]
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_each_response_forwarded_once_per_step(sft, tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(rm_stage, "load_reward_model", counted)
-    manifest = run_rm(sft, tmp_path, "count", "max_steps=3")
+    manifest = run_rm(sft, tmp_path, "count", "steps=3")
     assert manifest.status == "complete"
     # 3 steps x 2 micro-batches, each micro-batch = 2 prompts x K=3 responses in ONE forward
     assert rows_per_call == [6] * 6
@@ -290,7 +290,7 @@ def test_imported_formats_train(sft, tmp_path, capsys, kind):
     if kind == "implicit_messages":
         assert comps[0].prompt == [{"role": "user", "content": PAIRS[0][0]}] and comps[0].responses[0] == "Answer: 3."
     manifest = run_rm(sft, tmp_path, kind, "data.source=files", f"data.files=[{path}]", "data.valid_fraction=0.25",
-                      "max_steps=2")
+                      "steps=2")
     assert manifest.status == "complete"
     rows = runs.read_metrics(tmp_path / kind / "rm" / "metrics.jsonl")
     assert any("train/loss" in r for r in rows) and manifest.metrics["eval/pairs"] >= 2

@@ -86,7 +86,7 @@ def likelihood_run(sft, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("lik")
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     m = run_rm(sft, tmp, "lik", "data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]", "data.valid_fraction=0.25",
-               "max_steps=2", "likelihood_residual=8")
+               "steps=2", "likelihood_residual=8")
     return tmp / "lik" / "rm", m, records
 
 
@@ -206,7 +206,7 @@ def test_likelihood_copy_makes_a_self_contained_reward_model(sft, likelihood_run
 
     pairs = likelihood_run[0].parent.parent / "pairs.jsonl"
     m = run_rm(sft, tmp_path, "copy", "data.source=files", f"data.files=[{pairs}]", "data.valid_fraction=0.25",
-               "max_steps=2", "likelihood_copy=true")
+               "steps=2", "likelihood_copy=true")
     rm_dir = tmp_path / "copy" / "rm" / "model"
     spec = json.loads((rm_dir / "config.json").read_text())["reward_likelihood"]
     assert m.metrics["likelihood/coef"] > 0
@@ -310,7 +310,7 @@ def test_head_trains_over_the_likelihood_residual(sft, likelihood_run, monkeypat
     monkeypatch.setattr(stages.rm, "group_rewards", lambda *a: (lambda r, m: (r * 0, m))(*real(*a)))
     tmp = stage.parent.parent
     m = run_rm(sft, tmp, f"residual{residual:g}", "data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]",
-               "data.valid_fraction=0.25", "max_steps=1", "global_batch_size=64", "micro_batch_size=64",
+               "data.valid_fraction=0.25", "steps=1", "batch.size=64", "batch.micro=64",
                "optim.lr=0", "trainer=kwise", f"likelihood_residual={residual}")
     loss = next(r["train/loss"] for r in runs.read_metrics(tmp / f"residual{residual:g}" / "rm" / "metrics.jsonl")
                 if "train/loss" in r)
@@ -336,7 +336,7 @@ def test_pairs_train_with_trl_reward_trainer_only_without_the_residual(sft, like
 
     stage, _, _ = likelihood_run
     tmp = stage.parent.parent
-    files = ["data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]", "data.valid_fraction=0.25", "max_steps=1"]
+    files = ["data.source=files", f"data.files=[{tmp / 'pairs.jsonl'}]", "data.valid_fraction=0.25", "steps=1"]
     assert run_rm(sft, tmp, "auto_off", *files, "likelihood_residual=0").complete
     assert "trainer trl RewardTrainer" in capsys.readouterr().err
     assert run_rm(sft, tmp, "auto_files", *files).complete   # on files the residual is off unless asked for
@@ -359,7 +359,7 @@ def test_a_zero_weight_ships_a_head_trained_alone_and_says_so(sft, likelihood_ru
     flipped.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
                                for r in records))
     m = run_rm(sft, tmp, "flipped", "data.source=files", f"data.files=[{flipped}]", "data.valid_fraction=0.25",
-               "max_steps=2", "likelihood_residual=8", "likelihood_calibration=0.3")
+               "steps=2", "likelihood_residual=8", "likelihood_calibration=0.3")
     out = capsys.readouterr()
     assert m.complete and m.extra["likelihood_coef_fitted"] == 0.0
     assert m.extra["likelihood_residual"] == 0.0 and m.extra["reward_model"].startswith("classifier trained alone")

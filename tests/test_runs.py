@@ -163,12 +163,12 @@ def test_ptx_ablation_flips_the_runs_ptx_setting(tmp_path):
 
     assert ptx_ablation_args("r", str(tmp_path), []) is None  # no ppo yet
     ppo_manifest(0.5)
-    args = ptx_ablation_args("r", str(tmp_path), ["seed=1", "ppo.iterations=3", "sft.train.steps=2"])
+    args = ptx_ablation_args("r", str(tmp_path), ["seed=1", "ppo.steps=3", "sft.steps=2"])
     assert args[0] == "run_name=r-ptx-ablation" and args[-1] == "ptx.coef=0.0"
     assert f"parent={runs.stage_dir(tmp_path, 'r', 'rm')}" in args
     assert load_config(PPOConfig, args).eval.best_of == []  # the run's own best-of-n is the baseline
     assert load_config(PPOConfig, args).eval.every == 0  # only its test figures are read
-    assert "seed=1" in args and "iterations=3" in args and not any("steps" in a for a in args)
+    assert "seed=1" in args and "steps=3" in args and "steps=2" not in args  # sft's key stays with sft
     ppo_manifest(0.0)
     assert ptx_ablation_args("r", str(tmp_path), [])[-1] == f"ptx.coef={PTX_ABLATION_COEF}"
     ppo_manifest(0.5, source="files")
@@ -206,7 +206,7 @@ def test_bad_input_ends_with_one_line(tmp_path, capsys):
     from pipeline.config import InputError
     from pipeline.stage import DataError
 
-    for exc in (InputError("rollout_batch_size=9 is not divisible by 2 processes"), DataError("a.jsonl line 3: no prompt"),
+    for exc in (InputError("batch.rollout=9 is not divisible by 2 processes"), DataError("a.jsonl line 3: no prompt"),
                 runs.HandoffError("parent missing"), FileNotFoundError("no such file: x.jsonl")):
         rc, err, lines = _stage_main_output(tmp_path, capsys, exc)
         assert rc == 1 and lines == [f"error in stage 'toy': {exc}"], err

@@ -19,7 +19,7 @@ from stages import pretrain, sft
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = ["world.num_people=20", "world.corpus_docs=600", "world.sft_examples=128", "world.eval_examples=4"]
-SFT_TINY = [*WORLD, "train.steps=4", "train.global_batch_size=16", "train.micro_batch_size=8", "log_every=1",
+SFT_TINY = [*WORLD, "steps=4", "batch.size=16", "batch.micro=8", "log_every=1",
             "save_every=0", "wandb.mode=disabled", "threads=1", "data.max_length=64", "eval.max_new_tokens=8"]
 
 
@@ -27,7 +27,7 @@ SFT_TINY = [*WORLD, "train.steps=4", "train.global_batch_size=16", "train.micro_
 def parent_run(tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("runs")
     cfg = load_config(pretrain.PretrainConfig, [f"runs_dir={runs_dir}", "run_name=base", *WORLD, "model.seq_len=64",
-                                                "micro_batch_size=8", "global_batch_size=8", "steps=3", "eval_every=0",
+                                                "batch.micro=8", "batch.size=8", "steps=3", "eval.every=0",
                                                 "save_every=0", "wandb.mode=disabled", "threads=1"])
     pretrain.run(cfg)
     return runs_dir
@@ -200,7 +200,7 @@ def test_lora_merge_gives_same_logits(parent_run):
 
 
 def test_sft_stage_world_lora_and_handoff(parent_run, capsys):
-    m = _sft(parent_run, "run_name=base", "lora.enabled=true", "lora.r=4", "train.lr=1e-3")
+    m = _sft(parent_run, "run_name=base", "lora.enabled=true", "lora.r=4", "optim.lr=1e-3")
     d = parent_run / "base" / "sft"
     assert m.complete and (d / "adapter" / "adapter_config.json").exists()
     assert (d / "model" / "model.safetensors").exists() and not (d / "model" / "adapter_config.json").exists()
@@ -259,7 +259,7 @@ def test_world_evaluation_is_greedy_on_the_test_split(monkeypatch, tiny_world):
         return out
 
     monkeypatch.setattr(sft_eval, "generate", fake_generate)
-    metrics, e, rows = sft_eval.evaluate_world(None, tok, world, sft.SFTEvalConfig())
+    metrics, e, rows = sft_eval.evaluate_world(None, tok, world, 64, 64)
     assert seen == [r["prompt"] for r in world.prompts("test")] and e["split"] == "test" and e["prompts"] == len(seen)
     assert metrics["eval/accuracy"] == 1.0 and metrics["eval/acc_add"] == 1.0
     assert metrics["eval/finish_add"] == 0.0 and all(metrics[f"eval/finish_{s}"] == 1.0 for s in SKILLS if s != "add")
@@ -291,7 +291,7 @@ def test_bf16_on_cpu(parent_run):
 
 
 def test_resume_matches_unbroken_run(parent_run):
-    extra = [f"parent={parent_run / 'base' / 'pretrain'}", "train.steps=6", "save_every=3"]
+    extra = [f"parent={parent_run / 'base' / 'pretrain'}", "steps=6", "save_every=3"]
     full = _sft(parent_run, "run_name=full", *extra)
     cut = _sft(parent_run, "run_name=cut", *extra, "stop_after=3")
     assert not cut.complete
@@ -307,7 +307,7 @@ def test_resume_matches_unbroken_run(parent_run):
 
 
 def test_two_processes_match_one(parent_run):
-    extra = [f"parent={parent_run / 'base' / 'pretrain'}", "train.steps=4"]
+    extra = [f"parent={parent_run / 'base' / 'pretrain'}", "steps=4"]
     one = _sft(parent_run, "run_name=one", *extra)
     cmd = launch_command("sft", [f"runs_dir={parent_run}", "run_name=two", *SFT_TINY, *extra], nproc=2, accel="cpu")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

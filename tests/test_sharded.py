@@ -15,7 +15,7 @@ from pipeline import launch, runs
 
 WORLD = ["world.num_people=20", "world.corpus_docs=600", "world.sft_examples=300", "world.eval_examples=8",
          "wandb.mode=disabled"]
-PRETRAIN = [*WORLD, "model.seq_len=64", "steps=4", "save_every=2", "eval_every=0"]
+PRETRAIN = [*WORLD, "model.seq_len=64", "steps=4", "save_every=2", "eval.every=0"]
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
@@ -112,9 +112,9 @@ def test_reward_model_trained_sharded_equals_one_process(tmp_path, accel):
 
     common = [f"runs_dir={tmp_path}", "precision=no", *WORLD]
     pretrain.run(load_config(pretrain.PretrainConfig, [*common, "run_name=one", *PRETRAIN[len(WORLD):]]))
-    sft.run(load_config(sft.SFTConfig, [*common, "run_name=one", "train.steps=4", "eval.max_new_tokens=8"]))
+    sft.run(load_config(sft.SFTConfig, [*common, "run_name=one", "steps=4", "eval.max_new_tokens=8"]))
     args = ["data.num_prompts=16", "data.max_new_tokens=8", "epochs=1", "normalize.reference_size=16",
-            "global_batch_size=8", "micro_batch_size=2", "likelihood_term=false"]
+            "batch.size=8", "batch.micro=2", "likelihood_term=false"]
     one = rm.run(load_config(rm.RMConfig, [*common, "run_name=one", *args]))
     _launch("rm", accel, 2, *common, "run_name=two", f"parent={tmp_path / 'one' / 'sft'}", *args)
     two = _manifest(tmp_path, "two", "rm")
@@ -140,10 +140,10 @@ def test_every_stage_with_default_batch_sizes_on_two_processes(tmp_path, accel):
     root, run = tmp_path, "two"
     common = [f"runs_dir={root}", f"run_name={run}"]
     _launch("pretrain", accel, 2, *common, *PRETRAIN)
-    _stop_then_resume("sft", accel, root, run, *WORLD, "train.steps=4", "save_every=2", "eval.max_new_tokens=8")
+    _stop_then_resume("sft", accel, root, run, *WORLD, "steps=4", "save_every=2", "eval.max_new_tokens=8")
     _launch("rm", accel, 2, *common, *WORLD, "data.num_prompts=32", "data.max_new_tokens=8", "epochs=2",
             "normalize.reference_size=32")
-    ppo = _stop_then_resume("ppo", accel, root, run, *WORLD, "iterations=3", "rollout.max_new_tokens=8",
+    ppo = _stop_then_resume("ppo", accel, root, run, *WORLD, "steps=3", "rollout.max_new_tokens=8",
                             "eval.num_prompts=8", "eval.every=0", "save_every=1", "ptx.coef=0.1", "ptx.batch_size=4")
     for stage in ("pretrain", "sft", "rm", "ppo"):
         m = _manifest(root, run, stage)
@@ -182,7 +182,7 @@ def test_ppo_when_ranks_stop_decoding_at_different_steps(tmp_path, accel):
         model.get_output_embeddings().weight[model.config.eos_token_id] *= 40
     model.save_pretrained(policy)
     args = [f"runs_dir={tmp_path}", f"policy.name_or_path={policy}", f"reward.name_or_path={reward}", "wandb.mode=disabled",
-            "iterations=2", "rollout_batch_size=8", "minibatch_size=8", "micro_batch_size=4", "rollout.max_new_tokens=24",
+            "steps=2", "batch.rollout=8", "batch.size=8", "batch.micro=4", "rollout.max_new_tokens=24",
             "eval.every=1", "eval.num_prompts=5", "eval.best_of=[2]", "save_every=0"]
     out = _launch("ppo", accel, 2, *args, "run_name=stops")
     m = _manifest(tmp_path, "stops", "ppo")
@@ -218,8 +218,8 @@ def test_first_kl_is_zero_in_bf16_on_every_launcher(tmp_path, accel):
     shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128)
     policy, reward = ppo_bench.random_models(tmp_path, World(WorldConfig()), "tiny", shape, vocab_size=500)
     _launch("ppo", accel, 2, f"runs_dir={tmp_path}", "run_name=kl", f"policy.name_or_path={policy}",
-            f"reward.name_or_path={reward}", "wandb.mode=disabled", "precision=bf16", "iterations=1",
-            "rollout_batch_size=8", "minibatch_size=8", "micro_batch_size=4", "rollout.max_new_tokens=8",
+            f"reward.name_or_path={reward}", "wandb.mode=disabled", "precision=bf16", "steps=1",
+            "batch.rollout=8", "batch.size=8", "batch.micro=4", "rollout.max_new_tokens=8",
             "eval.every=0", "eval.num_prompts=4", "eval.best_of=[]", "save_every=0")
     rows = [r for r in runs.read_metrics(tmp_path / "kl" / "ppo" / "metrics.jsonl") if "ppo/kl" in r]
     assert abs(rows[0]["ppo/kl"]) < 1e-6, rows[0]["ppo/kl"]
@@ -236,19 +236,19 @@ def test_hf_trainer_stages_under_zero_with_gradient_accumulation_run_and_resume(
 
     root, run = tmp_path, "acc"
     _launch("pretrain", accel, 2, f"runs_dir={root}", f"run_name={run}", *PRETRAIN)
-    sft = _stop_then_resume("sft", accel, root, run, *WORLD, "train.steps=4", "save_every=2", "eval.max_new_tokens=8",
-                            "train.global_batch_size=8", "train.micro_batch_size=2")
+    sft = _stop_then_resume("sft", accel, root, run, *WORLD, "steps=4", "save_every=2", "eval.max_new_tokens=8",
+                            "batch.size=8", "batch.micro=2")
     assert sft.status == "complete"
     out = _launch("sft", accel, 2, f"runs_dir={root}", "run_name=acc-log", f"parent={root / run / 'pretrain'}", *WORLD,
-                  "train.steps=1", "save_every=0", "eval.max_new_tokens=4", "train.global_batch_size=8",
-                  "train.micro_batch_size=2")
+                  "steps=1", "save_every=0", "eval.max_new_tokens=4", "batch.size=8",
+                  "batch.micro=2")
     assert "x 2 accum" in out.stderr, out.stderr[-1500:]
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "chosen": f"Answer: {i + 1}.",
                                          "rejected": f"Answer: {i}. Hope this helps!"}) + "\n" for i in range(24)))
     rm = _stop_then_resume("rm", accel, root, run, *WORLD, "data.source=files", f"data.files=[{pairs}]",
-                           "trainer=trl", "likelihood_residual=0", "max_steps=4", "save_every=2", "global_batch_size=8",
-                           "micro_batch_size=2", "normalize.reference_size=8", "data.max_new_tokens=8")
+                           "trainer=trl", "likelihood_residual=0", "steps=4", "save_every=2", "batch.size=8",
+                           "batch.micro=2", "normalize.reference_size=8", "data.max_new_tokens=8")
     assert rm.status == "complete"
 
 

@@ -11,13 +11,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "world.num_people=20", "world.corpus_docs=800", "world.sft_examples=512", "world.eval_examples=6",
     "wandb.mode=disabled", "threads=1", "save_every=0",
-    "pretrain.steps=60", "pretrain.model.seq_len=64", "pretrain.micro_batch_size=16", "pretrain.global_batch_size=16",
-    "pretrain.eval_every=0",
-    "sft.train.steps=120", "sft.train.micro_batch_size=16", "sft.train.global_batch_size=16",
+    "pretrain.steps=60", "pretrain.model.seq_len=64", "pretrain.batch.micro=16", "pretrain.batch.size=16",
+    "pretrain.eval.every=0",
+    "sft.steps=120", "sft.batch.micro=16", "sft.batch.size=16",
     "sft.eval.max_new_tokens=32",
-    "rm.data.num_prompts=64", "rm.data.max_new_tokens=12", "rm.global_batch_size=8", "rm.micro_batch_size=8",
+    "rm.data.num_prompts=64", "rm.data.max_new_tokens=12", "rm.batch.size=8", "rm.batch.micro=8",
     "rm.normalize.reference_size=64",
-    "ppo.iterations=6", "ppo.rollout_batch_size=16", "ppo.minibatch_size=16", "ppo.micro_batch_size=16",
+    "ppo.steps=6", "ppo.batch.rollout=16", "ppo.batch.size=16", "ppo.batch.micro=16",
     "ppo.rollout.max_new_tokens=12", "ppo.eval.every=3", "ppo.eval.max_new_tokens=12", "ppo.optim.policy_lr=1e-4",
 ]
 

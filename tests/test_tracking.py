@@ -181,7 +181,7 @@ def test_ppo_history_has_every_iteration_and_stratified_samples(tiny, tmp_path, 
     from stages.ppo.runner import run
 
     n = len(SKILLS)
-    cfg = ppo_cfg(tiny, tmp_path / "runs", offline, "iterations=3", "eval.every=1", f"eval.samples={n}",
+    cfg = ppo_cfg(tiny, tmp_path / "runs", offline, "steps=3", "eval.every=1", f"eval.samples={n}",
                   "eval.num_prompts=10")
     run(cfg)
     err = capfd.readouterr().err
@@ -198,7 +198,7 @@ def test_ppo_history_has_every_iteration_and_stratified_samples(tiny, tmp_path, 
     world = World(cfg.world)
     prompts = load_prompts(cfg, world)
     for it in (1, 2):  # rollout tables: every skill of that iteration's batch, up to n rows
-        batch = [prompts[i] for i in batch_indices(it - 1, len(prompts), cfg.rollout_batch_size, cfg.seed)]
+        batch = [prompts[i] for i in batch_indices(it - 1, len(prompts), cfg.batch.rollout, cfg.seed)]
         t = table(stage, history[it]["rollout/samples"])
         assert_stratified(t, {world.skill_of(p) for p in batch})
     samples = [json.loads(l) for l in (stage / "samples.jsonl").read_text().splitlines()]
@@ -214,7 +214,7 @@ def test_pretrain_and_sft_history_complete_and_sft_table_stratified(tmp_path, of
 
     runs_dir = tmp_path / "runs"
     cfg = load_config(pretrain.PretrainConfig, [f"runs_dir={runs_dir}", "run_name=w", *SFT_WORLD, "model.seq_len=64",
-                                                "micro_batch_size=8", "global_batch_size=8", "steps=3", "eval_every=2",
+                                                "batch.micro=8", "batch.size=8", "steps=3", "eval.every=2",
                                                 "log_every=1", "save_every=0", offline, "threads=1"])
     pretrain.run(cfg)
     history = assert_history_complete(runs_dir / "w" / "pretrain")

@@ -19,8 +19,8 @@ SHAPE = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key
 
 
 def config(tmp_path, *overrides):
-    cfg = load_config(PPOConfig, ["wandb.mode=disabled", "threads=1", "rollout_batch_size=8", "minibatch_size=4",
-                                  "micro_batch_size=4", "epochs=3", "iterations=5", "data.num_prompts=16",
+    cfg = load_config(PPOConfig, ["wandb.mode=disabled", "threads=1", "batch.rollout=8", "batch.size=4",
+                                  "batch.micro=4", "epochs=3", "steps=5", "data.num_prompts=16",
                                   "optim.policy_lr=2e-5", "optim.critic_lr=2e-5", "objective.kl_coef=0.07",
                                   "rollout.max_new_tokens=6", "eval.num_prompts=5", "eval.max_new_tokens=6",
                                   "eval.best_of=[]", *overrides])

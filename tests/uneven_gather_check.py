@@ -36,14 +36,13 @@ def compute(policy_dir: str, reward_dir: str, accelerator) -> dict:
 
     cfg = load_config(PPOConfig, [f"policy.name_or_path={policy_dir}", f"reward.name_or_path={reward_dir}", *WORLD,
                                   "eval.num_prompts=5", "eval.max_new_tokens=6", "eval.best_of=[2,3]",
-                                  "rollout.forward_batch_size=2"])
+                                  "batch.forward=2"])
     world = World(cfg.world)
     tok = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir, tok).eval()
     out: dict = {"world": accelerator.num_processes}
     out["cloze"] = fact_cloze_accuracy(policy, tok, world.fact_cloze()[:5], accelerator)[1]
-    sft_cfg = SimpleNamespace(max_new_tokens=6, batch_size=2)
-    out["sft_eval"] = [dataclasses.astuple(r) for r in evaluate_world(policy, tok, world, sft_cfg, accelerator)[2]]
+    out["sft_eval"] = [dataclasses.astuple(r) for r in evaluate_world(policy, tok, world, 6, 2, accelerator)[2]]
     prompts = [r["prompt"] for r in world.prompts("rm", 5)]
     comps = sample_responses(policy, tok, prompts, k=2, max_new_tokens=6, temperature=1.0, seed=3,
                              accelerator=accelerator, batch_size=4)

@@ -8,7 +8,7 @@ batch (`floor_*` below) and prints, per phase, ours, the floor and floor time / 
   generate  `model.generate` (KV cache, pure sampling, no stop token) on the same left-padded
             queries for exactly as many new tokens as our rollout generated (its width T)
   score     no-grad forwards of policy, reference and critic on the same [B, P+T] tensors, in
-            the same forward_batch_size chunks, and of the reward model on what it reads: the
+            the same batch.forward chunks, and of the reward model on what it reads: the
             responses rendered in its own tokenizer and template (docs/ppo.md §32). Random bench
             models write token strings that re-encode into more tokens than were sampled (~1.4x
             at the tiny preset), so a reward forward on the sampled ids would not be the same work;
@@ -185,11 +185,11 @@ def floor_update(policy, value_model, opt_policy, opt_critic, r, cfg, temperatur
     value_model.train()
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(r))
-        for k in range(0, len(r), cfg.minibatch_size):
-            mb = perm[k: k + cfg.minibatch_size]
+        for k in range(0, len(r), cfg.batch.size):
+            mb = perm[k: k + cfg.batch.size]
             n = r.response_mask[mb].sum().clamp(min=1)
-            for j in range(0, len(mb), cfg.micro_batch_size):
-                idx = mb[j: j + cfg.micro_batch_size]
+            for j in range(0, len(mb), cfg.batch.micro):
+                idx = mb[j: j + cfg.batch.micro]
                 ids, mask, pos = sequence_inputs(r.query_ids[idx], r.query_mask[idx], r.response_ids[idx],
                                                  r.response_mask[idx])
                 m = r.response_mask[idx]
@@ -232,7 +232,7 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
     bare = dict.fromkeys(keys, 0.0)
     tokens, wall, query_len, flops, warm = 0.0, 0.0, 0.0, 0.0, 0.0
     for it in range(warmup + iterations):
-        idx = batch_indices(it, len(prompts), cfg.rollout_batch_size, cfg.seed)
+        idx = batch_indices(it, len(prompts), cfg.batch.rollout, cfg.seed)
         mine = [prompts[i] for i in idx][accelerator.process_index:: accelerator.num_processes]
         _sync(device)
         t0 = time.perf_counter()
@@ -245,7 +245,7 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 f["generate"] = _timed(device, floor_generate, f_policy, rollout.query_ids, rollout.query_mask,
                                        cfg.rollout.temperature, T, models.tokenizer.pad_token_id)
-                f["score"] = _timed(device, floor_score, models, rollout, cfg.rollout.forward_batch_size,
+                f["score"] = _timed(device, floor_score, models, rollout, cfg.batch.forward,
                                     reward_inputs(models, rollout))
                 f["update"] = _timed(device, floor_update, f_policy, f_value, *f_opts, rollout, cfg,
                                      cfg.rollout.temperature)
@@ -261,11 +261,11 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
             ours[k] += metrics[f"perf/time_{k}"]
             bare[k] += f.get(k, float("nan"))
     n = iterations
-    out = {"iterations": n, "episodes_per_s": n * cfg.rollout_batch_size / wall,
+    out = {"iterations": n, "episodes_per_s": n * cfg.batch.rollout / wall,
            "generated_tokens_per_s": tokens / max(ours["generate"], 1e-9), "s_per_iteration": wall / n,
            **{f"time_{k}_s": ours[k] / n for k in keys}, **{f"floor_{k}_s": bare[k] / n for k in keys},
            **{f"ratio_{k}": bare[k] / ours[k] for k in keys},
-           "floor_episodes_per_s": n * cfg.rollout_batch_size / sum(bare.values()),
+           "floor_episodes_per_s": n * cfg.batch.rollout / sum(bare.values()),
            "query_tokens": query_len / n, "peak_memory_mb": peak_memory_mb(device), "device": str(device),
            "processes": accelerator.num_processes, "threads": threads,
            "update_flops_per_s": flops / max(ours["update"], 1e-9), "warmup_s": warm}
@@ -273,9 +273,9 @@ def bench(cfg: PPOConfig, iterations: int = 5, warmup: int = 1, prompt_len: int 
     out["update_mfu"] = out["update_flops_per_s"] / peak if peak else float("nan")
     out["ratio_total"] = out["episodes_per_s"] / out["floor_episodes_per_s"]
     if verbose and accelerator.is_main_process:
-        print(f"ppo bench: {n} iterations x {cfg.rollout_batch_size} episodes, {cfg.epochs} epochs x "
-              f"{cfg.rollout_batch_size // cfg.minibatch_size} minibatches of {cfg.minibatch_size} (micro "
-              f"{cfg.micro_batch_size}), query {out['query_tokens']:.0f} tokens, max_new_tokens "
+        print(f"ppo bench: {n} iterations x {cfg.batch.rollout} episodes, {cfg.epochs} epochs x "
+              f"{cfg.batch.rollout // cfg.batch.size} minibatches of {cfg.batch.size} (micro "
+              f"{cfg.batch.micro}), query {out['query_tokens']:.0f} tokens, max_new_tokens "
               f"{cfg.rollout.max_new_tokens} | {out['device']} x {out['processes']} proc, {threads} threads")
         print(f"  episodes/s          {out['episodes_per_s']:.1f}   ({out['s_per_iteration']:.2f} s/iteration; "
               f"{warmup} warm-up iteration(s) before: {warm:.1f} s{', compilation included' if cfg.compile else ''})")
@@ -320,21 +320,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the random models")
     g.add_argument("--prompt-len", type=int, help="query length in tokens, chat template included")
     g.add_argument("--response-length", type=int, help="= rollout.max_new_tokens")
-    g.add_argument("--batch-size", type=int, help="= rollout_batch_size (episodes per iteration)")
+    g.add_argument("--batch-size", type=int, help="= batch.rollout (episodes per iteration)")
     g.add_argument("--mini-batches", type=int, help="optimizer steps per epoch; micro-batch = minibatch")
     g.add_argument("--ppo-epochs", type=int, help="= epochs")
     g.add_argument("--threads", type=int, help="= threads")
     g.add_argument("--seed", type=int)
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = list(overrides)
-    batch = args.batch_size or load_config(PPOConfig, overrides + ["wandb.mode=disabled"]).rollout_batch_size
-    for key, value in (("rollout_batch_size", args.batch_size), ("epochs", args.ppo_epochs),
+    batch = args.batch_size or load_config(PPOConfig, overrides + ["wandb.mode=disabled"]).batch.rollout
+    for key, value in (("batch.rollout", args.batch_size), ("epochs", args.ppo_epochs),
                        ("rollout.max_new_tokens", args.response_length), ("threads", args.threads),
                        ("seed", args.seed)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.mini_batches:
-        overrides += [f"minibatch_size={batch // args.mini_batches}", f"micro_batch_size={batch // args.mini_batches}"]
+        overrides += [f"batch.size={batch // args.mini_batches}", f"batch.micro={batch // args.mini_batches}"]
     cfg = load_config(PPOConfig, overrides + ["wandb.mode=disabled"])
     shape = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.num_layers),
                                ("num_attention_heads", args.num_heads),

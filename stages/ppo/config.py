@@ -1,15 +1,16 @@
 """Configuration of stage `ppo`: the schema (source of truth) with one line of help per field.
 
-Batch words: `rollout_batch_size` prompts per PPO iteration (all processes), `minibatch_size`
-samples per optimizer step (all processes), `micro_batch_size` samples per process per
-forward/backward. Gradient accumulation is derived: minibatch / (micro x processes).
+Batch words (`batch`): `batch.rollout` prompts per PPO iteration (all processes), `batch.size`
+episodes per optimizer step, a minibatch (all processes), `batch.micro` at most this many
+episodes per process per forward/backward. Micro-batches and gradient accumulation are derived
+(`pipeline.runtime.batch_split`). The training length `steps` counts iterations.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.config import F, PolicyEvalConfig, StageConfig
+from pipeline.config import F, BatchConfig, DataSource, PolicyEvalConfig, StageConfig
 from pipeline.runtime import batch_split
 
 
@@ -35,14 +36,19 @@ class RewardSection:
 
 
 @dataclass
-class PromptDataConfig:
+class PromptDataConfig(DataSource):
     source: Literal["world", "files"] = F("world", "'world' = prompts of the built-in world; 'files' = data.files")
     files: list[str] = F([], "prompt records (JSONL/JSON/Parquet/CSV, save_to_disk directories, dataset directories or hub "
                              "datasets): a prompt field, chat `messages`, or preference records")
     prompt_field: str = F("prompt", "field holding the prompt text (or a list of chat messages)")
-    config: str | None = F(None, "configuration of a hub dataset or dataset directory (load_dataset's name); files have none")
-    split: str | None = F(None, "split of a hub dataset, dataset directory or save_to_disk DatasetDict (default: train)")
     num_prompts: int = F(4096, "prompts drawn from the built-in world's ppo split", gt=0)
+
+
+@dataclass
+class PPOBatchConfig(BatchConfig):
+    rollout: int = F(64, "prompts (episodes) per iteration, all processes together", gt=0)
+    size: int = F(32, "episodes per optimizer step (a minibatch), all processes together", gt=0)
+    forward: int = F(64, "sequences per no-grad generation or scoring forward (rollouts and evaluation): a memory knob", gt=0)
 
 
 @dataclass
@@ -51,7 +57,6 @@ class RolloutConfig:
     max_new_tokens: int = F(64, "response length limit, long enough for the longest demonstration: with a shorter one "
                                 "chatty answers are cut off and finishing becomes what PPO learns; responses without "
                                 "the stop token get the missing-stop penalty", gt=0)
-    forward_batch_size: int = F(64, "sequences per no-grad generation / scoring forward (memory knob only)", gt=0)
     gather: Literal["auto", "whole", "layer"] = F(
         "auto", "how a policy sharded by fsdp or zero3 is gathered for generation: whole (once per rollout, then each "
                 "process decodes on its own; fastest) or layer (one layer at a time in every forward, as in training, "
@@ -116,13 +121,10 @@ class PPOConfig(StageConfig):
     optim: PPOOptimConfig = F(PPOOptimConfig(), "optimizers and schedules")
     ema: EMAConfig = F(EMAConfig(), "EMA of the policy")
     eval: PolicyEvalConfig = F(PolicyEvalConfig(), "gold evaluation against the SFT policy")
-    iterations: int = F(40, "PPO iterations (rollout batches); on the built-in world the valid gold score peaks "
-                            "at 30-40, and falls after (over-optimization)", gt=0)
-    rollout_batch_size: int = F(64, "prompts (episodes) per iteration, all processes together", gt=0)
+    batch: PPOBatchConfig = F(PPOBatchConfig(), "episodes per iteration, per optimizer step and per forward")
+    steps: int = F(40, "PPO iterations (a rollout batch, then its epochs of updates); on the built-in world the "
+                       "valid gold score peaks at 30-40, and falls after (over-optimization)", gt=0)
     epochs: int = F(2, "passes over each rollout batch", gt=0)
-    minibatch_size: int = F(32, "episodes per optimizer step, all processes together", gt=0)
-    micro_batch_size: int = F(16, "at most this many episodes per process per forward/backward (lowered to divide the "
-                                  "per-process minibatch)", gt=0)
     compile: bool = F(False, "torch.compile the teacher-forced forwards of policy and critic (scoring and update; "
                              "generation stays eager). On a CPU: updates 1.2x faster at 256 hidden x 6 layers after "
                              "1-2 minutes of compilation, more once when the sequence length first changes; no "
@@ -133,14 +135,12 @@ class PPOConfig(StageConfig):
     def micro_batches(self, world: int) -> tuple[int, int]:
         """(micro-batch size, micro-batches per minibatch) on each of `world` processes
         (`pipeline.runtime.batch_split`)."""
-        return batch_split(self.minibatch_size, self.micro_batch_size, world, "minibatch_size")
+        return batch_split(self.batch.size, self.batch.micro, world, "batch.size")
 
     def validate(self) -> list[str]:
         p = super().validate()
-        if self.minibatch_size > 0 and self.rollout_batch_size % self.minibatch_size:
-            p.append(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})")
+        if self.batch.rollout % self.batch.size:
+            p.append(f"batch.rollout ({self.batch.rollout}) must be a multiple of batch.size ({self.batch.size})")
         if self.ptx.coef > 0 and self.data.source == "files" and not self.ptx.files:
             p.append("ptx.files: required when ptx.coef > 0 and the prompts come from files (the built-in world has no data for you)")
-        if self.data.source == "files" and not self.data.files:
-            p.append("data.files: required when data.source is 'files'")
         return p

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.data import read_records
 from pipeline.records import load_prompt_records, read_text_documents
-from pipeline.runtime import batch_indices, batch_split, micro_batch
+from pipeline.runtime import batch_indices, batch_split, micro_batch, seed_for
 from pipeline.stage import DataError
 from pipeline.tokenizer import assistant_token_mask, document_ids
 
@@ -40,7 +40,7 @@ class PtxData:
         `pipeline.runtime.micro_batch`): (input_ids [b, L] long, right-padded; attention_mask
         [b, L] bool; labels [b, L] long, -100 where no loss), on the CPU: the caller moves them to
         its device."""
-        idx = batch_indices(step, len(self.seqs), size, self.seed + 7)
+        idx = batch_indices(step, len(self.seqs), size, seed_for(self.seed, "ptx"))
         micro, accum = batch_split(size, micro, world, "ptx.batch_size")
         out = []
         for a in range(accum):

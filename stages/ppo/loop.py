@@ -6,7 +6,7 @@
 4. optimise   epochs x minibatches x micro-batches of clipped policy and value updates
 
 The math lives in `functional.py`; this module moves tensors between it and the models.
-Distribution: every process holds rollout_batch_size / processes episodes; token counts,
+Distribution: every process holds batch.rollout / processes episodes; token counts,
 whitening statistics, the KL-controller input and every logged metric are reduced globally.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
 
     opt_policy, opt_critic = optimizer(models.policy, o.policy_lr), optimizer(models.value_model, o.critic_lr)
     # Stepped once per iteration; not `prepare`d (accelerate would step it once per process).
-    factor = (lambda it: 1.0) if o.schedule == "constant" else (lambda it: max(0.0, 1.0 - it / cfg.iterations))
+    factor = (lambda it: 1.0) if o.schedule == "constant" else (lambda it: max(0.0, 1.0 - it / cfg.steps))
     sched_policy = torch.optim.lr_scheduler.LambdaLR(opt_policy, factor)
     sched_critic = torch.optim.lr_scheduler.LambdaLR(opt_critic, factor)
     # One `prepare` per trained model: under DeepSpeed each becomes its own engine.
@@ -105,7 +105,7 @@ def make_trainer(cfg, models: PPOModels, accelerator, ptx: PtxData | None = None
         if thing is not None:
             accelerator.register_for_checkpointing(thing)
     sampler = sampler or TransformersSampler(models.tokenizer, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
-                                             cfg.rollout.forward_batch_size)
+                                             cfg.batch.forward)
     # Train mode throughout (dropout is off, docs/ppo.md §23): scoring and update forwards then run
     # the same module state, so a compiled forward is not compiled again for another mode.
     models.policy.train()
@@ -195,7 +195,7 @@ def _ptx_backward(t: Trainer, step: int) -> torch.Tensor:
     """γ_ptx x mean token NLL on this step's ptx batch, backpropagated into the policy gradient
     (no sync: the following PPO backward all-reduces the accumulated gradient). Returns the NLL."""
     cfg, acc = t.cfg, t.accelerator
-    batches = t.ptx.batch(step, cfg.ptx.batch_size, acc.process_index, acc.num_processes, cfg.micro_batch_size)
+    batches = t.ptx.batch(step, cfg.ptx.batch_size, acc.process_index, acc.num_processes, cfg.batch.micro)
     n_tokens = sum((labels[:, 1:] != -100).sum() for _, _, labels in batches)
     n_tokens = t.all_reduce(torch.as_tensor(n_tokens, dtype=torch.float32, device=acc.device)).clamp(min=1)
     nll = torch.zeros((), device=acc.device)
@@ -224,7 +224,7 @@ def optimise(t: Trainer, r: Rollout, iteration: int) -> list[dict]:
     cfg, acc = t.cfg, t.accelerator
     r = r.gather(acc, t.models.tokenizer.pad_token_id)
     micro, accum = cfg.micro_batches(acc.num_processes)
-    n_minibatches = cfg.rollout_batch_size // cfg.minibatch_size
+    n_minibatches = cfg.batch.rollout // cfg.batch.size
     t.models.policy.train()
     t.models.value_model.train()
     out = []
@@ -234,7 +234,7 @@ def optimise(t: Trainer, r: Rollout, iteration: int) -> list[dict]:
         perm = torch.randperm(len(r), generator=g).tolist()
         for k in range(n_minibatches):
             step = (iteration * cfg.epochs + epoch) * n_minibatches + k
-            minibatch = perm[k * cfg.minibatch_size: (k + 1) * cfg.minibatch_size]
+            minibatch = perm[k * cfg.batch.size: (k + 1) * cfg.batch.size]
             micros = [r.select(torch.tensor(micro_batch(minibatch, a, micro, acc.process_index, acc.num_processes)))
                       for a in range(accum)]
             n_tokens = t.all_reduce(sum(mu.response_mask.sum().float() for mu in micros)).clamp(min=1)
@@ -320,7 +320,7 @@ def iteration_step(t: Trainer, iteration: int, prompts: list[str], episodes: lis
     t1 = time.perf_counter()
     # 2. score
     rollout = build_rollout(models, acc, prompts, query_ids, query_mask, sampled, cfg.rollout.temperature,
-                            cfg.rollout.forward_batch_size, t.policy_forward, t.value_forward)
+                            cfg.batch.forward, t.policy_forward, t.value_forward)
     t2 = time.perf_counter()
     # 3. advantages
     rollout, stats = compute_advantages(rollout, t.kl_ctl.value, cfg.objective, t.all_reduce)
@@ -338,5 +338,5 @@ def iteration_step(t: Trainer, iteration: int, prompts: list[str], episodes: lis
     metrics["ppo/approxkl_first"] = minibatches[0]["ppo/approxkl"]
     metrics["rollout/generated_tokens"] = float(t.all_reduce(rollout.response_mask.sum().float()))
     metrics.update({"perf/time_generate": t1 - t0, "perf/time_score": t2 - t1, "perf/time_update": t3 - t2,
-                    "perf/episodes_per_s": cfg.rollout_batch_size / max(t3 - t0, 1e-9)})
+                    "perf/episodes_per_s": cfg.batch.rollout / max(t3 - t0, 1e-9)})
     return metrics, rollout

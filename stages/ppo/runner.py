@@ -19,7 +19,7 @@ from pipeline.distributed import full_parameters, launcher_kind, save_model, tra
 from pipeline.evaluation import shard
 from pipeline.memory import check_fits, gpu_memory_gib, plan_launcher
 from pipeline.models import count_parameters
-from pipeline.runtime import batch_indices, seed_everything
+from pipeline.runtime import batch_indices, seed_everything, seed_for
 from pipeline.stats import fmt_rate
 from pipeline.stage import StageRun, check_parent_world
 from pipeline.tracking import Progress, stratified
@@ -39,10 +39,10 @@ def run(cfg: PPOConfig) -> runs.Manifest:
 def check_sizes(cfg: PPOConfig, world: int) -> int:
     """Derived sizes must divide evenly over processes; returns micro-batches per minibatch."""
     problems = []
-    if cfg.rollout_batch_size % world:
-        problems.append(f"rollout_batch_size={cfg.rollout_batch_size} is not divisible by {world} processes")
-    if cfg.minibatch_size % world:
-        problems.append(f"minibatch_size={cfg.minibatch_size} is not divisible by {world} processes")
+    if cfg.batch.rollout % world:
+        problems.append(f"batch.rollout={cfg.batch.rollout} is not divisible by {world} processes")
+    if cfg.batch.size % world:
+        problems.append(f"batch.size={cfg.batch.size} is not divisible by {world} processes")
     if cfg.ptx.coef > 0 and cfg.ptx.batch_size % world:
         problems.append(f"ptx.batch_size={cfg.ptx.batch_size} is not divisible by {world} processes")
     if problems:
@@ -71,9 +71,9 @@ def memory_plan(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: i
     policy = next(pm for pm in models if pm.role == "policy")
     critic = next(pm for pm in models if pm.role == "critic")
     T, L = cfg.rollout.max_new_tokens, prompt_len + cfg.rollout.max_new_tokens
-    local = max(1, cfg.rollout_batch_size // nproc)
-    rows_fwd = min(cfg.rollout.forward_batch_size, local)
-    micro = cfg.micro_batches(nproc)[0] if cfg.minibatch_size >= nproc else 1
+    local = max(1, cfg.batch.rollout // nproc)
+    rows_fwd = min(cfg.batch.forward, local)
+    micro = cfg.micro_batches(nproc)[0] if cfg.batch.size >= nproc else 1
     gather = launcher in ("fsdp", "zero3") and nproc > 1
     whole = cfg.rollout.gather != "layer"
     generate = kv_cache_bytes(policy.config, rows_fwd, L, act) + rows_fwd * policy.config.vocab_size * 4
@@ -91,8 +91,8 @@ def memory_plan(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: i
     return Plan("ppo", launcher, nproc, rows, phases)
 
 
-# The keys `python -m pipeline plan` may change to make this stage fit (pipeline.memory.cheaper_settings)
-MEMORY_KNOBS = {"micro": "micro_batch_size", "lora": ["policy.lora.enabled", "policy.lora.critic"],
+# The keys `python -m pipeline plan` may change to make this stage fit, besides batch.micro (pipeline.memory.cheaper_settings)
+MEMORY_KNOBS = {"lora": ["policy.lora.enabled", "policy.lora.critic"],
                 "gather": "rollout.gather"}
 
 
@@ -119,7 +119,7 @@ def resolve_auto(cfg: PPOConfig, launcher: str, nproc: int, device, prompt_len: 
 def eval_settings(cfg: PPOConfig) -> EvalSettings:
     """The evaluation's settings: the `eval` section, the rollout's forward batch, and the KL
     measured at the temperature the policy trains at."""
-    return EvalSettings.of(cfg.eval, cfg.rollout.forward_batch_size, cfg.rollout.temperature)
+    return EvalSettings.of(cfg.eval, cfg.batch.forward, cfg.rollout.temperature)
 
 
 def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
@@ -151,15 +151,15 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         log("generation gathers the policy " + ("whole, once per rollout" if whole else
                                                 "one layer at a time, all processes decoding in lockstep (rollout.gather)"))
     # Same prompt order on every process (explicit generators); different samples per process.
-    seed_everything(cfg.seed + 100003 * accelerator.process_index)
+    seed_everything(seed_for(cfg.seed, "train", accelerator.process_index))
     n_policy = count_parameters(trainer.policy)
     n_train = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
-    n_minibatches = cfg.rollout_batch_size // cfg.minibatch_size
+    n_minibatches = cfg.batch.rollout // cfg.batch.size
     log(f"policy {sources.policy_dir} ({n_policy / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable"
         f"{', LoRA' if models.lora else ''}) | reward {sources.reward_dir} | critic from the {models.critic_source}")
-    log(f"{cfg.iterations} iterations x {cfg.rollout_batch_size} episodes = {cfg.iterations * cfg.rollout_batch_size} "
+    log(f"{cfg.steps} iterations x {cfg.batch.rollout} episodes = {cfg.steps * cfg.batch.rollout} "
         f"| {cfg.epochs} epochs x {n_minibatches} minibatches = {cfg.epochs * n_minibatches} optimizer steps/iteration "
-        f"| minibatch {cfg.minibatch_size} = {cfg.micro_batches(accelerator.num_processes)[0]} micro "
+        f"| minibatch {cfg.batch.size} = {cfg.micro_batches(accelerator.num_processes)[0]} micro "
         f"x {accelerator.num_processes} procs x {accum} accum "
         f"| {len(prompts)} prompts | {threads} threads/proc")
     if cfg.compile:
@@ -200,38 +200,38 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         run_eval(0)
 
     # 3. train
-    progress = Progress("ppo", cfg.iterations, start=iteration, every=cfg.log_every, unit="episodes", enabled=main)
+    progress = Progress("ppo", cfg.steps, start=iteration, every=cfg.log_every, unit="episodes", enabled=main)
     metrics: dict = {}
-    while iteration < cfg.iterations:
-        mine = shard([prompts[i] for i in batch_indices(iteration, len(prompts), cfg.rollout_batch_size, cfg.seed)],
+    while iteration < cfg.steps:
+        mine = shard([prompts[i] for i in batch_indices(iteration, len(prompts), cfg.batch.rollout, cfg.seed)],
                      accelerator)
         metrics, rollout = iteration_step(trainer, iteration, mine)
         iteration += 1
         metrics["perf/generated_tokens_per_s"] = metrics["rollout/generated_tokens"] / max(
             metrics["perf/time_generate"], 1e-9)
         tracker.log(metrics, iteration)
-        progress.update(iteration, cfg.rollout_batch_size, score=metrics["rollout/score"], kl=metrics["ppo/kl"],
+        progress.update(iteration, cfg.batch.rollout, score=metrics["rollout/score"], kl=metrics["ppo/kl"],
                         eos=metrics["rollout/eos_rate"], clipfrac=metrics["ppo/clipfrac"])
-        if cfg.eval.every and iteration % cfg.eval.every == 0 and iteration < cfg.iterations:
+        if cfg.eval.every and iteration % cfg.eval.every == 0 and iteration < cfg.steps:
             run_eval(iteration)
             tracker.table("rollout/samples", ["prompt", "response", "score", "finished", "skill"],
                           stratified([[p, t, s, bool(f), skill_of(p)] for p, t, s, f in zip(
                               rollout.prompts, rollout.texts, rollout.scores.tolist(), rollout.has_stop.tolist())],
                               4, cfg.eval.samples), iteration)
-        if sr.checkpoint(accelerator, iteration, cfg.iterations, {"iteration": iteration, "metrics": metrics}):
+        if sr.checkpoint(accelerator, iteration, cfg.steps, {"iteration": iteration, "metrics": metrics}):
             tracker.finish()
             return sr.stopped(iteration, "iteration")
 
     # 4. evaluate: the curve's last point on valid, the reported figures on test; hand off
-    final = run_eval(cfg.iterations)
+    final = run_eval(cfg.steps)
     evaluation: dict = {}
     if gold:
         t0 = time.perf_counter()
         with accelerator.autocast(), full_parameters(accelerator, trainer.models.policy, whole) as policy:
             test_metrics, evaluation, rows = test_evaluation(policy, models, world, ev, accelerator)
         test_metrics["perf/time_test_eval"] = time.perf_counter() - t0
-        tracker.log(test_metrics, cfg.iterations)
-        tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, cfg.eval.samples), cfg.iterations)
+        tracker.log(test_metrics, cfg.steps)
+        tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, cfg.eval.samples), cfg.steps)
         final |= test_metrics
         if main:  # SFT vs PPO on the same test prompts, greedy, for the report
             runs.atomic_write_text(sr.dir / "samples.jsonl", "".join(

@@ -56,8 +56,8 @@ def trl_flags(cfg: PPOConfig, init_dir: Path, tokenizer) -> list[str]:
         problems.append(f"objective.kl_estimator={obj.kl_estimator}: TRL has k1 and k3")
     if obj.entropy_coef or cfg.ptx.coef:
         problems.append("objective.entropy_coef and ptx.coef must be 0: TRL's PPO has neither")
-    if cfg.minibatch_size != cfg.micro_batch_size:
-        problems.append("micro_batch_size must equal minibatch_size (one backward per minibatch, as TRL)")
+    if cfg.batch.size != cfg.batch.micro:
+        problems.append("batch.micro must equal batch.size (one backward per minibatch, as TRL)")
     if end_of_turn_id(tokenizer) != tokenizer.eos_token_id:
         problems.append("the chat template ends a turn with a token other than eos_token, which TRL's --stop-token "
                         "eos stops at")
@@ -65,8 +65,8 @@ def trl_flags(cfg: PPOConfig, init_dir: Path, tokenizer) -> list[str]:
         raise ConfigError([f"TRL 1.12 cannot run with the same knobs: {p}" for p in problems])
     return ["--policy-path", str(init_dir / "policy"), "--reward-path", str(init_dir / "reward"),
             "--value-path", str(init_dir / "value"), "--prompts-path", str(init_dir / "prompts.jsonl"),
-            "--batch-size", str(cfg.rollout_batch_size), "--mini-batches", str(cfg.rollout_batch_size // cfg.minibatch_size),
-            "--ppo-epochs", str(cfg.epochs), "--total-episodes", str(cfg.iterations * cfg.rollout_batch_size),
+            "--batch-size", str(cfg.batch.rollout), "--mini-batches", str(cfg.batch.rollout // cfg.batch.size),
+            "--ppo-epochs", str(cfg.epochs), "--total-episodes", str(cfg.steps * cfg.batch.rollout),
             "--response-length", str(r.max_new_tokens), "--temperature", f"{r.temperature:g}",
             "--lr", f"{o.policy_lr:g}", "--lr-scheduler", o.schedule, "--kl-coef", f"{obj.kl_coef:g}",
             "--kl-estimator", obj.kl_estimator, "--cliprange", f"{obj.clip_eps:g}",
