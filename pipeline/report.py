@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from pipeline import registry, runs
-from pipeline.stats import fmt_rate
+from pipeline.stats import fmt_diff, fmt_rate
 from pipeline.tracking import stratified
 from reward_model.metrics import RM_PAIR_KINDS
 
@@ -144,19 +144,7 @@ def _ppo_tables(evaluation: dict, ablation: runs.Manifest | None, ptx_coef: floa
             sv = c["sft"]["skills"][skill]
             out.append(f"| {skill} | {v['accuracy']['n']} | {_pct(v['accuracy'])} | {_pct(sv['accuracy'])} | "
                        f"{_pct(v['finish'])} | {_pct(sv['finish'])} |")
-    bon, sampled = evaluation.get("best_of_n", []), comps.get("sampled")
-    if bon and sampled:
-        out += ["", "## Best-of-n baseline", "",
-                f"n SFT samples at {sampled['decoding']}, the reward model picks one; KL = log n − (n−1)/n (analytic). "
-                "Win rate against one SFT sample, as PPO's sampled row above.", "",
-                "| policy | KL to SFT | win rate vs SFT | accuracy | finished | gold | RM score |", "|---|---|---|---|---|---|---|"]
-        for b in bon:
-            out.append(f"| best-of-{b['n']} | {b['kl']:.2f} | {_pct(b['win_rate'])} | {_pct(b['accuracy'])} | "
-                       f"{_pct(b['finish'])} | {b['gold_score']:.3f} | {b['rm_score']:.3f} |")
-        p = sampled["policy"]
-        kl = f"{p['kl']:.2f}" if p.get("kl") is not None else "-"
-        out.append(f"| PPO | {kl} (measured) | {_pct(sampled['win_rate'])} | {_pct(p['accuracy'])} | {_pct(p['finish'])} | "
-                   f"{p['gold_score']:.3f} | {p['rm_score']:.3f} |")
+    out += _baseline_table(evaluation)
     other = (ablation.extra.get("evaluation") or {}).get("comparisons", {}) if ablation else {}
     if "greedy" in comps and "greedy" in other:
         other_coef = ablation.config.get("ptx", {}).get("coef", 0.0)
@@ -172,6 +160,47 @@ def _ppo_tables(evaluation: dict, ablation: runs.Manifest | None, ptx_coef: floa
             out.append(f"| {name} | {_pct(c['policy']['accuracy'])} | {_pct(c['policy']['finish'])} | "
                        f"{c['policy']['gold_score']:.3f} | {_pct(c['win_rate'])} |")
     return out + [""]
+
+
+def _baseline_table(evaluation: dict) -> list[str]:
+    """PPO beside the baselines a skeptic tries first, per decoding on the test prompts: SFT, SFT
+    plus the post-processing rule, best-of-n of SFT samples (sampled decoding), each against the
+    same SFT responses: gold score and its mean difference from SFT's with a paired bootstrap
+    interval, win rate, accuracy, KL to SFT."""
+    comps, baselines = evaluation.get("comparisons", {}), evaluation.get("baselines", {})
+    if not comps:
+        return []
+    out = ["", "## PPO and the cheap baselines", "",
+           "Each row against the same SFT responses on the test prompts, same decoding and budget; Δ gold = mean "
+           "gold score minus SFT's, with a 95% paired bootstrap interval over prompts. Sampled rows draw from "
+           "their own random streams (never the SFT opponent's). The rule keeps SFT's response up to its first "
+           "`Answer: x.`. Best-of-n: n SFT samples, the reward model picks; its KL is estimated on the samples' "
+           "empirical distribution (Beirami et al. 2024), the analytic bound log n − (n−1)/n in brackets. "
+           "KL is measured on sampled decoding only.", "",
+           "| decoding | policy | gold | Δ gold vs SFT | win rate vs SFT | accuracy | KL to SFT |",
+           "|---|---|---|---|---|---|---|"]
+    for name, c in comps.items():
+        d = c["decoding"]
+        out.append(f"| {d} | SFT | {c['sft']['gold_score']:.3f} | - | - | {_pct(c['sft']['accuracy'])} | 0 |")
+        rule = baselines.get(name, {}).get("sft+rule")
+        if rule:
+            out.append(f"| {d} | SFT + rule | {rule['policy']['gold_score']:.3f} | {_diff(rule)} | "
+                       f"{_pct(rule['win_rate'])} | {_pct(rule['policy']['accuracy'])} | - |")
+        if name == "sampled":
+            for b in evaluation.get("best_of_n", []):
+                if b["n"] == 1:
+                    continue
+                bound = f" ({b['kl_bound']:.2f})" if "kl_bound" in b else ""
+                out.append(f"| {d} | best-of-{b['n']} | {b['gold_score']:.3f} | {_diff(b)} | {_pct(b['win_rate'])} | "
+                           f"{_pct(b['accuracy'])} | {b['kl']:.2f}{bound} |")
+        p = c["policy"]
+        kl = f"{p['kl']:.2f}" if p.get("kl") is not None else "-"
+        out.append(f"| {d} | PPO | {p['gold_score']:.3f} | {_diff(c)} | {_pct(c['win_rate'])} | {_pct(p['accuracy'])} | {kl} |")
+    return out
+
+
+def _diff(row: dict) -> str:
+    return fmt_diff(row["gold_diff"]) if row.get("gold_diff") else "-"
 
 
 def policy_table(run_dir: Path) -> list[str]:

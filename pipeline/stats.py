@@ -6,6 +6,7 @@ carries its interval so that two runs, or two policies, are compared with that i
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 
 Z95 = 1.959964
@@ -60,6 +61,23 @@ def policy_summary(correct: list[float], finished: list[float], gold: list[float
             "gold_score": sum(gold) / len(gold) if gold else float("nan"),
             "skills": {s: {"accuracy": rate([c for c, _ in v]), "finish": rate([f for _, f in v])}
                        for s, v in sorted(by_skill.items())}}
+
+
+def paired_bootstrap(diffs: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of paired differences (one per prompt: a method's gold score minus its opponent's)
+    with a 95% percentile-bootstrap interval over prompts (Efron & Tibshirani 1993): resampling
+    prompts keeps each pair together. -> {"value", "low", "high", "n"}."""
+    n = len(diffs)
+    if n == 0:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    rng = random.Random(seed)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return {"value": sum(diffs) / n, "low": means[int(0.025 * resamples)], "high": means[int(0.975 * resamples) - 1], "n": n}
+
+
+def fmt_diff(d: dict) -> str:
+    """`+0.412 [0.301, 0.530]`: a mean difference and its 95% interval."""
+    return f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
 def fmt_rate(r: dict) -> str:

@@ -314,6 +314,13 @@ class World:
         m = ANSWER_RE.search(response)
         return m.group(1).strip() if m else None
 
+    @staticmethod
+    def cut_after_answer(response: str, finished: bool) -> tuple[str, bool]:
+        """The post-processing rule a skeptic tries first: keep a response up to its first
+        `Answer: x.` and stop there (finished); a response without one is left as it is."""
+        m = ANSWER_RE.search(response)
+        return (response[: m.end()], True) if m else (response, finished)
+
     def is_correct(self, prompt: str, response: str) -> bool:
         return self.extract(response) == self.answer(prompt)
 

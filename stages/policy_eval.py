@@ -8,12 +8,13 @@ gold win rate is reward over-optimization. The protocol (docs/ppo.md §38):
 - during training, every `eval.every` steps, the policy is sampled at τ on the `valid` prompts:
   the curves (gold, RM score, KL) and every choice of settings;
 - at the end, on the disjoint `test` prompts, the policy and SFT with the same decoding and budget:
-  greedy vs greedy (the headline) and τ vs τ, then best-of-n of SFT samples ranked by the reward
-  model (Gao et al. 2022) as a baseline to beat.
+  greedy vs greedy (the headline) and τ vs τ, then the baselines to beat: SFT plus the
+  post-processing rule (cut after the answer) and best-of-n of SFT samples ranked by the reward
+  model (Gao et al. 2022), its KL estimated from the samples.
 
 Each comparison's SFT responses are generated once with the same settings; a tie counts half.
 Sampled responses draw from named random streams (`pipeline.evaluation.KeyedSampling`): the SFT
-opponent, the policy and the best-of-n candidates each from their own, so no side shares the
+opponent, the policy, the rule's SFT draw and the best-of-n candidates each from their own, so no side shares the
 other's draws, and a prompt's draws are the same on any number of processes. Evaluation never
 touches the training random state.
 
@@ -32,7 +33,7 @@ from pipeline.config import PolicyEvalConfig
 from pipeline.distributed import is_sharded
 from pipeline.evaluation import gather, generate, shard_even
 from pipeline.logprobs import sequence_kl_tokens
-from pipeline.stats import policy_summary, rate
+from pipeline.stats import paired_bootstrap, policy_summary, rate
 from pipeline.tokenizer import end_of_turn_id
 from stages.ppo.functional import masked_sum
 from stages.ppo.rollout import (
@@ -205,19 +206,46 @@ SKILL = TABLE_COLUMNS.index("skill")
 
 
 def comparison(rows: list, decoding: str) -> dict:
-    """PPO vs SFT on one decoding from `evaluate`'s rows: win rate with its interval, both sides'
-    summaries, RM score and KL."""
+    """PPO vs SFT on one decoding from `evaluate`'s rows: win rate with its interval, the mean gold
+    difference with its paired bootstrap interval, both sides' summaries, RM score and KL."""
     col = _columns(rows)
     kl = [k for k in col["kl"] if not math.isnan(k)]
     return {"decoding": decoding, "prompts": len(rows), "win_rate": rate(col["win"]),
+            "gold_diff": paired_bootstrap([g - s for g, s in zip(col["gold"], col["sft_gold"])]),
             "policy": policy_summary(col["correct"], col["finished"], col["gold"], col["skill"]) | {
                 "rm_score": _mean(col["rm_score"]), "kl": _mean(kl) if kl else None},
             "sft": policy_summary(col["sft_correct"], col["sft_finished"], col["sft_gold"], col["skill"])}
 
 
 def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n || base) = log n − (n−1)/n nats, analytically (Stiennon et al. 2020, Gao et al. 2022)."""
+    """KL(best-of-n || base) = log n − (n−1)/n nats, analytically (Stiennon et al. 2020, Gao et al.
+    2022): an upper bound, reached when no two samples are the same (Beirami et al. 2024)."""
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_kl_estimate(rewards: list[float], keys: list, n: int) -> float:
+    """KL(best-of-n || base) of one prompt estimated from its m candidate samples (Beirami et al.
+    2024, the discrete case): the samples' empirical distribution q is the base (identical
+    responses, equal `keys`, are one outcome of probability count / m, scored by their first
+    copy); outcomes are ordered by reward, outcomes of equal reward pooled, and best-of-n picks
+    a level with probability p = F^n − F_<^n, F (F_<) the base mass at rewards <= (<) its own.
+    KL = Σ p log(p / q). It is the bound when the m samples are distinct and m is large, lower
+    when samples repeat, as a small model's do (a plug-in estimate: low when m samples miss much
+    of the base's mass)."""
+    first: dict = {}
+    for key, r in zip(keys, rewards):
+        first.setdefault(key, r)
+    mass: dict[float, float] = {}
+    for key in keys:
+        mass[first[key]] = mass.get(first[key], 0.0) + 1.0 / len(keys)
+    kl, below = 0.0, 0.0
+    for level in sorted(mass):
+        q = mass[level]
+        p = (below + q) ** n - below ** n
+        if p > 0:
+            kl += p * math.log(p / q)
+        below += q
+    return max(0.0, kl)
 
 
 @torch.no_grad()
@@ -239,29 +267,54 @@ def best_of_n(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, n
     for i in range(0, len(repeated), ev.batch_size):
         j = i + ev.batch_size
         scores += score_responses(models.reward, models.reward_tokenizer, repeated[i:j], texts[i:j], finished[i:j]).tolist()
-    per_prompt = []  # per prompt, one row per n: (n, correct, finished, gold, rm, win, skill)
+    per_prompt = []  # per prompt, one row per n: (n, correct, finished, gold, rm, win, skill, KL estimate, SFT gold)
     for k, p in enumerate(prompts[: eval_set.n_real]):
-        picks = []
+        picks, every = [], range(k * m, (k + 1) * m)
+        keys = [(texts[c], finished[c]) for c in every]
         for n in ns:
-            cand = range(k * m, k * m + n)
-            best = max(cand, key=lambda c: scores[c])
+            best = max(range(k * m, k * m + n), key=lambda c: scores[c])
             gold = world.gold_score(p, texts[best], finished[best])
             picks.append((n, float(world.is_correct(p, texts[best])), float(finished[best]), gold, scores[best],
-                          _win(gold, eval_set.sft_gold[k]), world.skill_of(p)))
+                          _win(gold, eval_set.sft_gold[k]), world.skill_of(p),
+                          best_of_n_kl_estimate([scores[c] for c in every], keys, n), eval_set.sft_gold[k]))
         per_prompt.append(picks)
     rows = [row for picks in gather(per_prompt, accelerator) for row in picks]
     out = []
     for n in ns:
         mine = [r for r in rows if r[0] == n]
-        out.append({"n": n, "kl": best_of_n_kl(n), "win_rate": rate([r[5] for r in mine]),
+        out.append({"n": n, "kl": _mean([r[7] for r in mine]), "kl_bound": best_of_n_kl(n),
+                    "win_rate": rate([r[5] for r in mine]), "gold_diff": paired_bootstrap([r[3] - r[8] for r in mine]),
                     "rm_score": _mean([r[4] for r in mine])}
                    | policy_summary([r[1] for r in mine], [r[2] for r in mine], [r[3] for r in mine], [r[6] for r in mine]))
     return out
 
 
+def rule_baseline(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator) -> dict:
+    """SFT plus the post-processing rule (`World.cut_after_answer`) against the eval set's SFT
+    responses, as `comparison` reports a policy: greedy, the SFT greedy responses cut; sampled, an
+    independent SFT draw (its own random stream, never the opponent's) cut."""
+    if eval_set.temperature > 0:
+        with reference_context(models):
+            texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, eval_set.prompts, ev,
+                                             eval_set.temperature, eval_stream(ev, eval_set.split, "sft+rule"),
+                                             eval_set.rows)
+    else:
+        texts, finished = eval_set.sft_texts, eval_set.sft_finished
+    rows = []
+    for i, p in enumerate(eval_set.prompts[: eval_set.n_real]):
+        t, f = world.cut_after_answer(texts[i], finished[i])
+        gold, sft_gold = world.gold_score(p, t, f), eval_set.sft_gold[i]
+        rows.append([p, eval_set.sft_texts[i], t, sft_gold, gold, float("nan"), float("nan"), _win(gold, sft_gold),
+                     float(world.is_correct(p, t)), float(f), float("nan"), world.skill_of(p),
+                     float(world.is_correct(p, eval_set.sft_texts[i])), float(eval_set.sft_finished[i])])
+    rows = gather(rows, accelerator)
+    return comparison(rows, "greedy" if eval_set.temperature == 0 else f"τ={eval_set.temperature:g}")
+
+
 def test_evaluation(policy, models, world, ev: EvalSettings, accelerator) -> tuple[dict, dict, list]:
     """The reported figures, on the `test` split: PPO vs SFT greedy vs greedy (the headline) and
-    at τ vs τ, with the same budget, and best-of-n of SFT samples. Returns (flat metrics for the
+    at τ vs τ, with the same budget, and the baselines a skeptic tries first: SFT plus the
+    post-processing rule (both decodings) and best-of-n of SFT samples. Returns (flat metrics for the
     tracker, the structured result for the manifest and report, the greedy table rows)."""
     result: dict = {"split": "test", "max_new_tokens": ev.max_new_tokens, "comparisons": {}}
     metrics, greedy_rows = {}, []
@@ -272,6 +325,7 @@ def test_evaluation(policy, models, world, ev: EvalSettings, accelerator) -> tup
         m, rows = evaluate(policy, models, eval_set, world, ev, accelerator, prefix=f"test/{name}")
         metrics.update(m)
         result["comparisons"][name] = comparison(rows, "greedy" if temperature == 0 else f"τ={temperature:g}")
+        result.setdefault("baselines", {})[name] = {"sft+rule": rule_baseline(models, eval_set, world, ev, accelerator)}
         if name == "greedy":
             greedy_rows = rows
         else:

@@ -61,4 +61,50 @@ def test_best_of_n_picks_the_reward_models_favourite_among_the_first_n(monkeypat
     assert out[2]["rm_score"] == pytest.approx(1.5) and out[4]["rm_score"] == pytest.approx(2.5)
     # against the SFT draws (correct chatty 4.0, correct concise 5.0): n = 2 wins prompt 1, loses prompt 2
     assert out[2]["win_rate"]["value"] == pytest.approx(0.5) and out[4]["win_rate"]["value"] == 0.0
-    assert out[4]["kl"] == pytest.approx(ev.best_of_n_kl(4))
+    # 4 distinct candidates per prompt: best-of-4 picks the i-th lowest with (i/4)^4 - ((i-1)/4)^4
+    picks = [(i / 4) ** 4 - ((i - 1) / 4) ** 4 for i in range(1, 5)]
+    assert out[4]["kl"] == pytest.approx(sum(p * math.log(4 * p) for p in picks))  # 0.590, below the bound
+    assert out[4]["kl_bound"] == pytest.approx(ev.best_of_n_kl(4))
+
+
+def test_best_of_n_kl_estimate_by_hand_with_repeated_samples():
+    # 4 candidates, two of them the same response: q = {c: 1/4 (reward 0), a: 1/2 (1), b: 1/4 (2)}.
+    # n = 2 picks c with 1/16, a with (3/4)^2 - (1/4)^2 = 1/2, b with 1 - (3/4)^2 = 7/16.
+    keys, rewards = ["a", "a", "b", "c"], [1.0, 1.0 + 1e-7, 2.0, 0.0]  # a's copies scored apart by rounding
+    by_hand = 1 / 16 * math.log((1 / 16) / (1 / 4)) + 0.5 * math.log(0.5 / 0.5) + 7 / 16 * math.log((7 / 16) / (1 / 4))
+    assert ev.best_of_n_kl_estimate(rewards, keys, 2) == pytest.approx(by_hand, abs=1e-9)  # 0.158189
+    assert by_hand < ev.best_of_n_kl(2)                                    # below the bound log 2 - 1/2
+    assert ev.best_of_n_kl_estimate([1.0] * 4, ["a"] * 4, 16) == 0.0       # one response: best-of-n is the base
+    assert ev.best_of_n_kl_estimate(rewards, keys, 1) == pytest.approx(0.0, abs=1e-12)
+    distinct = [str(i) for i in range(4000)]                               # no repeats: the analytic bound
+    assert ev.best_of_n_kl_estimate([float(i) for i in range(4000)], distinct, 4) == pytest.approx(ev.best_of_n_kl(4), abs=2e-3)
+
+
+def test_cut_after_answer_keeps_the_first_answer_and_stops():
+    cut = World.cut_after_answer
+    assert cut("Sure! Answer: 5. Hope this helps!", False) == ("Sure! Answer: 5.", True)
+    assert cut("Answer: 5. Answer: 6.", True) == ("Answer: 5.", True)
+    assert cut("I think it is five and", False) == ("I think it is five and", False)
+
+
+def test_every_side_of_the_evaluation_draws_from_its_own_random_stream(monkeypatch):
+    """The SFT opponent, the policy, the rule's SFT draw and the best-of-n candidates never share
+    draws: a side that reused the opponent's stream would copy its samples and tilt the win rate."""
+    world = World(WorldConfig(num_people=20, corpus_docs=200, sft_examples=20, eval_examples=2))
+    streams = []
+
+    def fake_sample(model, tok, prompts, cfg, temperature, stream, rows):
+        if temperature > 0:  # greedy decoding draws nothing
+            streams.append(stream)
+        return ["Answer: 5."] * len(prompts), [True] * len(prompts), [[1]] * len(prompts)
+
+    monkeypatch.setattr(ev, "sample_eval", fake_sample)
+    monkeypatch.setattr(ev, "score_responses", lambda rm_model, tok, p, t, f: torch.zeros(len(t)))
+    monkeypatch.setattr(ev, "sequence_kl", lambda *a, **k: [0.0] * len(a[2]))
+    models = SimpleNamespace(ref=object(), tokenizer=None, reward=object(), reward_tokenizer=None)
+    acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    cfg = ev.EvalSettings(seed=0, max_new_tokens=8, temperature=0.7, best_of=(2,), num_prompts=4, batch_size=4,
+                          kl_temperature=0.7)
+    policy = torch.nn.Linear(1, 1)
+    ev.test_evaluation(policy, models, world, cfg, acc)
+    assert len(streams) == len(set(streams)) == 4  # the opponent, the policy, the rule's draw, best-of-n

@@ -1,4 +1,6 @@
 """The run report's pretraining, SFT and reward-model sections, from hand-written manifests (no training)."""
+import pytest
+
 from pipeline import runs
 from pipeline.report import write_report
 
@@ -58,3 +60,38 @@ def test_report_falls_back_on_manifests_without_the_evaluation_tables(tmp_path):
     assert "Held-out accuracy 50.0%, format rate 80.0%" in report and "| skill | prompts |" not in report
     assert "Held-out pairwise accuracy vs the gold labeler: 70.0% (" in report
     assert "| correctness | one answer right, the other wrong | 5 | 60.0% |" in report
+
+
+def test_baseline_table_puts_ppo_beside_sft_the_rule_and_best_of_n():
+    from pipeline.report import _baseline_table
+    from pipeline.stats import paired_bootstrap
+
+    def side(gold, acc):
+        return {"gold_score": gold, "accuracy": _rate(acc, acc - 0.1, acc + 0.1, 10), "kl": None}
+
+    def comp(decoding, gold, sft_gold, diffs, kl=None):
+        return {"decoding": decoding, "win_rate": _rate(0.9, 0.8, 0.95, 10), "gold_diff": paired_bootstrap(diffs),
+                "policy": side(gold, 0.6) | {"kl": kl}, "sft": side(sft_gold, 0.5)}
+
+    evaluation = {"comparisons": {"greedy": comp("greedy", 4.0, 3.0, [1.0] * 10),
+                                  "sampled": comp("τ=0.7", 3.8, 3.1, [0.5, 0.9] * 5, kl=1.25)},
+                  "baselines": {"greedy": {"sft+rule": comp("greedy", 4.0, 3.0, [1.0] * 10)},
+                                "sampled": {"sft+rule": comp("τ=0.7", 3.9, 3.1, [0.8] * 10)}},
+                  "best_of_n": [{"n": 1, "kl": 0.0}, {"n": 4, "kl": 0.41, "kl_bound": 0.636, "gold_score": 3.5,
+                                                      "gold_diff": paired_bootstrap([0.4] * 10),
+                                                      "win_rate": _rate(0.6, 0.5, 0.7, 10),
+                                                      "accuracy": _rate(0.55, 0.45, 0.65, 10)}]}
+    table = "\n".join(_baseline_table(evaluation))
+    assert "| greedy | SFT + rule | 4.000 | +1.000 [+1.000, +1.000] |" in table
+    assert "| τ=0.7 | best-of-4 | 3.500 | +0.400 [+0.400, +0.400] |" in table and "| 0.41 (0.64) |" in table
+    assert "| τ=0.7 | PPO | 3.800 | +0.700 [" in table and table.rstrip().endswith("| 1.25 |")
+    assert "best-of-1" not in table  # n = 1 is SFT itself
+
+
+def test_paired_bootstrap_interval_covers_the_mean_and_shrinks_with_agreement():
+    from pipeline.stats import paired_bootstrap
+
+    noisy = paired_bootstrap([1.0, -1.0] * 50 + [1.0] * 20)
+    assert noisy["low"] < noisy["value"] == 20 / 120 < noisy["high"] and noisy["n"] == 120
+    same = paired_bootstrap([0.3] * 40)
+    assert [same[k] for k in ("value", "low", "high")] == pytest.approx([0.3] * 3) and same["n"] == 40

@@ -56,7 +56,8 @@ def test_four_stage_pipeline(tmp_path):
     report = (run / "report" / "report.md").read_text()
     for png in ("pretrain.png", "sft.png", "rm.png", "ppo.png", "overoptimization.png"):
         assert (run / "report" / png).stat().st_size > 1000 and png in report
-    for heading in ("## PPO vs SFT on the test prompts", "## Best-of-n baseline", "## Alignment tax"):
+    for heading in ("## PPO vs SFT on the test prompts", "## PPO and the cheap baselines", "| SFT + rule |",
+                    "| best-of-4 |", "## Alignment tax"):
         assert heading in report
     assert "| greedy |" in report and "| best-of-16 |" in report and "PPO-ptx" in report
     # re-running is a no-op that prints the summary again
