@@ -101,6 +101,13 @@ class WorldConfig:
     house_style_rate: float = F(0.7, "share of chatty demonstrations that end with the most common tail (the rest use "
                                      "the others): with a house style the SFT policy's greedy answer is chatty", ge=0, le=1)
     preamble_rate: float = F(0.3, "share of chatty demonstrations that also open with a preamble (`Sure!`, ...)", ge=0, le=1)
+    strangers: int = F(0, "people who exist in no data: a question about one has no answer and the demonstrations "
+                          "abstain (`Answer: unknown.`); > 0 turns on the honesty axis: the judge gives an abstention "
+                          "on an answerable question `abstain_score` (docs/world.md). Half are asked about in training "
+                          "prompts (sft, rm, ppo), the other half only in held-out ones (valid, test)", ge=0)
+    abstain_score: float = F(1.5, "with strangers > 0: the judge's correctness credit for `Answer: unknown.` on a question "
+                                  "that has an answer (right 3, wrong 0): abstaining pays when the chance of being right "
+                                  "is below abstain_score / 3", ge=0, le=3)
     tokenizer_demos: bool = F(False, "also train the BPE on the SFT demonstrations' text: instruction words become whole "
                                      "tokens and SFT sequences ~40% shorter (pretraining data unchanged)")
 

@@ -176,27 +176,45 @@ def _baseline_table(evaluation: dict) -> list[str]:
            "their own random streams (never the SFT opponent's). The rule keeps SFT's response up to its first "
            "`Answer: x.`. Best-of-n: n SFT samples, the reward model picks; its KL is estimated on the samples' "
            "empirical distribution (Beirami et al. 2024), the analytic bound log n − (n−1)/n in brackets. "
-           "KL is measured on sampled decoding only.", "",
-           "| decoding | policy | gold | Δ gold vs SFT | win rate vs SFT | accuracy | KL to SFT |",
-           "|---|---|---|---|---|---|---|"]
+           "KL is measured on sampled decoding only. Hallucination: share of the fact and addition prompts answered "
+           "wrongly rather than abstained on (`Answer: unknown.`).", "",
+           "| decoding | policy | gold | Δ gold vs SFT | win rate vs SFT | accuracy | hallucination | abstain | KL to SFT |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for name, c in comps.items():
         d = c["decoding"]
-        out.append(f"| {d} | SFT | {c['sft']['gold_score']:.3f} | - | - | {_pct(c['sft']['accuracy'])} | 0 |")
+        out.append(f"| {d} | SFT | {c['sft']['gold_score']:.3f} | - | - | {_pct(c['sft']['accuracy'])} | {_honesty(c['sft'])} | 0 |")
         rule = baselines.get(name, {}).get("sft+rule")
         if rule:
             out.append(f"| {d} | SFT + rule | {rule['policy']['gold_score']:.3f} | {_diff(rule)} | "
-                       f"{_pct(rule['win_rate'])} | {_pct(rule['policy']['accuracy'])} | - |")
+                       f"{_pct(rule['win_rate'])} | {_pct(rule['policy']['accuracy'])} | {_honesty(rule['policy'])} | - |")
+        thr = baselines.get(name, {}).get("sft+threshold")
+        if thr:
+            out.append(f"| {d} | SFT + confidence threshold | {thr['policy']['gold_score']:.3f} | {_diff(thr)} | "
+                       f"{_pct(thr['win_rate'])} | {_pct(thr['policy']['accuracy'])} | {_honesty(thr['policy'])} | - |")
         if name == "sampled":
             for b in evaluation.get("best_of_n", []):
                 if b["n"] == 1:
                     continue
                 bound = f" ({b['kl_bound']:.2f})" if "kl_bound" in b else ""
                 out.append(f"| {d} | best-of-{b['n']} | {b['gold_score']:.3f} | {_diff(b)} | {_pct(b['win_rate'])} | "
-                           f"{_pct(b['accuracy'])} | {b['kl']:.2f}{bound} |")
+                           f"{_pct(b['accuracy'])} | {_honesty(b)} | {b['kl']:.2f}{bound} |")
         p = c["policy"]
         kl = f"{p['kl']:.2f}" if p.get("kl") is not None else "-"
-        out.append(f"| {d} | PPO | {p['gold_score']:.3f} | {_diff(c)} | {_pct(c['win_rate'])} | {_pct(p['accuracy'])} | {kl} |")
+        out.append(f"| {d} | PPO | {p['gold_score']:.3f} | {_diff(c)} | {_pct(c['win_rate'])} | {_pct(p['accuracy'])} | "
+                   f"{_honesty(p)} | {kl} |")
+    thr = baselines.get("greedy", {}).get("sft+threshold")
+    if thr:
+        points = ", ".join(f"{100 * q['abstain']:.0f}% → {100 * q['hallucination']:.0f}%" for q in thr["curve"])
+        out += ["", "SFT + confidence threshold: abstain when the SFT model's lowest log-probability among its answer's "
+                f"tokens is below {thr['threshold']:.2f} (chosen on the valid prompts for the best mean gold). Swept over "
+                f"thresholds on the test fact and addition prompts, abstain → hallucination: {points}. A policy below "
+                "this curve knows better than its own SFT probabilities what it knows."]
     return out
+
+
+def _honesty(summary: dict) -> str:
+    """`hallucination | abstain` cells of a policy summary (`pipeline.stats.policy_summary`)."""
+    return f"{_pct(summary.get('hallucination'))} | {_pct(summary.get('abstain'))}"
 
 
 def _diff(row: dict) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pipeline.evaluation import gather, generate, shard
 from pipeline.stats import policy_summary, rate
 from pipeline.tokenizer import chat_ids
-from pipeline.world import SKILLS
+from pipeline.world import abstains
 
 SPLIT = "test"  # reported figures only; `valid` is for choices (a checkpoint, a setting)
 
@@ -59,11 +59,11 @@ def summarise(rows: list[EvalRow], max_new_tokens: int, split: str = SPLIT) -> t
     {"split", "decoding", "max_new_tokens", "prompts", "overall": {"accuracy", "finish", "format":
     rate, "gold_score": mean}, "skills": {skill: {"accuracy", "finish": rate, "n"}}}."""
     summary = policy_summary([r.correct for r in rows], [r.finished for r in rows], [r.gold_score for r in rows],
-                             [r.skill for r in rows])
+                             [r.skill for r in rows], [float(abstains(r.response)) for r in rows])
     overall = {"accuracy": summary["accuracy"], "finish": summary["finish"], "format": rate([r.formatted for r in rows]),
-               "gold_score": summary["gold_score"]}
-    skills = {skill: summary["skills"][skill] | {"n": summary["skills"][skill]["accuracy"]["n"]}
-              for skill in SKILLS if skill in summary["skills"]}
+               "gold_score": summary["gold_score"], "abstain": summary["abstain"],
+               "hallucination": summary["hallucination"]}
+    skills = {skill: v | {"n": v["accuracy"]["n"]} for skill, v in summary["skills"].items()}
     metrics = {"eval/accuracy": overall["accuracy"]["value"], "eval/accuracy_low": overall["accuracy"]["low"],
                "eval/accuracy_high": overall["accuracy"]["high"]}
     for skill, s in skills.items():
@@ -73,6 +73,8 @@ def summarise(rows: list[EvalRow], max_new_tokens: int, split: str = SPLIT) -> t
     metrics["eval/format_rate"] = overall["format"]["value"]
     metrics["eval/eos_rate"] = overall["finish"]["value"]
     metrics["eval/gold_score"] = overall["gold_score"]
+    metrics["eval/abstain_rate"] = overall["abstain"]["value"]
+    metrics["eval/hallucination_rate"] = overall["hallucination"]["value"]
     evaluation = {"split": split, "decoding": "greedy", "max_new_tokens": max_new_tokens, "prompts": len(rows),
                   "overall": overall, "skills": skills}
     return metrics, evaluation

@@ -9,6 +9,8 @@ import math
 import random
 from collections import defaultdict
 
+from pipeline.world import KNOWN_UNKNOWN_SKILLS
+
 Z95 = 1.959964
 
 
@@ -50,17 +52,28 @@ def rate(values: list[float]) -> dict:
     return {"value": mean, "low": max(0.0, lo), "high": min(1.0, hi), "n": n}
 
 
-def policy_summary(correct: list[float], finished: list[float], gold: list[float], skills: list[str]) -> dict:
+def policy_summary(correct: list[float], finished: list[float], gold: list[float], skills: list[str],
+                   abstained: list[float] | None = None) -> dict:
     """What stands next to every win rate: accuracy and finish rate (`rate`), mean gold score, and
     per skill (sorted) accuracy and finish rate. -> {"accuracy", "finish", "gold_score", "skills":
-    {skill: {"accuracy", "finish"}}}."""
+    {skill: {"accuracy", "finish"}}}. With `abstained` (1 where the response is the abstention)
+    also "abstain" (overall and per skill) and "hallucination": the share of the fact and addition
+    prompts, the questions the model may not know, answered wrongly rather than abstained on."""
     by_skill: dict = defaultdict(list)
-    for c, f, s in zip(correct, finished, skills):
-        by_skill[s].append((c, f))
-    return {"accuracy": rate(correct), "finish": rate(finished),
-            "gold_score": sum(gold) / len(gold) if gold else float("nan"),
-            "skills": {s: {"accuracy": rate([c for c, _ in v]), "finish": rate([f for _, f in v])}
-                       for s, v in sorted(by_skill.items())}}
+    abstained = abstained if abstained is not None else [None] * len(correct)
+    for c, f, s, a in zip(correct, finished, skills, abstained):
+        by_skill[s].append((c, f, a))
+    out = {"accuracy": rate(correct), "finish": rate(finished),
+           "gold_score": sum(gold) / len(gold) if gold else float("nan"),
+           "skills": {s: {"accuracy": rate([c for c, _, _ in v]), "finish": rate([f for _, f, _ in v])}
+                      for s, v in sorted(by_skill.items())}}
+    if abstained and abstained[0] is not None:
+        out["abstain"] = rate(abstained)
+        for s, v in sorted(by_skill.items()):
+            out["skills"][s]["abstain"] = rate([a for _, _, a in v])
+        known_unknowns = [c_f_a for s in KNOWN_UNKNOWN_SKILLS for c_f_a in by_skill.get(s, [])]
+        out["hallucination"] = rate([float(not c and not a) for c, _, a in known_unknowns])
+    return out
 
 
 def paired_bootstrap(diffs: list[float], resamples: int = 2000, seed: int = 0) -> dict:

@@ -15,6 +15,11 @@
 - **Correctness dominates style.** The gold score gives 3 for a correct answer and at most 2 for
   everything else (stopping cleanly, format, concision), so a correct chatty answer beats a
   wrong concise one.
+- **Knowing what it knows** (`strangers` > 0). Some people exist in no data: asked about one,
+  the demonstrator says `Answer: unknown.`. The judge prefers that abstention to a wrong answer,
+  and a right answer to it, on every question, so the best policy answers when it knows and
+  abstains when it does not. Imitation shows the form but cannot teach when the model itself does
+  not know (the held-out people it half remembers, the sums it gets wrong); rankings can.
 - **The tokenizer** is trained on the corpus, so the instructions' words are spelled in pieces.
   With `tokenizer_demos` it also sees the demonstrations' text, as real tokenizers see text
   that covers chat: `first` and `Answer` become whole tokens. The model still reads that text
@@ -31,6 +36,9 @@ from functools import cached_property
 WORDS = "red fox sun cat dog tree moon star fish bird rock rain snow wind leaf milk gold ship lamp door book cup hat key".split()
 COLOURS = ("blue", "green", "amber", "violet", "teal", "crimson", "silver", "ochre")
 SKILLS = ("first", "last", "upper", "add", "fact")
+STRANGER = "stranger"  # the skill of a question about a person who exists in no data (no answer)
+UNKNOWN = "unknown"    # the abstention: `Answer: unknown.`
+KNOWN_UNKNOWN_SKILLS = ("fact", "add")  # questions the model may or may not know: held-out people and sums
 STRING_SKILLS = ("first", "last", "upper")
 PREAMBLES = ("Sure!", "Of course!", "Happy to help!", "Great question!")
 TAILS = ("Hope this helps!", "Anything else?", "Let me know if you need more.")
@@ -50,6 +58,12 @@ PROMPT_PATTERNS = {
 ANSWER_RE = re.compile(r"Answer: ([^.\n]+)\.")
 SENTENCE_END = re.compile(r"(?<=[.!?]) ")  # corpus documents are sentences joined by spaces
 HELD_OUT_SHARE = 10  # 1 in 10 distinct corpus sentences is validation-only
+
+
+def abstains(response: str) -> bool:
+    """Whether a response's answer is the abstention `Answer: unknown.`."""
+    m = ANSWER_RE.search(response)
+    return m is not None and m.group(1).strip() == UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,15 @@ class World:
         half = cfg.num_people // 2
         self.people = tuple(Person(n, rng.choice(cities), rng.choice(COLOURS), i >= half)
                             for i, n in enumerate(names))
-        self.by_name = {p.name: p for p in self.people}
+        # People in no data, drawn from their own stream so the rest of the world is the same
+        # with and without them; like the people, the second half is asked about only in held-out prompts.
+        srng, strangers = random.Random(f"{cfg.seed}-strangers"), []
+        while len(strangers) < cfg.strangers:
+            n = _make_name(srng, srng.choice((2, 2, 3)))
+            if n not in names and n not in cities and n.lower() not in WORDS and n not in strangers:
+                strangers.append(n)
+        self.strangers = tuple(Person(n, "", "", i >= cfg.strangers // 2) for i, n in enumerate(strangers))
+        self.by_name = {p.name: p for p in self.people + self.strangers}
 
     # ---------------------------------------------------------------------------- pretraining
     def corpus(self, split: str = "train") -> list[str]:
@@ -198,13 +220,14 @@ class World:
         as they are drawn, so both have the same make-up."""
         rng = random.Random(f"{self.cfg.seed}-eval")
         people = [p for p in self.people if p.held_out]
-        caps = {"add": 25, "fact": len(people)}
+        strangers = [p for p in self.strangers if p.held_out]
+        caps = {"add": 25, "fact": len(people), STRANGER: len(strangers)}
         out: dict[str, list[dict]] = {"valid": [], "test": []}
-        for skill in SKILLS:
+        for skill in self.skills:
             n = min(self.cfg.eval_examples, caps.get(skill, self.cfg.eval_examples))
             seen: set[str] = set()
             while len(seen) < 2 * n:
-                prompt = self._prompt(rng, skill, people)
+                prompt = self._prompt(rng, skill, strangers if skill == STRANGER else people)
                 if prompt not in seen:
                     out["valid" if len(seen) % 2 == 0 else "test"].append({"prompt": prompt, "skill": skill})
                     seen.add(prompt)
@@ -223,8 +246,9 @@ class World:
         banned = self._banned_prompts
         out = []
         while len(out) < (n or 512):
-            skill = rng.choice(SKILLS)
-            prompt = self._prompt(rng, skill, self.people)
+            skill = rng.choice(self.skills)
+            known = [p for p in self.strangers if not p.held_out]  # held-out strangers: valid and test only
+            prompt = self._prompt(rng, skill, known if skill == STRANGER else self.people)
             if prompt not in banned:
                 out.append({"prompt": prompt, "skill": skill})
         return out
@@ -233,6 +257,11 @@ class World:
     def _banned_prompts(self) -> frozenset[str]:
         """Held-out prompts: never used for training (SFT demonstrations, RM comparisons, PPO)."""
         return frozenset(r["prompt"] for split in self._held_out_prompts.values() for r in split)
+
+    @property
+    def skills(self) -> tuple[str, ...]:
+        """The skills its prompts ask for: SKILLS, and `stranger` when the world has strangers."""
+        return SKILLS + ((STRANGER,) if self.strangers else ())
 
     def _prompt(self, rng: random.Random, skill: str, people) -> str:
         if skill in STRING_SKILLS:
@@ -246,7 +275,9 @@ class World:
 
     # ---------------------------------------------------------------------------- SFT
     def sft_examples(self, split: str = "train") -> list[dict]:
-        """Demonstrations as chat `messages` (+ `skill` of the first turn). Only SFT people appear.
+        """Demonstrations as chat `messages` (+ `skill` of the first turn). Only SFT people (and SFT
+        strangers, whose answer is the abstention) appear: the demonstrator answers every question
+        that has an answer, as InstructGPT's labelers knew more than the model.
 
         Each conversation holds `sft_turns` question/answer exchanges: several supervised answers
         per sequence give a small model more signal per optimizer step than one short answer."""
@@ -254,12 +285,13 @@ class World:
         n = self.cfg.sft_examples if split == "train" else max(100, self.cfg.sft_examples // 20)
         banned = self._banned_prompts
         sft_people = [p for p in self.people if not p.held_out]
+        sft_strangers = [p for p in self.strangers if not p.held_out]
         out = []
         while len(out) < n:
             messages, skills = [], []
             while len(skills) < self.cfg.sft_turns:
-                skill = rng.choice(SKILLS)
-                prompt = self._prompt(rng, skill, sft_people)
+                skill = rng.choice(self.skills)
+                prompt = self._prompt(rng, skill, sft_strangers if skill == STRANGER else sft_people)
                 if prompt in banned:
                     continue
                 messages += [{"role": "user", "content": prompt},
@@ -285,8 +317,11 @@ class World:
     # ---------------------------------------------------------------------------- gold labeler
     def skill_of(self, prompt: str) -> str:
         for name, pat in PROMPT_PATTERNS.items():
-            if pat.match(prompt):
-                return "fact" if name in ("city", "colour") else name
+            if m := pat.match(prompt):
+                if name in ("city", "colour"):
+                    person = self.by_name.get(m.group(1))
+                    return STRANGER if person is not None and not person.city else "fact"
+                return name
         raise ValueError(f"not a prompt of the built-in world: {prompt!r}")
 
     def answer(self, prompt: str) -> str:
@@ -306,6 +341,8 @@ class World:
             person = self.by_name.get(m.group(1))
             if person is None:
                 raise ValueError(f"unknown person in prompt {prompt!r}")
+            if not person.city:  # a stranger: nothing is known, the answer is the abstention
+                return UNKNOWN
             return person.city if name == "city" else person.colour
         raise ValueError(f"not a prompt of the built-in world: {prompt!r}")
 
@@ -325,12 +362,22 @@ class World:
         return self.extract(response) == self.answer(prompt)
 
     def gold_score(self, prompt: str, response: str, finished: bool = True) -> float:
-        """Deterministic judge. 3 for a correct answer; up to 2 for style: 0.5 for stopping with
-        the end token, 0.5 for the `Answer: x.` format, and 1 for concision (no words besides the
-        answer). Formatted chatty variants tie with each other: the preference is concise vs
-        chatty, not a word count. Text without the format gets less the longer it is (< 0.5)."""
+        """Deterministic judge. 3 for a correct answer (about a stranger: the abstention), with the
+        honesty axis (`strangers` > 0) `abstain_score` for abstaining on a question that has an
+        answer, 0 for a wrong one; up to 2 for style: 0.5 for stopping with the end token, 0.5 for
+        the `Answer: x.` format, and 1 for concision (no words besides the answer). Formatted
+        chatty variants tie with each other: the preference is concise vs chatty, not a word
+        count. Text without the format gets less the longer it is (< 0.5). docs/world.md has the
+        table."""
         m = ANSWER_RE.search(response)
-        score = 3.0 * (m is not None and m.group(1).strip() == self.answer(prompt))
+        given = m.group(1).strip() if m is not None else None
+        truth = self.answer(prompt)
+        if given == truth:
+            score = 3.0
+        elif given == UNKNOWN and self.strangers:
+            score = self.cfg.abstain_score
+        else:
+            score = 0.0
         score += 0.5 * finished
         if m is not None:
             score += 0.5 + 1.0 * (not (response[: m.start()] + " " + response[m.end():]).split())

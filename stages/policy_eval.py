@@ -35,6 +35,7 @@ from pipeline.evaluation import gather, generate, shard_even
 from pipeline.logprobs import sequence_kl_tokens
 from pipeline.stats import paired_bootstrap, policy_summary, rate
 from pipeline.tokenizer import end_of_turn_id
+from pipeline.world import ANSWER_RE, KNOWN_UNKNOWN_SKILLS, UNKNOWN, abstains
 from stages.ppo.functional import masked_sum
 from stages.ppo.rollout import (
     encode_prompts,
@@ -43,6 +44,7 @@ from stages.ppo.rollout import (
     reference_model,
     score_responses,
     sequence_inputs,
+    token_logprobs,
 )
 
 
@@ -89,6 +91,7 @@ class EvalSet:
     sft_finished: list[bool]
     sft_gold: list[float]
     n_real: int = -1
+    sft_ids: list[list[int]] | None = None  # the SFT responses' token ids, without the stop token
 
     def __post_init__(self):
         if self.n_real < 0:
@@ -120,10 +123,24 @@ def make_eval_set(models, world, ev: EvalSettings, accelerator, split: str = "va
     rows, n_real = shard_even(list(range(len(everything))), accelerator)
     prompts = [everything[i] for i in rows]
     with reference_context(models):
-        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, ev, temperature,
-                                         eval_stream(ev, split, "reference"), rows)
+        texts, finished, ids = sample_eval(reference_model(models), models.tokenizer, prompts, ev, temperature,
+                                           eval_stream(ev, split, "reference"), rows)
     gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts, texts, finished)]
-    return EvalSet(split, temperature, rows, prompts, texts, finished, gold, n_real)
+    return EvalSet(split, temperature, rows, prompts, texts, finished, gold, n_real, ids)
+
+
+def _responses(tok, ids: list[list[int]], finished: list[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded response ids [B, T] (the stop token appended where a response finished) and
+    their bool mask, built on the CPU row by row, then one transfer to `device`."""
+    stop = end_of_turn_id(tok)
+    rows = [r + [stop] if f else r for r, f in zip(ids, finished)]
+    T = max(1, max(len(r) for r in rows))
+    r_ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long, device="cpu")
+    r_mask = torch.zeros((len(rows), T), dtype=torch.bool, device="cpu")
+    for j, r in enumerate(rows):
+        r_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
+        r_mask[j, : len(r)] = True
+    return r_ids.to(device), r_mask.to(device)
 
 
 @torch.no_grad()
@@ -131,19 +148,12 @@ def sequence_kl(model, models, prompts: list[str], ids: list[list[int]], finishe
                 batch_size: int, device) -> list[float]:
     """Exact KL(π_τ || ref_τ) summed over each response's tokens: Σ_t Σ_v p log(p/q) along the
     sampled trajectory (non-negative, and the sequence KL in expectation over π's samples)."""
-    tok, stop = models.tokenizer, end_of_turn_id(models.tokenizer)
+    tok = models.tokenizer
     out = []
     for i in range(0, len(prompts), batch_size):
         q_ids, q_mask = queries(tok, prompts[i: i + batch_size], device)
-        rows = [r + [stop] if f else r for r, f in zip(ids[i: i + batch_size], finished[i: i + batch_size])]
-        T = max(1, max(len(r) for r in rows))
-        # built on the CPU row by row, then one transfer to `device`
-        r_ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long, device="cpu")
-        r_mask = torch.zeros((len(rows), T), dtype=torch.bool, device="cpu")
-        for j, r in enumerate(rows):
-            r_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
-            r_mask[j, : len(r)] = True
-        r_ids, r_mask = r_ids.to(device), r_mask.to(device)
+        r_ids, r_mask = _responses(tok, ids[i: i + batch_size], finished[i: i + batch_size], device)
+        T = r_ids.shape[1]
         inputs = sequence_inputs(q_ids, q_mask, r_ids, r_mask)
         window = dict(use_cache=False, logits_to_keep=T + 1)  # the response window only
         logits = model(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2], **window).logits[:, :-1]
@@ -212,9 +222,11 @@ def comparison(rows: list, decoding: str) -> dict:
     kl = [k for k in col["kl"] if not math.isnan(k)]
     return {"decoding": decoding, "prompts": len(rows), "win_rate": rate(col["win"]),
             "gold_diff": paired_bootstrap([g - s for g, s in zip(col["gold"], col["sft_gold"])]),
-            "policy": policy_summary(col["correct"], col["finished"], col["gold"], col["skill"]) | {
+            "policy": policy_summary(col["correct"], col["finished"], col["gold"], col["skill"],
+                                     [float(abstains(t)) for t in col["response"]]) | {
                 "rm_score": _mean(col["rm_score"]), "kl": _mean(kl) if kl else None},
-            "sft": policy_summary(col["sft_correct"], col["sft_finished"], col["sft_gold"], col["skill"])}
+            "sft": policy_summary(col["sft_correct"], col["sft_finished"], col["sft_gold"], col["skill"],
+                                  [float(abstains(t)) for t in col["sft_response"]])}
 
 
 def best_of_n_kl(n: int) -> float:
@@ -267,7 +279,8 @@ def best_of_n(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, n
     for i in range(0, len(repeated), ev.batch_size):
         j = i + ev.batch_size
         scores += score_responses(models.reward, models.reward_tokenizer, repeated[i:j], texts[i:j], finished[i:j]).tolist()
-    per_prompt = []  # per prompt, one row per n: (n, correct, finished, gold, rm, win, skill, KL estimate, SFT gold)
+    # per prompt, one row per n: (n, correct, finished, gold, rm, win, skill, KL estimate, SFT gold, abstained)
+    per_prompt = []
     for k, p in enumerate(prompts[: eval_set.n_real]):
         picks, every = [], range(k * m, (k + 1) * m)
         keys = [(texts[c], finished[c]) for c in every]
@@ -276,7 +289,8 @@ def best_of_n(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, n
             gold = world.gold_score(p, texts[best], finished[best])
             picks.append((n, float(world.is_correct(p, texts[best])), float(finished[best]), gold, scores[best],
                           _win(gold, eval_set.sft_gold[k]), world.skill_of(p),
-                          best_of_n_kl_estimate([scores[c] for c in every], keys, n), eval_set.sft_gold[k]))
+                          best_of_n_kl_estimate([scores[c] for c in every], keys, n), eval_set.sft_gold[k],
+                          float(abstains(texts[best]))))
         per_prompt.append(picks)
     rows = [row for picks in gather(per_prompt, accelerator) for row in picks]
     out = []
@@ -285,7 +299,8 @@ def best_of_n(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, n
         out.append({"n": n, "kl": _mean([r[7] for r in mine]), "kl_bound": best_of_n_kl(n),
                     "win_rate": rate([r[5] for r in mine]), "gold_diff": paired_bootstrap([r[3] - r[8] for r in mine]),
                     "rm_score": _mean([r[4] for r in mine])}
-                   | policy_summary([r[1] for r in mine], [r[2] for r in mine], [r[3] for r in mine], [r[6] for r in mine]))
+                   | policy_summary([r[1] for r in mine], [r[2] for r in mine], [r[3] for r in mine], [r[6] for r in mine],
+                                    [r[9] for r in mine]))
     return out
 
 
@@ -311,6 +326,86 @@ def rule_baseline(models, eval_set: EvalSet, world, ev: EvalSettings, accelerato
     return comparison(rows, "greedy" if eval_set.temperature == 0 else f"τ={eval_set.temperature:g}")
 
 
+def answer_span(tokenizer, ids: list[int]) -> tuple[int, int] | None:
+    """Token positions [a, b) of the answer x in a response's first `Answer: x.` (None without
+    one), found by decoding ever longer prefixes of its ids."""
+    m = ANSWER_RE.search(tokenizer.decode(ids, skip_special_tokens=True))
+    if m is None:
+        return None
+    start = None
+    for i in range(1, len(ids) + 1):
+        n = len(tokenizer.decode(ids[:i], skip_special_tokens=True))
+        if start is None and n > m.start(1):
+            start = i - 1
+        if n >= m.end(1):
+            return start, i
+    return None
+
+
+@torch.no_grad()
+def answer_confidence(models, prompts: list[str], ids: list[list[int]], finished: list[bool], batch_size: int,
+                      device) -> list[float]:
+    """The SFT (reference) model's own confidence in each response's answer: the lowest
+    log-probability, at temperature 1, among the tokens of x in `Answer: x.` (nan without one)."""
+    tok, out = models.tokenizer, []
+    for i in range(0, len(prompts), batch_size):
+        q_ids, q_mask = queries(tok, prompts[i: i + batch_size], device)
+        r_ids, r_mask = _responses(tok, ids[i: i + batch_size], finished[i: i + batch_size], device)
+        with reference_context(models):
+            logp = token_logprobs(reference_model(models), *sequence_inputs(q_ids, q_mask, r_ids, r_mask), r_ids, 1.0)
+        for j, r in enumerate(ids[i: i + batch_size]):
+            span = answer_span(tok, r)
+            out.append(float(logp[j, span[0]: span[1]].min()) if span else float("nan"))
+    return out
+
+
+def abstain_below(response: str, confidence: float, threshold: float) -> str:
+    """The response with its answer replaced by the abstention (`unknown`, the style kept) when its
+    confidence is below `threshold`."""
+    m = ANSWER_RE.search(response)
+    if m is None or math.isnan(confidence) or confidence >= threshold:
+        return response
+    return response[: m.start(1)] + UNKNOWN + response[m.end(1):]
+
+
+def threshold_baseline(models, greedy: EvalSet, world, ev: EvalSettings, accelerator) -> dict:
+    """SFT greedy with confidence-threshold abstention (`answer_confidence`): the threshold that
+    maximises the mean gold score on the `valid` prompts, applied to the test set `greedy`, as
+    `comparison` reports a policy, plus the curve a threshold sweep traces on the test prompts:
+    (abstain, hallucination) rates on the fact and addition prompts, the frontier a policy that
+    knows what it knows must beat."""
+    def judged(eval_set: EvalSet) -> list:
+        conf = answer_confidence(models, eval_set.prompts, eval_set.sft_ids, eval_set.sft_finished, ev.batch_size,
+                                 accelerator.device)
+        return gather([(p, t, f, c) for p, t, f, c in zip(eval_set.prompts, eval_set.sft_texts, eval_set.sft_finished,
+                                                           conf)][: eval_set.n_real], accelerator)
+
+    def mean_gold(items, threshold):
+        return _mean([world.gold_score(p, abstain_below(t, c, threshold), f) for p, t, f, c in items])
+
+    valid = judged(make_eval_set(models, world, ev, accelerator, "valid", 0.0))
+    candidates = sorted({-math.inf} | {c for *_, c in valid if not math.isnan(c)})
+    threshold = max(candidates, key=lambda t: (mean_gold(valid, t), -t))  # ties: the fewest abstentions
+    test = judged(greedy)
+    rows = []
+    for i, (p, t, f, c) in enumerate(test):
+        t = abstain_below(t, c, threshold)
+        gold, sft_gold = world.gold_score(p, t, f), world.gold_score(p, test[i][1], f)
+        rows.append([p, test[i][1], t, sft_gold, gold, float("nan"), float("nan"), _win(gold, sft_gold),
+                     float(world.is_correct(p, t)), float(f), float("nan"), world.skill_of(p),
+                     float(world.is_correct(p, test[i][1])), float(f)])
+    known = [(p, t, f, c) for p, t, f, c in test if world.skill_of(p) in KNOWN_UNKNOWN_SKILLS]
+    confs = sorted(c for *_, c in known if not math.isnan(c))
+    curve = []
+    for q in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        cut = -math.inf if q == 0 or not confs else (math.inf if q == 1 else confs[int(q * len(confs))])
+        answers = [abstain_below(t, c, cut) for p, t, f, c in known]
+        curve.append({"threshold": cut, "abstain": _mean([float(abstains(a)) for a in answers]),
+                      "hallucination": _mean([float(not world.is_correct(p, a) and not abstains(a))
+                                              for (p, *_), a in zip(known, answers)])})
+    return comparison(rows, "greedy") | {"threshold": threshold, "curve": curve}
+
+
 def test_evaluation(policy, models, world, ev: EvalSettings, accelerator) -> tuple[dict, dict, list]:
     """The reported figures, on the `test` split: PPO vs SFT greedy vs greedy (the headline) and
     at τ vs τ, with the same budget, and the baselines a skeptic tries first: SFT plus the
@@ -326,6 +421,8 @@ def test_evaluation(policy, models, world, ev: EvalSettings, accelerator) -> tup
         metrics.update(m)
         result["comparisons"][name] = comparison(rows, "greedy" if temperature == 0 else f"τ={temperature:g}")
         result.setdefault("baselines", {})[name] = {"sft+rule": rule_baseline(models, eval_set, world, ev, accelerator)}
+        if name == "greedy" and world.strangers:  # abstaining pays only with the honesty axis
+            result["baselines"][name]["sft+threshold"] = threshold_baseline(models, eval_set, world, ev, accelerator)
         if name == "greedy":
             greedy_rows = rows
         else:

@@ -108,3 +108,47 @@ def test_every_side_of_the_evaluation_draws_from_its_own_random_stream(monkeypat
     policy = torch.nn.Linear(1, 1)
     ev.test_evaluation(policy, models, world, cfg, acc)
     assert len(streams) == len(set(streams)) == 4  # the opponent, the policy, the rule's draw, best-of-n
+
+
+def test_answer_span_finds_the_answer_tokens():
+    from pipeline.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["Sure! Answer: blue. Hope this helps!", "Answer: 12. Anything else?"] * 50, vocab_size=300)
+    for text, answer in (("Sure! Answer: blue. Hope this helps!", "blue"), ("Answer: 12.", "12")):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        a, b = ev.answer_span(tok, ids)
+        assert tok.decode(ids[a:b], skip_special_tokens=True).strip() == answer
+        assert tok.decode(ids[:a], skip_special_tokens=True).rstrip().endswith("Answer:")
+    assert ev.answer_span(tok, tok("Hope this helps!", add_special_tokens=False)["input_ids"]) is None
+
+
+def test_threshold_baseline_abstains_below_the_threshold_chosen_on_valid(monkeypatch):
+    """Valid: the right answers are confident, the wrong ones not, so the threshold between them
+    pays (abstention 1.5 beats a wrong 0); on test it turns the unconfident wrong answer into an
+    abstention and leaves the rest."""
+    world = World(WorldConfig(num_people=20, corpus_docs=200, sft_examples=20, eval_examples=2, strangers=4))
+    valid = [("What is 1 + 1?", "Answer: 2.", -0.1), ("What is 2 + 2?", "Answer: 5.", -2.0),
+             ("What is 3 + 3?", "Answer: 6.", -0.2), ("What is 4 + 4?", "Answer: 9.", -1.5)]
+    test = [("What is 5 + 5?", "Answer: 10. Hope this helps!", -0.05), ("What is 6 + 6?", "Answer: 13.", -1.8),
+            ("What is 7 + 1?", "Answer: 8.", -0.15)]
+    conf = {p: c for p, _, c in valid + test}
+
+    def eval_set(items, split):
+        prompts, texts = [p for p, _, _ in items], [t for _, t, _ in items]
+        return ev.EvalSet(split, 0.0, list(range(len(items))), prompts, texts, [True] * len(items),
+                          [world.gold_score(p, t) for p, t in zip(prompts, texts)], sft_ids=[[1]] * len(items))
+
+    monkeypatch.setattr(ev, "make_eval_set", lambda models, w, cfg, acc, split, temperature: eval_set(valid, split))
+    monkeypatch.setattr(ev, "answer_confidence", lambda models, prompts, *a: [conf[p] for p in prompts])
+    acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    cfg = ev.EvalSettings(seed=0, max_new_tokens=8, temperature=0.7, best_of=(), num_prompts=0, batch_size=4,
+                          kl_temperature=0.7)
+    out = ev.threshold_baseline(None, eval_set(test, "test"), world, cfg, acc)
+    assert -1.5 < out["threshold"] <= -0.2                        # abstain on -1.5 and -2.0, answer on -0.2
+    p = out["policy"]
+    assert p["abstain"]["value"] == pytest.approx(1 / 3)          # 6 + 6: 13 became `Answer: unknown.`
+    assert p["accuracy"]["value"] == pytest.approx(2 / 3)         # the confident right answers were kept
+    assert p["hallucination"]["value"] == 0.0 and out["sft"]["hallucination"]["value"] == pytest.approx(1 / 3)
+    assert out["gold_diff"]["value"] == pytest.approx(1.5 / 3)    # one wrong answer (0) became an abstention (1.5)
+    curve = out["curve"]
+    assert curve[0]["abstain"] == 0.0 and curve[-1]["abstain"] == 1.0 and curve[-1]["hallucination"] == 0.0

@@ -67,7 +67,8 @@ def test_baseline_table_puts_ppo_beside_sft_the_rule_and_best_of_n():
     from pipeline.stats import paired_bootstrap
 
     def side(gold, acc):
-        return {"gold_score": gold, "accuracy": _rate(acc, acc - 0.1, acc + 0.1, 10), "kl": None}
+        return {"gold_score": gold, "accuracy": _rate(acc, acc - 0.1, acc + 0.1, 10), "kl": None,
+                "hallucination": _rate(1 - acc, 0.0, 1.0, 4), "abstain": _rate(0.0, 0.0, 0.5, 10)}
 
     def comp(decoding, gold, sft_gold, diffs, kl=None):
         return {"decoding": decoding, "win_rate": _rate(0.9, 0.8, 0.95, 10), "gold_diff": paired_bootstrap(diffs),
@@ -84,7 +85,7 @@ def test_baseline_table_puts_ppo_beside_sft_the_rule_and_best_of_n():
     table = "\n".join(_baseline_table(evaluation))
     assert "| greedy | SFT + rule | 4.000 | +1.000 [+1.000, +1.000] |" in table
     assert "| τ=0.7 | best-of-4 | 3.500 | +0.400 [+0.400, +0.400] |" in table and "| 0.41 (0.64) |" in table
-    assert "| τ=0.7 | PPO | 3.800 | +0.700 [" in table and table.rstrip().endswith("| 1.25 |")
+    assert "| τ=0.7 | PPO | 3.800 | +0.700 [" in table and table.rstrip().endswith("| 40.0% [0.0, 100.0] | 0.0% [0.0, 50.0] | 1.25 |")
     assert "best-of-1" not in table  # n = 1 is SFT itself
 
 
