@@ -79,10 +79,11 @@ def entropy_of_slices(logits: Tensor, temperature: float = 1.0) -> Tensor:
 @torch.no_grad()
 def sequence_kl_tokens(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Exact per-token KL(softmax(z/τ) || softmax(z_ref/τ)) = Σ_v p (log p − log q), [B, T] float32,
-    from two `[B, T, V]` logits tensors (no gradient)."""
+    from two `[B, T, V]` logits tensors (no gradient); clamped at 0, which fp32 rounding of two
+    nearly equal distributions can cross."""
     out = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
     for b, t0, t1 in _slices(logits):
         logp = torch.log_softmax(logits[b, t0:t1].float() / temperature, -1)
         logq = torch.log_softmax(ref_logits[b, t0:t1].float() / temperature, -1)
-        out[b, t0:t1] = (logp.exp() * (logp - logq)).sum(-1)
+        out[b, t0:t1] = (logp.exp() * (logp - logq)).sum(-1).clamp(min=0)
     return out

@@ -201,6 +201,15 @@ def batch_indices(step: int, n: int, size: int, seed: int) -> list[int]:
     return out
 
 
+def in_step_order(dataset, steps: int, batch: int, seed: int):
+    """A `datasets.Dataset` laid out in the stage's data order for an HF Trainer that reads it
+    sequentially (`train_sampling_strategy="sequential"`, `max_steps=steps`): global batch k holds
+    the items of `batch_indices(k)`. The Trainer's own shuffle pads the last batch of an epoch
+    under DDP and reshuffles per epoch, so 1 and 2 processes drifted apart; in this order they see
+    the same micro-batches (the test: tests/test_sft.py)."""
+    return dataset.select([i for step in range(steps) for i in batch_indices(step, len(dataset), batch, seed)])
+
+
 def batch_split(global_batch: int, micro_max: int, world_size: int, what: str = "batch.size") -> tuple[int, int]:
     """(micro, accumulation) with global = micro x processes x accumulation. `micro` is the largest
     size <= micro_max that divides the per-process batch, so the default configs run unchanged on

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 from pipeline.distributed import configure_reduction, trainer_launch_args
-from pipeline.runtime import batch_split, resolve_precision, total_steps
+from pipeline.runtime import batch_split, in_step_order, resolve_precision, total_steps
 from pipeline.tracking import trainer_bridge
 
 
@@ -43,6 +43,7 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
         bf16=precision == "bf16", fp16=precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
         center_rewards_coefficient=cfg.center_coef or None, max_length=None, disable_dropout=True)
     resume_from, step = sr.latest_trainer_checkpoint()
     tracker = sr.tracker(resume_step=step)
@@ -52,7 +53,8 @@ def train_pairwise(cfg, sr, accelerator, model, tokenizer, train_seqs: list, tra
                             names={k: f"train/{v}" for k, v in names.items()}, shown=("loss", "accuracy"))
     log(f"TRL RewardTrainer: {len(rows)} pairs | {total} steps x {cfg.batch.size} pairs = {micro} "
         f"micro x {procs} procs x {accum} accum | lr {cfg.optim.lr:g}")
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+    trainer = RewardTrainer(model=model, args=args, train_dataset=in_step_order(Dataset.from_list(rows), total, cfg.batch.size,
+                                                                                cfg.seed), processing_class=tokenizer,
                             callbacks=[bridge])
     trainer.remove_callback(PrinterCallback)
     if resume_from:

@@ -25,7 +25,7 @@ from pipeline.distributed import (configure_reduction, full_parameters, launcher
                                   shard_frozen, trainer_launch_args)
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
-from pipeline.runtime import batch_split, resolve_precision, total_steps
+from pipeline.runtime import batch_split, in_step_order, resolve_precision, total_steps
 from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
 from pipeline.tracking import stratified, trainer_bridge
 from pipeline.world import World
@@ -106,7 +106,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         save_total_limit=cfg.keep_checkpoints, seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True,
         bf16=precision == "bf16", fp16=precision == "fp16", activation_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        dataloader_num_workers=0, beta=cfg.beta, loss_type=[cfg.loss_type], max_length=d.max_length,
+        dataloader_num_workers=0, train_sampling_strategy="sequential", beta=cfg.beta, loss_type=[cfg.loss_type], max_length=d.max_length,
         precompute_ref_log_probs=True, disable_dropout=True)
     peft_config = None
     if cfg.lora.enabled:
@@ -120,7 +120,8 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     bridge = trainer_bridge(cfg, tracker, "pairs", cfg.batch.size, accelerator.is_main_process,
                             shown=("loss", "rewards/accuracies"), every=cfg.eval.every if judge is not None else 0,
                             at_every=lambda at: judge.curve(trainer.accelerator, trainer.model_wrapped, at))
-    trainer = _pretokenized()(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+    trainer = _pretokenized()(model=model, args=args, train_dataset=in_step_order(Dataset.from_list(pairs), total, cfg.batch.size, cfg.seed),
+                              processing_class=tokenizer,
                               peft_config=peft_config, callbacks=[bridge])
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
     log(f"{len(train)} comparisons -> {len(pairs)} ranked pairs | {total} steps x {cfg.batch.size} pairs = "

@@ -20,7 +20,7 @@ from pipeline.config import F, BatchConfig, DataSource, InputError, StageConfig
 from pipeline.distributed import configure_reduction, full_parameters, launcher_kind, save_model, trainer_launch_args
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
-from pipeline.runtime import batch_indices, batch_split, resolve_precision, total_steps
+from pipeline.runtime import batch_split, in_step_order, resolve_precision, total_steps
 from pipeline.records import load_sft_records
 from pipeline.sft_eval import evaluate_world
 from pipeline.stats import fmt_rate
@@ -141,7 +141,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         per_device_eval_batch_size=micro, gradient_accumulation_steps=accum,
         learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_ratio,
         lr_scheduler_type=cfg.optim.scheduler, num_train_epochs=cfg.epochs, max_steps=cfg.steps if cfg.data.packing else total,
-        # Our data order, whatever the process count (`runtime.batch_indices`: the dataset below is
+        # Our data order, whatever the process count (`runtime.in_step_order`: the dataset below is
         # already in it); with packing the Trainer shuffles the packed sequences itself.
         train_sampling_strategy="random" if cfg.data.packing else "sequential",
         max_grad_norm=cfg.optim.max_grad_norm, logging_steps=cfg.log_every, save_strategy="steps",
@@ -167,8 +167,8 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     tracker = sr.tracker(resume_step=resume_step)
     features = lambda records: Dataset.from_list([sft_features(tokenizer, r, kind) for r in records])  # noqa: E731
     train = features(train_records)
-    if not cfg.data.packing:  # global batch k = the examples of batch_indices(k): the same on any process count
-        train = train.select([i for step in range(total) for i in batch_indices(step, len(train), cfg.batch.size, cfg.seed)])
+    if not cfg.data.packing:
+        train = in_step_order(train, total, cfg.batch.size, cfg.seed)
     trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=train,
                          eval_dataset=features(valid_records) if valid_records else None,
                          processing_class=tokenizer, peft_config=peft_config,
