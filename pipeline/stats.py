@@ -60,19 +60,17 @@ def policy_summary(correct: list[float], finished: list[float], gold: list[float
     also "abstain" (overall and per skill) and "hallucination": the share of the fact and addition
     prompts, the questions the model may not know, answered wrongly rather than abstained on."""
     by_skill: dict = defaultdict(list)
-    abstained = abstained if abstained is not None else [None] * len(correct)
-    for c, f, s, a in zip(correct, finished, skills, abstained):
+    for c, f, s, a in zip(correct, finished, skills, abstained or [0.0] * len(correct)):
         by_skill[s].append((c, f, a))
     out = {"accuracy": rate(correct), "finish": rate(finished),
            "gold_score": sum(gold) / len(gold) if gold else float("nan"),
            "skills": {s: {"accuracy": rate([c for c, _, _ in v]), "finish": rate([f for _, f, _ in v])}
                       for s, v in sorted(by_skill.items())}}
-    if abstained and abstained[0] is not None:
+    if abstained is not None:
         out["abstain"] = rate(abstained)
-        for s, v in sorted(by_skill.items()):
+        for s, v in by_skill.items():
             out["skills"][s]["abstain"] = rate([a for _, _, a in v])
-        known_unknowns = [c_f_a for s in KNOWN_UNKNOWN_SKILLS for c_f_a in by_skill.get(s, [])]
-        out["hallucination"] = rate([float(not c and not a) for c, _, a in known_unknowns])
+        out["hallucination"] = rate([float(not c and not a) for s in KNOWN_UNKNOWN_SKILLS for c, _, a in by_skill.get(s, [])])
     return out
 
 

@@ -244,10 +244,10 @@ class World:
             raise ValueError(f"unknown prompt split {split!r}: valid, test, rm or ppo")
         rng = random.Random(f"{self.cfg.seed}-prompts-{split}")
         banned = self._banned_prompts
+        known = [p for p in self.strangers if not p.held_out]  # held-out strangers: valid and test only
         out = []
         while len(out) < (n or 512):
             skill = rng.choice(self.skills)
-            known = [p for p in self.strangers if not p.held_out]  # held-out strangers: valid and test only
             prompt = self._prompt(rng, skill, known if skill == STRANGER else self.people)
             if prompt not in banned:
                 out.append({"prompt": prompt, "skill": skill})

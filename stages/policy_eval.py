@@ -181,10 +181,8 @@ def evaluate(model, models, eval_set: EvalSet, world, ev: EvalSettings, accelera
                      ev.batch_size, device) if texts and eval_set.temperature > 0 else [float("nan")] * len(texts)
     rows = []
     for i, (p, t, f) in enumerate(zip(eval_set.prompts[: eval_set.n_real], texts, finished)):
-        gold, sft_gold = world.gold_score(p, t, f), eval_set.sft_gold[i]
-        rows.append([p, eval_set.sft_texts[i], t, sft_gold, gold, rm[i], kl[i], _win(gold, sft_gold),
-                     float(world.is_correct(p, t)), float(f), len(ids[i]) + int(f), world.skill_of(p),
-                     float(world.is_correct(p, eval_set.sft_texts[i])), float(eval_set.sft_finished[i])])
+        rows.append(_row(world, p, t, f, eval_set.sft_texts[i], eval_set.sft_finished[i], eval_set.sft_gold[i],
+                         rm[i], kl[i], len(ids[i]) + int(f)))
     model.train(was_training)
     rows = gather(rows, accelerator)
     col = _columns(rows)
@@ -195,6 +193,14 @@ def evaluate(model, models, eval_set: EvalSet, world, ev: EvalSettings, accelera
     if eval_set.temperature > 0:
         metrics[f"{prefix}/kl"] = _mean(col["kl"])
     return metrics, rows
+
+
+def _row(world, prompt: str, text: str, finished: bool, sft_text: str, sft_finished: bool, sft_gold: float,
+         rm: float = math.nan, kl: float = math.nan, length: float = math.nan) -> list:
+    """One TABLE_COLUMNS row: a response to `prompt` judged beside the SFT response it is compared with."""
+    gold = world.gold_score(prompt, text, finished)
+    return [prompt, sft_text, text, sft_gold, gold, rm, kl, _win(gold, sft_gold), float(world.is_correct(prompt, text)),
+            float(finished), length, world.skill_of(prompt), float(world.is_correct(prompt, sft_text)), float(sft_finished)]
 
 
 def _win(gold: float, other: float) -> float:
@@ -318,10 +324,7 @@ def rule_baseline(models, eval_set: EvalSet, world, ev: EvalSettings, accelerato
     rows = []
     for i, p in enumerate(eval_set.prompts[: eval_set.n_real]):
         t, f = world.cut_after_answer(texts[i], finished[i])
-        gold, sft_gold = world.gold_score(p, t, f), eval_set.sft_gold[i]
-        rows.append([p, eval_set.sft_texts[i], t, sft_gold, gold, float("nan"), float("nan"), _win(gold, sft_gold),
-                     float(world.is_correct(p, t)), float(f), float("nan"), world.skill_of(p),
-                     float(world.is_correct(p, eval_set.sft_texts[i])), float(eval_set.sft_finished[i])])
+        rows.append(_row(world, p, t, f, eval_set.sft_texts[i], eval_set.sft_finished[i], eval_set.sft_gold[i]))
     rows = gather(rows, accelerator)
     return comparison(rows, "greedy" if eval_set.temperature == 0 else f"τ={eval_set.temperature:g}")
 
@@ -387,13 +390,7 @@ def threshold_baseline(models, greedy: EvalSet, world, ev: EvalSettings, acceler
     candidates = sorted({-math.inf} | {c for *_, c in valid if not math.isnan(c)})
     threshold = max(candidates, key=lambda t: (mean_gold(valid, t), -t))  # ties: the fewest abstentions
     test = judged(greedy)
-    rows = []
-    for i, (p, t, f, c) in enumerate(test):
-        t = abstain_below(t, c, threshold)
-        gold, sft_gold = world.gold_score(p, t, f), world.gold_score(p, test[i][1], f)
-        rows.append([p, test[i][1], t, sft_gold, gold, float("nan"), float("nan"), _win(gold, sft_gold),
-                     float(world.is_correct(p, t)), float(f), float("nan"), world.skill_of(p),
-                     float(world.is_correct(p, test[i][1])), float(f)])
+    rows = [_row(world, p, abstain_below(t, c, threshold), f, t, f, world.gold_score(p, t, f)) for p, t, f, c in test]
     known = [(p, t, f, c) for p, t, f, c in test if world.skill_of(p) in KNOWN_UNKNOWN_SKILLS]
     confs = sorted(c for *_, c in known if not math.isnan(c))
     curve = []
