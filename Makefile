@@ -2,6 +2,7 @@
 # RUN=<name> picks the run (runs/<name>/), NPROC=<n> the processes, ACCEL=<file in
 # configs/accelerate> the launcher, ARGS="key=value ..." per-stage overrides, FROM=<stage> restarts,
 # STAGES=<a,b,...> the stages `make pipeline` runs (default the InstructGPT chain pretrain,sft,rm,ppo),
+# `make study` runs the pipeline over 3 world seeds x 2 training seeds (ARGS="--seeds 0 key=value ..."),
 # STAGE=<stage> whose model `make chat` talks to (ARGS="--temperature 0.7" there) or `make plan` plans
 # (NPROC, ACCEL and GPU_MEM=<GiB> there: the GPUs to plan for, default 8 under fsdp with 80 GiB).
 PY      := .venv/bin/python
@@ -14,7 +15,7 @@ STAGES  ?=
 # every stage of pipeline/registry.py is a target (`make dpo`); the registry imports nothing
 STAGE_TARGETS := $(shell python3 -c "import pipeline.registry as r; print(*r.NAMES)" 2>/dev/null || echo pretrain sft rm ppo)
 
-.PHONY: setup $(STAGE_TARGETS) pipeline plan status chat test test-all bench bench-ppo gpu-smoke clean
+.PHONY: setup $(STAGE_TARGETS) pipeline study plan status chat test test-all bench bench-ppo gpu-smoke clean
 
 setup:
 	@$(SETUP)
@@ -24,6 +25,9 @@ $(STAGE_TARGETS): setup
 
 pipeline: setup
 	$(PY) -m pipeline run --run $(RUN) $(if $(FROM),--from $(FROM)) $(if $(STAGES),--stages $(STAGES)) $(ARGS)
+
+study: setup
+	$(PY) -m pipeline study $(ARGS)
 
 plan: setup
 	$(PY) -m pipeline plan $(STAGE) run_name=$(RUN) $(ARGS) --launcher $(or $(ACCEL),fsdp) --nproc $(or $(NPROC),8) $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))

@@ -1,7 +1,8 @@
 """`python -m pipeline status [RUN]`, `python -m pipeline report [RUN]`,
 `python -m pipeline chat [RUN] [--stage ppo]`,
 `python -m pipeline plan STAGE [key=value ...] [--launcher L --nproc N --gpu-mem GiB]` and
-`python -m pipeline run [--run RUN] [--from STAGE] [key=value ...]`."""
+`python -m pipeline run [--run RUN] [--from STAGE] [key=value ...]` and
+`python -m pipeline study [--world-seeds W,.. --seeds S,..] [key=value ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.plan import main as plan
 
         return plan(argv[1:])
+    if argv[:1] == ["study"]:
+        from pipeline.study import main as study
+
+        return study(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("plan", help="what each GPU will hold for a stage, before launching (see --help of it)")
+    sub.add_parser("study", help="the pipeline over world seeds x training seeds, one table (see --help of it)")
     st = sub.add_parser("status", help="print a run's stages, status and headline metrics")
     st.add_argument("run", nargs="?", default="default")
     st.add_argument("--runs-dir", default="runs")

@@ -209,6 +209,13 @@ def _baseline_table(evaluation: dict) -> list[str]:
                 f"tokens is below {thr['threshold']:.2f} (chosen on the valid prompts for the best mean gold). Swept over "
                 f"thresholds on the test fact and addition prompts, abstain → hallucination: {points}. A policy below "
                 "this curve knows better than its own SFT probabilities what it knows."]
+    sk = evaluation.get("self_knowledge")
+    if sk:
+        out += ["", f"Does SFT know what it knows? On the test fact and addition prompts it answered ({sk['test_answers']}, "
+                f"{100 * sk['test_right']:.0f}% right), its answer confidence tells right from wrong with AUROC "
+                f"{sk['confidence_auroc']:.2f}, a logistic probe on its hidden states (fitted on the valid prompts' "
+                f"{sk['train_answers']} answers) with AUROC {sk['probe_auroc']:.2f} (0.5 = no better than chance; "
+                "stages/self_knowledge.py)."]
     return out
 
 

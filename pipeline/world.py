@@ -40,6 +40,10 @@ STRANGER = "stranger"  # the skill of a question about a person who exists in no
 UNKNOWN = "unknown"    # the abstention: `Answer: unknown.`
 KNOWN_UNKNOWN_SKILLS = ("fact", "add")  # questions the model may or may not know: held-out people and sums
 STRING_SKILLS = ("first", "last", "upper")
+MENTIONS = ("{n} said hello.", "We met {n} at the market.", "{n} wrote a letter to a friend.",
+            "Everyone waved at {n}.", "A parcel came for {n}.")
+MENTION_SHARE = 0.2  # with strangers: share of the person sentences that only name someone
+RL_SHARE = 0.5       # with strangers: share of rm/ppo fact prompts that are `rl_questions`
 PREAMBLES = ("Sure!", "Of course!", "Happy to help!", "Great question!")
 TAILS = ("Hope this helps!", "Anything else?", "Let me know if you need more.")
 
@@ -72,6 +76,7 @@ class Person:
     city: str
     colour: str
     held_out: bool  # True: never asked about in SFT training data
+    rl: bool = False  # held out from SFT and from evaluation: asked about in rm and ppo prompts (with strangers)
 
 
 def _make_name(rng: random.Random, syllables: int) -> str:
@@ -97,7 +102,10 @@ class World:
                 cities.append(c)
         self.cities = tuple(cities)
         half = cfg.num_people // 2
-        self.people = tuple(Person(n, rng.choice(cities), rng.choice(COLOURS), i >= half)
+        # With strangers, every second held-out person is asked about in rm and ppo prompts: questions
+        # the model may not know exist where preferences are learned, not only where they are tested.
+        self.people = tuple(Person(n, rng.choice(cities), rng.choice(COLOURS), i >= half,
+                                   bool(cfg.strangers) and i >= half and (i - half) % 2 == 1)
                             for i, n in enumerate(names))
         # People in no data, drawn from their own stream so the rest of the world is the same
         # with and without them; like the people, the second half is asked about only in held-out prompts.
@@ -144,7 +152,10 @@ class World:
         parts = []
         for _ in range(rng.randint(2, 4)):
             if rng.random() < self.cfg.fact_density:
-                kind = "fact"
+                # With strangers, some person sentences only name someone (a stranger or a person):
+                # the corpus knows every stranger's name and nothing about them, so being named is no
+                # cue, and knowing what it knows means knowing a fact, not a name.
+                kind = "mention" if self.strangers and rng.random() < MENTION_SHARE else "fact"
             elif (r := rng.random()) < 0.35:
                 kind = "sum"
             else:
@@ -158,6 +169,8 @@ class World:
         for _ in range(10_000):
             if kind == "fact":
                 text = self._fact_sentence(rng, rng.choice(self.people))
+            elif kind == "mention":
+                text = rng.choice(MENTIONS).format(n=rng.choice(self.people + self.strangers).name)
             elif kind == "sum":
                 text = self._sum_sentence(rng)
             else:
@@ -219,7 +232,7 @@ class World:
         facts at one question per held-out person a split. Prompts alternate between the splits
         as they are drawn, so both have the same make-up."""
         rng = random.Random(f"{self.cfg.seed}-eval")
-        people = [p for p in self.people if p.held_out]
+        people = [p for p in self.people if p.held_out and not p.rl]
         strangers = [p for p in self.strangers if p.held_out]
         caps = {"add": 25, "fact": len(people), STRANGER: len(strangers)}
         out: dict[str, list[dict]] = {"valid": [], "test": []}
@@ -245,10 +258,14 @@ class World:
         rng = random.Random(f"{self.cfg.seed}-prompts-{split}")
         banned = self._banned_prompts
         known = [p for p in self.strangers if not p.held_out]  # held-out strangers: valid and test only
+        rl = sorted(self.rl_questions)
         out = []
         while len(out) < (n or 512):
             skill = rng.choice(self.skills)
-            prompt = self._prompt(rng, skill, known if skill == STRANGER else self.people)
+            if rl and skill == "fact" and rng.random() < RL_SHARE:
+                prompt = rng.choice(rl)
+            else:
+                prompt = self._prompt(rng, skill, known if skill == STRANGER else self.people)
             if prompt not in banned:
                 out.append({"prompt": prompt, "skill": skill})
         return out
@@ -257,6 +274,15 @@ class World:
     def _banned_prompts(self) -> frozenset[str]:
         """Held-out prompts: never used for training (SFT demonstrations, RM comparisons, PPO)."""
         return frozenset(r["prompt"] for split in self._held_out_prompts.values() for r in split)
+
+    @cached_property
+    def rl_questions(self) -> frozenset[str]:
+        """With strangers, the questions asked only in rm and ppo prompts: both questions about each
+        `rl` person. Like the held-out people's, the model knows their answers from pretraining
+        alone, if at all. (Sums stay as they are: SFT needs every sum that evaluation does not ask
+        to learn the skill at all; with half of them, held-out sums fell from 68% to 12% right.)"""
+        return frozenset(q for p in self.people if p.rl
+                         for q in (f"Where does {p.name} live?", f"What colour does {p.name} like?"))
 
     @property
     def skills(self) -> tuple[str, ...]:
@@ -292,7 +318,7 @@ class World:
             while len(skills) < self.cfg.sft_turns:
                 skill = rng.choice(self.skills)
                 prompt = self._prompt(rng, skill, sft_strangers if skill == STRANGER else sft_people)
-                if prompt in banned:
+                if prompt in banned or prompt in self.rl_questions:
                     continue
                 messages += [{"role": "user", "content": prompt},
                              {"role": "assistant", "content": self.styled_answer(rng, self.answer(prompt))}]

@@ -37,6 +37,7 @@ from pipeline.stats import paired_bootstrap, policy_summary, rate
 from pipeline.tokenizer import end_of_turn_id
 from pipeline.world import ANSWER_RE, KNOWN_UNKNOWN_SKILLS, UNKNOWN, abstains
 from stages.ppo.functional import masked_sum
+from stages.self_knowledge import self_knowledge
 from stages.ppo.rollout import (
     encode_prompts,
     queries,
@@ -232,7 +233,9 @@ def comparison(rows: list, decoding: str) -> dict:
                                      [float(abstains(t)) for t in col["response"]]) | {
                 "rm_score": _mean(col["rm_score"]), "kl": _mean(kl) if kl else None},
             "sft": policy_summary(col["sft_correct"], col["sft_finished"], col["sft_gold"], col["skill"],
-                                  [float(abstains(t)) for t in col["sft_response"]])}
+                                  [float(abstains(t)) for t in col["sft_response"]]),
+            # per prompt, in the eval set's order: paired comparisons between any two rows (pipeline.study)
+            "golds": col["gold"], "sft_golds": col["sft_gold"]}
 
 
 def best_of_n_kl(n: int) -> float:
@@ -304,7 +307,7 @@ def best_of_n(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, n
         mine = [r for r in rows if r[0] == n]
         out.append({"n": n, "kl": _mean([r[7] for r in mine]), "kl_bound": best_of_n_kl(n),
                     "win_rate": rate([r[5] for r in mine]), "gold_diff": paired_bootstrap([r[3] - r[8] for r in mine]),
-                    "rm_score": _mean([r[4] for r in mine])}
+                    "rm_score": _mean([r[4] for r in mine]), "golds": [r[3] for r in mine]}
                    | policy_summary([r[1] for r in mine], [r[2] for r in mine], [r[3] for r in mine], [r[6] for r in mine],
                                     [r[9] for r in mine]))
     return out
@@ -420,6 +423,7 @@ def test_evaluation(policy, models, world, ev: EvalSettings, accelerator) -> tup
         result.setdefault("baselines", {})[name] = {"sft+rule": rule_baseline(models, eval_set, world, ev, accelerator)}
         if name == "greedy" and world.strangers:  # abstaining pays only with the honesty axis
             result["baselines"][name]["sft+threshold"] = threshold_baseline(models, eval_set, world, ev, accelerator)
+            result["self_knowledge"] = self_knowledge(models, world, ev, accelerator, eval_set)
         if name == "greedy":
             greedy_rows = rows
         else:

@@ -35,7 +35,8 @@ from reward_model.losses import kwise_loss
 from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons, residual_offsets, source_for
 from reward_model.metrics import RM_PAIR_KINDS, accuracy_by_part, evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
-from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score_ids
+from reward_model.probes import run_probes
+from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score, score_ids
 from reward_model.trl_pairwise import train_pairwise
 
 
@@ -276,6 +277,11 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
                                                           accelerator, starts=eval_starts, scores=scores)
     metrics.update(eval_metrics)
     extra.update(eval_extra)
+    if cfg.data.source == "world":  # the right answer against variants a policy could drift to (reward_model/probes.py)
+        extra["probes"] = run_probes(lambda ps, rs: score(model, tokenizer, ps, rs, batch_size=cfg.batch.forward,
+                                                          accelerator=accelerator).tolist(),
+                                     World(cfg.world), [c.prompt for c in held_out])
+        metrics.update({f"probe/{name.replace(' ', '_')}/rm_prefers": v["rm_prefers"] for name, v in extra["probes"].items()})
     for name, v in extra.get("eval_accuracy_of_parts", {}).items():
         metrics[f"eval/pairwise_accuracy/{name}_only"] = v["overall"]["accuracy"]
         if "correctness" in v["by_kind"]:
@@ -523,6 +529,9 @@ def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
     if abs(r) > 0.5:
         print(f"  WARNING: length bias: |r| = {abs(r):.2f} > 0.5; PPO may exploit response length. Compare with the "
               "labeler's own correlation before trusting it.")
+    for name, v in extra.get("probes", {}).items():
+        print(f"  probe: right answer vs {name:<16} RM prefers the {name} on {v['rm_prefers']:.1%} of {v['n']} prompts "
+              f"(gold judge: {v['gold_prefers']:.1%})")
     print(f"  model: {model_dir} ({extra['reward_model']})")
 
 

@@ -1,0 +1,231 @@
+"""`python -m pipeline study` (`make study`): the built-in world's pipeline over world seeds ×
+training seeds, and one table of every policy and baseline with its spread over the seeds.
+
+One seed of one world says little: the same 200 test prompts scored every round of development,
+and a training seed moves accuracy by more than a run's own interval. A study runs the whole
+pipeline (`pipeline.driver.run_pipeline`, the ptx ablation included) once per cell, a world seed
+(`world.seed`: other people, facts and prompts) and a training seed (`seed`), and reads each cell's
+test evaluation into `runs/<study>/cells/w<world>-s<seed>.json` as soon as it ends: an interrupted
+study resumes at the first cell without one (and inside that cell at its first incomplete stage).
+
+The default world seeds are fresh: no default of any stage was chosen on them (development used
+the default world, `world.seed` 1234). The output, `runs/<study>/study.md` and `study.json`:
+per row (policy or baseline, per decoding) the mean ± sd over cells of gold score, accuracy,
+hallucination, abstention and KL; per comparison with PPO, the mean gold difference, in how many
+cells PPO's paired bootstrap interval over prompts lies above 0, and an exact sign-flip test over
+the cells' mean differences.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pipeline import registry, runs
+from pipeline.stats import paired_bootstrap
+
+WORLD_SEEDS = (9101, 9102, 9103)  # fresh worlds: no default was tuned on them (the default world is 1234)
+SEEDS = (0, 1)
+METRICS = ("gold", "accuracy", "hallucination", "abstain", "kl")
+AUROCS = ("confidence_auroc", "probe_auroc")
+
+
+def cell_name(study: str, world_seed: int, seed: int) -> str:
+    """The run directory of one cell: `runs/<study>-w<world seed>-s<seed>/`."""
+    return f"{study}-w{world_seed}-s{seed}"
+
+
+def _value(summary: dict, key: str):
+    v = summary.get(key)
+    return v.get("value") if isinstance(v, dict) else v
+
+
+def _entry(summary: dict, golds: list[float] | None, kl=None, wall=None) -> dict:
+    return {"gold": summary.get("gold_score"), "accuracy": _value(summary, "accuracy"),
+            "hallucination": _value(summary, "hallucination"), "abstain": _value(summary, "abstain"),
+            "kl": kl, "wall_s": wall, "golds": golds}
+
+
+def cell_rows(run_dir: Path) -> dict[str, dict]:
+    """`{row name: {gold, accuracy, hallucination, abstain, kl, wall_s, golds}}` of one finished
+    run, from what its stages wrote (the ppo manifest's test evaluation, the ptx ablation's and
+    every other policy stage's, e.g. dpo): the SFT policy, its baselines and each trained policy,
+    per decoding (`greedy`, `sampled`). `golds`: the per-prompt gold scores on the test prompts, in
+    the evaluation's order, for paired comparisons."""
+    from pipeline.report import ablation_run, manifest_at
+
+    out: dict[str, dict] = {}
+    ppo = manifest_at(run_dir / "ppo")
+    if ppo is None or not ppo.complete:
+        raise ValueError(f"{run_dir}: its ppo stage is not complete")
+    evaluation = ppo.extra.get("evaluation") or {}
+    for dec, c in evaluation.get("comparisons", {}).items():
+        out[f"{dec}/SFT"] = _entry(c["sft"], c.get("sft_golds"), 0.0 if dec == "sampled" else None)
+        if dec == "greedy":  # does SFT know what it knows (stages/self_knowledge.py)
+            out[f"{dec}/SFT"] |= {k: (evaluation.get("self_knowledge") or {}).get(k) for k in AUROCS}
+        for name, b in evaluation.get("baselines", {}).get(dec, {}).items():
+            out[f"{dec}/{name.replace('sft', 'SFT')}"] = _entry(b["policy"], b.get("golds"))
+    for b in evaluation.get("best_of_n", []):
+        if b["n"] > 1:
+            out[f"sampled/best-of-{b['n']}"] = _entry(b, b.get("golds"), b.get("kl"))
+    policies = [("PPO", ppo)]
+    ablation = manifest_at(run_dir.parent / ablation_run(run_dir.name) / "ppo")
+    if ablation is not None and ablation.complete:
+        coef = float(ablation.config.get("ptx", {}).get("coef", 0.0))
+        policies.append(("PPO-ptx" if coef > 0 else "PPO without ptx", ablation))
+    for name in registry.NAMES:  # every other policy stage evaluated against SFT (e.g. dpo)
+        m = manifest_at(run_dir / name)
+        evaluation = (m.extra or {}).get("evaluation") if m is not None and m.complete and name != "ppo" else None
+        if isinstance(evaluation, dict) and evaluation.get("comparisons"):
+            policies.append((name.upper() if len(name) <= 3 else name, m))
+    for label, m in policies:
+        for dec, c in (m.extra.get("evaluation") or {}).get("comparisons", {}).items():
+            out[f"{dec}/{label}"] = _entry(c["policy"], c.get("golds"), c["policy"].get("kl"), m.wall_time_s)
+    return out
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Two-sided exact sign-flip (permutation) test of mean(diffs) = 0 over paired cells: the share
+    of the 2^n sign assignments whose |mean| is at least the observed one (Fisher 1935)."""
+    n = len(diffs)
+    if n == 0:
+        return float("nan")
+    observed = abs(sum(diffs)) - 1e-12
+    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed
+               for signs in itertools.product((1, -1), repeat=n))
+    return hits / 2 ** n
+
+
+def _mean_sd(values: list) -> str:
+    xs = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.3f} ± {sd:.3f}"
+
+
+def aggregate(cells: dict[str, dict[str, dict]]) -> dict:
+    """The study's result from every cell's rows (`cell_rows`): per row the values over cells and
+    their mean and sd; per decoding, PPO against every other row: each cell's paired bootstrap of
+    PPO's gold minus the row's over prompts, and the sign-flip test over the cells' means."""
+    names = sorted({r for rows in cells.values() for r in rows})
+    table = {}
+    for r in names:
+        per = [rows[r] for rows in cells.values() if r in rows]
+        table[r] = {k: [p.get(k) for p in per] for k in (*METRICS, *AUROCS, "wall_s")} | {"cells": len(per)}
+    versus = {}
+    for r in names:
+        dec, label = r.split("/", 1)
+        ppo = f"{dec}/PPO"
+        if label == "PPO" or ppo not in names:
+            continue
+        diffs, above, n = [], 0, 0
+        for rows in cells.values():
+            a, b = rows.get(ppo, {}).get("golds"), rows.get(r, {}).get("golds")
+            if not a or not b or len(a) != len(b):
+                continue
+            d = paired_bootstrap([x - y for x, y in zip(a, b)])
+            diffs.append(d["value"])
+            above += d["low"] > 0
+            n += 1
+        if n:
+            versus[r] = {"mean_diff": statistics.mean(diffs), "diffs": diffs, "cells_above_0": above, "cells": n,
+                         "sign_flip_p": sign_flip_p(diffs)}
+    return {"rows": table, "ppo_versus": versus, "cells": sorted(cells)}
+
+
+def render(result: dict, wall_s: float | None = None, machine: str = "") -> str:
+    """`study.md`: the rows (mean ± sd over cells) and PPO's comparisons."""
+    rows, vs = result["rows"], result["ppo_versus"]
+    n = len(result["cells"])
+    out = [f"# Study: {n} cells ({', '.join(result['cells'])})", "",
+           "Every row on each cell's held-out test prompts, same decoding and budget as PPO; mean ± sd over the cells. "
+           "Hallucination: share of the fact and addition prompts answered wrongly rather than abstained on. "
+           "KL to SFT on sampled decoding only (best-of-n: estimated from its samples)."
+           + (f" Whole study: {wall_s / 60:.0f} min{machine}." if wall_s else ""), "",
+           "| decoding | policy | gold | accuracy | hallucination | abstain | KL | stage wall time (s) |",
+           "|---|---|---|---|---|---|---|---|"]
+    order = {"SFT": 0, "SFT+rule": 1, "SFT+threshold": 2, "PPO": 9}
+    for r in sorted(rows, key=lambda r: (r.split("/")[0] != "greedy", order.get(r.split("/", 1)[1], 5), r)):
+        v = rows[r]
+        dec, label = r.split("/", 1)
+        out.append(f"| {dec} | {label} | " + " | ".join(_mean_sd(v[k]) for k in (*METRICS, "wall_s")) + " |")
+    sft = rows.get("greedy/SFT", {})
+    if any(v is not None for v in sft.get("probe_auroc", [])):
+        out += ["", f"Does SFT know what it knows? AUROC of telling its right answers from its wrong ones on the test fact "
+                    f"and addition prompts: its answer confidence {_mean_sd(sft['confidence_auroc'])}, a probe on its "
+                    f"hidden states {_mean_sd(sft['probe_auroc'])} (stages/self_knowledge.py)."]
+    out += ["", "PPO's mean gold score minus each row's, on the same test prompts: the mean over cells, the cells in "
+                "which the 95% paired bootstrap interval over prompts lies above 0, and an exact sign-flip test over "
+                "the cells' mean differences (two-sided; with n cells its smallest p is 2/2^n).", "",
+            "| decoding | PPO minus | mean Δ gold | cells with Δ > 0 (interval) | sign-flip p |", "|---|---|---|---|---|"]
+    for r, v in sorted(vs.items()):
+        dec, label = r.split("/", 1)
+        out.append(f"| {dec} | {label} | {v['mean_diff']:+.3f} | {v['cells_above_0']}/{v['cells']} | {v['sign_flip_p']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def run_study(study: str, runs_dir: str, world_seeds: list[int], seeds: list[int], overrides: list[str],
+              stages: list[str]) -> int:
+    from pipeline.driver import run_pipeline
+
+    home = Path(runs_dir) / study
+    (home / "cells").mkdir(parents=True, exist_ok=True)
+    grid = [(w, s) for w in world_seeds for s in seeds]
+    ran = []
+    for i, (w, s) in enumerate(grid, 1):
+        out = home / "cells" / f"w{w}-s{s}.json"
+        if out.exists():
+            print(f"[study] cell {i}/{len(grid)} (world seed {w}, seed {s}): done, skipping", flush=True)
+            continue
+        eta = f", about {statistics.mean(ran) * (len(grid) - i + 1) / 60:.0f} min left" if ran else ""
+        print(f"[study] cell {i}/{len(grid)} (world seed {w}, seed {s}): starting{eta}", flush=True)
+        t = time.time()
+        rc = run_pipeline(cell_name(study, w, s), runs_dir, None, stages,
+                          [*overrides, f"world.seed={w}", f"seed={s}"])
+        if rc != 0:
+            print(f"[study] cell {i}/{len(grid)} failed (exit {rc}); the finished cells are kept in {home / 'cells'}. "
+                  f"Re-run the same command to resume.", file=sys.stderr, flush=True)
+            return rc
+        runs.atomic_write_text(out, json.dumps(cell_rows(Path(runs_dir) / cell_name(study, w, s))))
+        ran.append(time.time() - t)
+    cells = {f.stem: json.loads(f.read_text()) for f in sorted((home / "cells").glob("*.json"))
+             if f.stem in {f"w{w}-s{s}" for w, s in grid}}
+    result = aggregate(cells)
+    wall = sum(ran) if len(ran) == len(grid) else None
+    runs.atomic_write_text(home / "study.json", json.dumps(result | {"wall_s": wall}, indent=1))
+    runs.atomic_write_text(home / "study.md", render(result, wall, f" on {_machine()}"))
+    print(render(result, wall, f" on {_machine()}"), flush=True)
+    print(f"[study] {home / 'study.md'}", flush=True)
+    return 0
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default="study", help="the study's directory, runs/<name>/ (cells: runs/<name>-w<W>-s<S>/)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--world-seeds", default=",".join(map(str, WORLD_SEEDS)), help="comma-separated world.seed values")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated training seeds")
+    p.add_argument("--stages", default=",".join((*registry.CHAIN, "dpo")),
+                   help="stages each cell runs (default: the chain and dpo, a baseline on the same comparisons)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage of every cell")
+    a = p.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    return run_study(a.name, a.runs_dir, ints(a.world_seeds), ints(a.seeds), a.overrides, a.stages.split(","))
