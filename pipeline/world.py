@@ -318,7 +318,7 @@ class World:
             while len(skills) < self.cfg.sft_turns:
                 skill = rng.choice(self.skills)
                 prompt = self._prompt(rng, skill, sft_strangers if skill == STRANGER else sft_people)
-                if prompt in banned or prompt in self.rl_questions:
+                if prompt in banned:
                     continue
                 messages += [{"role": "user", "content": prompt},
                              {"role": "assistant", "content": self.styled_answer(rng, self.answer(prompt))}]
