@@ -314,6 +314,13 @@ def _rm_text(m: runs.Manifest) -> list[str]:
             out.append(row)
     if "eval/different_finish_fraction" in mt:
         out += ["", f"{mt['eval/different_finish_fraction']:.1%} of held-out pairs differ in finishing."]
+    probes = m.extra.get("probes") or {}
+    if probes:
+        out += ["", "Probes (reward_model/probes.py): on each held-out prompt with an answer, the right answer (in the "
+                "last row the abstention) against a variant; the share of prompts on which each prefers the variant.", "",
+                "| variant | prompts | RM prefers it | gold judge prefers it |", "|---|---|---|---|"]
+        out += [f"| {name} | {v['n']} | {100 * v['rm_prefers']:.1f}% | {100 * v['gold_prefers']:.1f}% |"
+                for name, v in probes.items()]
     return out + [""]
 
 

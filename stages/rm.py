@@ -529,9 +529,11 @@ def _report(manifest, metrics: dict, extra: dict, model_dir) -> None:
     if abs(r) > 0.5:
         print(f"  WARNING: length bias: |r| = {abs(r):.2f} > 0.5; PPO may exploit response length. Compare with the "
               "labeler's own correlation before trusting it.")
+    if extra.get("probes"):
+        print("  probes (reward_model/probes.py): share of held-out prompts on which the RM prefers the variant to the "
+              "right answer (to the abstention in the last) | the gold judge's share")
     for name, v in extra.get("probes", {}).items():
-        print(f"  probe: right answer vs {name:<16} RM prefers the {name} on {v['rm_prefers']:.1%} of {v['n']} prompts "
-              f"(gold judge: {v['gold_prefers']:.1%})")
+        print(f"    {name:<30} {v['rm_prefers']:6.1%} | {v['gold_prefers']:.1%}  ({v['n']} prompts)")
     print(f"  model: {model_dir} ({extra['reward_model']})")
 
 

@@ -37,7 +37,9 @@ def test_report_tables_sft_skills_and_rm_pair_kinds_with_intervals(tmp_path):
                "different_finish": {"accuracy": 0.9, "pairs": 10, "low": 0.6, "high": 0.98}}
     _save(tmp_path, "rm", {"eval/pairwise_accuracy": 0.7, "eval/pairwise_accuracy_low": 0.6,
                            "eval/pairwise_accuracy_high": 0.78, "eval/pairs": 100, "eval/different_finish_fraction": 0.1},
-          {"eval_accuracy_by_pair_kind": by_kind, "reward_histogram": {"chosen": [1.0, 2.0], "rejected": [0.0, -1.0]}},
+          {"eval_accuracy_by_pair_kind": by_kind, "reward_histogram": {"chosen": [1.0, 2.0], "rejected": [0.0, -1.0]},
+           "probes": {"empty": {"rm_prefers": 0.0, "gold_prefers": 0.0, "n": 20},
+                      "wrong answer over abstention": {"rm_prefers": 0.85, "gold_prefers": 0.0, "n": 20}}},
           {"data": {"source": "world", "max_new_tokens": 64}})
     report = write_report(tmp_path, "r").read_text()
     assert "on text held out in content (no sentence of it seen in training)" in report
@@ -49,6 +51,7 @@ def test_report_tables_sft_skills_and_rm_pair_kinds_with_intervals(tmp_path):
     assert [r.split(" | ")[0] for r in rows] == ["| correctness", "| correctness_same_finish", "| different_finish"]
     assert rows[1].endswith("| 30 | 70.0% [52.0, 83.0] |")
     assert report.index("| different_finish") < report.index("![Reward model](rm.png)")
+    assert "| wrong answer over abstention | 20 | 85.0% | 0.0% |" in report
 
 
 def test_report_falls_back_on_manifests_without_the_evaluation_tables(tmp_path):
