@@ -187,6 +187,11 @@ def _baseline_table(evaluation: dict) -> list[str]:
         if rule:
             out.append(f"| {d} | SFT + rule | {rule['policy']['gold_score']:.3f} | {_diff(rule)} | "
                        f"{_pct(rule['win_rate'])} | {_pct(rule['policy']['accuracy'])} | {_honesty(rule['policy'])} | - |")
+        sharp = baselines.get(name, {}).get("sft@best-τ")
+        if sharp:
+            out.append(f"| {d} | SFT at τ={sharp['temperature']:g} (best on valid) | {sharp['policy']['gold_score']:.3f} | "
+                       f"{_diff(sharp)} | {_pct(sharp['win_rate'])} | {_pct(sharp['policy']['accuracy'])} | "
+                       f"{_honesty(sharp['policy'])} | - |")
         thr = baselines.get(name, {}).get("sft+threshold")
         if thr:
             out.append(f"| {d} | SFT + confidence threshold | {thr['policy']['gold_score']:.3f} | {_diff(thr)} | "

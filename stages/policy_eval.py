@@ -9,8 +9,8 @@ gold win rate is reward over-optimization. The protocol (docs/ppo.md §38):
   the curves (gold, RM score, KL) and every choice of settings;
 - at the end, on the disjoint `test` prompts, the policy and SFT with the same decoding and budget:
   greedy vs greedy (the headline) and τ vs τ, then the baselines to beat: SFT plus the
-  post-processing rule (cut after the answer) and best-of-n of SFT samples ranked by the reward
-  model (Gao et al. 2022), its KL estimated from the samples.
+  post-processing rule (cut after the answer), SFT at the temperature best on valid, and best-of-n
+  of SFT samples ranked by the reward model (Gao et al. 2022), its KL estimated from the samples.
 
 Each comparison's SFT responses are generated once with the same settings; a tie counts half.
 Sampled responses draw from named random streams (`pipeline.evaluation.KeyedSampling`): the SFT
@@ -332,6 +332,27 @@ def rule_baseline(models, eval_set: EvalSet, world, ev: EvalSettings, accelerato
     return comparison(rows, "greedy" if eval_set.temperature == 0 else f"τ={eval_set.temperature:g}")
 
 
+SFT_TEMPERATURES = (0.0, 0.3, 0.5, 0.7, 1.0)  # the best-temperature baseline's candidates (0 = greedy)
+
+
+def best_temperature_baseline(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator) -> dict:
+    """SFT sampled at the temperature (of `SFT_TEMPERATURES`) with the best mean gold score on the
+    `valid` prompts, against the eval set's SFT responses, as `comparison` reports a policy: the
+    sharpening a skeptic tries before any training (a policy that only sharpens SFT towards its
+    likely answers gains no more than this). Its own random stream, never the opponent's."""
+    def valid_gold(tau: float) -> float:
+        v = make_eval_set(models, world, ev, accelerator, "valid", tau)
+        return _mean(gather(v.sft_gold[: v.n_real], accelerator))
+
+    best = max(SFT_TEMPERATURES, key=lambda tau: (valid_gold(tau), -tau))  # ties: the lower temperature
+    with reference_context(models):
+        texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, eval_set.prompts, ev, best,
+                                         eval_stream(ev, eval_set.split, "sft@best-temperature"), eval_set.rows)
+    rows = [_row(world, p, texts[i], finished[i], eval_set.sft_texts[i], eval_set.sft_finished[i], eval_set.sft_gold[i])
+            for i, p in enumerate(eval_set.prompts[: eval_set.n_real])]
+    return comparison(gather(rows, accelerator), f"τ={best:g}") | {"temperature": best}
+
+
 def answer_span(tokenizer, ids: list[int]) -> tuple[int, int] | None:
     """Token positions [a, b) of the answer x in a response's first `Answer: x.` (None without
     one), found by decoding ever longer prefixes of its ids."""
@@ -421,6 +442,8 @@ def test_evaluation(policy, models, world, ev: EvalSettings, accelerator) -> tup
         metrics.update(m)
         result["comparisons"][name] = comparison(rows, "greedy" if temperature == 0 else f"τ={temperature:g}")
         result.setdefault("baselines", {})[name] = {"sft+rule": rule_baseline(models, eval_set, world, ev, accelerator)}
+        if name == "sampled":
+            result["baselines"][name]["sft@best-τ"] = best_temperature_baseline(models, eval_set, world, ev, accelerator)
         if name == "greedy" and world.strangers:  # abstaining pays only with the honesty axis
             result["baselines"][name]["sft+threshold"] = threshold_baseline(models, eval_set, world, ev, accelerator)
             result["self_knowledge"] = self_knowledge(models, world, ev, accelerator, eval_set)

@@ -106,8 +106,12 @@ def test_every_side_of_the_evaluation_draws_from_its_own_random_stream(monkeypat
     cfg = ev.EvalSettings(seed=0, max_new_tokens=8, temperature=0.7, best_of=(2,), num_prompts=4, batch_size=4,
                           kl_temperature=0.7)
     policy = torch.nn.Linear(1, 1)
+    monkeypatch.setattr(ev, "SFT_TEMPERATURES", (0.7, 1.0))  # a tie on valid: the lower, so a sampled row
     ev.test_evaluation(policy, models, world, cfg, acc)
-    assert len(streams) == len(set(streams)) == 4  # the opponent, the policy, the rule's draw, best-of-n
+    test = [s for s in streams if "/test/" in s]
+    # the opponent, the policy, the rule's draw, SFT at the best temperature, best-of-n
+    assert len(test) == len(set(test)) == 5
+    assert all("/valid/" in s for s in streams if s not in test)  # the temperature is chosen on valid
 
 
 def test_answer_span_finds_the_answer_tokens():
@@ -152,3 +156,23 @@ def test_threshold_baseline_abstains_below_the_threshold_chosen_on_valid(monkeyp
     assert out["gold_diff"]["value"] == pytest.approx(1.5 / 3)    # one wrong answer (0) became an abstention (1.5)
     curve = out["curve"]
     assert curve[0]["abstain"] == 0.0 and curve[-1]["abstain"] == 1.0 and curve[-1]["hallucination"] == 0.0
+
+
+def test_best_temperature_baseline_picks_the_temperature_best_on_valid(monkeypatch):
+    world = World(WorldConfig(num_people=20, corpus_docs=200, sft_examples=20, eval_examples=2))
+
+    def fake_sample(model, tok, prompts, cfg, temperature, stream, rows):
+        good = temperature == 0.3  # only this temperature answers right
+        texts = [f"Answer: {world.answer(p) if good else 'nothing'}." for p in prompts]
+        return texts, [True] * len(prompts), [[1]] * len(prompts)
+
+    monkeypatch.setattr(ev, "sample_eval", fake_sample)
+    models = SimpleNamespace(ref=object(), tokenizer=None)
+    acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    cfg = ev.EvalSettings(seed=0, max_new_tokens=8, temperature=0.7, best_of=(), num_prompts=4, batch_size=4,
+                          kl_temperature=0.7)
+    test = ev.make_eval_set(models, world, cfg, acc, "test", 0.7)
+    out = ev.best_temperature_baseline(models, test, world, cfg, acc)
+    assert out["temperature"] == 0.3 and out["decoding"] == "τ=0.3"
+    assert out["policy"]["accuracy"]["value"] == 1.0 and out["sft"]["accuracy"]["value"] == 0.0
+    assert out["win_rate"]["value"] == 1.0
