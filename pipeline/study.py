@@ -101,12 +101,19 @@ def sign_flip_p(diffs: list[float]) -> float:
     return hits / 2 ** n
 
 
-def _mean_sd(values: list) -> str:
+FORMATS = {"gold": ".3f", "accuracy": "%", "hallucination": "%", "abstain": "%", "kl": ".2f", "wall_s": ".0f",
+           "confidence_auroc": ".2f", "probe_auroc": ".2f"}
+
+
+def _mean_sd(values: list, fmt: str = ".3f") -> str:
+    """`mean ± sd` over the cells that have a value (`%`: as a percentage with one decimal)."""
     xs = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not xs:
         return "-"
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.3f} ± {sd:.3f}"
+    if fmt == "%":
+        return f"{100 * statistics.mean(xs):.1f}% ± {100 * sd:.1f}"
+    return f"{statistics.mean(xs):{fmt}} ± {sd:{fmt}}"
 
 
 def aggregate(cells: dict[str, dict[str, dict]]) -> dict:
@@ -148,18 +155,19 @@ def render(result: dict, wall_s: float | None = None, machine: str = "") -> str:
            "Hallucination: share of the fact and addition prompts answered wrongly rather than abstained on. "
            "KL to SFT on sampled decoding only (best-of-n: estimated from its samples)."
            + (f" Whole study: {wall_s / 60:.0f} min{machine}." if wall_s else ""), "",
+           "Sampled: the evaluation's temperature (`eval.temperature`, 0.7 by default).", "",
            "| decoding | policy | gold | accuracy | hallucination | abstain | KL | stage wall time (s) |",
            "|---|---|---|---|---|---|---|---|"]
     order = {"SFT": 0, "SFT+rule": 1, "SFT+threshold": 2, "PPO": 9}
     for r in sorted(rows, key=lambda r: (r.split("/")[0] != "greedy", order.get(r.split("/", 1)[1], 5), r)):
         v = rows[r]
         dec, label = r.split("/", 1)
-        out.append(f"| {dec} | {label} | " + " | ".join(_mean_sd(v[k]) for k in (*METRICS, "wall_s")) + " |")
+        out.append(f"| {dec} | {label} | " + " | ".join(_mean_sd(v[k], FORMATS[k]) for k in (*METRICS, "wall_s")) + " |")
     sft = rows.get("greedy/SFT", {})
     if any(v is not None for v in sft.get("probe_auroc", [])):
         out += ["", f"Does SFT know what it knows? AUROC of telling its right answers from its wrong ones on the test fact "
-                    f"and addition prompts: its answer confidence {_mean_sd(sft['confidence_auroc'])}, a probe on its "
-                    f"hidden states {_mean_sd(sft['probe_auroc'])} (stages/self_knowledge.py)."]
+                    f"and addition prompts: its answer confidence {_mean_sd(sft['confidence_auroc'], '.2f')}, a probe on "
+                    f"its hidden states {_mean_sd(sft['probe_auroc'], '.2f')} (stages/self_knowledge.py)."]
     out += ["", "PPO's mean gold score minus each row's, on the same test prompts: the mean over cells, the cells in "
                 "which the 95% paired bootstrap interval over prompts lies above 0, and an exact sign-flip test over "
                 "the cells' mean differences (two-sided; with n cells its smallest p is 2/2^n).", "",

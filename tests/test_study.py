@@ -34,7 +34,7 @@ def test_aggregate_pairs_prompts_within_each_cell():
     assert result["ppo_versus"]["greedy/SFT"]["cells_above_0"] == 2
     assert result["rows"]["greedy/PPO"]["gold"] == [3.0, 2.5]
     text = study.render(result, wall_s=120.0, machine=" on a test CPU")
-    assert "| greedy | SFT+rule | 2.250 ± 0.354 |" in text
+    assert "| greedy | SFT+rule | 2.250 ± 0.354 | 50.0% ± 0.0 | 20.0% ± 0.0 | 10.0% ± 0.0 | - | - |" in text
     assert "| greedy | SFT+rule | +0.500 | 1/2 | 1.000 |" in text
     assert "2 min on a test CPU" in text
 
