@@ -185,7 +185,7 @@ def run_study(study: str, runs_dir: str, world_seeds: list[int], seeds: list[int
     home = Path(runs_dir) / study
     (home / "cells").mkdir(parents=True, exist_ok=True)
     grid = [(w, s) for w in world_seeds for s in seeds]
-    ran = []
+    ran: list[float] = []
     for i, (w, s) in enumerate(grid, 1):
         out = home / "cells" / f"w{w}-s{s}.json"
         if out.exists():
@@ -200,12 +200,16 @@ def run_study(study: str, runs_dir: str, world_seeds: list[int], seeds: list[int
             print(f"[study] cell {i}/{len(grid)} failed (exit {rc}); the finished cells are kept in {home / 'cells'}. "
                   f"Re-run the same command to resume.", file=sys.stderr, flush=True)
             return rc
-        runs.atomic_write_text(out, json.dumps(cell_rows(Path(runs_dir) / cell_name(study, w, s))))
         ran.append(time.time() - t)
-    cells = {f.stem: json.loads(f.read_text()) for f in sorted((home / "cells").glob("*.json"))
-             if f.stem in {f"w{w}-s{s}" for w, s in grid}}
+        runs.atomic_write_text(out, json.dumps({"rows": cell_rows(Path(runs_dir) / cell_name(study, w, s)),
+                                                "wall_s": ran[-1]}))
+    cells, walls = {}, []
+    for w, s in grid:
+        saved = json.loads((home / "cells" / f"w{w}-s{s}.json").read_text())
+        cells[f"w{w}-s{s}"] = saved.get("rows", saved)  # a bare rows file: written before cells kept their time
+        walls.append(saved.get("wall_s") if "rows" in saved else None)
     result = aggregate(cells)
-    wall = sum(ran) if len(ran) == len(grid) else None
+    wall = sum(walls) if None not in walls else None
     runs.atomic_write_text(home / "study.json", json.dumps(result | {"wall_s": wall}, indent=1))
     runs.atomic_write_text(home / "study.md", render(result, wall, f" on {_machine()}"))
     print(render(result, wall, f" on {_machine()}"), flush=True)

@@ -52,13 +52,15 @@ def test_study_resumes_at_the_first_cell_without_results(tmp_path, monkeypatch, 
     monkeypatch.setattr(study, "cell_rows", lambda run_dir: _rows([3, 3], [2, 2], [1, 1]))
     cells = tmp_path / "s" / "cells"
     cells.mkdir(parents=True)
-    (cells / "w7-s0.json").write_text(json.dumps(_rows([3, 3], [3, 3], [1, 1])))
+    (cells / "w7-s0.json").write_text(json.dumps({"rows": _rows([3, 3], [3, 3], [1, 1]), "wall_s": 60.0}))
     assert study.run_study("s", str(tmp_path), [7, 8], [0], ["ppo.steps=2"], ["pretrain"]) == 0
     assert calls == [("s-w8-s0", ["ppo.steps=2", "world.seed=8", "seed=0"])]  # the finished cell is not re-run
     assert (cells / "w8-s0.json").exists() and (tmp_path / "s" / "study.md").exists()
     result = json.loads((tmp_path / "s" / "study.json").read_text())
     assert result["ppo_versus"]["greedy/SFT+rule"]["diffs"] == [0.0, 1.0]  # both cells: the kept one and the new
     assert "cell 1/2 (world seed 7, seed 0): done, skipping" in capsys.readouterr().out
+    assert json.loads((cells / "w8-s0.json").read_text())["wall_s"] >= 0
+    assert result["wall_s"] >= 60.0  # the kept cell's time and the new one's
 
 
 def test_study_stops_at_a_failed_cell_and_keeps_the_others(tmp_path, monkeypatch):
