@@ -214,6 +214,12 @@ def _baseline_table(evaluation: dict) -> list[str]:
                 f"tokens is below {thr['threshold']:.2f} (chosen on the valid prompts for the best mean gold). Swept over "
                 f"thresholds on the test fact and addition prompts, abstain → hallucination: {points}. A policy below "
                 "this curve knows better than its own SFT probabilities what it knows."]
+    acc = evaluation.get("rm_accuracy")
+    if acc:
+        out += ["", f"The reward model ranks pairs of PPO's own samples (4 per test prompt, sampled decoding) as the gold "
+                f"judge does on {_pct(acc['policy'])} of {acc['policy']['n']} pairs, pairs of SFT's samples on "
+                f"{_pct(acc['sft'])} of {acc['sft']['n']}: where PPO took the policy, the reward model judges "
+                + ("worse." if acc['policy']['value'] < acc['sft']['low'] else "about as well.")]
     sk = evaluation.get("self_knowledge")
     if sk:
         out += ["", f"Does SFT know what it knows? On the test fact and addition prompts it answered ({sk['test_answers']}, "

@@ -313,6 +313,49 @@ def best_of_n(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, n
     return out
 
 
+RM_SAMPLES = 4  # samples per test prompt and policy on which the reward model's ranking is judged
+
+
+def pairwise_agreement(rm: list[float], gold: list[float], k: int) -> list[float]:
+    """Per ranked pair (gold scores differ) among each prompt's k consecutive samples: 1 where the
+    reward model orders it as the gold judge does (an RM tie counts half)."""
+    out = []
+    for start in range(0, len(gold) - k + 1, k):
+        for i in range(start, start + k):
+            for j in range(i + 1, start + k):
+                if abs(gold[i] - gold[j]) > 1e-9:
+                    same = (rm[i] - rm[j]) * (gold[i] - gold[j])
+                    out.append(1.0 if same > 0 else 0.5 if same == 0 else 0.0)
+    return out
+
+
+@torch.no_grad()
+def rm_accuracy_on_samples(model, models, eval_set: EvalSet, world, ev: EvalSettings, accelerator) -> dict:
+    """The reward model judged where PPO uses it: its pairwise accuracy against the gold judge on
+    `RM_SAMPLES` samples per test prompt of the trained policy, beside the same on SFT's samples
+    (the distribution it was trained on), each at the eval set's temperature from its own stream.
+    A reward model that ranks the policy's samples worse than SFT's is being over-optimized."""
+    out = {}
+    prompts = [p for p in eval_set.prompts for _ in range(RM_SAMPLES)]
+    rows = [r * RM_SAMPLES + c for r in eval_set.rows for c in range(RM_SAMPLES)]
+    for who, m in (("policy", model), ("sft", None)):
+        if m is None:
+            with reference_context(models):
+                texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, ev,
+                                                 eval_set.temperature, eval_stream(ev, eval_set.split, "rm-judged-sft"), rows)
+        else:
+            texts, finished, _ = sample_eval(m, models.tokenizer, prompts, ev, eval_set.temperature,
+                                             eval_stream(ev, eval_set.split, "rm-judged-policy"), rows)
+        scores = []
+        for i in range(0, len(prompts), ev.batch_size):
+            j = i + ev.batch_size
+            scores += score_responses(models.reward, models.reward_tokenizer, prompts[i:j], texts[i:j], finished[i:j]).tolist()
+        real = eval_set.n_real * RM_SAMPLES
+        gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts[:real], texts[:real], finished[:real])]
+        out[who] = rate(gather(pairwise_agreement(scores[:real], gold, RM_SAMPLES), accelerator))
+    return out
+
+
 def rule_baseline(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator) -> dict:
     """SFT plus the post-processing rule (`World.cut_after_answer`) against the eval set's SFT
     responses, as `comparison` reports a policy: greedy, the SFT greedy responses cut; sampled, an
@@ -451,6 +494,8 @@ def test_evaluation(policy, models, world, ev: EvalSettings, accelerator) -> tup
             greedy_rows = rows
         else:
             result["best_of_n"] = best_of_n(models, eval_set, world, ev, accelerator, ev.best_of)
+            if models.reward is not None:
+                result["rm_accuracy"] = rm_accuracy_on_samples(policy, models, eval_set, world, ev, accelerator)
             for b in result["best_of_n"]:
                 metrics.update({f"test/best_of_{b['n']}/gold_score": b["gold_score"],
                                 f"test/best_of_{b['n']}/accuracy": b["accuracy"]["value"],

@@ -109,8 +109,9 @@ def test_every_side_of_the_evaluation_draws_from_its_own_random_stream(monkeypat
     monkeypatch.setattr(ev, "SFT_TEMPERATURES", (0.7, 1.0))  # a tie on valid: the lower, so a sampled row
     ev.test_evaluation(policy, models, world, cfg, acc)
     test = [s for s in streams if "/test/" in s]
-    # the opponent, the policy, the rule's draw, SFT at the best temperature, best-of-n
-    assert len(test) == len(set(test)) == 5
+    # the opponent, the policy, the rule's draw, SFT at the best temperature, best-of-n, and the policy's and
+    # SFT's samples the reward model is judged on
+    assert len(test) == len(set(test)) == 7
     assert all("/valid/" in s for s in streams if s not in test)  # the temperature is chosen on valid
 
 
@@ -176,3 +177,10 @@ def test_best_temperature_baseline_picks_the_temperature_best_on_valid(monkeypat
     assert out["temperature"] == 0.3 and out["decoding"] == "τ=0.3"
     assert out["policy"]["accuracy"]["value"] == 1.0 and out["sft"]["accuracy"]["value"] == 0.0
     assert out["win_rate"]["value"] == 1.0
+
+
+def test_pairwise_agreement_by_hand():
+    # one prompt, 3 samples: gold 3, 1, 1 (pairs (0,1), (0,2); (1,2) is a gold tie); the RM orders (0,1) right,
+    # (0,2) wrong; the second prompt: gold 0, 2, 2: (0,1) an RM tie (half), (0,2) right, (1,2) a gold tie
+    agree = ev.pairwise_agreement([2.0, 1.0, 5.0, 0.5, 0.5, 9.9], [3.0, 1.0, 1.0, 0.0, 2.0, 2.0], 3)
+    assert agree == [1.0, 0.0, 0.5, 1.0]
