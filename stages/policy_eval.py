@@ -350,9 +350,13 @@ def rm_accuracy_on_samples(model, models, eval_set: EvalSet, world, ev: EvalSett
         for i in range(0, len(prompts), ev.batch_size):
             j = i + ev.batch_size
             scores += score_responses(models.reward, models.reward_tokenizer, prompts[i:j], texts[i:j], finished[i:j]).tolist()
-        real = eval_set.n_real * RM_SAMPLES
-        gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts[:real], texts[:real], finished[:real])]
-        out[who] = rate(gather(pairwise_agreement(scores[:real], gold, RM_SAMPLES), accelerator))
+        k = RM_SAMPLES
+        per_prompt = [pairwise_agreement(scores[i * k:(i + 1) * k],
+                                         [world.gold_score(p, t, f) for p, t, f in zip(prompts[i * k:(i + 1) * k],
+                                                                                        texts[i * k:(i + 1) * k],
+                                                                                        finished[i * k:(i + 1) * k])], k)
+                      for i in range(eval_set.n_real)]  # one item per real prompt: gather's contract
+        out[who] = rate([a for pairs in gather(per_prompt, accelerator) for a in pairs])
     return out
 
 

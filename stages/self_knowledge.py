@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from pipeline.evaluation import gather, shard
+from pipeline.evaluation import gather, shard_even
 from pipeline.world import KNOWN_UNKNOWN_SKILLS, abstains
 
 L2 = (0.01, 0.1, 1.0, 10.0)
@@ -113,23 +113,26 @@ def self_knowledge(models, world, ev, accelerator, test) -> dict:
     model, tok, device = reference_model(models), models.tokenizer, accelerator.device
     train_prompts = probe_prompts(world)
 
-    def judged(prompts, texts, finished, ids):
+    def judged(prompts, texts, finished, ids) -> list:
+        """One item per prompt (None where it does not count), every prompt forwarded: all processes
+        run as many forwards (a sharded model), and `gather` gets one item per dealt prompt."""
         feats = []
         with reference_context(models):
             for i in range(0, len(prompts), ev.batch_size):
                 s = slice(i, i + ev.batch_size)
                 feats += answer_states(model, tok, prompts[s], ids[s], finished[s], device)
         conf = answer_confidence(models, prompts, ids, finished, ev.batch_size, device)
-        return [(f.tolist(), float(world.is_correct(p, t)), c) for p, t, f, c in zip(prompts, texts, feats, conf)
-                if f is not None and not abstains(t) and not math.isnan(c)]
+        return [(f.tolist(), float(world.is_correct(p, t)), c)
+                if f is not None and world.skill_of(p) in KNOWN_UNKNOWN_SKILLS and not abstains(t) and not math.isnan(c)
+                else None for p, t, f, c in zip(prompts, texts, feats, conf)]
 
-    mine = shard(list(range(len(train_prompts))), accelerator)
+    rows, n_real = shard_even(list(range(len(train_prompts))), accelerator)
+    prompts = [train_prompts[i] for i in rows]
     with reference_context(models):
-        texts, finished, ids = sample_eval(model, tok, [train_prompts[i] for i in mine], ev, 0.0, "unused", mine)
-    train = gather(judged([train_prompts[i] for i in mine], texts, finished, ids), accelerator)
-    keep = [i for i in range(test.n_real) if world.skill_of(test.prompts[i]) in KNOWN_UNKNOWN_SKILLS]
-    held = gather(judged([test.prompts[i] for i in keep], [test.sft_texts[i] for i in keep],
-                         [test.sft_finished[i] for i in keep], [test.sft_ids[i] for i in keep]), accelerator)
+        texts, finished, ids = sample_eval(model, tok, prompts, ev, 0.0, "unused", rows)
+    train = [x for x in gather(judged(prompts, texts, finished, ids)[:n_real], accelerator) if x is not None]
+    held = [x for x in gather(judged(test.prompts, test.sft_texts, test.sft_finished, test.sft_ids)[: test.n_real],
+                              accelerator) if x is not None]
     if len({y for _, y, _ in train}) < 2 or not held:
         return {}
     scores, l2 = probe_scores(torch.tensor([f for f, _, _ in train]), torch.tensor([y for _, y, _ in train]),

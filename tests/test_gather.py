@@ -62,6 +62,10 @@ def test_every_gathering_evaluation_on_two_processes_equals_one(tiny, tmp_path):
     assert one["ppo_test"]["metrics"] == pytest.approx(two["ppo_test"]["metrics"], abs=1e-5, nan_ok=True)
     bon = _rounded(one["ppo_test"]["result"]["best_of_n"])
     assert [b["n"] for b in bon] == [1, 2, 3] and bon == _rounded(two["ppo_test"]["result"]["best_of_n"])
+    for key in ("baselines", "rm_accuracy", "self_knowledge"):  # rule, best τ, threshold; the RM on samples; the probe
+        assert key in one["ppo_test"]["result"]
+        a, b = _flat(_rounded(one["ppo_test"]["result"][key])), _flat(_rounded(two["ppo_test"]["result"][key]))
+        assert a == b, {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
 
 
 def _rounded(x):
@@ -73,3 +77,12 @@ def _rounded(x):
     if isinstance(x, list):
         return [_rounded(v) for v in x]
     return x
+
+
+def _flat(x, path=""):
+    """{path: leaf} of a nesting of dicts and lists: a failed comparison names what differs."""
+    if isinstance(x, dict):
+        return {k: v for key, val in x.items() for k, v in _flat(val, f"{path}/{key}").items()}
+    if isinstance(x, list):
+        return {k: v for i, val in enumerate(x) for k, v in _flat(val, f"{path}/{i}").items()}
+    return {path: "nan" if x != x else x}  # NaN (a baseline has no RM score) equals itself here

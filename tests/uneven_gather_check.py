@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-WORLD = ["world.num_people=20", "world.corpus_docs=600", "world.sft_examples=300", "world.eval_examples=3"]
+WORLD = ["world.num_people=20", "world.corpus_docs=600", "world.sft_examples=300", "world.eval_examples=3",
+         "world.strangers=4"]  # the honesty axis: the threshold baseline and the self-knowledge probe gather too
 
 
 def compute(policy_dir: str, reward_dir: str, accelerator) -> dict:
