@@ -55,8 +55,10 @@ def run_probes(score, world, prompts: list[str]) -> dict[str, dict]:
     pairs = probe_pairs(world, prompts)
     if not pairs:
         return {}
-    qs = [p for _, p, _, _ in pairs]
-    base, variant = score(qs, [b for *_, b, _ in pairs]), score(qs, [v for *_, v in pairs])
+    # each distinct (prompt, response) scored once: the right answer is the base of most probes
+    distinct = list(dict.fromkeys((p, r) for _, p, b, v in pairs for r in (b, v)))
+    scored = dict(zip(distinct, score([p for p, _ in distinct], [r for _, r in distinct])))
+    base, variant = [scored[p, b] for _, p, b, _ in pairs], [scored[p, v] for _, p, _, v in pairs]
     out = {}
     for name in dict.fromkeys(n for n, *_ in pairs):
         idx = [i for i, (n, *_) in enumerate(pairs) if n == name]

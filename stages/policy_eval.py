@@ -24,6 +24,7 @@ LoRA adapter disabled), `reward` and `reward_tokenizer` (`reward` None: no RM sc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -284,10 +285,7 @@ def best_of_n(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator, n
     with reference_context(models):
         texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, repeated, ev, eval_set.temperature,
                                          eval_stream(ev, eval_set.split, "best-of-n"), rows)
-    scores = []
-    for i in range(0, len(repeated), ev.batch_size):
-        j = i + ev.batch_size
-        scores += score_responses(models.reward, models.reward_tokenizer, repeated[i:j], texts[i:j], finished[i:j]).tolist()
+    scores = _rm_scores(models, repeated, texts, finished, ev.batch_size)
     # per prompt, one row per n: (n, correct, finished, gold, rm, win, skill, KL estimate, SFT gold, abstained)
     per_prompt = []
     for k, p in enumerate(prompts[: eval_set.n_real]):
@@ -335,29 +333,28 @@ def rm_accuracy_on_samples(model, models, eval_set: EvalSet, world, ev: EvalSett
     `RM_SAMPLES` samples per test prompt of the trained policy, beside the same on SFT's samples
     (the distribution it was trained on), each at the eval set's temperature from its own stream.
     A reward model that ranks the policy's samples worse than SFT's is being over-optimized."""
-    out = {}
-    prompts = [p for p in eval_set.prompts for _ in range(RM_SAMPLES)]
-    rows = [r * RM_SAMPLES + c for r in eval_set.rows for c in range(RM_SAMPLES)]
+    out, k = {}, RM_SAMPLES
+    prompts = [p for p in eval_set.prompts for _ in range(k)]
+    rows = [r * k + c for r in eval_set.rows for c in range(k)]
     for who, m in (("policy", model), ("sft", None)):
-        if m is None:
-            with reference_context(models):
-                texts, finished, _ = sample_eval(reference_model(models), models.tokenizer, prompts, ev,
-                                                 eval_set.temperature, eval_stream(ev, eval_set.split, "rm-judged-sft"), rows)
-        else:
-            texts, finished, _ = sample_eval(m, models.tokenizer, prompts, ev, eval_set.temperature,
-                                             eval_stream(ev, eval_set.split, "rm-judged-policy"), rows)
-        scores = []
-        for i in range(0, len(prompts), ev.batch_size):
-            j = i + ev.batch_size
-            scores += score_responses(models.reward, models.reward_tokenizer, prompts[i:j], texts[i:j], finished[i:j]).tolist()
-        k = RM_SAMPLES
-        per_prompt = [pairwise_agreement(scores[i * k:(i + 1) * k],
-                                         [world.gold_score(p, t, f) for p, t, f in zip(prompts[i * k:(i + 1) * k],
-                                                                                        texts[i * k:(i + 1) * k],
-                                                                                        finished[i * k:(i + 1) * k])], k)
+        with reference_context(models) if m is None else contextlib.nullcontext():
+            texts, finished, _ = sample_eval(m if m is not None else reference_model(models), models.tokenizer, prompts, ev,
+                                             eval_set.temperature, eval_stream(ev, eval_set.split, f"rm-judged-{who}"), rows)
+        scores = _rm_scores(models, prompts, texts, finished, ev.batch_size)
+        gold = [world.gold_score(p, t, f) for p, t, f in zip(prompts, texts, finished)]
+        per_prompt = [pairwise_agreement(scores[i * k:(i + 1) * k], gold[i * k:(i + 1) * k], k)
                       for i in range(eval_set.n_real)]  # one item per real prompt: gather's contract
         out[who] = rate([a for pairs in gather(per_prompt, accelerator) for a in pairs])
     return out
+
+
+def _rm_scores(models, prompts: list[str], texts: list[str], finished: list[bool], batch_size: int) -> list[float]:
+    """The reward model's scores of responses, `batch_size` at a time."""
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        j = i + batch_size
+        scores += score_responses(models.reward, models.reward_tokenizer, prompts[i:j], texts[i:j], finished[i:j]).tolist()
+    return scores
 
 
 def rule_baseline(models, eval_set: EvalSet, world, ev: EvalSettings, accelerator) -> dict:
