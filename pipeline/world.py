@@ -281,8 +281,7 @@ class World:
         `rl` person. Like the held-out people's, the model knows their answers from pretraining
         alone, if at all. (Sums stay as they are: SFT needs every sum that evaluation does not ask
         to learn the skill at all; with half of them, held-out sums fell from 68% to 12% right.)"""
-        return frozenset(q for p in self.people if p.rl
-                         for q in (f"Where does {p.name} live?", f"What colour does {p.name} like?"))
+        return frozenset(q for p in self.people if p.rl for q in self._fact_questions(p))
 
     @property
     def skills(self) -> tuple[str, ...]:
@@ -296,8 +295,12 @@ class World:
                     "upper": f"Write in capitals: {words}"}[skill]
         if skill == "add":
             return f"What is {rng.randint(0, 9)} + {rng.randint(0, 9)}?"
-        p = rng.choice(people)
-        return rng.choice((f"Where does {p.name} live?", f"What colour does {p.name} like?"))
+        return rng.choice(self._fact_questions(rng.choice(people)))
+
+    @staticmethod
+    def _fact_questions(p: Person) -> tuple[str, str]:
+        """The two questions about a person: home city and favourite colour."""
+        return f"Where does {p.name} live?", f"What colour does {p.name} like?"
 
     # ---------------------------------------------------------------------------- SFT
     def sft_examples(self, split: str = "train") -> list[dict]:
