@@ -311,26 +311,36 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _build(cls: type, data: dict, prefix: str, problems: list[str], source: dict[str, str]):
+def _build(cls: type, data: dict, prefix: str, problems: list[str], source: dict[str, str], base: Any = None):
+    """`cls` from `data`, starting from `base` (a section's own default: `F(OptimConfig(lr=1e-3))`
+    keeps lr=1e-3 when only optim.warmup_steps is set) or, at the top, the class defaults."""
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            problems.append(f"{where}: unknown key{_src(source, where)}{hint}; valid keys: {', '.join(names)}")
+            problems.append(f"{where}: unknown key{_src(source, where)}{hint}; valid keys: {', '.join(fields)}")
             continue
         sub = _dataclass_type(hints[key])
         if sub is not None:
             if not isinstance(value, dict):
                 problems.append(f"{where}: expected a mapping of {sub.__name__} fields, got {value!r}")
                 continue
-            kwargs[key] = _build(sub, value, f"{where}.", problems, source)
+            default = getattr(base, key) if base is not None else _field_default(fields[key])
+            kwargs[key] = _build(sub, value, f"{where}.", problems, source,
+                                 default if isinstance(default, sub) else None)
         else:
             kwargs[key] = _coerce(value, hints[key], where + _src(source, where), problems)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def _src(source: dict[str, str], where: str) -> str:
@@ -442,6 +452,10 @@ class PolicyEvalConfig:
     every: int = F(10, "evaluation on the valid prompts every N iterations (optimizer steps outside ppo), sampled at "
                        "eval.temperature (0 = only at start and end); the reported figures come from the test prompts "
                        "at the end (docs/ppo.md §38)", ge=0)
+    curve_split: Literal["valid", "test"] = F("valid", "the prompts of the curve along training: valid, where choices are "
+                                                      "made; test puts it on the prompts of the reported figures and "
+                                                      "best-of-n, for an over-optimization sweep that chooses nothing "
+                                                      "(`python -m pipeline overopt`)")
     num_prompts: int = F(0, "held-out prompts per split (0 = all of world.prompts('valid') / ('test')); taken evenly across skills", ge=0)
     temperature: float = F(0.7, "temperature of the sampled comparison (both sides); the headline is greedy vs greedy", ge=0)
     max_new_tokens: int = F(64, "response budget of both sides: long enough for the longest demonstration, so the SFT "

@@ -206,3 +206,17 @@ def test_every_stage_yaml_sets_only_what_differs_from_the_schema(path):
     restated = [key for key, value, default in _set_keys(yaml.safe_load(path.read_text()) or {}, schema)
                 if value == default]
     assert restated == []
+
+
+def test_setting_one_key_of_a_section_keeps_the_sections_own_defaults():
+    """A stage gives a section defaults of its own (dpo: `OptimConfig(lr=1.5e-5, ...)`); setting one
+    of its keys must not bring back the section class's defaults for the others."""
+    from stages.dpo import DPOConfig
+
+    own = DPOConfig()
+    cfg = load_config(DPOConfig, ["optim.warmup_steps=9", "eval.num_prompts=3"], base="")
+    assert cfg.optim.warmup_steps == 9 and cfg.eval.num_prompts == 3
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.eval.every, cfg.eval.best_of) == \
+        (own.optim.lr, own.optim.weight_decay, own.eval.every, own.eval.best_of) == (1.5e-5, 0.0, 20, [])
+    nested = load_config(DPOConfig, ["world.strangers=4"], base="")
+    assert nested.world.strangers == 4 and nested.optim == own.optim
