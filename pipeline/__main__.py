@@ -2,7 +2,9 @@
 `python -m pipeline chat [RUN] [--stage ppo]`,
 `python -m pipeline plan STAGE [key=value ...] [--launcher L --nproc N --gpu-mem GiB]` and
 `python -m pipeline run [--run RUN] [--from STAGE] [key=value ...]` and
-`python -m pipeline study [--world-seeds W,.. --seeds S,..] [key=value ...]`."""
+`python -m pipeline study [--world-seeds W,.. --seeds S,..] [key=value ...]` and
+`python -m pipeline overopt [--run RUN --betas B,..] [key=value ...]` and
+`python -m pipeline rm-curve [--run RUN --sizes N,..] [key=value ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -21,10 +23,20 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.study import main as study
 
         return study(argv[1:])
+    if argv[:1] == ["overopt"]:
+        from pipeline.overopt import main as overopt
+
+        return overopt(argv[1:])
+    if argv[:1] == ["rm-curve"]:
+        from pipeline.rm_curve import main as rm_curve
+
+        return rm_curve(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("plan", help="what each GPU will hold for a stage, before launching (see --help of it)")
     sub.add_parser("study", help="the pipeline over world seeds x training seeds, one table (see --help of it)")
+    sub.add_parser("overopt", help="PPO over a sweep of KL coefficients: gold and RM score against KL (see --help of it)")
+    sub.add_parser("rm-curve", help="the reward model's held-out accuracy against its number of comparisons (see --help of it)")
     st = sub.add_parser("status", help="print a run's stages, status and headline metrics")
     st.add_argument("run", nargs="?", default="default")
     st.add_argument("--runs-dir", default="runs")

@@ -44,7 +44,7 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
         if stage in forced:
             args.append("resume=false")
         print(f"[pipeline] {stage}: starting", flush=True)
-        rc, error = _run_stage(launch_command(stage, args))
+        rc, error = run_stage(launch_command(stage, args))
         if rc != 0:
             _summary(runs_dir, run_name)
             print(f"[pipeline] {stage} failed (exit {rc}); earlier stages are kept. Fix the error and re-run: "
@@ -88,7 +88,7 @@ def _ptx_ablation(run_name: str, runs_dir: str, forced: bool, overrides: list[st
         print("[pipeline] ppo ptx ablation: complete, skipping", flush=True)
         return 0
     print(f"[pipeline] ppo ptx ablation ({args[-1]}, for the alignment-tax table): starting", flush=True)
-    rc, error = _run_stage(launch_command("ppo", args + (["resume=false"] if forced else [])))
+    rc, error = run_stage(launch_command("ppo", args + (["resume=false"] if forced else [])))
     if rc != 0:
         print(f"[pipeline] the ptx ablation failed (exit {rc}); the run itself is complete. Re-run to retry, or pass "
               f"--no-ptx-ablation.", file=sys.stderr, flush=True)
@@ -97,7 +97,27 @@ def _ptx_ablation(run_name: str, runs_dir: str, forced: bool, overrides: list[st
     return rc
 
 
-def _run_stage(cmd: list[str]) -> tuple[int, str | None]:
+def run_variants(stage: str, runs_dir: str, variants: list[tuple[str, str, list[str]]], tag: str) -> int:
+    """Run `stage` once per (label, run name, arguments) of a sweep (`pipeline.overopt`,
+    `pipeline.rm_curve`), skipping a run whose stage is complete (an interrupted one resumes from its
+    own checkpoints); the first failure stops the sweep, its error last, the finished runs kept."""
+    for i, (label, run, args) in enumerate(variants, 1):
+        manifest = runs.stage_dir(runs_dir, run, stage) / "manifest.json"
+        if manifest.exists() and runs.Manifest.load(manifest).complete:
+            print(f"[{tag}] {label}: complete, skipping", flush=True)
+            continue
+        print(f"[{tag}] {label} ({i}/{len(variants)}): {stage} starting", flush=True)
+        rc, error = run_stage(launch_command(stage, [f"run_name={run}", f"runs_dir={runs_dir}", *args]))
+        if rc != 0:
+            print(f"[{tag}] {label} failed (exit {rc}); the finished runs are kept: re-run the same command to resume",
+                  file=sys.stderr, flush=True)
+            if error:
+                print(error, file=sys.stderr, flush=True)
+            return rc
+    return 0
+
+
+def run_stage(cmd: list[str]) -> tuple[int, str | None]:
     """Run one stage, passing its stderr through; returns (exit status, its last error message:
     the `error...` line and the indented lines under it)."""
     env = dict(os.environ)

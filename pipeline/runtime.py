@@ -244,3 +244,15 @@ def warmup_cosine(step: int, total: int, warmup_steps: int, min_ratio: float) ->
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def machine() -> str:
+    """The CPU model and core count, for figures that say where they ran (fp32 kernels differ between CPUs)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"

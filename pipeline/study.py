@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline import registry, runs
+from pipeline.runtime import machine
 from pipeline.stats import paired_bootstrap
 
 WORLD_SEEDS = (9101, 9102, 9103)  # fresh worlds: no default was tuned on them (the default world is 1234)
@@ -82,7 +83,7 @@ def cell_rows(run_dir: Path) -> dict[str, dict]:
         m = manifest_at(run_dir / name)
         evaluation = (m.extra or {}).get("evaluation") if m is not None and m.complete and name != "ppo" else None
         if isinstance(evaluation, dict) and evaluation.get("comparisons"):
-            policies.append((name.upper() if len(name) <= 3 else name, m))
+            policies.append((name.upper() if len(name) <= 4 else name, m))
     for label, m in policies:
         for dec, c in (m.extra.get("evaluation") or {}).get("comparisons", {}).items():
             out[f"{dec}/{label}"] = _entry(c["policy"], c.get("golds"), c["policy"].get("kl"), m.wall_time_s)
@@ -211,22 +212,10 @@ def run_study(study: str, runs_dir: str, world_seeds: list[int], seeds: list[int
     result = aggregate(cells)
     wall = sum(walls) if None not in walls else None
     runs.atomic_write_text(home / "study.json", json.dumps(result | {"wall_s": wall}, indent=1))
-    runs.atomic_write_text(home / "study.md", render(result, wall, f" on {_machine()}"))
-    print(render(result, wall, f" on {_machine()}"), flush=True)
+    runs.atomic_write_text(home / "study.md", render(result, wall, f" on {machine()}"))
+    print(render(result, wall, f" on {machine()}"), flush=True)
     print(f"[study] {home / 'study.md'}", flush=True)
     return 0
-
-
-def _machine() -> str:
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--world-seeds", default=",".join(map(str, WORLD_SEEDS)), help="comma-separated world.seed values")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated training seeds")
-    p.add_argument("--stages", default=",".join((*registry.CHAIN, "dpo")),
-                   help="stages each cell runs (default: the chain and dpo, a baseline on the same comparisons)")
+    p.add_argument("--stages", default=",".join((*registry.CHAIN, "dpo", "rsft")),
+                   help="stages each cell runs (default: the chain, dpo on the same comparisons and rsft on the same "
+                        "reward model: the baselines without RL)")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage of every cell")
     a = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731

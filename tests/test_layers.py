@@ -5,6 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {f"pipeline.{m}" for m in ("driver", "launch", "chat", "report", "plan", "gpu_smoke", "bench", "bootstrap", "study",
+                                   "overopt", "rm_curve",
                                    "__main__")}
 RANK = {"core": 0, "rl": 1, "stages": 2, "tools": 3}
 

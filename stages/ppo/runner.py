@@ -166,10 +166,10 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         log("compile: the first iterations compile the policy's and critic's forwards (a minute or two on a CPU), "
             "and again once when the response width first changes")
 
-    # 2. the SFT baseline on the valid prompts (gold labeler available only in the built-in world)
+    # 2. the SFT baseline on the curve's prompts, valid by default (eval.curve_split; gold labeler: built-in world only)
     gold = cfg.data.source == "world"
     ev = eval_settings(cfg)
-    eval_set = make_eval_set(models, world, ev, accelerator, "valid") if gold else None
+    eval_set = make_eval_set(models, world, ev, accelerator, cfg.eval.curve_split) if gold else None
 
     iteration = 0
     if resume_from:
