@@ -40,6 +40,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dpo", "stages.dpo", "DPOConfig", ("sft",), "causal_lm",
           "The SFT policy trained with DPO (Rafailov et al. 2023) on ranked comparisons, without a reward model.",
           chain=False),
+    Stage("rsft", "stages.rsft", "RSFTConfig", ("rm",), "causal_lm",
+          "The SFT policy fine-tuned on its own best-of-n samples as the reward model ranks them (rejection "
+          "sampling, Touvron et al. 2023).", chain=False),
 )}
 NAMES: tuple[str, ...] = tuple(STAGES)
 CHAIN: tuple[str, ...] = tuple(n for n, s in STAGES.items() if s.chain)

@@ -16,23 +16,21 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 from pipeline import runs
 from pipeline.config import F, BatchConfig, InputError, OptimConfig, PolicyEvalConfig, StageConfig
-from pipeline.distributed import (configure_reduction, full_parameters, launcher_kind, load_frozen, save_model,
-                                  shard_frozen, trainer_launch_args)
+from pipeline.distributed import configure_reduction, launcher_kind, save_model, trainer_launch_args
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, in_step_order, resolve_precision, total_steps
 from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
-from pipeline.tracking import stratified, trainer_bridge
+from pipeline.tracking import trainer_bridge
 from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.comparisons import ComparisonDataConfig
 from reward_model.scoring import render_span
-from stages.policy_eval import SKILL, TABLE_COLUMNS, EvalSettings, evaluate, make_eval_set, test_evaluation
+from stages.judge import Judge
 from stages.sft import LoraConfig
 
 
@@ -116,7 +114,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     tracker = sr.tracker(resume_step=resume_step)
     world = World(cfg.world) if d.source == "world" else None
-    judge = _Judge(cfg, accelerator, parent, tokenizer, world, tracker, log) if world is not None else None
+    judge = Judge(cfg, accelerator, parent.model_dir, tokenizer, world, tracker, log) if world is not None else None
     bridge = trainer_bridge(cfg, tracker, "pairs", cfg.batch.size, accelerator.is_main_process,
                             shown=("loss", "rewards/accuracies"), every=cfg.eval.every if judge is not None else 0,
                             at_every=lambda at: judge.curve(trainer.accelerator, trainer.model_wrapped, at))
@@ -184,35 +182,6 @@ def _pretokenized():
             return dataset
 
     return PreTokenizedDPOTrainer
-
-
-class _Judge:
-    """The gold evaluation of `stages.policy_eval` against the frozen SFT policy: valid curve
-    points during training, the reported test figures at the end."""
-
-    def __init__(self, cfg: DPOConfig, accelerator, parent, tokenizer, world, tracker, log):
-        ref = shard_frozen(accelerator, load_frozen(accelerator, parent.model_dir, tokenizer, cfg.precision,
-                                                    cfg.attention()))
-        self.models = SimpleNamespace(tokenizer=tokenizer, ref=ref, policy=None, reward=None, reward_tokenizer=None)
-        self.settings = EvalSettings.of(cfg.eval, cfg.batch.forward, cfg.eval.temperature)
-        self.cfg, self.accelerator, self.world, self.tracker, self.log = cfg, accelerator, world, tracker, log
-        self.valid = None
-
-    def curve(self, trained, model, step: int) -> None:
-        if self.valid is None:
-            self.valid = make_eval_set(self.models, self.world, self.settings, self.accelerator, "valid")
-        with trained.autocast(), full_parameters(trained, model) as policy:
-            metrics, rows = evaluate(policy, self.models, self.valid, self.world, self.settings, self.accelerator)
-        self.tracker.log(metrics, step)
-        self.tracker.table("eval/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
-        self.log(f"eval @ {step}: gold {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}) "
-                 f"| win rate {metrics['eval/win_rate']:.3f} | kl {metrics.get('eval/kl', float('nan')):.3f}")
-
-    def test(self, trained, model, step: int) -> tuple[dict, dict, list]:
-        with trained.autocast(), full_parameters(trained, model) as policy:
-            metrics, evaluation, rows = test_evaluation(policy, self.models, self.world, self.settings, self.accelerator)
-        self.tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
-        return metrics, evaluation, rows
 
 
 def _print_report(manifest: runs.Manifest, evaluation: dict | None) -> None:

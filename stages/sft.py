@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline import runs
 from pipeline.config import F, BatchConfig, DataSource, InputError, StageConfig
@@ -101,10 +101,6 @@ def run(cfg: SFTConfig) -> runs.Manifest:
 
 
 def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manifest:
-    from trl import SFTConfig as TRLSFTConfig
-    from trl import SFTTrainer
-
-    log = sr.log
     check_fits(cfg, accelerator, memory_plan)  # on a GPU: a run that cannot fit stops here
     # 1. parent and data (validated before anything is written)
     parent = None
@@ -121,13 +117,64 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
              resuming=resume is not None)
     sr.clear_stale_checkpoints(resuming=resume is not None)
 
-    # 2. model, tokenizer, trainer
+    # 2. model, tokenizer; 3. train
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, tokenizer, attn=cfg.attention())
     if cfg.model.random_init:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(model.config)
+    tracker = sr.tracker(resume_step=resume_step)
+    tuned = fine_tune(cfg, sr, accelerator, threads, model, tokenizer, (train_records, valid_records, kind), resume,
+                      tracker)
+    if tuned.model is None:
+        tracker.finish()
+        return sr.stopped(tuned.step)
+    metrics, final, trained, step = tuned.metrics, tuned.model, tuned.accelerator, tuned.step
+
+    # 4. evaluate and hand off
+    extra = {"lora": cfg.lora.enabled}
+    if world is not None:
+        with full_parameters(trained, final) as full:
+            world_metrics, extra["evaluation"], rows = evaluate_world(full, tokenizer, world, cfg.eval.max_new_tokens, cfg.batch.forward,
+                                                                      accelerator)
+        metrics.update(world_metrics)
+        tracker.table("eval/samples", ["skill", "prompt", "response", "correct"],
+                      stratified([[r.skill, r.prompt, r.response, r.correct] for r in rows], 0, cfg.eval.samples),
+                      step)
+    tracker.log(metrics, step)
+    tracker.summary(metrics)
+    model_dir = sr.dir / "model"
+    save_model(trained, final, tokenizer, model_dir)
+    headline = {k.split("/")[-1]: v for k, v in metrics.items()
+                if k in ("eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/loss")}
+    manifest = sr.finish(model_dir, metrics, headline, extra=extra)
+    tracker.finish()
+    if accelerator.is_main_process:
+        _print_report(manifest, metrics, extra.get("evaluation"))
+    return manifest
+
+
+@dataclass
+class Tuned:
+    """What `fine_tune` ends with."""
+
+    step: int
+    metrics: dict | None = None
+    model: Any = None         # the trained model, LoRA merged (None: stopped before the last step)
+    accelerator: Any = None   # the trainer's own accelerator, which knows the launcher
+
+
+def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, records: tuple, resume, tracker):
+    """TRL's SFTTrainer on `records` (train records, held-out records, their kind: what
+    `load_sft_records` returns), the loss on the assistant tokens (`sft_features`), in the stage's
+    data order; `cfg` has the sft stage's training sections (batch, lora, optim, epochs, steps,
+    data.max_length, data.packing). Returns the metrics, the final model in full weights, the trainer's
+    accelerator, the last step: `Tuned`; its model None when the run stopped before the end)."""
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    train_records, valid_records, kind = records
     disable_dropout(model)
     micro, accum = batch_split(cfg.batch.size, cfg.batch.micro, accelerator.num_processes, "batch.size")
     total = total_steps(cfg.steps, cfg.epochs, len(train_records), cfg.batch.size)
@@ -164,7 +211,6 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     from datasets import Dataset
 
-    tracker = sr.tracker(resume_step=resume_step)
     features = lambda records: Dataset.from_list([sft_features(tokenizer, r, kind) for r in records])  # noqa: E731
     train = features(train_records)
     if not cfg.data.packing:
@@ -177,7 +223,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
-    log(f"{len(train_records)} train / {len(valid_records)} held-out records ({kind}) | global batch "
+    sr.log(f"{len(train_records)} train / {len(valid_records)} held-out records ({kind}) | global batch "
         f"{cfg.batch.size} = {micro} micro x {accelerator.num_processes} procs x {accum} accum"
         f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
         + (f" | resuming from {resume}" if resume else ""))
@@ -186,10 +232,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
     result = trainer.train(resume_from_checkpoint=resume)
     if trainer.state.global_step < trainer.state.max_steps:
-        tracker.finish()
-        return sr.stopped(trainer.state.global_step)
-
-    # 4. evaluate and hand off
+        return Tuned(trainer.state.global_step)
     # the loss of the final logging window: comparable across restarts, where the mean is not
     metrics = {"train/loss": bridge.last.get("train/loss", float("nan")), "train/mean_loss": result.training_loss,
                "perf/train_runtime_s": result.metrics.get("train_runtime", 0.0)}
@@ -206,26 +249,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
             with runs.atomic_dir(adapter_dir) as tmp:
                 trained.unwrap_model(final).save_pretrained(tmp)
         final = fp32_attention(trained.unwrap_model(final).merge_and_unload())  # evaluated in fp32
-    extra = {"lora": cfg.lora.enabled}
-    if world is not None:
-        with full_parameters(trained, final) as full:
-            world_metrics, extra["evaluation"], rows = evaluate_world(full, tokenizer, world, cfg.eval.max_new_tokens, cfg.batch.forward,
-                                                                      accelerator)
-        metrics.update(world_metrics)
-        tracker.table("eval/samples", ["skill", "prompt", "response", "correct"],
-                      stratified([[r.skill, r.prompt, r.response, r.correct] for r in rows], 0, cfg.eval.samples),
-                      trainer.state.global_step)
-    tracker.log(metrics, trainer.state.global_step)
-    tracker.summary(metrics)
-    model_dir = sr.dir / "model"
-    save_model(trained, final, tokenizer, model_dir)
-    headline = {k.split("/")[-1]: v for k, v in metrics.items()
-                if k in ("eval/accuracy", "eval/fact_accuracy", "eval/format_rate", "eval/loss")}
-    manifest = sr.finish(model_dir, metrics, headline, extra=extra)
-    tracker.finish()
-    if accelerator.is_main_process:
-        _print_report(manifest, metrics, extra.get("evaluation"))
-    return manifest
+    return Tuned(trainer.state.global_step, metrics, final, trained)
 
 
 def memory_plan(cfg: SFTConfig, launcher: str, nproc: int, device, prompt_len: int = 0, mesh=None):

@@ -1,0 +1,40 @@
+"""The gold evaluation of a policy stage with its own training loop or Trainer (dpo, rsft):
+`stages.policy_eval` against the frozen SFT policy it trains from, as ppo is judged."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from pipeline.distributed import full_parameters, load_frozen, shard_frozen
+from pipeline.tracking import stratified
+from stages.policy_eval import SKILL, TABLE_COLUMNS, EvalSettings, evaluate, make_eval_set, test_evaluation
+
+
+class Judge:
+    """The gold evaluation of `stages.policy_eval` for a policy stage that trains from the SFT
+    model in `sft_dir` (dpo, rsft), against that frozen SFT policy: curve points during training
+    (`eval.curve_split`), the reported test figures at the end. `cfg` has an `eval` section
+    (`PolicyEvalConfig`) and `batch.forward`."""
+
+    def __init__(self, cfg, accelerator, sft_dir, tokenizer, world, tracker, log):
+        ref = shard_frozen(accelerator, load_frozen(accelerator, sft_dir, tokenizer, cfg.precision, cfg.attention()))
+        self.models = SimpleNamespace(tokenizer=tokenizer, ref=ref, policy=None, reward=None, reward_tokenizer=None)
+        self.settings = EvalSettings.of(cfg.eval, cfg.batch.forward, cfg.eval.temperature)
+        self.cfg, self.accelerator, self.world, self.tracker, self.log = cfg, accelerator, world, tracker, log
+        self.valid = None
+
+    def curve(self, trained, model, step: int) -> None:
+        if self.valid is None:
+            self.valid = make_eval_set(self.models, self.world, self.settings, self.accelerator,
+                                       self.cfg.eval.curve_split)
+        with trained.autocast(), full_parameters(trained, model) as policy:
+            metrics, rows = evaluate(policy, self.models, self.valid, self.world, self.settings, self.accelerator)
+        self.tracker.log(metrics, step)
+        self.tracker.table("eval/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
+        self.log(f"eval @ {step}: gold {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}) "
+                 f"| win rate {metrics['eval/win_rate']:.3f} | kl {metrics.get('eval/kl', float('nan')):.3f}")
+
+    def test(self, trained, model, step: int) -> tuple[dict, dict, list]:
+        with trained.autocast(), full_parameters(trained, model) as policy:
+            metrics, evaluation, rows = test_evaluation(policy, self.models, self.world, self.settings, self.accelerator)
+        self.tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
+        return metrics, evaluation, rows
