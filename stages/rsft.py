@@ -52,19 +52,12 @@ class RSFTConfig(StageConfig):
     batch: BatchConfig = F(BatchConfig(size=16, micro=8), "examples per step and per forward; forward = sequences "
                                                           "per sampling, scoring or evaluation batch")
     eval: PolicyEvalConfig = F(PolicyEvalConfig(every=0, best_of=[]),
-                               "gold evaluation against the SFT policy, as ppo's, at the end (every: 0, there is no "
-                               "curve along training; best-of-n: ppo reports it)")
+                               "gold evaluation against the SFT policy, as ppo's (every: optimizer steps, 0 = the test "
+                               "figures only; best-of-n: ppo reports it)")
     epochs: float = F(2.0, "passes over the selected samples (when steps is -1)", gt=0)
     steps: int = F(-1, "optimizer steps (-1 = from epochs)", ge=-1)
 
     stage = "rsft"
-
-    def validate(self) -> list[str]:
-        p = super().validate()
-        if self.eval.every:
-            p.append("eval.every: rsft evaluates once, after training (a curve along training has no meaning for "
-                     "fine-tuning on fixed samples); leave it 0")
-        return p
 
 
 def run(cfg: RSFTConfig) -> runs.Manifest:
@@ -144,11 +137,13 @@ def _run(cfg: RSFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manif
     if accelerator.is_main_process:
         runs.atomic_write_text(saved, "".join(json.dumps(r) + "\n" for r in records))
 
-    # 2. train from the SFT weights
+    # 2. train from the SFT weights (a valid curve every eval.every steps)
     tracker = sr.tracker(resume_step=resume_step)
+    judge = Judge(cfg, accelerator, sft_dir, tokenizer, world, tracker, log) if world is not None else None
     model = load_causal_lm(sft_dir, tokenizer, attn=cfg.attention())
     tuned = fine_tune(cfg, sr, accelerator, threads, model, tokenizer,
-                      ([{"messages": r["messages"]} for r in records], [], "messages"), resume, tracker)
+                      ([{"messages": r["messages"]} for r in records], [], "messages"), resume, tracker,
+                      every=cfg.eval.every, curve=judge.curve if judge is not None else None)
     if tuned.model is None:
         tracker.finish()
         return sr.stopped(tuned.step)
@@ -157,8 +152,9 @@ def _run(cfg: RSFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manif
     metrics, extra = tuned.metrics, {"lora": cfg.lora.enabled, "examples": len(records), "n": cfg.n}
     metrics["data/selected_rm_score"] = sum(r["rm_score"] for r in records) / len(records)
     metrics["data/sample_rm_score"] = sum(r["mean_rm_score"] for r in records) / len(records)
-    if world is not None:
-        judge = Judge(cfg, accelerator, sft_dir, tokenizer, world, tracker, log)
+    if judge is not None:
+        if cfg.eval.every:  # the valid curve's last point: where settings are chosen
+            judge.curve(tuned.accelerator, tuned.model, tuned.step)
         test_metrics, extra["evaluation"], _ = judge.test(tuned.accelerator, tuned.model, tuned.step)
         metrics.update(test_metrics)
     tracker.log(metrics, tuned.step)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pipeline import runs
 from pipeline.config import F, BatchConfig, DataSource, InputError, StageConfig
@@ -165,12 +165,15 @@ class Tuned:
     accelerator: Any = None   # the trainer's own accelerator, which knows the launcher
 
 
-def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, records: tuple, resume, tracker):
+def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, records: tuple, resume, tracker,
+              every: int = 0, curve: Callable | None = None):
     """TRL's SFTTrainer on `records` (train records, held-out records, their kind: what
     `load_sft_records` returns), the loss on the assistant tokens (`sft_features`), in the stage's
     data order; `cfg` has the sft stage's training sections (batch, lora, optim, epochs, steps,
     data.max_length, data.packing). Returns the metrics, the final model in full weights, the trainer's
-    accelerator, the last step: `Tuned`; its model None when the run stopped before the end)."""
+    accelerator, the last step: `Tuned`; its model None when the run stopped before the end). With
+    `every`, `curve(trainer accelerator, model, step)` runs before the first step and every `every`
+    steps (a policy stage's valid curve, `stages.judge.Judge.curve`)."""
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -218,8 +221,10 @@ def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, re
     trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=train,
                          eval_dataset=features(valid_records) if valid_records else None,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[bridge := trainer_bridge(cfg, tracker, "examples", cfg.batch.size,
-                                                             accelerator.is_main_process, names=SFT_LOGS)])
+                         callbacks=[bridge := trainer_bridge(
+                             cfg, tracker, "examples", cfg.batch.size, accelerator.is_main_process, names=SFT_LOGS,
+                             every=every if curve is not None else 0,
+                             at_every=lambda at: curve(trainer.accelerator, trainer.model_wrapped, at))])
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format

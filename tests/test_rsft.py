@@ -1,11 +1,11 @@
 """The rsft stage: the reward model's best finished sample per prompt by hand, a world run from a
-complete rm stage trained and judged against SFT as ppo is, an interrupted run resumed on the same
-samples, a misleading key refused, a row in every tool."""
+complete rm stage trained and judged against SFT as ppo is (with its valid curve), an interrupted
+run resumed on the same samples, a row in every tool."""
 import json
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 from stages import rsft
 from tests.test_rm import WORLD, finished_run, sft  # noqa: F401  (fixtures: tiny sft and rm stages)
 
@@ -35,13 +35,15 @@ def test_world_run_trains_on_the_best_samples_and_is_judged_as_ppo(finished_run,
     from pipeline.report import policy_table
 
     rm_dir, _ = finished_run
-    m = run_rsft(rm_dir, tmp_path, "w")
+    m = run_rsft(rm_dir, tmp_path, "w", "eval.every=1")
     assert m.status == "complete" and m.extra["n"] == 8 and 0 < m.extra["examples"] <= 8
     comps = m.extra["evaluation"]["comparisons"]
     assert set(comps) == {"greedy", "sampled"} and comps["sampled"]["policy"]["kl"] >= 0
     saved = [json.loads(r) for r in (tmp_path / "w" / "rsft" / rsft.DATA).read_text().splitlines()]
     assert len(saved) == m.extra["examples"] and all(r["rm_score"] >= r["mean_rm_score"] - 1e-6 for r in saved)
     assert m.metrics["data/selected_rm_score"] >= m.metrics["data/sample_rm_score"] - 1e-6
+    curve = [json.loads(r) for r in (tmp_path / "w" / "rsft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve if "eval/gold_score" in r] == [0, 1]  # the valid curve: start and end
     rows = [r for r in policy_table(tmp_path / "w") if r.startswith("| rsft |")]
     assert len(rows) == 2  # greedy and sampled, beside SFT's rows
     from transformers import AutoModelForCausalLM
@@ -59,11 +61,6 @@ def test_an_interrupted_run_resumes_on_the_same_samples(finished_run, tmp_path, 
     m = run_rsft(rm_dir, tmp_path, "r", *args)
     assert m.status == "complete" and "resuming: " in capsys.readouterr().err
     assert (tmp_path / "r" / "rsft" / rsft.DATA).read_text() == samples
-
-
-def test_eval_every_is_refused():
-    with pytest.raises(ConfigError, match="eval.every"):
-        load_config(rsft.RSFTConfig, ["eval.every=5"])
 
 
 def test_registry_line_makes_it_a_stage_of_every_tool():
