@@ -6,7 +6,8 @@ failed stage stops the chain and leaves earlier stages untouched.
 
 On the built-in world, a second PPO run from the same reward model with the other PPO-ptx
 setting follows (`runs/<run>-ptx-ablation/ppo`): the report's alignment-tax table compares SFT,
-PPO and PPO-ptx on the test prompts (docs/ppo.md §38).
+PPO and PPO-ptx on the test prompts (docs/ppo.md §38). With `likelihood_ablation` (the study's
+cells), PPO also runs from a reward model without its likelihood term (`runs/<run>-no-likelihood/`).
 """
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ import time
 
 from pipeline import registry, runs
 from pipeline.launch import exit_code, launch_command
-from pipeline.report import ablation_run
+from pipeline.report import ablation_run, likelihood_ablation_run
 
 
 PTX_ABLATION_COEF = 1.0  # γ of the ablation run when the pipeline's own PPO runs without ptx (the default γ)
 
 
 def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: list[str], overrides: list[str],
-                 ptx_ablation: bool = True) -> int:
+                 ptx_ablation: bool = True, likelihood_ablation: bool = False) -> int:
     bad = [s for s in stages if s not in registry.STAGES]
     if bad:
         print(f"error: unknown stage(s) {', '.join(bad)}; stages are {', '.join(registry.NAMES)}", file=sys.stderr)
@@ -54,6 +55,10 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
             return rc
     if ptx_ablation and "ppo" in stages:
         rc = _ptx_ablation(run_name, runs_dir, "ppo" in forced, overrides)
+        if rc != 0:
+            return rc
+    if likelihood_ablation and "ppo" in stages:
+        rc = _likelihood_ablation(run_name, runs_dir, overrides)
         if rc != 0:
             return rc
     _summary(runs_dir, run_name)
@@ -95,6 +100,36 @@ def _ptx_ablation(run_name: str, runs_dir: str, forced: bool, overrides: list[st
         if error:
             print(error, file=sys.stderr, flush=True)
     return rc
+
+
+def likelihood_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> dict[str, list[str]] | None:
+    """PPO without the reward model's likelihood term (`runs/<run>-no-likelihood/`): a reward
+    model from the run's SFT model with `likelihood_term=false`, then PPO from it as the run's own
+    (no best-of-n, no curve points between the first and the last); {stage: arguments}, or None
+    when the run's PPO is not complete or has no gold labeler to judge it (user prompts)."""
+    manifest = runs.stage_dir(runs_dir, run_name, "ppo") / "manifest.json"
+    if not manifest.exists():
+        return None
+    m = runs.Manifest.load(manifest)
+    if not m.complete or m.config.get("data", {}).get("source", "world") != "world":
+        return None
+    run = likelihood_ablation_run(run_name)
+    return {"rm": [f"parent={runs.stage_dir(runs_dir, run_name, 'sft')}", *stage_overrides(overrides, "rm"),
+                   "likelihood_term=false"],
+            "ppo": [*stage_overrides(overrides, "ppo"), f"parent={runs.stage_dir(runs_dir, run, 'rm')}",
+                    "eval.best_of=[]", "eval.every=0"]}
+
+
+def _likelihood_ablation(run_name: str, runs_dir: str, overrides: list[str]) -> int:
+    args = likelihood_ablation_args(run_name, runs_dir, overrides)
+    if args is None:
+        return 0
+    run = likelihood_ablation_run(run_name)
+    for stage in ("rm", "ppo"):
+        rc = run_variants(stage, runs_dir, [(f"{stage} without the likelihood term", run, args[stage])], "pipeline")
+        if rc != 0:
+            return rc
+    return 0
 
 
 def run_variants(stage: str, runs_dir: str, variants: list[tuple[str, str, list[str]]], tag: str) -> int:

@@ -431,6 +431,11 @@ def ablation_run(run_name: str) -> str:
     return f"{run_name}-ptx-ablation"
 
 
+def likelihood_ablation_run(run_name: str) -> str:
+    """The run holding PPO from a reward model without its likelihood term (`pipeline.driver`)."""
+    return f"{run_name}-no-likelihood"
+
+
 def manifest_at(stage_dir: Path) -> runs.Manifest | None:
     p = stage_dir / "manifest.json"
     if not p.exists():

@@ -3,7 +3,8 @@ training seeds, and one table of every policy and baseline with its spread over 
 
 One seed of one world says little: the same 200 test prompts scored every round of development,
 and a training seed moves accuracy by more than a run's own interval. A study runs the whole
-pipeline (`pipeline.driver.run_pipeline`, the ptx ablation included) once per cell, a world seed
+pipeline (`pipeline.driver.run_pipeline`, the ptx ablation and PPO without the reward model's
+likelihood term included) once per cell, a world seed
 (`world.seed`: other people, facts and prompts) and a training seed (`seed`), and reads each cell's
 test evaluation into `runs/<study>/cells/w<world>-s<seed>.json` as soon as it ends: an interrupted
 study resumes at the first cell without one (and inside that cell at its first incomplete stage).
@@ -58,7 +59,7 @@ def cell_rows(run_dir: Path) -> dict[str, dict]:
     every other policy stage's, e.g. dpo): the SFT policy, its baselines and each trained policy,
     per decoding (`greedy`, `sampled`). `golds`: the per-prompt gold scores on the test prompts, in
     the evaluation's order, for paired comparisons."""
-    from pipeline.report import ablation_run, manifest_at
+    from pipeline.report import ablation_run, likelihood_ablation_run, manifest_at
 
     out: dict[str, dict] = {}
     ppo = manifest_at(run_dir / "ppo")
@@ -79,6 +80,9 @@ def cell_rows(run_dir: Path) -> dict[str, dict]:
     if ablation is not None and ablation.complete:
         coef = float(ablation.config.get("ptx", {}).get("coef", 0.0))
         policies.append(("PPO-ptx" if coef > 0 else "PPO without ptx", ablation))
+    no_likelihood = manifest_at(run_dir.parent / likelihood_ablation_run(run_dir.name) / "ppo")
+    if no_likelihood is not None and no_likelihood.complete:
+        policies.append(("PPO without likelihood term", no_likelihood))
     for name in registry.NAMES:  # every other policy stage evaluated against SFT (e.g. dpo)
         m = manifest_at(run_dir / name)
         evaluation = (m.extra or {}).get("evaluation") if m is not None and m.complete and name != "ppo" else None
@@ -196,7 +200,7 @@ def run_study(study: str, runs_dir: str, world_seeds: list[int], seeds: list[int
         print(f"[study] cell {i}/{len(grid)} (world seed {w}, seed {s}): starting{eta}", flush=True)
         t = time.time()
         rc = run_pipeline(cell_name(study, w, s), runs_dir, None, stages,
-                          [*overrides, f"world.seed={w}", f"seed={s}"])
+                          [*overrides, f"world.seed={w}", f"seed={s}"], likelihood_ablation=True)
         if rc != 0:
             print(f"[study] cell {i}/{len(grid)} failed (exit {rc}); the finished cells are kept in {home / 'cells'}. "
                   f"Re-run the same command to resume.", file=sys.stderr, flush=True)

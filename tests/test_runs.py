@@ -177,6 +177,27 @@ def test_ptx_ablation_flips_the_runs_ptx_setting(tmp_path):
     assert ptx_ablation_args("r", str(tmp_path), []) is None
 
 
+def test_likelihood_ablation_trains_a_reward_model_without_the_term_then_ppo_from_it(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.driver import likelihood_ablation_args
+    from stages.ppo.config import PPOConfig
+    from stages.rm import RMConfig
+
+    assert likelihood_ablation_args("r", str(tmp_path), []) is None  # no ppo yet
+    d = runs.stage_dir(tmp_path, "r", "ppo")
+    d.mkdir(parents=True)
+    runs.Manifest(stage="ppo", run_name="r", status="complete", config={"data": {"source": "world"}}).save(d)
+    args = likelihood_ablation_args("r", str(tmp_path), ["seed=1", "rm.epochs=2", "ppo.steps=3"])
+    rm = load_config(RMConfig, [f"runs_dir={tmp_path}", "run_name=r-no-likelihood", *args["rm"]])
+    assert not rm.likelihood_term and rm.epochs == 2 and rm.seed == 1
+    assert rm.parent == str(runs.stage_dir(tmp_path, "r", "sft"))  # the run's own SFT model
+    ppo = load_config(PPOConfig, args["ppo"])
+    assert ppo.parent == str(runs.stage_dir(tmp_path, "r-no-likelihood", "rm")) and ppo.steps == 3
+    assert ppo.eval.best_of == [] and ppo.eval.every == 0
+    runs.Manifest(stage="ppo", run_name="r", status="complete", config={"data": {"source": "files"}}).save(d)
+    assert likelihood_ablation_args("r", str(tmp_path), []) is None  # no gold labeler to judge it
+
+
 # ------------------------------------------------------------------------ input errors and bugs
 @dataclasses.dataclass
 class _ToyConfig(StageConfig):

@@ -44,7 +44,8 @@ def test_study_resumes_at_the_first_cell_without_results(tmp_path, monkeypatch, 
 
     calls = []
 
-    def fake_pipeline(run, runs_dir, from_stage, stages, overrides, *a):
+    def fake_pipeline(run, runs_dir, from_stage, stages, overrides, *a, likelihood_ablation=False):
+        assert likelihood_ablation  # every cell also runs PPO without the likelihood term
         calls.append((run, overrides))
         return 0
 
