@@ -66,15 +66,21 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
     return 0
 
 
-def ptx_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> list[str] | None:
-    """The ablation run's arguments: PPO from this run's reward model with the other ptx setting
-    (γ = 0 if the run used ptx, else PTX_ABLATION_COEF) and no best-of-n baseline; None when the
-    run's PPO has no gold labeler to judge it (user prompts) or is not complete."""
+def _judged_ppo(runs_dir: str, run_name: str) -> runs.Manifest | None:
+    """The run's ppo manifest when the stage is complete and a gold labeler judged it (the world)."""
     manifest = runs.stage_dir(runs_dir, run_name, "ppo") / "manifest.json"
     if not manifest.exists():
         return None
     m = runs.Manifest.load(manifest)
-    if not m.complete or m.config.get("data", {}).get("source", "world") != "world":
+    return m if m.complete and m.config.get("data", {}).get("source", "world") == "world" else None
+
+
+def ptx_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> list[str] | None:
+    """The ablation run's arguments: PPO from this run's reward model with the other ptx setting
+    (γ = 0 if the run used ptx, else PTX_ABLATION_COEF) and no best-of-n baseline; None when the
+    run's PPO has no gold labeler to judge it (user prompts) or is not complete."""
+    m = _judged_ppo(runs_dir, run_name)
+    if m is None:
         return None
     coef = float(m.config.get("ptx", {}).get("coef", 0.0))
     rm_dir = runs.stage_dir(runs_dir, run_name, "rm")
@@ -107,11 +113,7 @@ def likelihood_ablation_args(run_name: str, runs_dir: str, overrides: list[str])
     model from the run's SFT model with `likelihood_term=false`, then PPO from it as the run's own
     (no best-of-n, no curve points between the first and the last); {stage: arguments}, or None
     when the run's PPO is not complete or has no gold labeler to judge it (user prompts)."""
-    manifest = runs.stage_dir(runs_dir, run_name, "ppo") / "manifest.json"
-    if not manifest.exists():
-        return None
-    m = runs.Manifest.load(manifest)
-    if not m.complete or m.config.get("data", {}).get("source", "world") != "world":
+    if _judged_ppo(runs_dir, run_name) is None:
         return None
     run = likelihood_ablation_run(run_name)
     return {"rm": [f"parent={runs.stage_dir(runs_dir, run_name, 'sft')}", *stage_overrides(overrides, "rm"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from pipeline import runs
@@ -30,7 +29,7 @@ from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.comparisons import ComparisonDataConfig
 from reward_model.scoring import render_span
-from stages.judge import Judge
+from stages.judge import Judge, print_report
 from stages.sft import LoraConfig
 
 
@@ -154,7 +153,7 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     manifest = sr.finish(model_dir, metrics, headline, extra=extra)
     tracker.finish()
     if accelerator.is_main_process:
-        _print_report(manifest, extra.get("evaluation"))
+        print_report(manifest, extra.get("evaluation"), f"{manifest.extra['pairs']} ranked pairs of {manifest.extra['comparisons']} comparisons")
     return manifest
 
 
@@ -182,19 +181,6 @@ def _pretokenized():
             return dataset
 
     return PreTokenizedDPOTrainer
-
-
-def _print_report(manifest: runs.Manifest, evaluation: dict | None) -> None:
-    from pipeline.stats import fmt_rate
-
-    print(f"\ndpo done in {manifest.wall_time_s:.0f}s: {manifest.extra['pairs']} ranked pairs of "
-          f"{manifest.extra['comparisons']} comparisons")
-    for c in (evaluation or {}).get("comparisons", {}).values():
-        p, s = c["policy"], c["sft"]
-        kl = f", KL {p['kl']:.3f}" if p.get("kl") is not None else ""
-        print(f"  {c['decoding']:<8} win rate vs SFT {fmt_rate(c['win_rate'])} | accuracy {fmt_rate(p['accuracy'])} "
-              f"(SFT {fmt_rate(s['accuracy'])}) | gold {p['gold_score']:.3f} (SFT {s['gold_score']:.3f}){kl}")
-    print(f"  model: {Path(manifest.config['runs_dir']) / manifest.run_name / 'dpo' / manifest.model_dir}")
 
 
 def memory_plan(cfg: DPOConfig, launcher: str, nproc: int, device, prompt_len: int = 256, mesh=None):

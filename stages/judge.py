@@ -38,3 +38,19 @@ class Judge:
             metrics, evaluation, rows = test_evaluation(policy, self.models, self.world, self.settings, self.accelerator)
         self.tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
         return metrics, evaluation, rows
+
+
+def print_report(manifest, evaluation: dict | None, what: str) -> None:
+    """A judged policy stage's closing lines: its time, `what` it trained on, and per decoding its
+    win rate, accuracy and gold score against SFT's on the test prompts, KL where sampled."""
+    from pathlib import Path
+
+    from pipeline.stats import fmt_rate
+
+    print(f"\n{manifest.stage} done in {manifest.wall_time_s:.0f}s: {what}")
+    for c in (evaluation or {}).get("comparisons", {}).values():
+        p, s = c["policy"], c["sft"]
+        kl = f", KL {p['kl']:.3f}" if p.get("kl") is not None else ""
+        print(f"  {c['decoding']:<8} win rate vs SFT {fmt_rate(c['win_rate'])} | accuracy {fmt_rate(p['accuracy'])} "
+              f"(SFT {fmt_rate(s['accuracy'])}) | gold {p['gold_score']:.3f} (SFT {s['gold_score']:.3f}){kl}")
+    print(f"  model: {Path(manifest.config['runs_dir']) / manifest.run_name / manifest.stage / manifest.model_dir}")

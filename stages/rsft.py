@@ -25,9 +25,9 @@ from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
 from pipeline.world import World
 from reward_model import comparisons as cmp
-from stages.judge import Judge
+from stages.judge import Judge, print_report
 from stages.ppo.config import PromptDataConfig
-from stages.sft import LoraConfig, SFTOptimConfig, fine_tune
+from stages.sft import LoraConfig, SFTOptimConfig, fine_tune, fine_tune_plan
 
 DATA = "best_of_n.jsonl"  # the selected samples, reused by an interrupted run
 
@@ -166,21 +166,8 @@ def _run(cfg: RSFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manif
     manifest = sr.finish(model_dir, metrics, headline, extra=extra)
     tracker.finish()
     if accelerator.is_main_process:
-        _print_report(manifest, extra.get("evaluation"))
+        print_report(manifest, extra.get("evaluation"), f"{manifest.extra['examples']} best-of-{manifest.extra['n']} samples")
     return manifest
-
-
-def _print_report(manifest: runs.Manifest, evaluation: dict | None) -> None:
-    from pipeline.stats import fmt_rate
-
-    print(f"\nrsft done in {manifest.wall_time_s:.0f}s: {manifest.extra['examples']} best-of-{manifest.extra['n']} "
-          f"samples")
-    for c in (evaluation or {}).get("comparisons", {}).values():
-        p, s = c["policy"], c["sft"]
-        kl = f", KL {p['kl']:.3f}" if p.get("kl") is not None else ""
-        print(f"  {c['decoding']:<8} win rate vs SFT {fmt_rate(c['win_rate'])} | accuracy {fmt_rate(p['accuracy'])} "
-              f"(SFT {fmt_rate(s['accuracy'])}) | gold {p['gold_score']:.3f} (SFT {s['gold_score']:.3f}){kl}")
-    print(f"  model: {Path(manifest.config['runs_dir']) / manifest.run_name / 'rsft' / manifest.model_dir}")
 
 
 def memory_plan(cfg: RSFTConfig, launcher: str, nproc: int, device, prompt_len: int = 256, mesh=None):
@@ -189,22 +176,10 @@ def memory_plan(cfg: RSFTConfig, launcher: str, nproc: int, device, prompt_len: 
     launcher stores a frozen model, then the reward model whole on every process with its
     likelihood term's copy of the SFT weights (for models that do not fit whole, sample with the
     ppo stage's sharded models instead)."""
-    from transformers import AutoConfig
-
-    from pipeline.memory import (Phase, Plan, PlannedModel, activation_bytes, model_row, planned_precision,
-                                 training_activation_bytes)
-    from pipeline.runtime import batch_split
     from stages.ppo.models import sft_of
 
     rm = runs.resolve_parent("rsft", cfg.runs_dir, cfg.run_name, cfg.parent)
-    config = AutoConfig.from_pretrained(str(sft_of(rm)[1]))
-    policy = PlannedModel("policy", config, trained=True, lora=cfg.lora if cfg.lora.enabled else None)
-    act = activation_bytes(planned_precision(cfg, device))
-    micro = batch_split(cfg.batch.size, cfg.batch.micro, nproc, "batch.size")[0]
-    update = training_activation_bytes(config, micro * cfg.data.max_length, cfg.gradient_checkpointing, act)
-    return Plan("rsft", launcher, nproc, [model_row(policy, launcher, nproc, mesh)],
-                [Phase("update", update, f"activations for a micro-batch of {micro} x {cfg.data.max_length} tokens"
-                       + (" (checkpointed)" if cfg.gradient_checkpointing else ""))])
+    return fine_tune_plan("rsft", str(sft_of(rm)[1]), cfg, launcher, nproc, device, mesh)
 
 
 # The keys `python -m pipeline plan` may change to make this stage fit, besides batch.micro (pipeline.memory.cheaper_settings)

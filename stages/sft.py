@@ -261,19 +261,24 @@ def memory_plan(cfg: SFTConfig, launcher: str, nproc: int, device, prompt_len: i
     """What each of `nproc` processes holds while SFT trains (`pipeline.memory.Plan`): the policy
     in fp32 with its gradients and AdamW state (LoRA: the adapters' only), and the activations of a
     micro-batch of `data.max_length` tokens. `prompt_len` is unused (SFT's length is max_length)."""
+    path = cfg.model.name_or_path or str(runs.resolve_parent("sft", cfg.runs_dir, cfg.run_name, cfg.parent).model_dir)
+    return fine_tune_plan("sft", path, cfg, launcher, nproc, device, mesh)
+
+
+def fine_tune_plan(stage: str, model_path: str, cfg, launcher: str, nproc: int, device, mesh=None):
+    """The memory plan of `fine_tune` for the model at `model_path` (`cfg` as `fine_tune` reads it)."""
     from transformers import AutoConfig
 
     from pipeline.memory import (Phase, Plan, PlannedModel, activation_bytes, model_row, planned_precision,
                                  training_activation_bytes)
 
-    path = cfg.model.name_or_path or str(runs.resolve_parent("sft", cfg.runs_dir, cfg.run_name, cfg.parent).model_dir)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(model_path)
     policy = PlannedModel("policy", config, trained=True, lora=cfg.lora if cfg.lora.enabled else None)
     act = activation_bytes(planned_precision(cfg, device))
     micro = batch_split(cfg.batch.size, cfg.batch.micro, nproc, "batch.size")[0]
     tokens = micro * cfg.data.max_length
     update = training_activation_bytes(config, tokens, cfg.gradient_checkpointing, act)
-    return Plan("sft", launcher, nproc, [model_row(policy, launcher, nproc, mesh)],
+    return Plan(stage, launcher, nproc, [model_row(policy, launcher, nproc, mesh)],
                 [Phase("update", update, f"activations for a micro-batch of {micro} x {cfg.data.max_length} tokens"
                        + (" (checkpointed)" if cfg.gradient_checkpointing else ""))])
 
