@@ -37,23 +37,29 @@ def pairwise_accuracy(rankings: list[list[int]], rewards: list[list[float]], gro
 
 
 def accuracy_by_correctness(rankings: list[list[int]], rewards: list[list[float]],
-                            correct: list[list[bool] | None], finished: list[list[bool]]) -> dict:
+                            correct: list[list[bool] | None], finished: list[list[bool]],
+                            lengths: list[list[int]] | None = None) -> dict:
     """Pairwise accuracy split by what separates the two responses of a ranked pair.
 
     Where correctness is known: `correctness` pairs (one answer right, the other wrong) and
     `style` pairs (both right or both wrong, so only form differs); correctness pairs again as
     `correctness_same_finish` (both finished, or both cut off) and `correctness_different_finish`.
     Over all pairs: `different_finish` (one response finished, the other cut off before its end
-    token). An RM can score high by ranking style, or by the missing end token alone (a
-    truncation cue the labeler also punishes); `correctness_same_finish` shows whether it judges
-    the answers. -> {kind: {accuracy, pairs, low, high}}, only kinds with pairs; low/high = 95%
+    token). With `lengths` (each response's length in tokens): `longer_better` (the better
+    response is the longer one: length and quality disagree) and `shorter_better`. An RM can score
+    high by ranking style, by the missing end token alone (a truncation cue the labeler also
+    punishes) or by preferring short responses; `correctness_same_finish` shows whether it judges
+    the answers, `longer_better` whether it does more than prefer the shorter response. -> {kind: {accuracy, pairs, low, high}}, only kinds with pairs; low/high = 95%
     Wilson interval, which treats pairs as independent although pairs of one prompt are not
     (they share the prompt and responses): read it as a lower bound on the uncertainty."""
     hits: dict = defaultdict(lambda: [0, 0])
-    for ranks, r, ok, done in zip(rankings, rewards, correct, finished):
+    lengths = lengths or [None] * len(rankings)
+    for ranks, r, ok, done, n in zip(rankings, rewards, correct, finished, lengths):
         for i, j in ranked_pairs(ranks):
             same_finish = done[i] == done[j]
             kinds = [] if same_finish else ["different_finish"]
+            if n is not None and n[i] != n[j]:
+                kinds.append("longer_better" if n[i] > n[j] else "shorter_better")
             if ok is not None and ok[i] != ok[j]:
                 kinds += ["correctness", "correctness_same_finish" if same_finish else "correctness_different_finish"]
             elif ok is not None:
@@ -154,7 +160,8 @@ def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]]
                "eval/length_corr": pearson(lengths, scores)}
     for skill, v in acc["by_group"].items():
         metrics[f"eval/pairwise_accuracy/{skill}"] = v["accuracy"]
-    by_kind = accuracy_by_correctness(rankings, per_comp, [c.correct for c in held_out], [c.finished for c in held_out])
+    by_kind = accuracy_by_correctness(rankings, per_comp, [c.correct for c in held_out], [c.finished for c in held_out],
+                                      per_comparison(held_out, lengths))
     for kind, v in by_kind.items():
         metrics[f"eval/pairwise_accuracy/{kind}_pairs"] = v["accuracy"]
     # a high share means the RM can rank many pairs by the missing end token alone
@@ -179,4 +186,6 @@ RM_PAIR_KINDS = {
     "correctness_different_finish": "correctness pairs where one finished, the other was cut off",
     "style": "both right or both wrong: only form differs",
     "different_finish": "one finished, the other cut off before its end token",
+    "longer_better": "the better response is the longer one: length and quality disagree",
+    "shorter_better": "the better response is the shorter one",
 }

@@ -101,3 +101,19 @@ def test_pairwise_accuracy_reports_wilson_intervals():
     assert (out["accuracy"], out["pairs"]) == (2 / 4, 4) and (out["low"], out["high"]) == wilson(2, 4)
     assert out["by_group"]["a"] == {"accuracy": 2 / 3, "pairs": 3, "low": wilson(2, 3)[0], "high": wilson(2, 3)[1]}
     assert out["by_group"]["b"]["accuracy"] == 0.0 and out["by_group"]["b"]["low"] == 0.0 < out["by_group"]["b"]["high"]
+
+
+def test_accuracy_by_correctness_splits_pairs_by_which_side_is_longer():
+    """`longer_better`: pairs whose better response is the longer one (length and quality disagree
+    for a labeler who prefers concise answers); an RM that only prefers short responses gets 0 there."""
+    from reward_model.metrics import accuracy_by_correctness
+
+    # A (right, 9 tokens) > B (wrong, 3 tokens) > C (wrong, 3 tokens); the RM prefers the short ones
+    rankings, correct, finished, lengths = [[0, 1, 2]], [[True, False, False]], [[True] * 3], [[9, 3, 3]]
+    rewards = [[0.0, 2.0, 1.0]]  # B > C > A: A>B miss, A>C miss, B>C hit (same length: neither kind)
+    out = accuracy_by_correctness(rankings, rewards, correct, finished, lengths)
+    assert (out["longer_better"]["accuracy"], out["longer_better"]["pairs"]) == (0.0, 2)
+    assert "shorter_better" not in out
+    flipped = accuracy_by_correctness([[2, 1, 0]], rewards, correct, finished, lengths)  # C > B > A
+    assert (flipped["shorter_better"]["accuracy"], flipped["shorter_better"]["pairs"]) == (1.0, 2)
+    assert "longer_better" not in accuracy_by_correctness(rankings, rewards, correct, finished)  # no lengths given
