@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from pipeline import registry, runs
-from pipeline.stats import fmt_diff, fmt_rate
+from pipeline.stats import fmt_diff, fmt_rate, paired_bootstrap
 from pipeline.tracking import stratified
 from reward_model.metrics import RM_PAIR_KINDS
 
@@ -239,6 +239,53 @@ def _diff(row: dict) -> str:
     return fmt_diff(row["gold_diff"]) if row.get("gold_diff") else "-"
 
 
+def leading_table(run_dir: Path) -> list[str]:
+    """The report's first table: PPO and every baseline and other policy of the run on the same test
+    prompts (`pipeline.study.cell_rows`: SFT, its rules and samplers, best-of-n, DPO, rejection
+    sampling, the PPO ablations), per decoding: gold with PPO's paired difference and its 95%
+    bootstrap interval over prompts, accuracy, hallucination, abstention, KL, the stage's wall
+    time; then one sentence on what it shows and what it does not. [] before ppo is complete."""
+    from pipeline.study import cell_rows
+
+    try:
+        rows = cell_rows(run_dir)
+    except ValueError:
+        return []
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    out = ["## PPO and every baseline on the test prompts", "",
+           "Same held-out test prompts, decoding and token budget for every row; the gold labeler judges. Δ: PPO's "
+           "mean gold score minus the row's, with a 95% paired bootstrap interval over prompts. Hallucination: wrong "
+           "answers on the fact and addition prompts; KL to SFT on sampled decoding (best-of-n: estimated from its "
+           "samples); wall time of the stage that trained the row.", "",
+           "| decoding | policy | gold | PPO minus row | accuracy | hallucination | abstain | KL | wall time |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    best = {}
+    for name in sorted(rows, key=lambda r: (r.split("/")[0] != "greedy", -(rows[r]["gold"] or 0))):
+        dec, label = name.split("/", 1)
+        r, ppo = rows[name], rows.get(f"{dec}/PPO", {})
+        a, b = ppo.get("golds"), r.get("golds")
+        diff = (fmt_diff(paired_bootstrap([x - y for x, y in zip(a, b)]))
+                if a and b and len(a) == len(b) and label != "PPO" else "-")
+        kl = "-" if r.get("kl") is None else f"{r['kl']:.2f}"
+        wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f} s"
+        out.append(f"| {dec} | {label} | {r['gold']:.3f} | {diff} | {pct(r['accuracy'])} | "
+                   f"{pct(r['hallucination'])} | {pct(r['abstain'])} | {kl} | {wall} |")
+        best.setdefault(dec, []).append((r["gold"], label))
+    said = []
+    for dec, ranked in best.items():
+        top = max(g for g, _ in ranked)
+        first = [label for g, label in ranked if g == top]
+        line = f"{dec}, {' and '.join(first)} {'score' if len(first) > 1 else 'scores'} highest ({top:.3f})"
+        ppo = next((g for g, label in ranked if label == "PPO"), None)
+        if ppo is not None and "PPO" not in first:
+            tied = sum(g == ppo for g, _ in ranked) > 1
+            line += f", PPO ranks {1 + sum(g > ppo for g, _ in ranked)} of {len(ranked)}{' (tied)' if tied else ''}"
+        said.append(line)
+    return out + ["", "What it shows, by mean gold (the intervals say which differences exceed the noise): "
+                  + "; ".join(said) + ". What it does not: one world at one seed on about 200 "
+                  "prompts; the spread over seeds and fresh worlds is `make study`'s (docs/results.md).", ""]
+
+
 def policy_table(run_dir: Path) -> list[str]:
     """Every policy-training stage of the run (`pipeline.registry`: a stage whose manifest holds a
     test evaluation against SFT, `stages.policy_eval`) on the same test prompts, decoding and
@@ -346,6 +393,7 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
         t = f"{r['wall_time_s']:.0f}s" if r["wall_time_s"] is not None else "-"
         lines.append(f"| {r['stage']} | {r['status']} | {t} | " + ", ".join(f"{k}={_fmt(v)}" for k, v in r["metrics"].items()) + " |")
     lines.append("")
+    lines.extend(leading_table(run_dir))
 
     def manifest(stage):
         p = run_dir / stage / "manifest.json"

@@ -99,3 +99,29 @@ def test_paired_bootstrap_interval_covers_the_mean_and_shrinks_with_agreement():
     assert noisy["low"] < noisy["value"] == 20 / 120 < noisy["high"] and noisy["n"] == 120
     same = paired_bootstrap([0.3] * 40)
     assert [same[k] for k in ("value", "low", "high")] == pytest.approx([0.3] * 3) and same["n"] == 40
+
+
+def test_report_leads_with_ppo_and_every_baseline_paired_over_prompts(tmp_path):
+    """The first table: every row of the run on the same test prompts with PPO's paired difference,
+    then the sentence naming the best row per decoding and PPO's place."""
+    def side(gold, acc):
+        return {"gold_score": gold, "accuracy": _rate(acc, acc - 0.1, acc + 0.1, 4), "kl": None,
+                "hallucination": _rate(0.25, 0.0, 0.7, 4), "abstain": _rate(0.0, 0.0, 0.5, 4),
+                "finish": _rate(1.0, 0.5, 1.0, 4), "skills": {}}
+
+    golds = {"ppo": [5.0, 4.0, 4.0, 3.0], "sft": [3.0, 3.0, 4.0, 2.0], "rule": [5.0, 4.0, 4.0, 2.0],
+             "bon": [5.0, 5.0, 4.0, 3.0]}
+    mean = lambda g: sum(g) / len(g)  # noqa: E731
+    evaluation = {"comparisons": {
+        "greedy": {"decoding": "greedy", "policy": side(mean(golds["ppo"]), 0.75), "sft": side(mean(golds["sft"]), 0.5),
+                   "golds": golds["ppo"], "sft_golds": golds["sft"], "win_rate": _rate(0.75, 0.3, 0.95, 4)}},
+        "baselines": {"greedy": {"sft+rule": {"policy": side(mean(golds["rule"]), 0.5), "golds": golds["rule"]}}},
+        "best_of_n": [{"n": 4, "kl": 0.5, "gold_score": mean(golds["bon"]), "rm_score": 1.0,
+                       "golds": golds["bon"], **{k: v for k, v in side(0, 0.75).items() if k != "gold_score"}}]}
+    _save(tmp_path, "ppo", {}, {"evaluation": evaluation})
+    report = write_report(tmp_path, "r").read_text()
+    assert report.index("## PPO and every baseline on the test prompts") < report.index("## Policies on the test")
+    assert "| greedy | PPO | 4.000 | - | 75.0% | 25.0% | 0.0% | - | 1 s |" in report
+    assert "| greedy | SFT+rule | 3.750 | +0.250 [+0.000, +0.750] | 50.0% |" in report  # one prompt of four differs
+    assert "| sampled | best-of-4 | 4.250 | - | 75.0% |" in report  # no sampled PPO row to pair it with
+    assert "greedy, PPO scores highest (4.000); sampled, best-of-4 scores highest (4.250)" in report
