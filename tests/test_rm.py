@@ -203,8 +203,9 @@ def test_plain_transformers_model_gives_normalized_scores(finished_run):
     assert abs(m["norm/ref_mean"]) < 1e-6 and m["norm/heldout_max_abs_dev"] >= m["norm/heldout_mean_abs_dev"] >= 0
     assert {"edges", "chosen", "rejected"} <= set(manifest.extra["reward_histogram"])
     kinds = manifest.extra["eval_accuracy_by_pair_kind"]
-    assert set(kinds) <= {"correctness", "correctness_same_finish", "correctness_different_finish", "style",
-                          "different_finish"}
+    from reward_model.metrics import RM_PAIR_KINDS
+
+    assert set(kinds) <= set(RM_PAIR_KINDS) and {"longer_better", "shorter_better"} & set(kinds)
     assert sum(kinds.get(k, {"pairs": 0})["pairs"] for k in ("correctness", "style")) == m["eval/pairs"]
     assert all(v["low"] <= v["accuracy"] <= v["high"] for v in [*kinds.values(), *manifest.extra["eval_accuracy_by_skill"].values()])
     assert m["eval/pairwise_accuracy_low"] <= m["eval/pairwise_accuracy"] <= m["eval/pairwise_accuracy_high"]
