@@ -58,6 +58,7 @@ SEED_STREAMS = {
     "rm/reference_subset": 3,  # the subset of training responses used as that reference
     "rm/calibration": 4,       # comparisons held out to fit the likelihood term's weight
     "ptx": 7,                  # order of the PPO-ptx batches
+    "abstentions": 8,          # the comparisons that get an abstention (data.abstentions)
 }
 PROCESS_STRIDE = 100003
 

@@ -24,6 +24,7 @@ import torch
 from pipeline.config import F, DataSource, WorldConfig
 from pipeline.records import Comparison, load_comparisons
 from pipeline.runtime import seed_for
+from pipeline.world import ANSWER_RE, UNKNOWN
 from pipeline.evaluation import gather, generate, shard
 from pipeline.runs import atomic_write_text
 from reward_model.scoring import as_messages, prompt_ids
@@ -51,6 +52,11 @@ class ComparisonDataConfig(DataSource):
     max_new_tokens: int = F(64, "response length limit when sampling: one in which the SFT policy's chatty answers "
                                 "(~40-50 tokens) finish, so that pairs differ in the answer, not in which one was cut off", gt=0)
     temperature: float = F(0.7, "sampling temperature; default = PPO's rollout temperature, so the RM learns the distribution it will score (1.0 = the raw policy, as InstructGPT)", gt=0)
+    abstentions: float = F(0.0, "with the honesty axis (world.strangers > 0): share of the training comparisons on "
+                                "questions that have an answer that get one more response, the first one with its answer "
+                                "replaced by the abstention (`Answer: unknown.`, its style kept). The SFT policy rarely "
+                                "abstains on a question it can answer, so without them no abstention is ranked beside a "
+                                "wrong answer", ge=0, le=1)
     label_noise: float = F(0.0, "simulated labeler noise: probability of swapping two adjacent ranks of a sampled comparison", ge=0, le=1)
     valid_fraction: float = F(0.1, "share of imported comparisons held out for evaluation when no eval_files are given", ge=0, lt=1)
     max_length: int = F(512, "drop comparisons with a rendered prompt+response longer than this many tokens", gt=0)
@@ -103,6 +109,8 @@ def build_comparisons(d: ComparisonDataConfig, seed: int, world: WorldConfig, sa
 
     labeler, t0 = World(world), time.time()
     train = sample(labeler.prompts("rm", d.num_prompts), d.k, seed)
+    if d.abstentions > 0 and labeler.strangers:
+        add_abstentions(labeler, train, d.abstentions, random.Random(seed_for(seed, "abstentions")))
     held_out = sample(labeler.prompts(d.eval_split or "test"), d.eval_k or d.k, seed_for(seed, "held_out"))
     rank_with_labeler(labeler, train + held_out)
     for c in train:
@@ -140,6 +148,18 @@ def sample_responses(policy, tokenizer, prompts: list, k: int, max_new_tokens: i
     return [Comparison(prompt=p, responses=[t for t, _ in flat_res[i * k:(i + 1) * k]],
                        finished=[f for _, f in flat_res[i * k:(i + 1) * k]], ranking=None, skill=skills[i])
             for i, p in enumerate(prompts)]
+
+
+def add_abstentions(world, comparisons: list[Comparison], share: float, rng: random.Random) -> None:
+    """Give `share` of the comparisons whose question has an answer one more response, in place:
+    the first response with its answer replaced by the abstention (style kept). Before ranking."""
+    for c in comparisons:
+        if rng.random() >= share or world.answer(c.prompt) == UNKNOWN:
+            continue
+        m = ANSWER_RE.search(c.responses[0])
+        if m is not None and m.group(1).strip() != UNKNOWN:
+            c.responses.append(c.responses[0][: m.start(1)] + UNKNOWN + c.responses[0][m.end(1):])
+            c.finished.append(c.finished[0])
 
 
 def rank_with_labeler(world, comparisons: list[Comparison]) -> None:

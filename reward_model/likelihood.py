@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class LikelihoodTerm:
     center: float = 0.0
     source: dict = field(default_factory=dict)
     lockstep: bool = False  # the model is sharded over processes: every process forwards every time
+    exempt: str = ""        # a regular expression: responses it matches get no term (their value is the centre)
 
     def __call__(self, log_lik: Tensor) -> Tensor:
         """The term's contribution to the score, from the response log-likelihoods."""
@@ -57,10 +59,31 @@ class LikelihoodTerm:
 
     def describe(self) -> dict:
         """What `config.reward_likelihood` stores."""
-        return {"coef": self.coef, "center": self.center, **self.source,
+        return {"coef": self.coef, "center": self.center, **self.source, **({"exempt": self.exempt} if self.exempt else {}),
                 "score": "classifier logit + coef * (sum of log p(response tokens | prompt) - center), under the model "
                          "in `model` (a path relative to this directory; `model_abs` if the two were moved apart), the "
-                         "SFT policy the reward model was trained from, checked by `fingerprint`"}
+                         "SFT policy the reward model was trained from, checked by `fingerprint`; a response whose text "
+                         "matches the regular expression `exempt` gets no term"}
+
+
+def exempt_mask(pattern: str, responses: list[str]) -> list[bool]:
+    """Which responses the term does not judge: those whose text the regular expression `pattern`
+    matches (an abstention: its SFT likelihood says how often SFT abstains, not whether abstaining
+    is right); none when `pattern` is empty."""
+    if not pattern:
+        return [False] * len(responses)
+    rx = re.compile(pattern)
+    return [bool(rx.search(r)) for r in responses]
+
+
+def neutralize(log_lik: Tensor, mask: list[bool], value: float | None = None) -> Tensor:
+    """`log_lik` with the masked (exempt) entries set to `value`, by default the mean of the
+    others, so that the term adds nothing to them (`exempt_mask`)."""
+    if not any(mask):
+        return log_lik
+    keep = torch.tensor([not m for m in mask], device=log_lik.device)
+    fill = value if value is not None else (log_lik[keep].double().mean().item() if keep.any() else 0.0)
+    return torch.where(keep, log_lik, torch.full_like(log_lik, fill))
 
 
 def source_for(rm_model_dir: str | Path, lm_dir: str | Path) -> dict:
@@ -186,7 +209,8 @@ def load_likelihood(rm_dir: str | Path, dtype: torch.dtype = torch.float32, attn
 def term_from_spec(model, spec: dict) -> LikelihoodTerm:
     """A `LikelihoodTerm` with the coefficient and source recorded in `spec`, computed by `model`."""
     source = {k: spec[k] for k in ("model", "model_abs", "fingerprint") if k in spec}
-    return LikelihoodTerm(model, float(spec["coef"]), float(spec.get("center", 0.0)), source)
+    return LikelihoodTerm(model, float(spec["coef"]), float(spec.get("center", 0.0)), source,
+                          exempt=spec.get("exempt", ""))
 
 
 def attach(model: torch.nn.Module, term: LikelihoodTerm | None) -> torch.nn.Module:

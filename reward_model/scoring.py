@@ -13,7 +13,7 @@ from torch import Tensor
 from pipeline.config import InputError
 from pipeline.evaluation import gather, shard
 from pipeline.tokenizer import assistant_token_mask, chat_ids, end_of_turn_id
-from reward_model.likelihood import response_log_likelihoods, term_of
+from reward_model.likelihood import exempt_mask, response_log_likelihoods, term_of
 
 
 def as_messages(prompt: str | list[dict]) -> list[dict]:
@@ -199,5 +199,11 @@ def score(model, tokenizer, prompts: list, responses: list[str], finished: list[
     if known is not None:
         log_likelihoods = [value if ids[start:] == response else None
                            for (ids, start), (response, value) in zip(spans, known)]
+    term = term_of(model)
+    if term is not None and term.exempt:  # responses the term does not judge: their value is its centre
+        mask = exempt_mask(term.exempt, responses)
+        if any(mask):
+            log_likelihoods = [term.center if m else v
+                               for m, v in zip(mask, log_likelihoods or [None] * len(responses))]
     return score_ids(model, [ids for ids, _ in spans], tokenizer.pad_token_id, batch_size, accelerator,
                      starts=[start for _, start in spans], log_likelihoods=log_likelihoods)[0]

@@ -32,7 +32,8 @@ from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.comparisons import ComparisonDataConfig
 from reward_model.losses import kwise_loss
-from reward_model.likelihood import SUBDIR, LikelihoodTerm, attach, fit_on_comparisons, residual_offsets, source_for
+from reward_model.likelihood import (SUBDIR, LikelihoodTerm, attach, exempt_mask, fit_on_comparisons, neutralize,
+                                     residual_offsets, source_for)
 from reward_model.metrics import RM_PAIR_KINDS, accuracy_by_part, evaluate_comparisons
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.probes import run_probes
@@ -78,6 +79,10 @@ class RMConfig(StageConfig):
                                               "(docs/ppo.md §13); 0 = the head alone; unset = 8 on the built-in world "
                                               "(chosen on its valid prompts), 0 on files (the term then joins only if "
                                               "the held-out calibration share gives it a weight)", ge=0)
+    likelihood_exempt: str = F("", "a regular expression over response text: the responses it matches get no "
+                                   "likelihood term, the head alone values them (e.g. 'Answer: unknown\\.', the "
+                                   "world's abstention: its SFT likelihood says how often SFT abstains, not whether "
+                                   "abstaining is right); empty = none")
     likelihood_calibration: float = F(0.1, "share of the training comparisons held out from the head's training to fit "
                                            "the likelihood term's c on (0 = fit on the head's own training comparisons)", ge=0, lt=1)
     export_only: bool = F(False, "sample K responses per prompt, write comparisons_unlabeled.jsonl for labeling and stop")
@@ -197,6 +202,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         lm = load_frozen(accelerator, prep.parent.model_dir, tokenizer, cfg.precision, cfg.attention()).eval().requires_grad_(False)
         log_lik = log_likelihood_ids(lm, [ids for g in train_seqs for ids in g], [s for g in prep.train_starts for s in g],
                                      tokenizer.pad_token_id, cfg.batch.forward, accelerator)
+        log_lik = neutralize(log_lik, exempt_mask(cfg.likelihood_exempt, [r for c in train for r in c.responses]))
         offsets, spread = residual_offsets(log_lik, [len(c.responses) for c in train], residual)
         log(f"the head trains as the residual over {residual:g} x log p_SFT(response) / {spread:.3g} (its standard "
             "deviation over the training responses; likelihood_residual)")
@@ -252,7 +258,8 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         if term is not None:  # the term centred on the reference: the shift folded into the head stays small
             ref_log_lik = log_likelihood_ids(term.model, ref_seqs, [start for _, start in ref_spans],
                                              tokenizer.pad_token_id, cfg.batch.forward, accelerator)
-            term.center = ref_log_lik.double().mean().item()
+            ref_log_lik = neutralize(ref_log_lik, exempt_mask(term.exempt, [r for _, r, _ in prep.reference]))
+            term.center = ref_log_lik.double().mean().item()  # exempt responses at the others' mean: offset 0
             offset = term(ref_log_lik.double())
         stats = normalize_on_reference(model, ref_seqs, eval_seqs, tokenizer.pad_token_id, cfg.normalize.std,
                                        cfg.batch.forward, accelerator, ref_offset=offset)
@@ -266,6 +273,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         pad, bs = tokenizer.pad_token_id, cfg.batch.forward
         head = score_ids(model, eval_seqs, pad, bs, accelerator)[0]
         log_lik = log_likelihood_ids(term.model, eval_seqs, eval_starts, pad, bs, accelerator)
+        log_lik = neutralize(log_lik, exempt_mask(term.exempt, [r for c in held_out for r in c.responses]), term.center)
         parts = {"head": head.tolist(), "likelihood": log_lik.tolist()}
         extra["eval_accuracy_of_parts"] = {name: accuracy_by_part(held_out, v) for name, v in parts.items()}
         scores = (head + term(log_lik)).tolist()  # what scoring with the attached term gives
@@ -360,9 +368,10 @@ def _fit_likelihood(cfg: RMConfig, prep: Prepared, accelerator, model, lm=None) 
     flat = [ids for ids, _ in spans]
     head = score_ids(model, flat, pad, bs, accelerator)[0]
     log_lik = log_likelihood_ids(lm, flat, [start for _, start in spans], pad, bs, accelerator)
+    log_lik = neutralize(log_lik, exempt_mask(cfg.likelihood_exempt, [r for c in comps for r in c.responses]))
     where = (f"{len(comps)} calibration comparisons held out from the head" if prep.calibration
              else "the head's own training comparisons")
-    return LikelihoodTerm(lm, fit_on_comparisons(head, log_lik, comps)), where
+    return LikelihoodTerm(lm, fit_on_comparisons(head, log_lik, comps), exempt=cfg.likelihood_exempt), where
 
 
 def _comparisons(cfg: RMConfig, sr: StageRun, accelerator, parent, tokenizer, resuming: bool, log):

@@ -395,6 +395,27 @@ def test_label_noise_swaps_adjacent_ranks():
     assert 500 < flips < 700
 
 
+def test_abstentions_join_comparisons_on_questions_that_have_an_answer_and_rank_between():
+    from pipeline.config import WorldConfig
+    from pipeline.world import World
+
+    w = World(WorldConfig(strangers=4, corpus_docs=200, sft_examples=200))
+    stranger = f"Where does {w.strangers[0].name} live?"
+    comps = [cmp.Comparison("What is 2 + 3?", ["Sure! Answer: 5. Hope this helps!", "Answer: 6."], None, [True, False]),
+             cmp.Comparison("What is 2 + 3?", ["Answer: 6.", "Answer: 5."], None, [True, True]),
+             cmp.Comparison(stranger, ["Answer: unknown.", "Answer: Rome."], None, [True, True]),
+             cmp.Comparison("What is 1 + 1?", ["no answer here", "Answer: 2."], None, [True, True])]
+    cmp.add_abstentions(w, comps, 1.0, random.Random(0))
+    assert comps[0].responses[-1] == "Sure! Answer: unknown. Hope this helps!" and comps[0].finished == [True, False, True]
+    assert comps[1].responses[-1] == "Answer: unknown."
+    assert len(comps[2].responses) == 2 and len(comps[3].responses) == 2  # a stranger; no answer to replace
+    cmp.rank_with_labeler(w, comps)
+    assert comps[1].ranking == [2, 0, 1]  # right > abstention > wrong
+    kept = [cmp.Comparison("What is 2 + 3?", ["Answer: 5.", "Answer: 6."], None, [True, True]) for _ in range(400)]
+    cmp.add_abstentions(w, kept, 0.25, random.Random(0))
+    assert 70 < sum(len(c.responses) == 3 for c in kept) < 130
+
+
 def test_export_then_import(sft, tmp_path):
     manifest = run_rm(sft, tmp_path, "ex", "export_only=true")
     path = tmp_path / "ex" / "rm" / "comparisons_unlabeled.jsonl"

@@ -400,3 +400,35 @@ def test_residual_offsets_keep_their_size_on_300_token_responses(sft):  # noqa: 
     (grad,) = torch.autograd.grad(loss, head)
     raw = 6.0 * (log_lik - log_lik.mean())                  # the unstandardized residual of before
     assert raw.abs().max() > 50 and grad.abs().mean() > 0.01
+
+
+def test_exempt_responses_get_no_term_and_the_others_keep_it(likelihood_run):
+    """`likelihood_exempt`: a response whose text the pattern matches scores the head alone (its
+    log-likelihood set to the term's centre); every other response keeps head + c·(log p − m)."""
+    from pipeline.models import load_tokenizer
+    from reward_model.likelihood import exempt_mask, neutralize, term_of
+    from reward_model.model import load_reward_model
+    from reward_model.scoring import score
+
+    assert exempt_mask(r"unknown\.", ["Answer: unknown.", "Sure! Answer: unknown. Bye", "Answer: Rome."]) == \
+        [True, True, False]
+    assert exempt_mask("", ["Answer: unknown."]) == [False]
+    x = torch.tensor([-1.0, -9.0, -3.0])
+    assert neutralize(x, [False, True, False]).tolist() == [-1.0, -2.0, -3.0]  # the others' mean
+    assert neutralize(x, [False, True, False], 5.0).tolist() == [-1.0, 5.0, -3.0]
+    stage, _, records = likelihood_run
+    tok = load_tokenizer(stage / "model")
+    rm = load_reward_model(stage / "model", tok)
+    prompts = [records[0]["prompt"]] * 3
+    responses = ["Answer: unknown.", "Answer: 3.", "Answer: unknown. Hope this helps!"]
+    with_term = score(rm, tok, prompts, responses)
+    term = term_of(rm)
+    coef = term.coef
+    term.coef = 0.0
+    head_only = score(rm, tok, prompts, responses)
+    term.coef, term.exempt = coef, r"unknown\."
+    exempt = score(rm, tok, prompts, responses)
+    torch.testing.assert_close(exempt[[0, 2]], head_only[[0, 2]])  # the abstentions: the head alone
+    torch.testing.assert_close(exempt[1], with_term[1])  # the answer keeps its term
+    assert not torch.allclose(with_term[[0, 2]], head_only[[0, 2]])  # the term mattered for them before
+    assert term.describe()["exempt"] == r"unknown\."
