@@ -2,7 +2,7 @@
 2022, "Scaling Laws for Reward Model Overoptimization", arXiv 2210.10760).
 
 After `make pipeline`, PPO runs again from the run's reward model once per KL coefficient β
-(`runs/<run>-overopt-b<β>/ppo`, long enough for the policy to drift far from SFT), each drawing its
+(`runs/<name>-b<β>/ppo`, `<name>` being `<run>-overopt` unless `--name` says otherwise; long enough for the policy to drift far from SFT), each drawing its
 curve along training on the test prompts (`eval.curve_split=test`: the curve chooses nothing, and it
 lies on the prompts of best-of-n). The first run also draws best-of-n of SFT samples for n up to
 64, its KL estimated from the samples (`stages.policy_eval.best_of_n`). Every curve, gold score and
@@ -10,7 +10,7 @@ RM score gained over its start against d = √KL, gets Gao et al.'s fits: R(d) =
 best-of-n form, and R(d) = d(α − β log d), their RL form. Both are linear in α and β (least squares
 through the origin). A curve whose gold turns down while its RM score climbs is over-optimization.
 
-Outputs `runs/<run>-overopt/overopt.md`, `overopt.json` and `overopt.png`. A finished β run is
+Outputs `runs/<name>/overopt.md`, `overopt.json` and `overopt.png`. A finished β run is
 skipped, an interrupted one resumes (the ppo stage's own checkpoints).
 """
 from __future__ import annotations
@@ -92,8 +92,8 @@ def analyse(points: list[dict]) -> dict:
     return out
 
 
-def run_name(run: str, beta: float) -> str:
-    return f"{run}-overopt-b{beta:g}"
+def run_name(name: str, beta: float) -> str:
+    return f"{name}-b{beta:g}"
 
 
 def sweep_args(run: str, runs_dir: str, beta: float, steps: int, every: int, best_of: list[int],
@@ -105,13 +105,13 @@ def sweep_args(run: str, runs_dir: str, beta: float, steps: int, every: int, bes
             f"eval.best_of=[{','.join(map(str, best_of))}]"]
 
 
-def collect(run: str, runs_dir: str, betas: list[float]) -> dict:
+def collect(run: str, runs_dir: str, betas: list[float], name: str) -> dict:
     """Every finished β run's curve and best-of-n (from the first run that drew it), analysed."""
     from pipeline.report import manifest_at
 
     curves, bon = [], None
     for beta in betas:
-        stage = runs.stage_dir(runs_dir, run_name(run, beta), "ppo")
+        stage = runs.stage_dir(runs_dir, run_name(name, beta), "ppo")
         m = manifest_at(stage)
         if m is None or not m.complete:
             continue
@@ -188,7 +188,7 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def run_sweep(run: str, runs_dir: str, betas: list[float], steps: int, every: int, best_of: list[int],
-              overrides: list[str]) -> int:
+              overrides: list[str], name: str | None = None) -> int:
     from pipeline.driver import run_variants
     from pipeline.report import manifest_at
     from pipeline.runtime import machine
@@ -198,14 +198,15 @@ def run_sweep(run: str, runs_dir: str, betas: list[float], steps: int, every: in
         print(f"error: run '{run}' has no complete rm stage ({runs.stage_dir(runs_dir, run, 'rm')}); run "
               f"`make pipeline RUN={run}` first", file=sys.stderr)
         return 2
-    home = Path(runs_dir) / f"{run}-overopt"
+    name = name or f"{run}-overopt"
+    home = Path(runs_dir) / name
     home.mkdir(parents=True, exist_ok=True)
-    variants = [(f"β={b:g}", run_name(run, b), sweep_args(run, runs_dir, b, steps, every, best_of if i == 0 else [],
+    variants = [(f"β={b:g}", run_name(name, b), sweep_args(run, runs_dir, b, steps, every, best_of if i == 0 else [],
                                                           overrides)) for i, b in enumerate(betas)]
     rc = run_variants("ppo", runs_dir, variants, "overopt")
     if rc != 0:
         return rc
-    result = collect(run, runs_dir, betas)
+    result = collect(run, runs_dir, betas, name) | {"overrides": overrides}
     walls = [c["wall_s"] for c in result["curves"]]
     wall = sum(walls) if walls and None not in walls else None  # the runs' own times: the same after a resume
     result["wall_s"] = wall
@@ -227,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=STEPS, help="PPO iterations per β")
     p.add_argument("--every", type=int, default=EVERY, help="a curve point every N iterations")
     p.add_argument("--best-of", default=",".join(map(str, BEST_OF)), help="best-of-n values drawn by the first run")
+    p.add_argument("--name", default=None, help="the sweep's name: runs/<name>-b<β>/ and runs/<name>/ (default "
+                                               "<run>-overopt; give each set of settings its own)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every ppo run")
     a = p.parse_args(argv)
     return run_sweep(a.run, a.runs_dir, [float(x) for x in a.betas.split(",") if x], a.steps, a.every,
-                     [int(x) for x in a.best_of.split(",") if x], a.overrides)
+                     [int(x) for x in a.best_of.split(",") if x], a.overrides, a.name)

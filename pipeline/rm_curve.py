@@ -2,15 +2,16 @@
 accuracy against the number of comparisons it trained on.
 
 After `make pipeline`, the rm stage runs again from the run's SFT model once per size
-(`runs/<run>-rmcurve-n<N>/rm`, `data.num_prompts=N`: the first N of the same comparison prompts),
+(`runs/<name>-n<N>/rm`, `data.num_prompts=N`: the first N of the same comparison prompts; `<name>`
+is `<run>-rmcurve` unless `--name` says otherwise),
 each judged on the same held-out comparisons (the test prompts' ranked samples). The run's own
-reward model is the curve's point at its size. Beside the whole score: accuracy on the pairs only
+reward model is the curve's point at its size (unless settings are passed to the sweep). Beside the whole score: accuracy on the pairs only
 correctness decides and on the pairs only style decides, the likelihood term alone (the frozen SFT
 model's judgement, which needs no comparison) and the head alone, and the score's length bias
 next to the gold judge's. If accuracy at the smallest size is already the largest's, the world's
 preferences are too easy to show a reward model learning.
 
-Outputs `runs/<run>-rmcurve/rm_curve.md`, `rm_curve.json` and `rm_curve.png`.
+Outputs `runs/<name>/rm_curve.md`, `rm_curve.json` and `rm_curve.png`.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ COLUMNS = (("eval/pairwise_accuracy", "all pairs"),
            ("eval/length_corr", "length corr."))
 
 
-def run_name(run: str, n: int) -> str:
-    return f"{run}-rmcurve-n{n}"
+def run_name(name: str, n: int) -> str:
+    return f"{name}-n{n}"
 
 
 def _complete(stage_dir: Path):
@@ -41,14 +42,19 @@ def _complete(stage_dir: Path):
     return m if m is not None and m.complete else None
 
 
-def points(run: str, runs_dir: str, sizes: list[int]) -> list[dict]:
-    """One point per finished size: the comparisons trained on and the rm manifest's figures (the
-    run's own reward model where its size is one of `sizes`)."""
-    own = _complete(runs.stage_dir(runs_dir, run, "rm"))
-    own_n = (own.config.get("data", {}).get("num_prompts") if own else None)
+def _own_size(run: str, runs_dir: str, reuse: bool):
+    """(the run's own complete reward model, its number of comparison prompts), or (None, None)."""
+    own = _complete(runs.stage_dir(runs_dir, run, "rm")) if reuse else None
+    return own, (own.config.get("data", {}).get("num_prompts") if own else None)
+
+
+def points(run: str, runs_dir: str, sizes: list[int], name: str, reuse: bool = True) -> list[dict]:
+    """One point per finished size: the comparisons trained on and the rm manifest's figures (with
+    `reuse`, the run's own reward model where its size is one of `sizes`)."""
+    own, own_n = _own_size(run, runs_dir, reuse)
     out = []
     for n in sizes:
-        m = own if n == own_n else _complete(runs.stage_dir(runs_dir, run_name(run, n), "rm"))
+        m = own if n == own_n else _complete(runs.stage_dir(runs_dir, run_name(name, n), "rm"))
         if m is None:
             continue
         out.append({"num_prompts": n, "comparisons": m.metrics.get("data/comparisons"),
@@ -64,11 +70,12 @@ def _cell(v, pct=True) -> str:
     return f"{100 * v:.1f}%" if pct else f"{v:+.2f}"
 
 
-def render(run: str, pts: list[dict], machine: str) -> str:
+def render(run: str, pts: list[dict], machine: str, overrides: list[str] | None = None) -> str:
     out = ["# The reward model's learning curve", "",
            f"Run `{run}`'s SFT model, the rm stage trained on the first N comparison prompts (K responses each, ranked "
            "by the gold judge); every row judged on the same held-out comparisons. Ranked pairs: the training pairs "
-           f"(all-tie comparisons carry none). On {machine}.", "",
+           f"(all-tie comparisons carry none). On {machine}."
+           + (f" Settings: `{' '.join(overrides)}`." if overrides else ""), "",
            "| comparisons | ranked pairs | " + " | ".join(name for _, name in COLUMNS) + " | judge's length corr. | "
            "wall time (s) |", "|---" * (len(COLUMNS) + 4) + "|"]
     for p in pts:
@@ -106,7 +113,7 @@ def plot(pts: list[dict], path: Path) -> bool:
     return True
 
 
-def run_curve(run: str, runs_dir: str, sizes: list[int], overrides: list[str]) -> int:
+def run_curve(run: str, runs_dir: str, sizes: list[int], overrides: list[str], name: str | None = None) -> int:
     from pipeline.driver import run_variants
     from pipeline.runtime import machine
 
@@ -115,20 +122,22 @@ def run_curve(run: str, runs_dir: str, sizes: list[int], overrides: list[str]) -
         print(f"error: run '{run}' has no complete sft stage ({runs.stage_dir(runs_dir, run, 'sft')}); run "
               f"`make pipeline RUN={run}` (or `make sft RUN={run}`) first", file=sys.stderr)
         return 2
-    own = _complete(runs.stage_dir(runs_dir, run, "rm"))
-    own_n = own.config.get("data", {}).get("num_prompts") if own else None
-    variants = [(f"{n} comparisons", run_name(run, n),
+    name = name or f"{run}-rmcurve"
+    reuse = not overrides  # the run's own reward model was trained without the sweep's settings
+    _, own_n = _own_size(run, runs_dir, reuse)
+    variants = [(f"{n} comparisons", run_name(name, n),
                  [f"parent={runs.stage_dir(runs_dir, run, 'sft')}", *overrides, f"data.num_prompts={n}"])
                 for n in sizes if n != own_n]
     rc = run_variants("rm", runs_dir, variants, "rm-curve")
     if rc != 0:
         return rc
-    pts = points(run, runs_dir, sizes)
-    home = Path(runs_dir) / f"{run}-rmcurve"
+    pts = points(run, runs_dir, sizes, name, reuse)
+    home = Path(runs_dir) / name
     home.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write_text(home / "rm_curve.json", json.dumps({"run": run, "points": pts, "machine": machine()}, indent=1))
+    runs.atomic_write_text(home / "rm_curve.json", json.dumps({"run": run, "overrides": overrides, "points": pts,
+                                                              "machine": machine()}, indent=1))
     plot(pts, home / "rm_curve.png")
-    text = render(run, pts, machine())
+    text = render(run, pts, machine(), overrides)
     runs.atomic_write_text(home / "rm_curve.md", text)
     print(text, flush=True)
     print(f"[rm-curve] {home / 'rm_curve.md'}", flush=True)
@@ -140,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", default="default", help="the run whose SFT model the reward models start from")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated numbers of comparison prompts")
+    p.add_argument("--name", default=None, help="the sweep's name: runs/<name>-n<N>/ and runs/<name>/ (default "
+                                               "<run>-rmcurve; give each set of settings its own)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every rm run")
     a = p.parse_args(argv)
-    return run_curve(a.run, a.runs_dir, [int(x) for x in a.sizes.split(",") if x], a.overrides)
+    return run_curve(a.run, a.runs_dir, [int(x) for x in a.sizes.split(",") if x], a.overrides, a.name)

@@ -129,15 +129,21 @@ def test_rm_curve_trains_each_size_once_and_reuses_the_runs_own_reward_model(tmp
         return 0, None
 
     monkeypatch.setattr(driver, "run_stage", fake_stage)
-    assert rm_curve.run_curve("r", str(tmp_path), [10, 100], ["seed=2"]) == 0
+    assert rm_curve.run_curve("r", str(tmp_path), [10, 100], []) == 0
     assert len(launched) == 1 and "data.num_prompts=10" in launched[0] and f"parent={sft}" in launched[0]
-    assert "run_name=r-rmcurve-n10" in launched[0] and "seed=2" in launched[0]
+    assert "run_name=r-rmcurve-n10" in launched[0]
     pts = json.loads((tmp_path / "r-rmcurve" / "rm_curve.json").read_text())["points"]
     assert [(p["comparisons"], p["eval/pairwise_accuracy"]) for p in pts] == [(10, 0.51), (100, 0.9)]
     text = (tmp_path / "r-rmcurve" / "rm_curve.md").read_text()
     assert "| 10 | 20 | 51.0% |" in text
     assert "From 10 to 100 comparisons, held-out accuracy changed by +39.0 points" in text
     assert rm_curve.run_curve("r", str(tmp_path), [10, 100], []) == 0 and len(launched) == 1  # all done: no run
+    # with settings of its own, the run's reward model is no point of the curve: every size trains, under the name
+    assert rm_curve.run_curve("r", str(tmp_path), [10, 100], ["data.label_noise=0.1"], "noisy") == 0
+    assert [next(a for a in c if a.startswith("run_name=")) for c in launched[1:]] == \
+        ["run_name=noisy-n10", "run_name=noisy-n100"]
+    assert all("data.label_noise=0.1" in c for c in launched[1:])
+    assert "Settings: `data.label_noise=0.1`" in (tmp_path / "noisy" / "rm_curve.md").read_text()
 
 
 def test_rm_curve_without_an_sft_model_says_what_to_run(tmp_path, capsys):
