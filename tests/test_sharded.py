@@ -275,3 +275,26 @@ def test_16_bit_runs_reduce_gradients_in_fp32_unless_told_otherwise(fp32):
                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
         configure_reduction(zero, fp32)
         assert ds.get("communication_data_type") == expected, precision
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accel", [pytest.param("cpu", id="ddp"), pytest.param("fsdp", id="fsdp2")])
+def test_rsft_on_two_processes_equals_one_and_resumes(tmp_path, accel):
+    """Rejection-sampling fine-tuning on 2 processes: the same best-of-n samples (keyed random
+    streams, gathered scores) and the same training and test figures as one process; stopped at a
+    checkpoint and resumed on the same samples."""
+    from pipeline.config import load_config
+    from stages import pretrain, rm, rsft, sft
+
+    common = [f"runs_dir={tmp_path}", "precision=no", *WORLD]
+    pretrain.run(load_config(pretrain.PretrainConfig, [*common, "run_name=one", *PRETRAIN[len(WORLD):]]))
+    sft.run(load_config(sft.SFTConfig, [*common, "run_name=one", "steps=4", "eval.max_new_tokens=8"]))
+    rm.run(load_config(rm.RMConfig, [*common, "run_name=one", "data.num_prompts=16", "data.max_new_tokens=8",
+                                     "epochs=1", "normalize.reference_size=16", "batch.size=8", "batch.micro=2"]))
+    args = ["data.num_prompts=16", "n=4", "max_new_tokens=24", "steps=4", "batch.size=4", "save_every=2", "log_every=1", "batch.forward=8",
+            "eval.num_prompts=8", "eval.max_new_tokens=8", f"parent={tmp_path / 'one' / 'rm'}"]
+    one = rsft.run(load_config(rsft.RSFTConfig, [*common, "run_name=one", *args]))
+    two = _stop_then_resume("rsft", accel, tmp_path, "two", *common[1:], "precision=no", *args)
+    assert (tmp_path / "two" / "rsft" / rsft.DATA).read_text() == (tmp_path / "one" / "rsft" / rsft.DATA).read_text()
+    for key in ("train/loss", "test/greedy/gold_score", "test/sampled/gold_score", "data/selected_rm_score"):
+        assert two.metrics[key] == pytest.approx(one.metrics[key], rel=1e-3, abs=1e-4), key
