@@ -14,6 +14,7 @@ its valid curve every `eval.every` steps.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,7 +118,8 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     bridge = trainer_bridge(cfg, tracker, "pairs", cfg.batch.size, accelerator.is_main_process,
                             shown=("loss", "rewards/accuracies"), every=cfg.eval.every if judge is not None else 0,
                             at_every=lambda at: judge.curve(trainer.accelerator, trainer.model_wrapped, at))
-    trainer = _pretokenized()(model=model, args=args, train_dataset=in_step_order(Dataset.from_list(pairs), total, cfg.batch.size, cfg.seed),
+    pairs_data = _shared_on_disk(Dataset.from_list(pairs), sr.dir / "pairs", accelerator)
+    trainer = _pretokenized()(model=model, args=args, train_dataset=in_step_order(pairs_data, total, cfg.batch.size, cfg.seed),
                               processing_class=tokenizer,
                               peft_config=peft_config, callbacks=[bridge])
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
@@ -169,6 +171,23 @@ def _pairs(tokenizer, comparisons: list, max_length: int) -> list[dict]:
                 continue
             out.append({"prompt_ids": better[:start], "chosen_ids": better[start:], "rejected_ids": worse[other:]})
     return out
+
+
+def _shared_on_disk(dataset, where: Path, accelerator):
+    """`dataset` written by rank 0 to `where` and read back by every process. TRL's DPOTrainer
+    writes the reference log-probabilities into a cache file beside the dataset's own files, and
+    the other processes read it from there; an in-memory dataset's cache lives in a temporary
+    directory of each process, where the others do not find rank 0's file (a 2-process run failed
+    with 'Failed to open local file .../cache-....arrow')."""
+    import shutil
+
+    from datasets import Dataset
+
+    if accelerator.is_main_process:
+        shutil.rmtree(where, ignore_errors=True)  # a resumed run writes the same pairs again
+        dataset.save_to_disk(str(where))
+    accelerator.wait_for_everyone()
+    return Dataset.load_from_disk(str(where))
 
 
 def _pretokenized():

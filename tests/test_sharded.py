@@ -298,3 +298,25 @@ def test_rsft_on_two_processes_equals_one_and_resumes(tmp_path, accel):
     assert (tmp_path / "two" / "rsft" / rsft.DATA).read_text() == (tmp_path / "one" / "rsft" / rsft.DATA).read_text()
     for key in ("train/loss", "test/greedy/gold_score", "test/sampled/gold_score", "data/selected_rm_score"):
         assert two.metrics[key] == pytest.approx(one.metrics[key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accel", [pytest.param("cpu", id="ddp"), pytest.param("fsdp", id="fsdp2")])
+def test_dpo_on_two_processes_equals_one_and_resumes(tmp_path, accel):
+    """DPO on 2 processes: the same comparisons (keyed random streams) and the same training and
+    test figures as one process; stopped at a checkpoint and resumed."""
+    from pipeline.config import load_config
+    from stages import dpo, pretrain, sft
+
+    common = [f"runs_dir={tmp_path}", "precision=no", *WORLD]
+    pretrain.run(load_config(pretrain.PretrainConfig, [*common, "run_name=one", *PRETRAIN[len(WORLD):]]))
+    sft.run(load_config(sft.SFTConfig, [*common, "run_name=one", "steps=4", "eval.max_new_tokens=8"]))
+    args = ["data.num_prompts=16", "data.max_new_tokens=8", "data.k=3", "steps=4", "batch.size=4", "save_every=2",
+            "log_every=1", "batch.forward=8", "eval.every=0", "eval.num_prompts=8", "eval.max_new_tokens=8",
+            f"parent={tmp_path / 'one' / 'sft'}"]
+    one = dpo.run(load_config(dpo.DPOConfig, [*common, "run_name=one", *args]))
+    two = _stop_then_resume("dpo", accel, tmp_path, "two", *common[1:], *args)
+    assert (tmp_path / "two" / "dpo" / "comparisons.jsonl").read_text() == \
+        (tmp_path / "one" / "dpo" / "comparisons.jsonl").read_text()
+    for key in ("train/loss", "test/greedy/gold_score", "test/sampled/gold_score"):
+        assert two.metrics[key] == pytest.approx(one.metrics[key], rel=1e-3, abs=1e-4), key
