@@ -71,3 +71,15 @@ def test_registry_line_makes_it_a_stage_of_every_tool():
     assert registry.get("rsft").parents == ("rm",) and "rsft" not in registry.CHAIN
     assert "rsft" in CHAT_STAGES and "rsft" in PLAN_STAGES
     assert launch.launch_command("rsft", ["n=4"], nproc=1, accel="cpu")[-2:] == ["stages.rsft", "n=4"]
+
+
+def test_prompt_files_train_without_a_gold_judge(finished_run, tmp_path):  # noqa: F811
+    """Your own prompts (as the ppo stage reads them): sampled, ranked by the reward model, trained
+    on; no gold labeler knows them, so no evaluation."""
+    rm_dir, _ = finished_run
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?"}) + "\n" for a in range(3) for b in range(3)))
+    m = run_rsft(rm_dir, tmp_path, "f", "data.source=files", f"data.files=[{data}]")
+    assert m.status == "complete" and "evaluation" not in m.extra and 0 < m.extra["examples"] <= 9
+    kept = [json.loads(r) for r in (tmp_path / "f" / "rsft" / rsft.DATA).read_text().splitlines()]
+    assert {r["messages"][0]["content"] for r in kept} <= {f"What is {a} + {b}?" for a in range(3) for b in range(3)}
