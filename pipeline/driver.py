@@ -19,7 +19,7 @@ import time
 
 from pipeline import registry, runs
 from pipeline.launch import exit_code, launch_command
-from pipeline.report import ablation_run, likelihood_ablation_run
+from pipeline.report import ablation_run, likelihood_ablation_run, manifest_at
 
 
 PTX_ABLATION_COEF = 1.0  # γ of the ablation run when the pipeline's own PPO runs without ptx (the default γ)
@@ -68,11 +68,8 @@ def run_pipeline(run_name: str, runs_dir: str, from_stage: str | None, stages: l
 
 def _judged_ppo(runs_dir: str, run_name: str) -> runs.Manifest | None:
     """The run's ppo manifest when the stage is complete and a gold labeler judged it (the world)."""
-    manifest = runs.stage_dir(runs_dir, run_name, "ppo") / "manifest.json"
-    if not manifest.exists():
-        return None
-    m = runs.Manifest.load(manifest)
-    return m if m.complete and m.config.get("data", {}).get("source", "world") == "world" else None
+    m = manifest_at(runs.stage_dir(runs_dir, run_name, "ppo"))
+    return m if m is not None and m.config.get("data", {}).get("source", "world") == "world" else None
 
 
 def ptx_ablation_args(run_name: str, runs_dir: str, overrides: list[str]) -> list[str] | None:
@@ -139,8 +136,7 @@ def run_variants(stage: str, runs_dir: str, variants: list[tuple[str, str, list[
     `pipeline.rm_curve`), skipping a run whose stage is complete (an interrupted one resumes from its
     own checkpoints); the first failure stops the sweep, its error last, the finished runs kept."""
     for i, (label, run, args) in enumerate(variants, 1):
-        manifest = runs.stage_dir(runs_dir, run, stage) / "manifest.json"
-        if manifest.exists() and runs.Manifest.load(manifest).complete:
+        if manifest_at(runs.stage_dir(runs_dir, run, stage)) is not None:
             print(f"[{tag}] {label}: complete, skipping", flush=True)
             continue
         print(f"[{tag}] {label} ({i}/{len(variants)}): {stage} starting", flush=True)

@@ -16,12 +16,12 @@ skipped, an interrupted one resumes (the ppo stage's own checkpoints).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 from pipeline import runs
+from pipeline.report import manifest_at
 
 BETAS = (0.1, 0.03, 0.01)  # the ppo default, and two that let the policy drift further
 STEPS = 150                # iterations per run: the default's KL has levelled off by 40 at β = 0.1
@@ -107,13 +107,11 @@ def sweep_args(run: str, runs_dir: str, beta: float, steps: int, every: int, bes
 
 def collect(run: str, runs_dir: str, betas: list[float], name: str) -> dict:
     """Every finished β run's curve and best-of-n (from the first run that drew it), analysed."""
-    from pipeline.report import manifest_at
-
     curves, bon = [], None
     for beta in betas:
         stage = runs.stage_dir(runs_dir, run_name(name, beta), "ppo")
         m = manifest_at(stage)
-        if m is None or not m.complete:
+        if m is None:
             continue
         curve = analyse(curve_from_metrics(runs.read_metrics(stage / "metrics.jsonl")))
         curves.append({"label": f"PPO β={beta:g}", "beta": beta, "wall_s": m.wall_time_s} | curve)
@@ -190,11 +188,9 @@ def plot(result: dict, path: Path) -> bool:
 def run_sweep(run: str, runs_dir: str, betas: list[float], steps: int, every: int, best_of: list[int],
               overrides: list[str], name: str | None = None) -> int:
     from pipeline.driver import run_variants
-    from pipeline.report import manifest_at
     from pipeline.runtime import machine
 
-    rm = manifest_at(runs.stage_dir(runs_dir, run, "rm"))
-    if rm is None or not rm.complete:
+    if manifest_at(runs.stage_dir(runs_dir, run, "rm")) is None:
         print(f"error: run '{run}' has no complete rm stage ({runs.stage_dir(runs_dir, run, 'rm')}); run "
               f"`make pipeline RUN={run}` first", file=sys.stderr)
         return 2
@@ -211,12 +207,8 @@ def run_sweep(run: str, runs_dir: str, betas: list[float], steps: int, every: in
     wall = sum(walls) if walls and None not in walls else None  # the runs' own times: the same after a resume
     result["wall_s"] = wall
     result["machine"] = machine()
-    runs.atomic_write_text(home / "overopt.json", json.dumps(result, indent=1))
     plot(result, home / "overopt.png")
-    text = render(result, wall, result["machine"])
-    runs.atomic_write_text(home / "overopt.md", text)
-    print(text, flush=True)
-    print(f"[overopt] {home / 'overopt.md'}", flush=True)
+    runs.write_result(home, "overopt", result, render(result, wall, result["machine"]), "overopt")
     return 0
 
 

@@ -16,11 +16,11 @@ Outputs `runs/<name>/rm_curve.md`, `rm_curve.json` and `rm_curve.png`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from pipeline import runs
+from pipeline.report import manifest_at
 
 SIZES = (25, 50, 100, 250, 500, 1000)  # comparisons (prompts, K responses each); 1000 is the rm default
 COLUMNS = (("eval/pairwise_accuracy", "all pairs"),
@@ -35,16 +35,9 @@ def run_name(name: str, n: int) -> str:
     return f"{name}-n{n}"
 
 
-def _complete(stage_dir: Path):
-    from pipeline.report import manifest_at
-
-    m = manifest_at(stage_dir)
-    return m if m is not None and m.complete else None
-
-
 def _own_size(run: str, runs_dir: str, reuse: bool):
     """(the run's own complete reward model, its number of comparison prompts), or (None, None)."""
-    own = _complete(runs.stage_dir(runs_dir, run, "rm")) if reuse else None
+    own = manifest_at(runs.stage_dir(runs_dir, run, "rm")) if reuse else None
     return own, (own.config.get("data", {}).get("num_prompts") if own else None)
 
 
@@ -54,7 +47,7 @@ def points(run: str, runs_dir: str, sizes: list[int], name: str, reuse: bool = T
     own, own_n = _own_size(run, runs_dir, reuse)
     out = []
     for n in sizes:
-        m = own if n == own_n else _complete(runs.stage_dir(runs_dir, run_name(name, n), "rm"))
+        m = own if n == own_n else manifest_at(runs.stage_dir(runs_dir, run_name(name, n), "rm"))
         if m is None:
             continue
         out.append({"num_prompts": n, "comparisons": m.metrics.get("data/comparisons"),
@@ -117,8 +110,7 @@ def run_curve(run: str, runs_dir: str, sizes: list[int], overrides: list[str], n
     from pipeline.driver import run_variants
     from pipeline.runtime import machine
 
-    sft = _complete(runs.stage_dir(runs_dir, run, "sft"))
-    if sft is None:
+    if manifest_at(runs.stage_dir(runs_dir, run, "sft")) is None:
         print(f"error: run '{run}' has no complete sft stage ({runs.stage_dir(runs_dir, run, 'sft')}); run "
               f"`make pipeline RUN={run}` (or `make sft RUN={run}`) first", file=sys.stderr)
         return 2
@@ -134,13 +126,10 @@ def run_curve(run: str, runs_dir: str, sizes: list[int], overrides: list[str], n
     pts = points(run, runs_dir, sizes, name, reuse)
     home = Path(runs_dir) / name
     home.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write_text(home / "rm_curve.json", json.dumps({"run": run, "overrides": overrides, "points": pts,
-                                                              "machine": machine()}, indent=1))
     plot(pts, home / "rm_curve.png")
-    text = render(run, pts, machine(), overrides)
-    runs.atomic_write_text(home / "rm_curve.md", text)
-    print(text, flush=True)
-    print(f"[rm-curve] {home / 'rm_curve.md'}", flush=True)
+    where = machine()
+    runs.write_result(home, "rm_curve", {"run": run, "overrides": overrides, "points": pts, "machine": where},
+                      render(run, pts, where, overrides), "rm-curve")
     return 0
 
 

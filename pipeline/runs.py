@@ -45,6 +45,16 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_result(home: str | Path, stem: str, data: Any, text: str, tag: str) -> None:
+    """A tool's result (`make study`, `make overopt`, `make rm-curve`): `<home>/<stem>.json` and the
+    readable `<home>/<stem>.md`, both atomic; the text printed, then where it is."""
+    home = Path(home)
+    atomic_write_text(home / f"{stem}.json", json.dumps(data, indent=1))
+    atomic_write_text(home / f"{stem}.md", text)
+    print(text, flush=True)
+    print(f"[{tag}] {home / f'{stem}.md'}", flush=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in one rename."""

@@ -63,7 +63,7 @@ def cell_rows(run_dir: Path) -> dict[str, dict]:
 
     out: dict[str, dict] = {}
     ppo = manifest_at(run_dir / "ppo")
-    if ppo is None or not ppo.complete:
+    if ppo is None:
         raise ValueError(f"{run_dir}: its ppo stage is not complete")
     evaluation = ppo.extra.get("evaluation") or {}
     for dec, c in evaluation.get("comparisons", {}).items():
@@ -77,15 +77,15 @@ def cell_rows(run_dir: Path) -> dict[str, dict]:
             out[f"sampled/best-of-{b['n']}"] = _entry(b, b.get("golds"), b.get("kl"))
     policies = [("PPO", ppo)]
     ablation = manifest_at(run_dir.parent / ablation_run(run_dir.name) / "ppo")
-    if ablation is not None and ablation.complete:
+    if ablation is not None:
         coef = float(ablation.config.get("ptx", {}).get("coef", 0.0))
         policies.append(("PPO-ptx" if coef > 0 else "PPO without ptx", ablation))
     no_likelihood = manifest_at(run_dir.parent / likelihood_ablation_run(run_dir.name) / "ppo")
-    if no_likelihood is not None and no_likelihood.complete:
+    if no_likelihood is not None:
         policies.append(("PPO without likelihood term", no_likelihood))
     for name in registry.NAMES:  # every other policy stage evaluated against SFT (e.g. dpo)
         m = manifest_at(run_dir / name)
-        evaluation = (m.extra or {}).get("evaluation") if m is not None and m.complete and name != "ppo" else None
+        evaluation = (m.extra or {}).get("evaluation") if m is not None and name != "ppo" else None
         if isinstance(evaluation, dict) and evaluation.get("comparisons"):
             policies.append((name.upper() if len(name) <= 4 else name, m))
     for label, m in policies:
@@ -215,10 +215,7 @@ def run_study(study: str, runs_dir: str, world_seeds: list[int], seeds: list[int
         walls.append(saved.get("wall_s") if "rows" in saved else None)
     result = aggregate(cells)
     wall = sum(walls) if None not in walls else None
-    runs.atomic_write_text(home / "study.json", json.dumps(result | {"wall_s": wall}, indent=1))
-    runs.atomic_write_text(home / "study.md", render(result, wall, f" on {machine()}"))
-    print(render(result, wall, f" on {machine()}"), flush=True)
-    print(f"[study] {home / 'study.md'}", flush=True)
+    runs.write_result(home, "study", result | {"wall_s": wall}, render(result, wall, f" on {machine()}"), "study")
     return 0
 
 

@@ -49,9 +49,10 @@ def accuracy_by_correctness(rankings: list[list[int]], rewards: list[list[float]
     response is the longer one: length and quality disagree) and `shorter_better`. An RM can score
     high by ranking style, by the missing end token alone (a truncation cue the labeler also
     punishes) or by preferring short responses; `correctness_same_finish` shows whether it judges
-    the answers, `longer_better` whether it does more than prefer the shorter response. -> {kind: {accuracy, pairs, low, high}}, only kinds with pairs; low/high = 95%
-    Wilson interval, which treats pairs as independent although pairs of one prompt are not
-    (they share the prompt and responses): read it as a lower bound on the uncertainty."""
+    the answers, `longer_better` whether it does more than prefer the shorter response.
+    -> {kind: {accuracy, pairs, low, high}}, only kinds with pairs; low/high = 95% Wilson interval,
+    which treats pairs as independent although pairs of one prompt are not (they share the prompt
+    and responses): read it as a lower bound on the uncertainty."""
     hits: dict = defaultdict(lambda: [0, 0])
     lengths = lengths or [None] * len(rankings)
     for ranks, r, ok, done, n in zip(rankings, rewards, correct, finished, lengths):

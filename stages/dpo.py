@@ -14,13 +14,13 @@ its valid curve every `eval.every` steps.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pipeline import runs
 from pipeline.config import F, BatchConfig, InputError, OptimConfig, PolicyEvalConfig, StageConfig
-from pipeline.distributed import configure_reduction, launcher_kind, save_model, trainer_launch_args
+from pipeline.distributed import configure_reduction, launcher_kind, trainer_launch_args
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, in_step_order, resolve_precision, total_steps
@@ -30,7 +30,7 @@ from pipeline.world import World
 from reward_model import comparisons as cmp
 from reward_model.comparisons import ComparisonDataConfig
 from reward_model.scoring import render_span
-from stages.judge import Judge, print_report
+from stages.judge import Judge, hand_off
 from stages.sft import LoraConfig
 
 
@@ -142,21 +142,10 @@ def _run(cfg: DPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         final = fp32_attention(trained.unwrap_model(final).merge_and_unload())
     metrics = dict(bridge.last)
     if judge is not None:
-        if cfg.eval.every:  # the valid curve's last point: where settings are chosen
-            judge.curve(trained, final, total)
-        test_metrics, extra["evaluation"], rows = judge.test(trained, final, total)
+        test_metrics, extra["evaluation"] = judge.final(trained, final, total)
         metrics.update(test_metrics)
-    tracker.log(metrics, total)
-    tracker.summary(metrics)
-    model_dir = sr.dir / "model"
-    save_model(trained, final, tokenizer, model_dir)
-    headline = {k.replace("/", "_"): metrics[f"test/{k}"] for k in ("greedy/win_rate", "greedy/accuracy")
-                if f"test/{k}" in metrics}
-    manifest = sr.finish(model_dir, metrics, headline, extra=extra)
-    tracker.finish()
-    if accelerator.is_main_process:
-        print_report(manifest, extra.get("evaluation"), f"{manifest.extra['pairs']} ranked pairs of {manifest.extra['comparisons']} comparisons")
-    return manifest
+    return hand_off(sr, tracker, trained, final, tokenizer, metrics, extra, total,
+                    f"{len(pairs)} ranked pairs of {len(train)} comparisons")
 
 
 def _pairs(tokenizer, comparisons: list, max_length: int) -> list[dict]:

@@ -39,6 +39,33 @@ class Judge:
         self.tracker.table("test/samples", TABLE_COLUMNS, stratified(rows, SKILL, self.cfg.eval.samples), step)
         return metrics, evaluation, rows
 
+    def final(self, trained, model, step: int) -> tuple[dict, dict]:
+        """The trained policy's last valid curve point (where settings are chosen; with
+        `eval.every`), then its test figures -> (test metrics, the evaluation for the manifest)."""
+        if self.cfg.eval.every:
+            self.curve(trained, model, step)
+        metrics, evaluation, _ = self.test(trained, model, step)
+        return metrics, evaluation
+
+
+def hand_off(sr, tracker, trained, model, tokenizer, metrics: dict, extra: dict, step: int, what: str):
+    """A judged policy stage's end: its metrics logged and summarized, `model` saved as a plain
+    directory, the manifest finished with the greedy win rate and accuracy as headline, and its
+    closing lines (`print_report`, `what` it trained on) -> the manifest."""
+    from pipeline.distributed import save_model
+
+    tracker.log(metrics, step)
+    tracker.summary(metrics)
+    model_dir = sr.dir / "model"
+    save_model(trained, model, tokenizer, model_dir)
+    headline = {k.replace("/", "_"): metrics[f"test/{k}"] for k in ("greedy/win_rate", "greedy/accuracy")
+                if f"test/{k}" in metrics}
+    manifest = sr.finish(model_dir, metrics, headline, extra=extra)
+    tracker.finish()
+    if sr.accelerator.is_main_process:
+        print_report(manifest, extra.get("evaluation"), what)
+    return manifest
+
 
 def print_report(manifest, evaluation: dict | None, what: str) -> None:
     """A judged policy stage's closing lines: its time, `what` it trained on, and per decoding its

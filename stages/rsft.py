@@ -19,13 +19,13 @@ from pathlib import Path
 
 from pipeline import runs
 from pipeline.config import F, BatchConfig, PolicyEvalConfig, StageConfig
-from pipeline.distributed import load_frozen, save_model
+from pipeline.distributed import load_frozen
 from pipeline.memory import check_fits
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.stage import DataError, StageRun, check_parent_world, stage_main
 from pipeline.world import World
 from reward_model import comparisons as cmp
-from stages.judge import Judge, print_report
+from stages.judge import Judge, hand_off
 from stages.ppo.config import PromptDataConfig
 from stages.sft import LoraConfig, SFTOptimConfig, fine_tune, fine_tune_plan
 
@@ -153,21 +153,10 @@ def _run(cfg: RSFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manif
     metrics["data/selected_rm_score"] = sum(r["rm_score"] for r in records) / len(records)
     metrics["data/sample_rm_score"] = sum(r["mean_rm_score"] for r in records) / len(records)
     if judge is not None:
-        if cfg.eval.every:  # the valid curve's last point: where settings are chosen
-            judge.curve(tuned.accelerator, tuned.model, tuned.step)
-        test_metrics, extra["evaluation"], _ = judge.test(tuned.accelerator, tuned.model, tuned.step)
+        test_metrics, extra["evaluation"] = judge.final(tuned.accelerator, tuned.model, tuned.step)
         metrics.update(test_metrics)
-    tracker.log(metrics, tuned.step)
-    tracker.summary(metrics)
-    model_dir = sr.dir / "model"
-    save_model(tuned.accelerator, tuned.model, tokenizer, model_dir)
-    headline = {k.replace("/", "_"): metrics[f"test/{k}"] for k in ("greedy/win_rate", "greedy/accuracy")
-                if f"test/{k}" in metrics}
-    manifest = sr.finish(model_dir, metrics, headline, extra=extra)
-    tracker.finish()
-    if accelerator.is_main_process:
-        print_report(manifest, extra.get("evaluation"), f"{manifest.extra['examples']} best-of-{manifest.extra['n']} samples")
-    return manifest
+    return hand_off(sr, tracker, tuned.accelerator, tuned.model, tokenizer, metrics, extra, tuned.step,
+                    f"{len(records)} best-of-{cfg.n} samples")
 
 
 def memory_plan(cfg: RSFTConfig, launcher: str, nproc: int, device, prompt_len: int = 256, mesh=None):

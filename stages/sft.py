@@ -229,9 +229,9 @@ def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, re
 
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
     sr.log(f"{len(train_records)} train / {len(valid_records)} held-out records ({kind}) | global batch "
-        f"{cfg.batch.size} = {micro} micro x {accelerator.num_processes} procs x {accum} accum"
-        f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
-        + (f" | resuming from {resume}" if resume else ""))
+           f"{cfg.batch.size} = {micro} micro x {accelerator.num_processes} procs x {accum} accum"
+           f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
+           + (f" | resuming from {resume}" if resume else ""))
 
     # 3. train
     configure_reduction(trainer.accelerator, cfg.reduce_fp32)  # its own state under DeepSpeed
