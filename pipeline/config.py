@@ -108,6 +108,10 @@ class WorldConfig:
     abstain_score: float = F(1.5, "with strangers > 0: the judge's correctness credit for `Answer: unknown.` on a question "
                                   "that has an answer (right 3, wrong 0): abstaining pays when the chance of being right "
                                   "is below abstain_score / 3", ge=0, le=3)
+    abstain_demos: float = F(0.0, "with strangers > 0: share of the SFT demonstrations on a fact or sum the pretrained "
+                                  "model gets wrong (greedy completion of its corpus sentence) that abstain instead of "
+                                  "answering (refusal-aware tuning, R-Tuning; docs/world.md): the demonstrator then "
+                                  "knows what the model knows, and imitation teaches where to abstain", ge=0, le=1)
     tokenizer_demos: bool = F(False, "also train the BPE on the SFT demonstrations' text: instruction words become whole "
                                      "tokens and SFT sequences ~40% shorter (pretraining data unchanged)")
 
@@ -189,6 +193,9 @@ class StageConfig:
         data = getattr(self, "data", None)
         if isinstance(data, DataSource) and data.source == "files" and not data.files and self.reads_data_files():
             problems.append("data.files: required when data.source is 'files'")
+        if self.world.abstain_demos and not self.world.strangers:
+            problems.append("world.abstain_demos: needs world.strangers > 0 (without strangers the judge scores an "
+                            "abstention as a wrong answer)")
         return problems
 
     def reads_data_files(self) -> bool:

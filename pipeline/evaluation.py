@@ -212,3 +212,13 @@ def fact_cloze_accuracy(model, tokenizer, cloze: list[tuple[str, str]], accelera
         rows.append([prefix, answer, text, ok])
     rows = gather(rows, accelerator)
     return sum(r[3] for r in rows) / max(1, len(rows)), rows
+
+
+def parent_knowledge(model, tokenizer, world, questions: list[str], accelerator=None) -> dict[str, bool]:
+    """Whether `model` (the pretrained parent) completes the corpus sentence that holds each fact
+    or sum question's answer, greedily (`World.cloze`): what pretraining stored, whatever SFT makes
+    of it. Feeds refusal-aware demonstrations (`world.abstain_demos`) and the SFT evaluation's
+    split of hallucinations into facts the parent knew and facts it did not."""
+    questions = sorted(set(questions))
+    _, rows = fact_cloze_accuracy(model, tokenizer, [world.cloze(q) for q in questions], accelerator)
+    return {q: bool(row[3]) for q, row in zip(questions, rows)}

@@ -293,10 +293,11 @@ def _first_difference(a: list[dict], b: list[dict]) -> int | None:
 # ------------------------------------------------------------------------------------------
 # Loading: files -> validated records, for each stage
 # ------------------------------------------------------------------------------------------
-def load_sft_records(data_cfg, world) -> tuple[list[dict], list[dict], str]:
-    """(train, held-out, kind) where kind is 'messages', 'prompt_completion' or 'text'."""
+def load_sft_records(data_cfg, world, unknown: frozenset[str] = frozenset()) -> tuple[list[dict], list[dict], str]:
+    """(train, held-out, kind) where kind is 'messages', 'prompt_completion' or 'text'. `unknown`:
+    the world's questions its refusal-aware demonstrations may abstain on (`World.sft_examples`)."""
     if data_cfg.source == "world":
-        train = [{"messages": ex["messages"]} for ex in world.sft_examples("train")]
+        train = [{"messages": ex["messages"]} for ex in world.sft_examples("train", unknown)]
         return train, [], "messages"
     kinds, clean = set(), []
     for f in data_cfg.files:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pipeline.evaluation import gather, generate, shard
 from pipeline.stats import policy_summary, rate
 from pipeline.tokenizer import chat_ids
-from pipeline.world import abstains
+from pipeline.world import KNOWN_UNKNOWN_SKILLS, abstains
 
 SPLIT = "test"  # reported figures only; `valid` is for choices (a checkpoint, a setting)
 
@@ -78,3 +78,16 @@ def summarise(rows: list[EvalRow], max_new_tokens: int, split: str = SPLIT) -> t
     evaluation = {"split": split, "decoding": "greedy", "max_new_tokens": max_new_tokens, "prompts": len(rows),
                   "overall": overall, "skills": skills}
     return metrics, evaluation
+
+
+def knowledge_split(rows: list[EvalRow], parent_knows: dict[str, bool]) -> tuple[dict, dict]:
+    """Hallucinations split by what pretraining stored (`evaluation.parent_knowledge`): over the
+    fact and sum prompts, the share whose corpus sentence the parent completes (`parent_knows`),
+    and the share answered wrongly where it does (`hallucination_known`: stored, not extracted by
+    the question) and where it does not (`hallucination_unknown`: not known at all)."""
+    asked = [r for r in rows if r.skill in KNOWN_UNKNOWN_SKILLS and r.prompt in parent_knows]
+    wrong = [not r.correct and not abstains(r.response) for r in asked]
+    known = [parent_knows[r.prompt] for r in asked]
+    table = {"parent_knows": rate(known), "hallucination_known": rate([w and k for w, k in zip(wrong, known)]),
+             "hallucination_unknown": rate([w and not k for w, k in zip(wrong, known)])}
+    return {f"eval/{k}_rate": v["value"] for k, v in table.items()}, table

@@ -303,14 +303,18 @@ class World:
         return f"Where does {p.name} live?", f"What colour does {p.name} like?"
 
     # ---------------------------------------------------------------------------- SFT
-    def sft_examples(self, split: str = "train") -> list[dict]:
+    def sft_examples(self, split: str = "train", unknown: frozenset[str] = frozenset()) -> list[dict]:
         """Demonstrations as chat `messages` (+ `skill` of the first turn). Only SFT people (and SFT
         strangers, whose answer is the abstention) appear: the demonstrator answers every question
-        that has an answer, as InstructGPT's labelers knew more than the model.
+        that has an answer, as InstructGPT's labelers knew more than the model. With
+        `abstain_demos` > 0, a share of the demonstrations of the `unknown` questions (those the
+        pretrained model gets wrong: `cloze`) abstain instead; the draw has its own random
+        stream, so the questions asked are the same with and without it.
 
         Each conversation holds `sft_turns` question/answer exchanges: several supervised answers
         per sequence give a small model more signal per optimizer step than one short answer."""
         rng = random.Random(f"{self.cfg.seed}-sft-{split}")
+        abstain_rng = random.Random(f"{self.cfg.seed}-sft-abstain-{split}")
         n = self.cfg.sft_examples if split == "train" else max(100, self.cfg.sft_examples // 20)
         banned = self._banned_prompts
         sft_people = [p for p in self.people if not p.held_out]
@@ -323,11 +327,34 @@ class World:
                 prompt = self._prompt(rng, skill, sft_strangers if skill == STRANGER else sft_people)
                 if prompt in banned:
                     continue
+                abstain = abstain_rng.random() < self.cfg.abstain_demos and prompt in unknown
                 messages += [{"role": "user", "content": prompt},
-                             {"role": "assistant", "content": self.styled_answer(rng, self.answer(prompt))}]
+                             {"role": "assistant",
+                              "content": self.styled_answer(rng, UNKNOWN if abstain else self.answer(prompt))}]
                 skills.append(skill)
             out.append({"messages": messages, "skill": skills[0]})
         return out
+
+    def cloze(self, prompt: str) -> tuple[str, str] | None:
+        """The start of the corpus sentence that holds a fact or sum question's answer, and the
+        answer (`Where does Bralo live?` -> (`Bralo lives in`, `Vemora`)): what the pretrained
+        model knows of it, read by greedy completion. None for other questions."""
+        skill = self.skill_of(prompt)
+        if skill == "add":
+            x, y = PROMPT_PATTERNS["add"].match(prompt).groups()
+            return f"{x} plus {y} is", self.answer(prompt)
+        if skill != "fact":
+            return None
+        m = PROMPT_PATTERNS["city"].match(prompt)
+        name = m.group(1) if m else PROMPT_PATTERNS["colour"].match(prompt).group(1)
+        return (f"{name} lives in" if m else f"{name} likes the colour"), self.answer(prompt)
+
+    def sft_questions(self) -> list[str]:
+        """Every fact and sum question a demonstration may ask (sorted): the questions about SFT
+        people and the sums that held-out prompts do not ask."""
+        people = [q for p in self.people if not p.held_out for q in self._fact_questions(p)]
+        sums = [f"What is {x} + {y}?" for x in range(10) for y in range(10)]
+        return sorted(q for q in people + sums if q not in self._banned_prompts)
 
     def styled_answer(self, rng: random.Random, answer: str) -> str:
         """The demonstration styles: concise (preferred), or chatty: the same answer followed by a

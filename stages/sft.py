@@ -18,16 +18,17 @@ from typing import Any, Callable, Literal
 from pipeline import runs
 from pipeline.config import F, BatchConfig, DataSource, InputError, StageConfig
 from pipeline.distributed import configure_reduction, full_parameters, launcher_kind, save_model, trainer_launch_args
+from pipeline.evaluation import parent_knowledge
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, in_step_order, resolve_precision, total_steps
 from pipeline.records import load_sft_records
-from pipeline.sft_eval import evaluate_world
+from pipeline.sft_eval import evaluate_world, knowledge_split
 from pipeline.stats import fmt_rate
 from pipeline.stage import StageRun, check_parent_world, stage_main
 from pipeline.tokenizer import assistant_token_mask, document_ids
 from pipeline.tracking import stratified, trainer_bridge
-from pipeline.world import World
+from pipeline.world import KNOWN_UNKNOWN_SKILLS, World
 
 
 @dataclass
@@ -111,15 +112,22 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         model_path = str(parent.model_dir)
         check_parent_world(cfg, parent)
     world = World(cfg.world) if cfg.data.source == "world" else None
-    train_records, valid_records, kind = load_sft_records(cfg.data, world)
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, tokenizer, attn=cfg.attention())
+    asked = world.sft_questions() if world is not None and cfg.world.abstain_demos else []
+    knows = {}  # what the parent completes of the facts and sums asked in demonstrations and tests
+    if world is not None and not cfg.model.random_init:
+        tested = [r["prompt"] for r in world.prompts("test") if r["skill"] in KNOWN_UNKNOWN_SKILLS]
+        knows = parent_knowledge(model, tokenizer, world, asked + tested, accelerator)
+    unknown = frozenset(q for q in asked if not knows.get(q, False))  # refusal-aware demonstrations abstain here
+    train_records, valid_records, kind = load_sft_records(cfg.data, world, unknown)
     resume, resume_step = sr.latest_trainer_checkpoint()
-    sr.begin(parent, runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_records), train_records[:3]]),
+    sr.begin(parent, runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_records), train_records[:3],
+                                            sorted(unknown)]),
              resuming=resume is not None)
     sr.clear_stale_checkpoints(resuming=resume is not None)
 
-    # 2. model, tokenizer; 3. train
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, tokenizer, attn=cfg.attention())
+    # 2. train
     if cfg.model.random_init:
         from transformers import AutoModelForCausalLM
 
@@ -134,11 +142,16 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
 
     # 4. evaluate and hand off
     extra = {"lora": cfg.lora.enabled}
+    if asked:
+        extra["abstain_demos"] = {"unknown": sorted(unknown), "asked": len(asked)}
     if world is not None:
         with full_parameters(trained, final) as full:
             world_metrics, extra["evaluation"], rows = evaluate_world(full, tokenizer, world, cfg.eval.max_new_tokens, cfg.batch.forward,
                                                                       accelerator)
         metrics.update(world_metrics)
+        if knows:
+            knowledge_metrics, extra["evaluation"]["parent_knowledge"] = knowledge_split(rows, knows)
+            metrics.update(knowledge_metrics)
         tracker.table("eval/samples", ["skill", "prompt", "response", "correct"],
                       stratified([[r.skill, r.prompt, r.response, r.correct] for r in rows], 0, cfg.eval.samples),
                       step)
@@ -359,6 +372,12 @@ def _print_report(manifest: runs.Manifest, metrics: dict, evaluation: dict | Non
             print(f"    {skill:<6} accuracy {fmt_rate(s['accuracy'])}  finished {fmt_rate(s['finish'])}  "
                   f"{s['n']} prompts{note}")
         print(f"  finished {fmt_rate(o['finish'])}  format {fmt_rate(o['format'])}  gold score {o['gold_score']:.3f} (max 5)")
+        if "hallucination" in o:
+            print(f"  abstain {fmt_rate(o['abstain'])}  hallucination {fmt_rate(o['hallucination'])} of the fact and sum prompts")
+        if k := e.get("parent_knowledge"):
+            print(f"    the pretrained model completes the corpus sentence of {fmt_rate(k['parent_knows'])} of them; "
+                  f"wrong where it does {fmt_rate(k['hallucination_known'])}, where it does not "
+                  f"{fmt_rate(k['hallucination_unknown'])}")
     if "eval/loss" in metrics:
         print(f"  held-out loss {metrics['eval/loss']:.4g}")
     print(f"  model: {Path(manifest.config['runs_dir']) / manifest.run_name / 'sft' / manifest.model_dir}")

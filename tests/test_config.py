@@ -91,6 +91,9 @@ def test_validate_cross_field():
     with pytest.raises(ConfigError) as e:
         load_config(PretrainConfig, ["batch.size=0", "batch.micro=16", "data.source=files"])
     assert len(e.value.problems) == 2
+    with pytest.raises(ConfigError, match="world.abstain_demos: needs world.strangers"):
+        load_config(PretrainConfig, ["world.abstain_demos=0.5"])
+    assert load_config(PretrainConfig, ["world.abstain_demos=0.5", "world.strangers=8"]).world.abstain_demos == 0.5
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -236,6 +236,66 @@ def test_summarise_gives_rates_with_intervals_per_skill():
     assert (e["split"], e["decoding"], e["max_new_tokens"], e["prompts"]) == ("test", "greedy", 64, 5)
 
 
+def test_refusal_aware_sft_abstains_where_the_parent_cannot_complete_the_fact(parent_run, monkeypatch):
+    """`world.abstain_demos`: the demonstrations abstain on exactly the questions whose corpus
+    sentence the parent does not complete; the evaluation splits hallucinations by the same test."""
+    from pipeline import evaluation, records
+    from pipeline.config import WorldConfig
+    from pipeline.world import World, abstains
+
+    def cloze(model, tokenizer, items, accelerator=None):  # the parent knows the even sums and every colour
+        rows = [[p, a, "", "colour" in p or ("plus" in p and int(p.split()[0]) % 2 == 0)] for p, a in items]
+        return sum(r[3] for r in rows) / len(rows), rows
+
+    seen = {}
+    load = records.load_sft_records
+    monkeypatch.setattr(evaluation, "fact_cloze_accuracy", cloze)
+    monkeypatch.setattr(sft, "load_sft_records", lambda *a: seen.setdefault("records", load(*a)))
+    m = _sft(parent_run, "run_name=aware", f"parent={parent_run / 'base' / 'pretrain'}", "world.strangers=4",
+             "world.abstain_demos=1.0")
+    world = World(WorldConfig(num_people=20, corpus_docs=600, sft_examples=128, eval_examples=4, strangers=4,
+                              abstain_demos=1.0))
+    expected = {q for q in world.sft_questions() if "live" in q or ("+" in q and int(q.split()[2]) % 2 == 1)}
+    extra = Manifest.load(parent_run / "aware" / "sft" / "manifest.json").extra
+    assert set(extra["abstain_demos"]["unknown"]) == expected and extra["abstain_demos"]["asked"] == len(world.sft_questions())
+    turns = [r["messages"] for r in seen["records"][0]]
+    assert any(t[0]["content"] in expected for t in turns)
+    assert all(abstains(t[1]["content"]) == (t[0]["content"] in expected or world.skill_of(t[0]["content"]) == "stranger")
+               for t in turns)
+    split = extra["evaluation"]["parent_knowledge"]
+    tested = [r["prompt"] for r in world.prompts("test") if r["skill"] in ("fact", "add")]
+    knows = [("colour" in q or ("+" in q and int(q.split()[2]) % 2 == 0)) for q in tested]
+    assert split["parent_knows"]["value"] == pytest.approx(sum(knows) / len(knows))
+    assert m.metrics["eval/hallucination_known_rate"] + m.metrics["eval/hallucination_unknown_rate"] == pytest.approx(
+        m.metrics["eval/hallucination_rate"])
+    # PPO's ptx term imitates the demonstrations SFT learned from, abstentions included
+    from types import SimpleNamespace
+
+    from stages.ppo.data import _sft_pairs, demonstration_unknowns
+
+    unknown = demonstration_unknowns(parent_run / "aware" / "sft" / "manifest.json")
+    assert unknown == expected
+    ptx = _sft_pairs(SimpleNamespace(ptx=SimpleNamespace(files=[])), world, unknown)
+    assert ptx == [(t[0]["content"], t[1]["content"]) for t in turns]
+
+
+def test_knowledge_split_separates_hallucinations_the_parent_knew_by_hand():
+    from pipeline.sft_eval import knowledge_split
+
+    def row(skill, prompt, response, correct):
+        return EvalRow(skill, prompt, response, correct, True, True, 0.0)
+
+    rows = [row("fact", "a", "Answer: x.", False),        # wrong, parent knew: not extracted
+            row("fact", "b", "Answer: y.", True),         # right, parent knew
+            row("add", "c", "Answer: 7.", False),         # wrong, parent did not know
+            row("add", "d", "Answer: unknown.", False),   # abstained: no hallucination
+            row("first", "e", "Answer: red.", False)]     # not a question the model may not know
+    metrics, table = knowledge_split(rows, {"a": True, "b": True, "c": False, "d": True})
+    assert table["parent_knows"]["value"] == 0.75 and table["parent_knows"]["n"] == 4
+    assert metrics["eval/hallucination_known_rate"] == 0.25 and metrics["eval/hallucination_unknown_rate"] == 0.25
+    assert metrics["eval/parent_knows_rate"] == 0.75
+
+
 def test_world_evaluation_is_greedy_on_the_test_split(monkeypatch, tiny_world):
     """Every test prompt, and only those, is answered greedily; a skill whose answers never stop
     shows a finish rate of 0 while its accuracy stays 1."""

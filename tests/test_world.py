@@ -173,3 +173,36 @@ def test_with_strangers_rm_and_ppo_ask_questions_that_neither_sft_nor_evaluation
     share = sum(q in rl for q in training) / len(training)
     assert 0.05 < share < 0.12                 # half of the fact prompts (1/6 of all)
     assert World(WorldConfig(corpus_docs=400)).rl_questions == frozenset()  # only with the honesty axis
+
+
+def test_cloze_of_a_question_is_its_corpus_sentence():
+    w = World(WorldConfig(strangers=8))
+    p = w.people[0]
+    assert w.cloze(f"Where does {p.name} live?") == (f"{p.name} lives in", p.city)
+    assert w.cloze(f"What colour does {p.name} like?") == (f"{p.name} likes the colour", p.colour)
+    assert w.cloze("What is 3 + 5?") == ("3 plus 5 is", "8")
+    assert w.cloze("What is the first word? red fox") is None
+    assert w.cloze(f"Where does {w.strangers[0].name} live?") is None  # nothing to know
+    train = set(_sentences(w.corpus("train")))
+    assert all(f"{pre} {ans}." in train for pre, ans in (w.cloze(f"Where does {q.name} live?") for q in w.people))
+
+
+def test_refusal_aware_demonstrations_abstain_only_on_unknown_questions():
+    cfg = dict(strangers=8, corpus_docs=400, sft_examples=600)
+    plain, aware = World(WorldConfig(**cfg)), World(WorldConfig(**cfg, abstain_demos=1.0))
+    questions = aware.sft_questions()
+    assert {aware.skill_of(q) for q in questions} == {"fact", "add"}
+    banned = {r["prompt"] for split in ("valid", "test") for r in aware.prompts(split)}
+    assert not set(questions) & banned and not set(questions) & aware.rl_questions
+    unknown = frozenset(questions[::3])
+    a, b = plain.sft_examples(unknown=unknown), aware.sft_examples(unknown=unknown)
+    assert aware.sft_examples() == a  # nothing unknown: the usual demonstrations
+    turns = [(x["messages"][0]["content"], x["messages"][1]["content"], y["messages"][1]["content"])
+             for x, y in zip(a, b)]
+    assert [x["messages"][0] for x in a] == [y["messages"][0] for y in b]  # the same questions are asked
+    hit = [t for t in turns if t[0] in unknown]
+    assert hit and all(abstains(new) and not abstains(old) for _, old, new in hit)
+    assert all(old == new for q, old, new in turns if q not in unknown)
+    half = World(WorldConfig(**cfg, abstain_demos=0.5)).sft_examples(unknown=unknown)
+    share = sum(abstains(y["messages"][1]["content"]) for x, y in zip(a, half) if x["messages"][0]["content"] in unknown)
+    assert 0.35 < share / len(hit) < 0.65

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import runs
 from pipeline.data import read_records
 from pipeline.records import load_prompt_records, read_text_documents
 from pipeline.runtime import batch_indices, batch_split, micro_batch, seed_for
@@ -57,9 +58,18 @@ class PtxData:
         return out
 
 
-def _sft_pairs(cfg, world) -> list[tuple[str, str]]:
+def demonstration_unknowns(sft_manifest) -> frozenset[str]:
+    """The questions the SFT stage's refusal-aware demonstrations abstained on (`world.abstain_demos`;
+    none without it), read from its manifest."""
+    if sft_manifest is None:
+        return frozenset()
+    return frozenset((runs.Manifest.load(sft_manifest).extra.get("abstain_demos") or {}).get("unknown", []))
+
+
+def _sft_pairs(cfg, world, unknown: frozenset[str]) -> list[tuple[str, str]]:
     if not cfg.ptx.files:
-        return [(ex["messages"][0]["content"], ex["messages"][1]["content"]) for ex in world.sft_examples("train")]
+        return [(ex["messages"][0]["content"], ex["messages"][1]["content"])
+                for ex in world.sft_examples("train", unknown)]
     pairs = []
     for path in cfg.ptx.files:
         for loc, rec in read_records(path):
@@ -76,12 +86,14 @@ def _sft_pairs(cfg, world) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_ptx(cfg, world, tokenizer) -> PtxData:
-    """Build the ptx sequences from the built-in world or `ptx.files`."""
+def load_ptx(cfg, world, tokenizer, unknown: frozenset[str] = frozenset()) -> PtxData:
+    """Build the ptx sequences from the built-in world or `ptx.files`. `unknown`: the questions
+    the SFT stage's refusal-aware demonstrations abstained on (its manifest's `abstain_demos`),
+    so the world's demonstrations are the ones SFT learned from."""
     L = cfg.ptx.max_length
     seqs = []
     if cfg.ptx.source == "sft":
-        for prompt, response in _sft_pairs(cfg, world):
+        for prompt, response in _sft_pairs(cfg, world, unknown):
             # the SFT stage's mask: the response through its end-of-turn token, nothing after
             ids, mask = assistant_token_mask(tokenizer, [{"role": "user", "content": prompt},
                                                          {"role": "assistant", "content": response}])

@@ -25,7 +25,7 @@ from pipeline.stage import StageRun, check_parent_world
 from pipeline.tracking import Progress, stratified
 from pipeline.world import World
 from stages.ppo.config import PPOConfig
-from stages.ppo.data import load_prompts, load_ptx
+from stages.ppo.data import demonstration_unknowns, load_prompts, load_ptx
 from stages.policy_eval import SKILL, TABLE_COLUMNS, EvalSettings, evaluate, make_eval_set, test_evaluation
 from stages.ppo.loop import Trainer, iteration_step, make_trainer
 from stages.ppo.models import Sources, export_policy, load_models, resolve_sources
@@ -144,7 +144,7 @@ def _run(cfg: PPOConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
     sr.manifest.extra = {"policy_source": sources.policy_dir, "reward_source": sources.reward_dir,
                          "sft_manifest": str(sources.sft_manifest) if sources.sft_manifest else None}
     models = load_models(cfg, sources, accelerator.device, trained_numerics(accelerator))
-    ptx = load_ptx(cfg, world, models.tokenizer) if cfg.ptx.coef > 0 else None
+    ptx = load_ptx(cfg, world, models.tokenizer, demonstration_unknowns(sources.sft_manifest)) if cfg.ptx.coef > 0 else None
     trainer = make_trainer(cfg, models, accelerator, ptx)
     whole = cfg.rollout.gather != "layer"
     if launcher_kind(accelerator) in ("fsdp2", "zero3") and accelerator.num_processes > 1:
