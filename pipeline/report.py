@@ -325,7 +325,14 @@ def _sft_table(evaluation: dict) -> list[str]:
         out.append(f"| {skill} | {s['n']} | {_pct(s['accuracy'])} | {_pct(s['finish'])} |")
     o = evaluation["overall"]
     out.append(f"| **overall** | {evaluation['prompts']} | {_pct(o['accuracy'])} | {_pct(o['finish'])} |")
-    return out + ["", f"Format rate {_pct(o['format'])}; gold score {o['gold_score']:.3f} (max 5).", ""]
+    out += ["", f"Format rate {_pct(o['format'])}; gold score {o['gold_score']:.3f} (max 5)."]
+    if k := evaluation.get("parent_knowledge"):
+        out += ["", f"Of the fact and addition prompts, SFT answers {_pct(o['hallucination'])} wrongly. The pretrained "
+                f"model completes the corpus sentence that holds the answer (`Bralo lives in` → `Vemora`) for "
+                f"{_pct(k['parent_knows'])} of them; SFT is wrong on {_pct(k['hallucination_known'])} of the prompts "
+                f"where it does (stored in pretraining, not drawn out by the question) and on "
+                f"{_pct(k['hallucination_unknown'])} where it does not."]
+    return out + [""]
 
 
 

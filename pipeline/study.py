@@ -35,6 +35,7 @@ WORLD_SEEDS = (9101, 9102, 9103)  # fresh worlds: no default was tuned on them (
 SEEDS = (0, 1)
 METRICS = ("gold", "accuracy", "hallucination", "abstain", "kl")
 AUROCS = ("confidence_auroc", "probe_auroc")
+KNOWLEDGE = ("parent_knows", "hallucination_known", "hallucination_unknown")  # sft_eval.knowledge_split
 
 
 def cell_name(study: str, world_seed: int, seed: int) -> str:
@@ -70,6 +71,9 @@ def cell_rows(run_dir: Path) -> dict[str, dict]:
         out[f"{dec}/SFT"] = _entry(c["sft"], c.get("sft_golds"), 0.0 if dec == "sampled" else None)
         if dec == "greedy":  # does SFT know what it knows (stages/self_knowledge.py)
             out[f"{dec}/SFT"] |= {k: (evaluation.get("self_knowledge") or {}).get(k) for k in AUROCS}
+            sft = manifest_at(run_dir / "sft")
+            split = ((sft.extra.get("evaluation") or {}) if sft else {}).get("parent_knowledge") or {}
+            out[f"{dec}/SFT"] |= {k: split[k]["value"] if k in split else None for k in KNOWLEDGE}
         for name, b in evaluation.get("baselines", {}).get(dec, {}).items():
             out[f"{dec}/{name.replace('sft', 'SFT')}"] = _entry(b["policy"], b.get("golds"))
     for b in evaluation.get("best_of_n", []):
@@ -107,7 +111,7 @@ def sign_flip_p(diffs: list[float]) -> float:
 
 
 FORMATS = {"gold": ".3f", "accuracy": "%", "hallucination": "%", "abstain": "%", "kl": ".2f", "wall_s": ".0f",
-           "confidence_auroc": ".2f", "probe_auroc": ".2f"}
+           "confidence_auroc": ".2f", "probe_auroc": ".2f", **{k: "%" for k in KNOWLEDGE}}
 
 
 def _mean_sd(values: list, fmt: str = ".3f") -> str:
@@ -129,7 +133,7 @@ def aggregate(cells: dict[str, dict[str, dict]]) -> dict:
     table = {}
     for r in names:
         per = [rows[r] for rows in cells.values() if r in rows]
-        table[r] = {k: [p.get(k) for p in per] for k in (*METRICS, *AUROCS, "wall_s")} | {"cells": len(per)}
+        table[r] = {k: [p.get(k) for p in per] for k in (*METRICS, *AUROCS, *KNOWLEDGE, "wall_s")} | {"cells": len(per)}
     versus = {}
     for r in names:
         dec, label = r.split("/", 1)
@@ -173,6 +177,11 @@ def render(result: dict, wall_s: float | None = None, machine: str = "") -> str:
         out += ["", f"Does SFT know what it knows? AUROC of telling its right answers from its wrong ones on the test fact "
                     f"and addition prompts: its answer confidence {_mean_sd(sft['confidence_auroc'], '.2f')}, a probe on "
                     f"its hidden states {_mean_sd(sft['probe_auroc'], '.2f')} (stages/self_knowledge.py)."]
+    if any(v is not None for v in sft.get("hallucination_known", [])):
+        out += ["", f"Stored but not drawn out: the pretrained model completes the corpus sentence of "
+                    f"{_mean_sd(sft['parent_knows'], '%')} of the test fact and addition prompts; SFT answers "
+                    f"{_mean_sd(sft['hallucination_known'], '%')} of them wrongly where it does and "
+                    f"{_mean_sd(sft['hallucination_unknown'], '%')} where it does not (docs/world.md)."]
     out += ["", "PPO's mean gold score minus each row's, on the same test prompts: the mean over cells, the cells in "
                 "which the 95% paired bootstrap interval over prompts lies above 0, and an exact sign-flip test over "
                 "the cells' mean differences (two-sided; with n cells its smallest p is 2/2^n).", "",

@@ -20,7 +20,11 @@ def _save(runs_dir, stage, metrics, extra=None, config=None):
 def _sft_evaluation():
     return {"split": "test", "decoding": "greedy", "max_new_tokens": 64, "prompts": 30,
             "overall": {"accuracy": _rate(0.5, 0.33, 0.67, 30), "finish": _rate(0.9, 0.74, 0.97, 30),
-                        "format": _rate(0.8, 0.63, 0.9, 30), "gold_score": 2.5},
+                        "format": _rate(0.8, 0.63, 0.9, 30), "gold_score": 2.5,
+                        "hallucination": _rate(0.4, 0.24, 0.58, 30)},
+            "parent_knowledge": {"parent_knows": _rate(0.9, 0.74, 0.97, 30),
+                                 "hallucination_known": _rate(0.3, 0.17, 0.48, 30),
+                                 "hallucination_unknown": _rate(0.1, 0.03, 0.26, 30)},
             "skills": {"add": {"accuracy": _rate(0.6, 0.31, 0.83, 10), "finish": _rate(1.0, 0.72, 1.0, 10), "n": 10},
                        "fact": {"accuracy": _rate(0.45, 0.26, 0.66, 20), "finish": _rate(0.85, 0.64, 0.95, 20),
                                 "n": 20}}}
@@ -46,6 +50,10 @@ def test_report_tables_sft_skills_and_rm_pair_kinds_with_intervals(tmp_path):
     assert "Test split, greedy, 64 new tokens, 30 prompts" in report
     assert "| fact | 20 | 45.0% [26.0, 66.0] | 85.0% [64.0, 95.0] |" in report
     assert "| **overall** | 30 | 50.0% [33.0, 67.0] | 90.0% [74.0, 97.0] |" in report
+    assert ("SFT answers 40.0% [24.0, 58.0] wrongly. The pretrained model completes the corpus sentence that holds "
+            "the answer (`Bralo lives in` → `Vemora`) for 90.0% [74.0, 97.0] of them; SFT is wrong on 30.0% [17.0, 48.0] "
+            "of the prompts where it does") in report
+    assert "and on 10.0% [3.0, 26.0] where it does not." in report
     assert "70.0% [60.0, 78.0] (comparisons sampled on the test prompts at 64 new tokens, 100 ranked pairs" in report
     rows = [l for l in report.splitlines() if l.startswith("| correctness") or l.startswith("| different_finish")]
     assert [r.split(" | ")[0] for r in rows] == ["| correctness", "| correctness_same_finish", "| different_finish"]

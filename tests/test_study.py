@@ -37,6 +37,12 @@ def test_aggregate_pairs_prompts_within_each_cell():
     assert "| greedy | SFT+rule | 2.250 ± 0.354 | 50.0% ± 0.0 | 20.0% ± 0.0 | 10.0% ± 0.0 | - | - |" in text
     assert "| greedy | SFT+rule | +0.500 | 1/2 | 1.000 |" in text
     assert "2 min on a test CPU" in text
+    assert "Stored but not drawn out" not in text  # cells without the split say nothing of it
+    cells["w1-s0"]["greedy/SFT"] |= {"parent_knows": 0.8, "hallucination_known": 0.3, "hallucination_unknown": 0.1}
+    cells["w2-s0"]["greedy/SFT"] |= {"parent_knows": 0.9, "hallucination_known": 0.5, "hallucination_unknown": 0.1}
+    text = study.render(study.aggregate(cells))
+    assert ("completes the corpus sentence of 85.0% ± 7.1 of the test fact and addition prompts; SFT answers "
+            "40.0% ± 14.1 of them wrongly where it does and 10.0% ± 0.0 where it does not") in text
 
 
 def test_study_resumes_at_the_first_cell_without_results(tmp_path, monkeypatch, capsys):
