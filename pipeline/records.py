@@ -313,6 +313,22 @@ def load_sft_records(data_cfg, world, unknown: frozenset[str] = frozenset()) -> 
     return clean[n_valid:], clean[:n_valid], kinds.pop()
 
 
+def replay_documents(data_cfg, world, demonstrations: int) -> list[str]:
+    """`data.replay` pretraining documents per demonstration for SFT to train on beside them:
+    the world's corpus (in its own random order) or `data.replay_files`, cycled when there are
+    fewer. Replaying pretraining data keeps fine-tuning from overwriting what pretraining stored
+    (the ptx idea of InstructGPT, Ouyang et al. 2022, applied to SFT)."""
+    n = int(data_cfg.replay * demonstrations)
+    if n == 0:
+        return []
+    if data_cfg.replay_files:
+        train, held = read_text_documents(data_cfg.replay_files)  # every document: none is held out here
+        docs = train + held
+    else:
+        docs = world.corpus("train")
+    return [docs[i % len(docs)] for i in range(n)]
+
+
 def load_comparisons(files: list[str], columns: dict | None = None, config: str | None = None,
                      split: str | None = None, log=None) -> list[Comparison]:
     """Every comparison of every file, validated before anything trains. A pair whose two

@@ -22,7 +22,7 @@ from pipeline.evaluation import parent_knowledge
 from pipeline.memory import check_fits
 from pipeline.models import disable_dropout, fp32_attention, load_causal_lm, load_tokenizer
 from pipeline.runtime import batch_split, in_step_order, resolve_precision, total_steps
-from pipeline.records import load_sft_records
+from pipeline.records import load_sft_records, replay_documents
 from pipeline.sft_eval import evaluate_world, knowledge_split
 from pipeline.stats import fmt_rate
 from pipeline.stage import StageRun, check_parent_world, stage_main
@@ -53,6 +53,11 @@ class SFTDataConfig(DataSource):
     columns: dict = F({}, "column mapping, e.g. {prompt: [instruction, input], completion: output}")
     valid_fraction: float = F(0.05, "share of user records held out for loss evaluation", ge=0, lt=1)
     max_length: int = F(128, "longest tokenized example; longer ones are truncated", ge=2)
+    replay: float = F(0.0, "pretraining documents mixed into the training data per demonstration, the loss on every "
+                           "token of them, so SFT does not overwrite what pretraining stored: the world's corpus, or "
+                           "data.replay_files (docs/world.md)", ge=0)
+    replay_files: list[str] = F([], "text documents to replay (.txt/.md or records with a `text` field) when "
+                                    "data.source is files")
     packing: bool = F(False, "pack several examples into each sequence (faster on long data)")
 
 
@@ -90,6 +95,12 @@ class SFTConfig(StageConfig):
 
     stage = "sft"
 
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.data.replay and self.data.source == "files" and not self.data.replay_files:
+            problems.append("data.replay: with data.source=files, name the documents to replay in data.replay_files")
+        return problems
+
 
 # The SFT trainer's logs, as the stage's metrics
 SFT_LOGS = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm", "eval_loss": "eval/loss",
@@ -121,9 +132,10 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         knows = parent_knowledge(model, tokenizer, world, asked + tested, accelerator)
     unknown = frozenset(q for q in asked if not knows.get(q, False))  # refusal-aware demonstrations abstain here
     train_records, valid_records, kind = load_sft_records(cfg.data, world, unknown)
+    replay = replay_documents(cfg.data, world, len(train_records))
     resume, resume_step = sr.latest_trainer_checkpoint()
     sr.begin(parent, runs.data_fingerprint([cfg.data.source, cfg.data.files, len(train_records), train_records[:3],
-                                            sorted(unknown)]),
+                                            sorted(unknown), len(replay), replay[:3]]),
              resuming=resume is not None)
     sr.clear_stale_checkpoints(resuming=resume is not None)
 
@@ -134,7 +146,7 @@ def _run(cfg: SFTConfig, sr: StageRun, accelerator, threads: int) -> runs.Manife
         model = AutoModelForCausalLM.from_config(model.config)
     tracker = sr.tracker(resume_step=resume_step)
     tuned = fine_tune(cfg, sr, accelerator, threads, model, tokenizer, (train_records, valid_records, kind), resume,
-                      tracker)
+                      tracker, replay=replay)
     if tuned.model is None:
         tracker.finish()
         return sr.stopped(tuned.step)
@@ -179,21 +191,22 @@ class Tuned:
 
 
 def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, records: tuple, resume, tracker,
-              every: int = 0, curve: Callable | None = None):
+              every: int = 0, curve: Callable | None = None, replay: list[str] = ()):
     """TRL's SFTTrainer on `records` (train records, held-out records, their kind: what
     `load_sft_records` returns), the loss on the assistant tokens (`sft_features`), in the stage's
     data order; `cfg` has the sft stage's training sections (batch, lora, optim, epochs, steps,
     data.max_length, data.packing). Returns the metrics, the final model in full weights, the trainer's
     accelerator, the last step: `Tuned`; its model None when the run stopped before the end). With
     `every`, `curve(trainer accelerator, model, step)` runs before the first step and every `every`
-    steps (a policy stage's valid curve, `stages.judge.Judge.curve`)."""
+    steps (a policy stage's valid curve, `stages.judge.Judge.curve`). `replay`: pretraining
+    documents trained on among the records, the loss on every token (`sft_features`' text kind)."""
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     train_records, valid_records, kind = records
     disable_dropout(model)
     micro, accum = batch_split(cfg.batch.size, cfg.batch.micro, accelerator.num_processes, "batch.size")
-    total = total_steps(cfg.steps, cfg.epochs, len(train_records), cfg.batch.size)
+    total = total_steps(cfg.steps, cfg.epochs, len(train_records) + len(replay), cfg.batch.size)
     if cfg.lora.enabled and launcher_kind(accelerator) in ("fsdp2", "zero3"):
         raise InputError("lora.enabled with a sharded launcher (fsdp, zero3) is not supported: the adapter is merged "
                          "into full weights at the end; use ACCEL=ddp or zero2 for LoRA")
@@ -228,7 +241,8 @@ def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, re
     from datasets import Dataset
 
     features = lambda records: Dataset.from_list([sft_features(tokenizer, r, kind) for r in records])  # noqa: E731
-    train = features(train_records)
+    train = Dataset.from_list([sft_features(tokenizer, r, kind) for r in train_records]
+                              + [sft_features(tokenizer, {"text": d}, "text") for d in replay])
     if not cfg.data.packing:
         train = in_step_order(train, total, cfg.batch.size, cfg.seed)
     trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=train,
@@ -241,7 +255,8 @@ def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, re
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes through our own line format
-    sr.log(f"{len(train_records)} train / {len(valid_records)} held-out records ({kind}) | global batch "
+    sr.log(f"{len(train_records)} train / {len(valid_records)} held-out records ({kind})"
+           + (f" + {len(replay)} pretraining documents replayed" if replay else "") + " | global batch "
            f"{cfg.batch.size} = {micro} micro x {accelerator.num_processes} procs x {accum} accum"
            f" | {'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'} | {threads} threads/proc"
            + (f" | resuming from {resume}" if resume else ""))

@@ -279,6 +279,30 @@ def test_refusal_aware_sft_abstains_where_the_parent_cannot_complete_the_fact(pa
     assert ptx == [(t[0]["content"], t[1]["content"]) for t in turns]
 
 
+def test_sft_replays_pretraining_documents_with_the_loss_on_every_token(parent_run, monkeypatch, tmp_path):
+    from pipeline.config import ConfigError, WorldConfig
+    from pipeline.records import replay_documents
+    from pipeline.world import World
+
+    seen = {}
+    order = sft.in_step_order
+    monkeypatch.setattr(sft, "in_step_order", lambda ds, *a: order(seen.setdefault("data", ds), *a))
+    _sft(parent_run, "run_name=replay", f"parent={parent_run / 'base' / 'pretrain'}", "data.replay=0.5")
+    masks = seen["data"]["assistant_masks"]
+    assert len(masks) == 128 + 64  # 128 demonstrations, half as many documents
+    assert sum(all(m) for m in masks) == 64  # a demonstration's prompt is never in the loss; a document is whole
+    world = World(WorldConfig(num_people=20, corpus_docs=600, sft_examples=128, eval_examples=4))
+    cfg = load_config(sft.SFTConfig, ["data.replay=0.5"])
+    assert replay_documents(cfg.data, world, 128) == world.corpus("train")[:64]
+    docs = tmp_path / "docs.txt"
+    docs.write_text("one document.\n\nanother one.\n\na third.\n")
+    cfg = load_config(sft.SFTConfig, ["data.source=files", "data.files=[x.jsonl]", "data.replay=2",
+                                      f"data.replay_files=[{docs}]"])
+    assert sorted(replay_documents(cfg.data, None, 3)) == sorted(["one document.", "another one.", "a third."] * 2)
+    with pytest.raises(ConfigError, match="data.replay_files"):
+        load_config(sft.SFTConfig, ["data.source=files", "data.files=[x.jsonl]", "data.replay=0.5"])
+
+
 def test_knowledge_split_separates_hallucinations_the_parent_knew_by_hand():
     from pipeline.sft_eval import knowledge_split
 
