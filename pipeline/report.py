@@ -375,7 +375,8 @@ def _rm_text(m: runs.Manifest) -> list[str]:
         if kind in by_kind:  # only kinds with pairs are recorded
             row = f"| {kind} | {meaning} | {by_kind[kind]['pairs']} | {_acc(by_kind[kind])} |"
             for name in ("head", "likelihood") if parts else ():
-                row += f" {_acc(parts[name]['by_kind'][kind])} |"
+                part = parts[name]["by_kind"].get(kind)  # manifests before the length kinds have none for them
+                row += f" {_acc(part) if part else '-'} |"
             out.append(row)
     if "eval/different_finish_fraction" in mt:
         out += ["", f"{mt['eval/different_finish_fraction']:.1%} of held-out pairs differ in finishing."]

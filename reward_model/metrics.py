@@ -80,15 +80,22 @@ def per_comparison(comparisons: list, flat: list[float]) -> list[list[float]]:
     return out
 
 
-def accuracy_by_part(comparisons: list, scores: list[float]) -> dict:
+def response_lengths(tokenizer, comparisons: list) -> list[int]:
+    """Every response's length in tokens (its text, no special tokens), flat in comparison order."""
+    return [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for c in comparisons for r in c.responses]
+
+
+def accuracy_by_part(comparisons: list, scores: list[float], lengths: list[int] | None = None) -> dict:
     """Held-out accuracy of one part of a score (e.g. the likelihood term alone), flat `scores`
-    in comparison order -> {"overall": {accuracy, pairs, low, high}, "by_kind": accuracy_by_correctness}."""
+    (and `lengths`, `response_lengths`) in comparison order -> {"overall": {accuracy, pairs, low,
+    high}, "by_kind": accuracy_by_correctness}, the length kinds included with `lengths`."""
     per_comp = per_comparison(comparisons, scores)
     rankings = [c.ranking for c in comparisons]
     overall = pairwise_accuracy(rankings, per_comp)
     overall.pop("by_group")
-    return {"overall": overall, "by_kind": accuracy_by_correctness(rankings, per_comp, [c.correct for c in comparisons],
-                                                                   [c.finished for c in comparisons])}
+    return {"overall": overall, "by_kind": accuracy_by_correctness(
+        rankings, per_comp, [c.correct for c in comparisons], [c.finished for c in comparisons],
+        per_comparison(comparisons, lengths) if lengths is not None else None)}
 
 
 def chosen_rejected(rankings: list[list[int]], rewards: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -152,7 +159,7 @@ def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]]
     rankings = [c.ranking for c in held_out]
     acc = pairwise_accuracy(rankings, per_comp, [c.skill for c in held_out])
     chosen, rejected = chosen_rejected(rankings, per_comp)
-    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for c in held_out for r in c.responses]
+    lengths = response_lengths(tokenizer, held_out)
     metrics = {"eval/pairwise_accuracy": acc["accuracy"], "eval/pairwise_accuracy_low": acc["low"],
                "eval/pairwise_accuracy_high": acc["high"], "eval/pairs": acc["pairs"],
                "eval/reward_chosen_mean": sum(chosen) / max(1, len(chosen)),

@@ -34,7 +34,7 @@ from reward_model.comparisons import ComparisonDataConfig
 from reward_model.losses import kwise_loss
 from reward_model.likelihood import (SUBDIR, LikelihoodTerm, attach, exempt_mask, fit_on_comparisons, neutralize,
                                      residual_offsets, source_for)
-from reward_model.metrics import RM_PAIR_KINDS, accuracy_by_part, evaluate_comparisons
+from reward_model.metrics import RM_PAIR_KINDS, accuracy_by_part, evaluate_comparisons, response_lengths
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.probes import run_probes
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score, score_ids
@@ -275,7 +275,8 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         log_lik = log_likelihood_ids(term.model, eval_seqs, eval_starts, pad, bs, accelerator)
         log_lik = neutralize(log_lik, exempt_mask(term.exempt, [r for c in held_out for r in c.responses]), term.center)
         parts = {"head": head.tolist(), "likelihood": log_lik.tolist()}
-        extra["eval_accuracy_of_parts"] = {name: accuracy_by_part(held_out, v) for name, v in parts.items()}
+        lengths = response_lengths(tokenizer, held_out)
+        extra["eval_accuracy_of_parts"] = {name: accuracy_by_part(held_out, v, lengths) for name, v in parts.items()}
         scores = (head + term(log_lik)).tolist()  # what scoring with the attached term gives
         attach(model, term)
         metrics["likelihood/coef"] = term.coef

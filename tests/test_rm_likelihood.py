@@ -113,6 +113,12 @@ def test_rm_stage_fits_normalizes_and_saves_the_term(sft, likelihood_run):  # no
     assert spec["fingerprint"] == weights_fingerprint(sft / "model")
     parts = m.extra["eval_accuracy_of_parts"]
     assert parts["likelihood"]["overall"]["accuracy"] == 1.0  # held-out pairs are ranked by the parent's likelihood
+    kinds = set(m.extra["eval_accuracy_by_pair_kind"])
+    assert "shorter_better" in kinds or "longer_better" in kinds
+    assert set(parts["head"]["by_kind"]) == set(parts["likelihood"]["by_kind"]) == kinds  # each part, every kind
+    from pipeline.report import write_report
+
+    assert "| head alone | likelihood alone |" in write_report(stage.parent.parent, stage.parent.name).read_text()
     assert m.metrics["eval/pairwise_accuracy/likelihood_only"] == 1.0 and "eval/pairwise_accuracy/head_only" in m.metrics
     assert abs(m.metrics["norm/ref_mean"]) < 1e-5 and abs(m.metrics["norm/ref_std"] - 1) < 1e-4
 
