@@ -217,11 +217,7 @@ class World:
 
     def fact_cloze(self, split: str = "valid") -> list[tuple[str, str]]:
         """(prefix, answer) pairs cut from corpus sentences: `Bralo lives in` -> `Vemora`."""
-        out = []
-        for p in self.people:
-            out.append((f"{p.name} lives in", p.city))
-            out.append((f"{p.name} likes the colour", p.colour))
-        return out
+        return [self.cloze(q) for p in self.people for q in self._fact_questions(p)]
 
     # ---------------------------------------------------------------------------- prompts
     @cached_property
@@ -294,8 +290,13 @@ class World:
             return {"first": f"What is the first word? {words}", "last": f"What is the last word? {words}",
                     "upper": f"Write in capitals: {words}"}[skill]
         if skill == "add":
-            return f"What is {rng.randint(0, 9)} + {rng.randint(0, 9)}?"
+            x = rng.randint(0, 9)
+            return self._sum_question(x, rng.randint(0, 9))
         return rng.choice(self._fact_questions(rng.choice(people)))
+
+    @staticmethod
+    def _sum_question(x: int, y: int) -> str:
+        return f"What is {x} + {y}?"
 
     @staticmethod
     def _fact_questions(p: Person) -> tuple[str, str]:
@@ -353,7 +354,7 @@ class World:
         """Every fact and sum question a demonstration may ask (sorted): the questions about SFT
         people and the sums that held-out prompts do not ask."""
         people = [q for p in self.people if not p.held_out for q in self._fact_questions(p)]
-        sums = [f"What is {x} + {y}?" for x in range(10) for y in range(10)]
+        sums = [self._sum_question(x, y) for x in range(10) for y in range(10)]
         return sorted(q for q in people + sums if q not in self._banned_prompts)
 
     def styled_answer(self, rng: random.Random, answer: str) -> str:

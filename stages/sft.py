@@ -240,9 +240,11 @@ def fine_tune(cfg, sr: StageRun, accelerator, threads: int, model, tokenizer, re
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     from datasets import Dataset
 
-    features = lambda records: Dataset.from_list([sft_features(tokenizer, r, kind) for r in records])  # noqa: E731
-    train = Dataset.from_list([sft_features(tokenizer, r, kind) for r in train_records]
-                              + [sft_features(tokenizer, {"text": d}, "text") for d in replay])
+    def features(records, docs=()):
+        return Dataset.from_list([sft_features(tokenizer, r, kind) for r in records]
+                                 + [sft_features(tokenizer, {"text": d}, "text") for d in docs])
+
+    train = features(train_records, replay)
     if not cfg.data.packing:
         train = in_step_order(train, total, cfg.batch.size, cfg.seed)
     trainer = _plain_head(SFTTrainer)(model=model, args=args, train_dataset=train,
