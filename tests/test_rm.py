@@ -355,13 +355,13 @@ def test_accuracy_without_ranked_pairs_is_nan_and_the_report_says_why(finished_r
     """All held-out comparisons tied: accuracy is undefined (NaN with 0 pairs, not 0 or 1), and
     the stage's summary says so instead of printing 'nan%'."""
     from reward_model.metrics import pairwise_accuracy
-    from stages.rm import _report
+    from stages.rm_report import print_report
 
     out = pairwise_accuracy([[0, 0], [1, 1, 1]], [[1.0, 2.0], [0.0, 0.0, 1.0]], ["first", "last"])
     assert out["pairs"] == 0 and math.isnan(out["accuracy"]) and out["by_group"] == {}
     stage, manifest = finished_run
     metrics = {**manifest.metrics, "eval/pairwise_accuracy": out["accuracy"], "eval/pairs": 0}
-    _report(manifest, metrics, {**manifest.extra, "eval_accuracy_by_skill": {}, "eval_accuracy_by_pair_kind": {}},
+    print_report(manifest, metrics, {**manifest.extra, "eval_accuracy_by_skill": {}, "eval_accuracy_by_pair_kind": {}},
             stage / "model")
     line = next(x for x in capsys.readouterr().out.splitlines() if "held-out pairwise accuracy" in x)
     assert "0 ranked pairs" in line and "tie" in line and "nan" not in line.lower()
@@ -370,7 +370,7 @@ def test_accuracy_without_ranked_pairs_is_nan_and_the_report_says_why(finished_r
 def test_report_gives_intervals_and_the_finishing_split(finished_run, capsys):
     """The summary names the split and pair count, prints each pair kind with its interval, and
     warns when many held-out pairs differ in finishing (a truncation cue)."""
-    from stages.rm import _report
+    from stages.rm_report import print_report
 
     stage, manifest = finished_run
     kind = {"accuracy": 0.6, "pairs": 10, "low": 0.3127, "high": 0.8318}
@@ -378,7 +378,7 @@ def test_report_gives_intervals_and_the_finishing_split(finished_run, capsys):
                "eval/pairwise_accuracy_high": 0.85, "eval/pairs": 40, "eval/different_finish_fraction": 0.5}
     by_kind = {k: kind for k in ("correctness", "correctness_same_finish", "correctness_different_finish", "style",
                                  "different_finish")}
-    _report(manifest, metrics, {**manifest.extra, "eval_accuracy_by_pair_kind": by_kind}, stage / "model")
+    print_report(manifest, metrics, {**manifest.extra, "eval_accuracy_by_pair_kind": by_kind}, stage / "model")
     out = capsys.readouterr().out
     assert "75.0% [60.0, 85.0]  (test split, 40 ranked pairs" in out
     assert "correctness_same_finish pairs" in out and "60.0% [31.3, 83.2]  (10 pairs" in out
