@@ -58,7 +58,8 @@ def policy_summary(correct: list[float], finished: list[float], gold: list[float
     per skill (sorted) accuracy and finish rate. -> {"accuracy", "finish", "gold_score", "skills":
     {skill: {"accuracy", "finish"}}}. With `abstained` (1 where the response is the abstention)
     also "abstain" (overall and per skill) and "hallucination": the share of the fact and addition
-    prompts, the questions the model may not know, answered wrongly rather than abstained on."""
+    prompts, the questions the model may not know, answered wrongly rather than abstained on (and
+    per skill, for those two)."""
     by_skill: dict = defaultdict(list)
     for c, f, s, a in zip(correct, finished, skills, abstained or [0.0] * len(correct)):
         by_skill[s].append((c, f, a))
@@ -70,6 +71,9 @@ def policy_summary(correct: list[float], finished: list[float], gold: list[float
         out["abstain"] = rate(abstained)
         for s, v in by_skill.items():
             out["skills"][s]["abstain"] = rate([a for _, _, a in v])
+        for s in KNOWN_UNKNOWN_SKILLS:
+            if s in by_skill:
+                out["skills"][s]["hallucination"] = rate([float(not c and not a) for c, _, a in by_skill[s]])
         out["hallucination"] = rate([float(not c and not a) for s in KNOWN_UNKNOWN_SKILLS for c, _, a in by_skill.get(s, [])])
     return out
 

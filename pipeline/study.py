@@ -30,12 +30,14 @@ from pathlib import Path
 from pipeline import registry, runs
 from pipeline.runtime import machine
 from pipeline.stats import paired_bootstrap
+from pipeline.world import KNOWN_UNKNOWN_SKILLS
 
 WORLD_SEEDS = (9101, 9102, 9103)  # fresh worlds: no default was tuned on them (the default world is 1234)
 SEEDS = (0, 1)
 METRICS = ("gold", "accuracy", "hallucination", "abstain", "kl")
 AUROCS = ("confidence_auroc", "probe_auroc")
 KNOWLEDGE = ("parent_knows", "hallucination_known", "hallucination_unknown")  # sft_eval.knowledge_split
+BY_SKILL = tuple(f"hallucination_{s}" for s in KNOWN_UNKNOWN_SKILLS)  # where the wrong answers are: facts, sums
 
 
 def cell_name(study: str, world_seed: int, seed: int) -> str:
@@ -49,9 +51,11 @@ def _value(summary: dict, key: str):
 
 
 def _entry(summary: dict, golds: list[float] | None, kl=None, wall=None) -> dict:
+    skills = summary.get("skills") or {}
     return {"gold": summary.get("gold_score"), "accuracy": _value(summary, "accuracy"),
             "hallucination": _value(summary, "hallucination"), "abstain": _value(summary, "abstain"),
-            "kl": kl, "wall_s": wall, "golds": golds}
+            "kl": kl, "wall_s": wall, "golds": golds,
+            **{f"hallucination_{s}": _value(skills.get(s) or {}, "hallucination") for s in KNOWN_UNKNOWN_SKILLS}}
 
 
 def cell_rows(run_dir: Path) -> dict[str, dict]:
@@ -111,7 +115,7 @@ def sign_flip_p(diffs: list[float]) -> float:
 
 
 FORMATS = {"gold": ".3f", "accuracy": "%", "hallucination": "%", "abstain": "%", "kl": ".2f", "wall_s": ".0f",
-           "confidence_auroc": ".2f", "probe_auroc": ".2f", **{k: "%" for k in KNOWLEDGE}}
+           "confidence_auroc": ".2f", "probe_auroc": ".2f", **{k: "%" for k in (*KNOWLEDGE, *BY_SKILL)}}
 
 
 def _mean_sd(values: list, fmt: str = ".3f") -> str:
@@ -133,7 +137,7 @@ def aggregate(cells: dict[str, dict[str, dict]]) -> dict:
     table = {}
     for r in names:
         per = [rows[r] for rows in cells.values() if r in rows]
-        table[r] = {k: [p.get(k) for p in per] for k in (*METRICS, *AUROCS, *KNOWLEDGE, "wall_s")} | {"cells": len(per)}
+        table[r] = {k: [p.get(k) for p in per] for k in (*METRICS, *AUROCS, *KNOWLEDGE, *BY_SKILL, "wall_s")} | {"cells": len(per)}
     versus = {}
     for r in names:
         dec, label = r.split("/", 1)
@@ -168,7 +172,8 @@ def render(result: dict, wall_s: float | None = None, machine: str = "") -> str:
            "| decoding | policy | gold | accuracy | hallucination | abstain | KL | stage wall time (s) |",
            "|---|---|---|---|---|---|---|---|"]
     order = {"SFT": 0, "SFT+rule": 1, "SFT+threshold": 2, "PPO": 9}
-    for r in sorted(rows, key=lambda r: (r.split("/")[0] != "greedy", order.get(r.split("/", 1)[1], 5), r)):
+    ordered = sorted(rows, key=lambda r: (r.split("/")[0] != "greedy", order.get(r.split("/", 1)[1], 5), r))
+    for r in ordered:
         v = rows[r]
         dec, label = r.split("/", 1)
         out.append(f"| {dec} | {label} | " + " | ".join(_mean_sd(v[k], FORMATS[k]) for k in (*METRICS, "wall_s")) + " |")
@@ -182,6 +187,13 @@ def render(result: dict, wall_s: float | None = None, machine: str = "") -> str:
                     f"{_mean_sd(sft['parent_knows'], '%')} of the test fact and addition prompts; SFT answers "
                     f"{_mean_sd(sft['hallucination_known'], '%')} of them wrongly where it does and "
                     f"{_mean_sd(sft['hallucination_unknown'], '%')} where it does not (docs/world.md)."]
+    split = [r for r in ordered if any(v is not None for k in BY_SKILL for v in rows[r].get(k, []))]
+    if split:
+        out += ["", "Where the wrong answers are: hallucination on the fact prompts (held-out people) and on the "
+                    "addition prompts (held-out sums) apart.", "",
+                "| decoding | policy | facts | sums |", "|---|---|---|---|"]
+        out += [f"| {r.split('/')[0]} | {r.split('/', 1)[1]} | "
+                + " | ".join(_mean_sd(rows[r].get(k, []), "%") for k in BY_SKILL) + " |" for r in split]
     out += ["", "PPO's mean gold score minus each row's, on the same test prompts: the mean over cells, the cells in "
                 "which the 95% paired bootstrap interval over prompts lies above 0, and an exact sign-flip test over "
                 "the cells' mean differences (two-sided; with n cells its smallest p is 2/2^n).", "",

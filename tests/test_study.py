@@ -43,6 +43,25 @@ def test_aggregate_pairs_prompts_within_each_cell():
     text = study.render(study.aggregate(cells))
     assert ("completes the corpus sentence of 85.0% ± 7.1 of the test fact and addition prompts; SFT answers "
             "40.0% ± 14.1 of them wrongly where it does and 10.0% ± 0.0 where it does not") in text
+    assert "Where the wrong answers are" not in text  # cells without per-skill hallucination say nothing of it
+    cells["w1-s0"]["greedy/PPO"] |= {"hallucination_fact": 0.25, "hallucination_add": 0.4}
+    cells["w2-s0"]["greedy/PPO"] |= {"hallucination_fact": 0.75, "hallucination_add": 0.2}
+    text = study.render(study.aggregate(cells))
+    assert "| greedy | PPO | 50.0% ± 35.4 | 30.0% ± 14.1 |" in text and "| greedy | SFT | - | - |" not in text  # rows without it: left out
+
+
+def test_cell_entry_reads_hallucination_per_skill():
+    from pipeline.stats import policy_summary
+
+    # facts: one wrong, one abstained, one right -> 1/3; sums: both wrong -> 1; the first word is no question of knowledge
+    summary = policy_summary(correct=[0, 0, 1, 0, 0, 0], finished=[1] * 6, gold=[0.0] * 6,
+                             skills=["fact", "fact", "fact", "add", "add", "first"], abstained=[0, 1, 0, 0, 0, 0])
+    assert summary["skills"]["fact"]["hallucination"]["value"] == pytest.approx(1 / 3)
+    assert summary["skills"]["add"]["hallucination"]["value"] == pytest.approx(1.0)
+    assert "hallucination" not in summary["skills"]["first"]
+    assert summary["hallucination"]["value"] == pytest.approx(3 / 5)
+    entry = study._entry(summary, None)
+    assert entry["hallucination_fact"] == pytest.approx(1 / 3) and entry["hallucination_add"] == pytest.approx(1.0)
 
 
 def test_study_resumes_at_the_first_cell_without_results(tmp_path, monkeypatch, capsys):
