@@ -220,13 +220,24 @@ def _baseline_table(evaluation: dict) -> list[str]:
                 f"judge does on {_pct(acc['policy'])} of {acc['policy']['n']} pairs, pairs of SFT's samples on "
                 f"{_pct(acc['sft'])} of {acc['sft']['n']}: where PPO took the policy, the reward model judges "
                 + ("worse." if acc['policy']['value'] < acc['sft']['low'] else "about as well.")]
-    sk = evaluation.get("self_knowledge")
-    if sk:
-        out += ["", f"Does SFT know what it knows? On the test fact and addition prompts it answered ({sk['test_answers']}, "
-                f"{100 * sk['test_right']:.0f}% right), its answer confidence tells right from wrong with AUROC "
-                f"{sk['confidence_auroc']:.2f}, a logistic probe on its hidden states (fitted on the valid prompts' "
-                f"{sk['train_answers']} answers) with AUROC {sk['probe_auroc']:.2f} (0.5 = no better than chance; "
-                "stages/self_knowledge.py)."]
+    out += _self_knowledge_text(evaluation.get("self_knowledge"))
+    return out
+
+
+def _self_knowledge_text(sk: dict | None) -> list[str]:
+    """How well SFT's confidence and a probe on its hidden states tell its right answers from its
+    wrong ones (stages/self_knowledge.py), overall and on the facts and sums apart."""
+    if not sk:
+        return []
+    out = ["", f"Does SFT know what it knows? On the test fact and addition prompts it answered ({sk['test_answers']}, "
+           f"{100 * sk['test_right']:.0f}% right), its answer confidence tells right from wrong with AUROC "
+           f"{sk['confidence_auroc']:.2f}, a logistic probe on its hidden states (fitted on the valid prompts' "
+           f"{sk['train_answers']} answers) with AUROC {sk['probe_auroc']:.2f} (0.5 = no better than chance; "
+           "stages/self_knowledge.py)."]
+    if "confidence_auroc_fact" in sk:
+        out[-1] += " Apart: " + "; ".join(
+            f"on the {name}, confidence {sk[f'confidence_auroc_{s}']:.2f} and probe {sk[f'probe_auroc_{s}']:.2f}"
+            for s, name in (("fact", "facts"), ("add", "sums"))) + "."
     return out
 
 

@@ -35,7 +35,8 @@ from pipeline.world import KNOWN_UNKNOWN_SKILLS
 WORLD_SEEDS = (9101, 9102, 9103)  # fresh worlds: no default was tuned on them (the default world is 1234)
 SEEDS = (0, 1)
 METRICS = ("gold", "accuracy", "hallucination", "abstain", "kl")
-AUROCS = ("confidence_auroc", "probe_auroc")
+AUROCS = ("confidence_auroc", "probe_auroc",  # stages/self_knowledge.py, overall and per kind of question
+          *(f"{k}_auroc_{s}" for s in KNOWN_UNKNOWN_SKILLS for k in ("confidence", "probe")))
 KNOWLEDGE = ("parent_knows", "hallucination_known", "hallucination_unknown")  # sft_eval.knowledge_split
 BY_SKILL = tuple(f"hallucination_{s}" for s in KNOWN_UNKNOWN_SKILLS)  # where the wrong answers are: facts, sums
 
@@ -115,7 +116,7 @@ def sign_flip_p(diffs: list[float]) -> float:
 
 
 FORMATS = {"gold": ".3f", "accuracy": "%", "hallucination": "%", "abstain": "%", "kl": ".2f", "wall_s": ".0f",
-           "confidence_auroc": ".2f", "probe_auroc": ".2f", **{k: "%" for k in (*KNOWLEDGE, *BY_SKILL)}}
+           **{k: ".2f" for k in AUROCS}, **{k: "%" for k in (*KNOWLEDGE, *BY_SKILL)}}
 
 
 def _mean_sd(values: list, fmt: str = ".3f") -> str:
@@ -182,6 +183,10 @@ def render(result: dict, wall_s: float | None = None, machine: str = "") -> str:
         out += ["", f"Does SFT know what it knows? AUROC of telling its right answers from its wrong ones on the test fact "
                     f"and addition prompts: its answer confidence {_mean_sd(sft['confidence_auroc'], '.2f')}, a probe on "
                     f"its hidden states {_mean_sd(sft['probe_auroc'], '.2f')} (stages/self_knowledge.py)."]
+        if any(v is not None for v in sft.get("confidence_auroc_fact", [])):
+            out[-1] += " Apart: " + "; ".join(
+                f"on the {name}, confidence {_mean_sd(sft[f'confidence_auroc_{s}'], '.2f')} and probe "
+                f"{_mean_sd(sft[f'probe_auroc_{s}'], '.2f')}" for s, name in (("fact", "facts"), ("add", "sums"))) + "."
     if any(v is not None for v in sft.get("hallucination_known", [])):
         out += ["", f"Stored but not drawn out: the pretrained model completes the corpus sentence of "
                     f"{_mean_sd(sft['parent_knows'], '%')} of the test fact and addition prompts; SFT answers "

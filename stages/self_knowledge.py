@@ -122,7 +122,7 @@ def self_knowledge(models, world, ev, accelerator, test) -> dict:
                 s = slice(i, i + ev.batch_size)
                 feats += answer_states(model, tok, prompts[s], ids[s], finished[s], device)
         conf = answer_confidence(models, prompts, ids, finished, ev.batch_size, device)
-        return [(f.tolist(), float(world.is_correct(p, t)), c)
+        return [(f.tolist(), float(world.is_correct(p, t)), c, world.skill_of(p))
                 if f is not None and world.skill_of(p) in KNOWN_UNKNOWN_SKILLS and not abstains(t) and not math.isnan(c)
                 else None for p, t, f, c in zip(prompts, texts, feats, conf)]
 
@@ -133,11 +133,24 @@ def self_knowledge(models, world, ev, accelerator, test) -> dict:
     train = [x for x in gather(judged(prompts, texts, finished, ids)[:n_real], accelerator) if x is not None]
     held = [x for x in gather(judged(test.prompts, test.sft_texts, test.sft_finished, test.sft_ids)[: test.n_real],
                               accelerator) if x is not None]
-    if len({y for _, y, _ in train}) < 2 or not held:
+    if len({x[1] for x in train}) < 2 or not held:
         return {}
-    scores, l2 = probe_scores(torch.tensor([f for f, _, _ in train]), torch.tensor([y for _, y, _ in train]),
-                              torch.tensor([f for f, _, _ in held]))
-    labels = [y for _, y, _ in held]
-    return {"probe_auroc": auroc(scores, labels), "confidence_auroc": auroc([c for *_, c in held], labels),
-            "probe_l2": l2, "train_answers": len(train), "train_right": sum(y for _, y, _ in train) / len(train),
-            "test_answers": len(held), "test_right": sum(labels) / len(labels)}
+    scores, l2 = probe_scores(torch.tensor([x[0] for x in train]), torch.tensor([x[1] for x in train]),
+                              torch.tensor([x[0] for x in held]))
+    labels = [x[1] for x in held]
+    out = {"probe_auroc": auroc(scores, labels), "confidence_auroc": auroc([x[2] for x in held], labels),
+           "probe_l2": l2, "train_answers": len(train), "train_right": sum(x[1] for x in train) / len(train),
+           "test_answers": len(held), "test_right": sum(labels) / len(labels)}
+    return out | aurocs_by_skill(scores, [x[2] for x in held], labels, [x[3] for x in held])
+
+
+def aurocs_by_skill(probe: list[float], confidence: list[float], labels: list[float], skills: list[str]) -> dict:
+    """The two AUROCs on each kind of question apart (`probe_auroc_fact`, `confidence_auroc_add`, ...):
+    the model can know what it knows about people and not about sums. nan where a kind lacks right
+    or wrong answers."""
+    out = {}
+    for skill in KNOWN_UNKNOWN_SKILLS:
+        idx = [i for i, s in enumerate(skills) if s == skill]
+        out[f"probe_auroc_{skill}"] = auroc([probe[i] for i in idx], [labels[i] for i in idx])
+        out[f"confidence_auroc_{skill}"] = auroc([confidence[i] for i in idx], [labels[i] for i in idx])
+    return out

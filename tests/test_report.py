@@ -133,3 +133,15 @@ def test_report_leads_with_ppo_and_every_baseline_paired_over_prompts(tmp_path):
     assert "| greedy | SFT+rule | 3.750 | +0.250 [+0.000, +0.750] | 50.0% |" in report  # one prompt of four differs
     assert "| sampled | best-of-4 | 4.250 | - | 75.0% |" in report  # no sampled PPO row to pair it with
     assert "greedy, PPO scores highest (4.000); sampled, best-of-4 scores highest (4.250)" in report
+
+
+def test_self_knowledge_sentence_gives_the_facts_and_sums_apart():
+    from pipeline.report import _self_knowledge_text
+
+    assert _self_knowledge_text(None) == []  # not measured: nothing said
+    sk = {"test_answers": 30, "test_right": 0.6, "confidence_auroc": 0.7, "probe_auroc": 0.75, "train_answers": 60}
+    text = "\n".join(_self_knowledge_text(sk))
+    assert "its answer confidence tells right from wrong with AUROC 0.70" in text and "Apart" not in text  # older runs
+    text = "\n".join(_self_knowledge_text(sk | {"confidence_auroc_fact": 0.9, "probe_auroc_fact": 0.95,
+                                                 "confidence_auroc_add": 0.6, "probe_auroc_add": 0.55}))
+    assert "Apart: on the facts, confidence 0.90 and probe 0.95; on the sums, confidence 0.60 and probe 0.55." in text

@@ -16,6 +16,15 @@ def test_auroc_by_hand():
     assert sk.auroc([0.2, 0.1], [1, 1]) != sk.auroc([0.2, 0.1], [1, 1])  # nan without a negative
 
 
+def test_aurocs_by_skill_by_hand():
+    # facts: the probe ranks the right answer first (1.0), the confidence last (0.0); sums: one tie each (0.5)
+    out = sk.aurocs_by_skill(probe=[0.9, 0.1, 0.3, 0.3, 0.7], confidence=[-2.0, -0.5, -1.0, -1.0, -3.0],
+                             labels=[1, 0, 1, 0, 1], skills=["fact", "fact", "add", "add", "first"])
+    assert out["probe_auroc_fact"] == 1.0 and out["confidence_auroc_fact"] == 0.0
+    assert out["probe_auroc_add"] == 0.5 and out["confidence_auroc_add"] == 0.5
+    assert set(out) == {f"{k}_auroc_{s}" for k in ("probe", "confidence") for s in KNOWN_UNKNOWN_SKILLS}
+
+
 def test_probe_finds_a_direction_the_labels_follow_and_nothing_in_noise():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 16, generator=g)

@@ -47,6 +47,13 @@ def test_aggregate_pairs_prompts_within_each_cell():
     cells["w1-s0"]["greedy/PPO"] |= {"hallucination_fact": 0.25, "hallucination_add": 0.4}
     cells["w2-s0"]["greedy/PPO"] |= {"hallucination_fact": 0.75, "hallucination_add": 0.2}
     text = study.render(study.aggregate(cells))
+    cells["w1-s0"]["greedy/SFT"] |= {"confidence_auroc": 0.7, "probe_auroc": 0.8, "confidence_auroc_fact": 0.9,
+                                     "probe_auroc_fact": 1.0, "confidence_auroc_add": 0.5, "probe_auroc_add": 0.6}
+    cells["w2-s0"]["greedy/SFT"] |= {"confidence_auroc": 0.7, "probe_auroc": 0.8, "confidence_auroc_fact": None,
+                                     "probe_auroc_fact": None, "confidence_auroc_add": 0.7, "probe_auroc_add": 0.6}
+    text = study.render(study.aggregate(cells))
+    assert ("Apart: on the facts, confidence 0.90 ± 0.00 and probe 1.00 ± 0.00; on the sums, confidence 0.60 ± 0.14 "
+            "and probe 0.60 ± 0.00.") in text  # a cell without a value (no wrong fact) left out of its mean
     assert "| greedy | PPO | 50.0% ± 35.4 | 30.0% ± 14.1 |" in text and "| greedy | SFT | - | - |" not in text  # rows without it: left out
 
 
