@@ -112,6 +112,10 @@ class WorldConfig:
                                   "model gets wrong (greedy completion of its corpus sentence) that abstain instead of "
                                   "answering (refusal-aware tuning, R-Tuning; docs/world.md): the demonstrator then "
                                   "knows what the model knows, and imitation teaches where to abstain", ge=0, le=1)
+    fact_range: float = F(1.0, "how many times more often the corpus describes its most described person than its least "
+                               "(log-uniform between; held-out and SFT people span the range alike): > 1 gives the "
+                               "knowledge a long tail the model half learns, as real pretraining does (docs/world.md); "
+                               "1 = every person equally often", ge=1)
     tokenizer_demos: bool = F(False, "also train the BPE on the SFT demonstrations' text: instruction words become whole "
                                      "tokens and SFT sequences ~40% shorter (pretraining data unchanged)")
 

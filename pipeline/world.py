@@ -27,6 +27,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import zlib
@@ -168,7 +169,7 @@ class World:
         # draw is on the wanted side; a draw with one on each side (a question and its answer) is dropped.
         for _ in range(10_000):
             if kind == "fact":
-                text = self._fact_sentence(rng, rng.choice(self.people))
+                text = self._fact_sentence(rng, self._described_person(rng))
             elif kind == "mention":
                 text = rng.choice(MENTIONS).format(n=rng.choice(self.people + self.strangers).name)
             elif kind == "sum":
@@ -179,6 +180,27 @@ class World:
                 return text
         raise ValueError(f"no {kind} sentence of this world is held out for validation documents; "
                          f"raise world.num_people (now {self.cfg.num_people})")
+
+    def _described_person(self, rng: random.Random) -> Person:
+        if self.cfg.fact_range == 1:
+            return rng.choice(self.people)
+        return rng.choices(self.people, cum_weights=self._fact_cum_weights)[0]
+
+    def fact_frequency(self, person: Person) -> float:
+        """The share of the corpus's fact sentences that describe `person`: 1 / num_people, or with
+        `fact_range` > 1 log-uniform over a range that wide. Ranks follow the golden-ratio sequence
+        over the people's order, so SFT, rl and held-out people each span the whole range."""
+        i = self.people.index(person)
+        return self._fact_weights[i] / sum(self._fact_weights)
+
+    @cached_property
+    def _fact_weights(self) -> tuple[float, ...]:
+        golden = (5 ** 0.5 - 1) / 2
+        return tuple(self.cfg.fact_range ** -((i * golden) % 1.0) for i in range(len(self.people)))
+
+    @cached_property
+    def _fact_cum_weights(self) -> list[float]:
+        return list(itertools.accumulate(self._fact_weights))
 
     @staticmethod
     def _sum_sentence(rng: random.Random) -> str:

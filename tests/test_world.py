@@ -1,3 +1,4 @@
+import math
 import re
 
 from pipeline.config import WorldConfig
@@ -206,3 +207,31 @@ def test_refusal_aware_demonstrations_abstain_only_on_unknown_questions():
     half = World(WorldConfig(**cfg, abstain_demos=0.5)).sft_examples(unknown=unknown)
     share = sum(abstains(y["messages"][1]["content"]) for x, y in zip(a, half) if x["messages"][0]["content"] in unknown)
     assert 0.35 < share / len(hit) < 0.65
+
+
+def test_long_tail_knowledge_describes_people_log_uniformly_and_every_group_spans_the_range():
+    w = World(WorldConfig(strangers=8, fact_range=100.0, corpus_docs=3000))
+    freq = {p.name: w.fact_frequency(p) for p in w.people}
+    assert abs(sum(freq.values()) - 1) < 1e-9
+    assert 60 < max(freq.values()) / min(freq.values()) <= 100
+    logs = sorted(math.log(f) for f in freq.values())  # log-uniform: evenly spread logs
+    gaps = [b - a for a, b in zip(logs, logs[1:])]
+    assert max(gaps) < 3 * math.log(100) / len(logs)
+    lo, hi = logs[len(logs) // 4], logs[3 * len(logs) // 4]
+    groups = {"sft": [p for p in w.people if not p.held_out], "rl": [p for p in w.people if p.rl],
+              "test": [p for p in w.people if p.held_out and not p.rl]}
+    for name, group in groups.items():  # rare and common people in every group
+        assert min(math.log(freq[p.name]) for p in group) < lo < hi < max(math.log(freq[p.name]) for p in group), name
+    # the corpus follows the frequencies: fact sentences per person, rarest quarter against commonest
+    mentions = {m.format(n=p.name) for m in MENTIONS for p in w.people}
+    counts = {p.name: 0 for p in w.people}
+    for s in (s for d in w.corpus() for s in SENTENCE_END.split(d) if s not in mentions):
+        for n in counts:
+            counts[n] += n in s
+    ranked = sorted(w.people, key=lambda p: freq[p.name])
+    rare, common = ranked[:12], ranked[-12:]
+    expected = sum(freq[p.name] for p in common) / sum(freq[p.name] for p in rare)
+    observed = sum(counts[p.name] for p in common) / max(1, sum(counts[p.name] for p in rare))
+    assert 0.7 < observed / expected < 1.4
+    uniform = World(WorldConfig(strangers=8))
+    assert {uniform.fact_frequency(p) for p in uniform.people} == {1 / len(uniform.people)}
