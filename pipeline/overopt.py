@@ -157,12 +157,12 @@ def render(result: dict, wall_s: float | None, machine: str) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    from pipeline.report import _pyplot
+    from pipeline.plots import pyplot
 
     rows = [*result["curves"], *([result["best_of_n"]] if result["best_of_n"] else [])]
     if not rows:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("gold", "rm")):
         for i, c in enumerate(rows):

@@ -9,114 +9,10 @@ import json
 from pathlib import Path
 
 from pipeline import registry, runs
+from pipeline.plots import plot_bars, plot_hist, plot_lines, plot_overoptimization
 from pipeline.stats import fmt_diff, fmt_rate, paired_bootstrap
 from pipeline.tracking import stratified
 from reward_model.metrics import RM_PAIR_KINDS
-
-
-def _pyplot():
-    """matplotlib without a display (the report is written headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _series(rows: list[dict], key: str) -> tuple[list, list]:
-    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _plot_lines(path: Path, title: str, rows: list[dict], keys: list[str], xlabel: str = "step") -> bool:
-    plt = _pyplot()
-    present = [k for k in keys if _series(rows, k)[0]]
-    if not present:
-        return False
-    cols = min(3, len(present))
-    rows_n = -(-len(present) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.0 * rows_n + 0.4), squeeze=False)
-    for ax in axes.flat[len(present):]:
-        ax.axis("off")
-    for ax, key in zip(axes.flat, present):
-        x, y = _series(rows, key)
-        ax.plot(x, y, marker="." if len(x) < 40 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def _plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]]) -> bool:
-    plt = _pyplot()
-    if not groups:
-        return False
-    labels = sorted({k for g in groups.values() for k in g})
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 3.2))
-    width = 0.8 / len(groups)
-    for i, (name, vals) in enumerate(groups.items()):
-        ax.bar([j + i * width for j in range(len(labels))], [vals.get(l, 0.0) for l in labels], width, label=name)
-    ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(labels))], labels)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def _plot_hist(path: Path, title: str, chosen: list[float], rejected: list[float]) -> bool:
-    plt = _pyplot()
-    if not chosen or not rejected:
-        return False
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist(chosen, bins=30, alpha=0.6, label="chosen")
-    ax.hist(rejected, bins=30, alpha=0.6, label="rejected")
-    ax.set_xlabel("reward")
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def _plot_overoptimization(path: Path, rows: list[dict], evaluation: dict | None = None) -> bool:
-    """RM score and gold score against KL to the SFT policy (Gao et al. 2022): PPO along training
-    (valid prompts) and, on the test prompts, the final PPO policy and best-of-n of SFT samples."""
-    plt = _pyplot()
-    pts = sorted((r["eval/kl"], r.get("eval/rm_score"), r.get("eval/gold_score")) for r in rows
-                 if "eval/kl" in r and ("eval/gold_score" in r or "eval/rm_score" in r))
-    bon = [(b["kl"], b["rm_score"], b["gold_score"], b["n"]) for b in (evaluation or {}).get("best_of_n", [])]
-    sampled = (evaluation or {}).get("comparisons", {}).get("sampled")
-    if not pts and not bon:
-        return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, j, name in ((ax1, 1, "RM score"), (ax2, 2, "gold score")):
-        if pts:
-            ax.plot([p[0] for p in pts], [p[j] for p in pts], "o-", label="PPO along training (valid)")
-        if bon:
-            ax.plot([b[0] for b in bon], [b[j] for b in bon], "s--",
-                    label="best-of-n of SFT (test; n = " + ", ".join(str(b[3]) for b in bon) + ")")
-        if sampled and sampled["policy"].get("kl") is not None:
-            ax.plot([sampled["policy"]["kl"]], [sampled["policy"]["rm_score" if j == 1 else "gold_score"]], "r*",
-                    markersize=12, label="PPO final (test)")
-        ax.set_xlabel("KL to the SFT policy, nats per response")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
-    fig.suptitle("over-optimization: learned (RM) vs true (gold) reward against KL, sampled at the eval temperature")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
 
 
 def _pct(r: dict | None) -> str:
@@ -431,7 +327,7 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
         text = (f"Perplexity {m.metrics.get('eval/perplexity', float('nan')):.2f} on {held_out}, vs unigram baseline "
                 f"{m.metrics.get('eval/unigram_perplexity', float('nan')):.2f}; fact-cloze accuracy "
                 f"{m.metrics.get('eval/fact_cloze_accuracy', float('nan')):.1%}.")
-    section("Pretraining", "pretrain.png", _plot_lines(out / "pretrain.png", "pretrain", pre,
+    section("Pretraining", "pretrain.png", plot_lines(out / "pretrain.png", "pretrain", pre,
                                                         ["train/loss", "eval/perplexity", "train/lr"]), text)
 
     m = manifest("sft")
@@ -446,14 +342,14 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
             f"Held-out accuracy {m.metrics.get('eval/accuracy', 0):.1%}, format rate "
             f"{m.metrics.get('eval/format_rate', 0):.1%}, pretraining-only facts {m.metrics.get('eval/fact_accuracy', 0):.1%}.")
         title = f"{evaluation['split']}-split accuracy per skill" if evaluation else "held-out accuracy per skill"
-        section("SFT accuracy per skill", "sft.png", _plot_bars(out / "sft.png", title, groups), text)
+        section("SFT accuracy per skill", "sft.png", plot_bars(out / "sft.png", title, groups), text)
         if evaluation:
             lines.extend(_sft_table(evaluation))
 
     m = manifest("rm")
     if m and m.complete:
         hist = m.extra.get("reward_histogram", {})
-        if _plot_hist(out / "rm.png", "held-out rewards", hist.get("chosen", []), hist.get("rejected", [])):
+        if plot_hist(out / "rm.png", "held-out rewards", hist.get("chosen", []), hist.get("rejected", [])):
             lines.extend(["## Reward model", "", *_rm_text(m), "![Reward model](rm.png)", ""])
         else:  # no histogram (old manifest): the accuracies still belong in the report
             lines.extend(["## Reward model", "", *_rm_text(m)])
@@ -468,14 +364,14 @@ def write_report(runs_dir: str | Path, run_name: str) -> Path:
             g = evaluation["comparisons"]["greedy"]
             text = (f"Test prompts, greedy vs greedy: win rate vs SFT {_pct(g['win_rate'])}; accuracy "
                     f"{_pct(g['policy']['accuracy'])} (SFT {_pct(g['sft']['accuracy'])}). Curves below: valid prompts.")
-        section("PPO training", "ppo.png", _plot_lines(out / "ppo.png", "ppo", ppo, [
+        section("PPO training", "ppo.png", plot_lines(out / "ppo.png", "ppo", ppo, [
             "rollout/score", "ppo/kl", "ppo/beta", "ppo/entropy", "rollout/eos_rate", "rollout/length",
             "eval/win_rate", "eval/accuracy", "eval/gold_score"]), text)
         if evaluation:
             lines.extend(_ppo_tables(evaluation, manifest_at(Path(runs_dir) / ablation_run(run_name) / "ppo"),
                                      m.config.get("ptx", {}).get("coef", 0.0)))
         section("Over-optimization", "overoptimization.png",
-                _plot_overoptimization(out / "overoptimization.png", ppo, evaluation),
+                plot_overoptimization(out / "overoptimization.png", ppo, evaluation),
                 "RM score and gold score against KL to the SFT policy. A rising RM score with a flat or falling gold "
                 "score is reward over-optimization; best-of-n is the baseline at the same KL.")
     samples_file = run_dir / "ppo" / "samples.jsonl"

@@ -84,11 +84,11 @@ def render(run: str, pts: list[dict], machine: str, overrides: list[str] | None 
 
 
 def plot(pts: list[dict], path: Path) -> bool:
-    from pipeline.report import _pyplot
+    from pipeline.plots import pyplot
 
     if not pts:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     xs = [p["comparisons"] for p in pts]
     for key, name in COLUMNS[:5]:

@@ -56,7 +56,7 @@ def _entry(summary: dict, golds: list[float] | None, kl=None, wall=None) -> dict
     return {"gold": summary.get("gold_score"), "accuracy": _value(summary, "accuracy"),
             "hallucination": _value(summary, "hallucination"), "abstain": _value(summary, "abstain"),
             "kl": kl, "wall_s": wall, "golds": golds,
-            **{f"hallucination_{s}": _value(skills.get(s) or {}, "hallucination") for s in KNOWN_UNKNOWN_SKILLS}}
+            **{k: _value(skills.get(s) or {}, "hallucination") for k, s in zip(BY_SKILL, KNOWN_UNKNOWN_SKILLS)}}
 
 
 def cell_rows(run_dir: Path) -> dict[str, dict]:

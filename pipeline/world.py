@@ -182,7 +182,7 @@ class World:
                          f"raise world.num_people (now {self.cfg.num_people})")
 
     def _described_person(self, rng: random.Random) -> Person:
-        if self.cfg.fact_range == 1:
+        if self.cfg.fact_range == 1:  # rng.choice, as before fact_range: the same corpus for the same seed
             return rng.choice(self.people)
         return rng.choices(self.people, cum_weights=self._fact_cum_weights)[0]
 
@@ -190,8 +190,7 @@ class World:
         """The share of the corpus's fact sentences that describe `person`: 1 / num_people, or with
         `fact_range` > 1 log-uniform over a range that wide. Ranks follow the golden-ratio sequence
         over the people's order, so SFT, rl and held-out people each span the whole range."""
-        i = self.people.index(person)
-        return self._fact_weights[i] / sum(self._fact_weights)
+        return self._fact_weights[self.people.index(person)] / self._fact_cum_weights[-1]
 
     @cached_property
     def _fact_weights(self) -> tuple[float, ...]:

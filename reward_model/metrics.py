@@ -146,10 +146,12 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]], batch_size: int = 64,
                          accelerator=None, starts: list[int] | None = None,
-                         scores: list[float] | None = None) -> tuple[dict, dict, list[list]]:
+                         scores: list[float] | None = None,
+                         lengths: list[int] | None = None) -> tuple[dict, dict, list[list]]:
     """Score every response of the held-out comparisons (`seqs` = their rendered ids, in order;
-    `starts` = their response starts, which a reward model with a likelihood term needs; `scores`:
-    the model's scores of them when the caller already has them)
+    `starts` = their response starts, which a reward model with a likelihood term needs; `scores`
+    and `lengths` (`response_lengths`): the model's scores of them and their lengths when the
+    caller already has them)
     -> (metrics, manifest extra, sample-table rows). Metrics: pairwise accuracy overall and per
     skill (ties excluded), mean reward of chosen / rejected responses, reward-length correlation
     (and the labeler's own, when gold scores are known). Extra: accuracy by skill, histograms."""
@@ -159,7 +161,7 @@ def evaluate_comparisons(model, tokenizer, held_out: list, seqs: list[list[int]]
     rankings = [c.ranking for c in held_out]
     acc = pairwise_accuracy(rankings, per_comp, [c.skill for c in held_out])
     chosen, rejected = chosen_rejected(rankings, per_comp)
-    lengths = response_lengths(tokenizer, held_out)
+    lengths = response_lengths(tokenizer, held_out) if lengths is None else lengths
     metrics = {"eval/pairwise_accuracy": acc["accuracy"], "eval/pairwise_accuracy_low": acc["low"],
                "eval/pairwise_accuracy_high": acc["high"], "eval/pairs": acc["pairs"],
                "eval/reward_chosen_mean": sum(chosen) / max(1, len(chosen)),

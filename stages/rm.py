@@ -37,8 +37,8 @@ from reward_model.metrics import accuracy_by_part, evaluate_comparisons, respons
 from reward_model.model import load_reward_model, normalize_on_reference
 from reward_model.probes import run_probes
 from reward_model.scoring import group_rewards, log_likelihood_ids, render_span, score, score_ids
-from stages.rm_report import print_report
 from reward_model.trl_pairwise import train_pairwise
+from stages.rm_report import print_report
 
 
 @dataclass
@@ -267,7 +267,7 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
             term.coef /= stats["raw_std"]  # the whole score is divided by σ, the term with the head
         metrics.update({f"norm/{k}": v for k, v in stats.items()})
         extra["normalization"] = stats
-    scores = None
+    scores, lengths = None, response_lengths(tokenizer, held_out)
     if term is not None:
         # each part alone on the held-out comparisons: what the head and the likelihood rank right
         pad, bs = tokenizer.pad_token_id, cfg.batch.forward
@@ -275,7 +275,6 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
         log_lik = log_likelihood_ids(term.model, eval_seqs, eval_starts, pad, bs, accelerator)
         log_lik = neutralize(log_lik, exempt_mask(term.exempt, [r for c in held_out for r in c.responses]), term.center)
         parts = {"head": head.tolist(), "likelihood": log_lik.tolist()}
-        lengths = response_lengths(tokenizer, held_out)
         extra["eval_accuracy_of_parts"] = {name: accuracy_by_part(held_out, v, lengths) for name, v in parts.items()}
         scores = (head + term(log_lik)).tolist()  # what scoring with the attached term gives
         attach(model, term)
@@ -283,7 +282,8 @@ def _run(cfg: RMConfig, sr: StageRun, accelerator, threads: int, prep: Prepared)
 
     # 5. evaluate on held-out comparisons (with the likelihood term: also each part alone)
     eval_metrics, eval_extra, rows = evaluate_comparisons(model, tokenizer, held_out, eval_seqs, cfg.batch.forward,
-                                                          accelerator, starts=eval_starts, scores=scores)
+                                                          accelerator, starts=eval_starts, scores=scores,
+                                                          lengths=lengths)
     metrics.update(eval_metrics)
     extra.update(eval_extra)
     if cfg.data.source == "world":  # the right answer against variants a policy could drift to (reward_model/probes.py)

@@ -133,15 +133,15 @@ def self_knowledge(models, world, ev, accelerator, test) -> dict:
     train = [x for x in gather(judged(prompts, texts, finished, ids)[:n_real], accelerator) if x is not None]
     held = [x for x in gather(judged(test.prompts, test.sft_texts, test.sft_finished, test.sft_ids)[: test.n_real],
                               accelerator) if x is not None]
-    if len({x[1] for x in train}) < 2 or not held:
+    if len({y for _, y, _, _ in train}) < 2 or not held:
         return {}
-    scores, l2 = probe_scores(torch.tensor([x[0] for x in train]), torch.tensor([x[1] for x in train]),
-                              torch.tensor([x[0] for x in held]))
-    labels = [x[1] for x in held]
-    out = {"probe_auroc": auroc(scores, labels), "confidence_auroc": auroc([x[2] for x in held], labels),
-           "probe_l2": l2, "train_answers": len(train), "train_right": sum(x[1] for x in train) / len(train),
+    train_x, train_y, _, _ = zip(*train)
+    held_x, labels, confidence, skills = (list(v) for v in zip(*held))
+    scores, l2 = probe_scores(torch.tensor(train_x), torch.tensor(train_y), torch.tensor(held_x))
+    out = {"probe_auroc": auroc(scores, labels), "confidence_auroc": auroc(confidence, labels),
+           "probe_l2": l2, "train_answers": len(train), "train_right": sum(train_y) / len(train),
            "test_answers": len(held), "test_right": sum(labels) / len(labels)}
-    return out | aurocs_by_skill(scores, [x[2] for x in held], labels, [x[3] for x in held])
+    return out | aurocs_by_skill(scores, confidence, labels, skills)
 
 
 def aurocs_by_skill(probe: list[float], confidence: list[float], labels: list[float], skills: list[str]) -> dict:
